@@ -1,0 +1,285 @@
+"""The adapter-set format on disk, and `load_adapter_set(path)`: the one door for loading one.
+
+A set is a folder:
+  adapter_config.json        task, bottleneck, layers, scale, options, backbone fingerprint, created
+  adapter_model.safetensors  every tensor the task trained (answer list in its metadata)
+Its version is the first 12 hex digits of the sha256 of the weights file.
+Every check (JSON, safetensors header, fingerprint, each tensor's shape) runs before a
+single tensor is read into a module; only safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from uniadapter_serve.errors import AdapterFormatError, AdapterIncompatibleError, ConfigError
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.uniadapter import AdapterSetModule, BackboneDims, UniAdapterConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+VERSION_DIGITS = 12
+
+TASK_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "retrieval": ("vision_model", "text_encoder", "heads"),
+    "vqa": ("vision_model", "text_encoder", "text_decoder"),
+    "videoqa": ("vision_model", "text_encoder", "text_decoder"),
+}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a set records about the backbone it was trained on."""
+
+    dims: BackboneDims
+    fingerprints: dict[str, str]
+    parameters: dict[str, int]
+
+    @classmethod
+    def of(cls, backbone: BlipBackbone) -> BackboneInfo:
+        return cls(backbone.dims, dict(backbone.fingerprints), backbone.component_parameters())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dims": dataclasses.asdict(self.dims), "fingerprints": self.fingerprints,
+                "parameters": self.parameters}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneInfo:
+        return cls(BackboneDims(**data["dims"]), dict(data["fingerprints"]), dict(data["parameters"]))
+
+
+@dataclass(frozen=True)
+class AdapterSetMeta:
+    """The parsed `adapter_config.json` plus the weights file's header and hash."""
+
+    path: Path
+    name: str
+    config: UniAdapterConfig
+    backbone: BackboneInfo
+    created: str
+    version: str
+    shapes: dict[str, tuple[int, ...]]
+    answer_list: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def num_parameters(self) -> int:
+        total = 0
+        for shape in self.shapes.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def required_components(self) -> list[str]:
+        """Backbone components whose weights this set depends on (and so must fingerprint-match)."""
+        comps = [c for c in TASK_COMPONENTS[self.config.task] if c != "heads"]
+        if self.config.task == "retrieval" and len(self.config.heads) < 3:
+            comps.append("heads")
+        return comps
+
+    def backbone_parameters(self) -> int:
+        """Parameters of the backbone components this task runs through."""
+        return sum(self.backbone.parameters.get(c, 0) for c in TASK_COMPONENTS[self.config.task])
+
+    def percent_of_backbone(self) -> float:
+        base = self.backbone_parameters()
+        return 100.0 * self.num_parameters / base if base else float("nan")
+
+
+@dataclass
+class LoadedAdapterSet:
+    meta: AdapterSetMeta
+    module: AdapterSetModule
+
+    @property
+    def nbytes(self) -> int:
+        return self.module.num_bytes()
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter_set(module: AdapterSetModule, folder: str | Path, *, name: str, backbone: BackboneInfo,
+                     answer_list: list[str] | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Write a set folder atomically (weights first, then config); returns its version."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    metadata = {"format": "uniadapter", "task": module.config.task}
+    if answer_list is not None:
+        metadata["answer_list"] = json.dumps(list(answer_list))
+    blob = save_safetensors_bytes(tensors, metadata=metadata)
+    version = hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS]
+    config = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "adapter": module.config.to_dict(),
+        "backbone": backbone.to_dict(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    }
+    _atomic_write(folder / WEIGHTS_FILE, blob)
+    _atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    return version
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise AdapterFormatError(f"{folder} is not an adapter-set folder")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(f"{path}: unsupported format_version {data.get('format_version')!r}"
+                                 if isinstance(data, dict) else f"{path}: expected a JSON object")
+    return data
+
+
+def _header(blob: bytes, path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Parse the safetensors header only: tensor shapes and metadata."""
+    if len(blob) < 8:
+        raise AdapterFormatError(f"{path} is truncated ({len(blob)} bytes)")
+    n = int.from_bytes(blob[:8], "little")
+    if n <= 0 or 8 + n > len(blob):
+        raise AdapterFormatError(f"{path} is truncated or corrupt (header of {n} bytes, file of {len(blob)})")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{path} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path} has a corrupt header")
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        shapes = {k: tuple(int(s) for s in v["shape"]) for k, v in header.items()}
+    except (TypeError, KeyError, ValueError) as e:
+        raise AdapterFormatError(f"{path} has a corrupt header: {e}") from e
+    return shapes, metadata
+
+
+def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
+    folder = Path(folder)
+    data = _read_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}")
+    blob = weights.read_bytes()
+    shapes, metadata = _header(blob, weights)
+    try:
+        config = UniAdapterConfig.from_dict(data["adapter"])
+        backbone = BackboneInfo.from_dict(data["backbone"])
+        name = str(data["name"])
+        answers = json.loads(metadata["answer_list"]) if "answer_list" in metadata else None
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise AdapterFormatError(f"{folder / CONFIG_FILE}: invalid field: {e}") from e
+    meta = AdapterSetMeta(
+        path=folder, name=name, config=config, backbone=backbone, created=str(data.get("created", "")),
+        version=hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS], shapes=shapes, answer_list=answers,
+        extra=dict(data.get("extra") or {}),
+    )
+    return meta, blob
+
+
+def read_adapter_meta(folder: str | Path) -> AdapterSetMeta:
+    """Parse and hash a set folder without building any module."""
+    return _read(folder)[0]
+
+
+def check_compatible(meta: AdapterSetMeta, backbone: BlipBackbone) -> None:
+    """Raise AdapterIncompatibleError naming the first mismatch; touches nothing."""
+    for comp in meta.required_components():
+        have = backbone.fingerprints.get(comp)
+        want = meta.backbone.fingerprints.get(comp)
+        if have is None:
+            raise AdapterIncompatibleError(f"{meta.ref} needs backbone component {comp!r}, which is not loaded")
+        if want != have:
+            raise AdapterIncompatibleError(
+                f"{meta.ref} was trained on a backbone whose {comp} fingerprint is {want}; "
+                f"the loaded backbone's is {have}"
+            )
+    if meta.config.task in ("vqa", "videoqa") and backbone.text_decoder is None:
+        raise AdapterIncompatibleError(f"{meta.ref} is a {meta.config.task} set but the backbone has no decoder")
+    expected = expected_shapes(meta.config, backbone.dims)
+    for key, shape in expected.items():
+        if key not in meta.shapes:
+            raise AdapterIncompatibleError(f"{meta.ref}: tensor {key} is missing (expected shape {shape})")
+        if meta.shapes[key] != shape:
+            raise AdapterIncompatibleError(
+                f"{meta.ref}: tensor {key} has shape {meta.shapes[key]}, the backbone needs {shape}"
+            )
+    extra = sorted(set(meta.shapes) - set(expected))
+    if extra:
+        raise AdapterIncompatibleError(f"{meta.ref}: unexpected tensors {extra[:5]}")
+
+
+def expected_shapes(config: UniAdapterConfig, dims: BackboneDims) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return AdapterSetModule(config, dims).expected_shapes()
+
+
+def load_adapter_set(folder: str | Path, backbone: BlipBackbone, *, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> LoadedAdapterSet:
+    """Validate a set against `backbone`, then build its module on the backbone's device/dtype."""
+    meta, blob = _read(folder)
+    check_compatible(meta, backbone)
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, ValueError) as e:
+        raise AdapterFormatError(f"{meta.path / WEIGHTS_FILE} is corrupt: {e}") from e
+    with torch.device("meta"):
+        module = AdapterSetModule(meta.config, backbone.dims)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    module.requires_grad_(False)
+    module.eval()
+    module.to(device=device or backbone.device, dtype=dtype or backbone.dtype)
+    return LoadedAdapterSet(meta=meta, module=module)
+
+
+def new_adapter_set(backbone: BlipBackbone, config: UniAdapterConfig, *, seed: int | None = None) -> AdapterSetModule:
+    """A freshly initialised set for `backbone` (zero up-projections: equals the bare backbone)."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = AdapterSetModule(config, backbone.dims)
+    else:
+        module = AdapterSetModule(config, backbone.dims)
+    return module.to(device=backbone.device, dtype=backbone.dtype)

@@ -1,0 +1,265 @@
+"""BLIP's BERT text tower (encoder with cross-attention, and the answer decoder) with the
+UniAdapter textual / cross-modal branches and the low-rank K/V deltas.
+
+Parameter names follow transformers' `BlipTextModel` / `BlipTextLMHeadModel`.
+A layer runs in one of two modes: text-only (no encoder states: ITC text encoder) or
+multimodal (cross-attention to image tokens or, in the decoder, to question states).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BlipTextConfig
+from transformers.activations import ACT2FN
+
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.uniadapter import AdapterSetModule
+
+Tower = Literal["text_encoder", "text_decoder"]
+
+
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) 1/0 mask -> (B, 1, 1, L) bool for SDPA, or None when nothing is masked."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, L, L) bool: causal and, if given, key padding."""
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is None:
+        return causal
+    return causal & attention_mask.bool()[:, None, None, :]
+
+
+class TextEmbeddings(nn.Module):
+    position_ids: torch.Tensor
+
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(float(config.hidden_dropout_prob))
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        if self.position_embeddings.num_embeddings < L:
+            raise ValueError(f"text of {L} tokens exceeds max_position_embeddings "
+                             f"{self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :L])
+        return self.dropout(self.LayerNorm(x))
+
+
+class TextSelfAttention(nn.Module):
+    def __init__(self, config: BlipTextConfig, cross: bool) -> None:
+        super().__init__()
+        d = config.hidden_size
+        kv_in = config.encoder_hidden_size if cross else d
+        self.num_heads = config.num_attention_heads
+        self.dropout = float(config.attention_probs_dropout_prob)
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(kv_in, d)
+        self.value = nn.Linear(kv_in, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        src = x if states is None else states
+        H, hd = self.num_heads, D // self.num_heads
+        k, v = self.key(src), self.value(src)  # (B, N, D)
+        if kv_delta is not None:
+            # UniAdapter K/V low-rank deltas (the same delta in every cross-attention layer).
+            k, v = k + kv_delta[0], v + kv_delta[1]
+        q = self.query(x).view(B, L, H, hd).transpose(1, 2)
+        k = k.view(B, -1, H, hd).transpose(1, 2)
+        v = v.view(B, -1, H, hd).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
+        return ctx.transpose(1, 2).reshape(B, L, D)
+
+
+class TextSelfOutput(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(float(config.hidden_dropout_prob))
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: BlipTextConfig, cross: bool = False) -> None:
+        super().__init__()
+        self.self = TextSelfAttention(config, cross)
+        self.output = TextSelfOutput(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, states, kv_delta), x)
+
+
+class TextIntermediate(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class TextOutput(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(float(config.hidden_dropout_prob))
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class TextLayer(nn.Module):
+    def __init__(self, config: BlipTextConfig, index: int, tower: Tower) -> None:
+        super().__init__()
+        self.index = index
+        self.tower = tower
+        self.attention = TextAttention(config)
+        self.crossattention = TextAttention(config, cross=True)
+        self.intermediate = TextIntermediate(config)
+        self.output = TextOutput(config)
+
+    def _adapter(self, adapter: AdapterSetModule):
+        if self.tower == "text_decoder" and not adapter.use_decoder:
+            return None
+        return adapter.layer(self.index)
+
+    def _textual(self, adapter: AdapterSetModule, rows: torch.Tensor) -> torch.Tensor | None:
+        layer = self._adapter(adapter)
+        return layer.textual(rows) if layer is not None else None
+
+    def _cross_modal(self, adapter: AdapterSetModule, rows: torch.Tensor) -> torch.Tensor | None:
+        layer = self._adapter(adapter)
+        return layer.cross_modal(rows) if layer is not None else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
+                states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        attn = self.attention(x, mask)
+        # Text-only mode: textual adapter after the FFN. Multimodal mode: the same textual
+        # adapter as "query residual" on the self-attention output.
+        delta_text = routing.delta(attn, self._textual)
+        if states is None:
+            out = self.output(self.intermediate(attn), attn)
+            return out if delta_text is None else out + delta_text
+        cross = self.crossattention(attn, states_mask, states, kv_delta)
+        delta_cross = routing.delta(cross, self._cross_modal)
+        out = self.output(self.intermediate(cross), cross)
+        if delta_text is not None:
+            out = out + delta_text
+        if delta_cross is not None:
+            out = out + delta_cross
+        return out
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: BlipTextConfig, tower: Tower) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([TextLayer(config, i, tower) for i in range(config.num_hidden_layers)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
+                states: torch.Tensor | None, states_mask: torch.Tensor | None,
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask, routing, states, states_mask, kv_delta)
+        return x
+
+
+class TextModel(nn.Module):
+    """BERT with cross-attention. `states=None` runs the text-only (ITC) mode."""
+
+    def __init__(self, config: BlipTextConfig, tower: Tower = "text_encoder") -> None:
+        super().__init__()
+        self.config = config
+        self.tower: Tower = tower
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = TextEncoder(config, tower)
+
+    def _kv(self, adapter: AdapterSetModule, rows: torch.Tensor) -> torch.Tensor | None:
+        kv = adapter.text_encoder_kv if self.tower == "text_encoder" else adapter.text_decoder_kv
+        if kv is None:
+            return None
+        dk, dv = kv(rows)
+        return torch.cat([dk, dv], dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
+                routing: Routing | None = None, causal: bool = False) -> torch.Tensor:
+        # input_ids: (B, L); states: (B, N, E) -> (B, L, D)
+        routing = routing or Routing.none(input_ids.shape[0])
+        x = self.embeddings(input_ids)
+        mask: torch.Tensor | None
+        if causal:
+            mask = causal_mask(attention_mask, input_ids.shape[1], input_ids.device)
+        else:
+            mask = padding_mask(attention_mask)
+        kv_delta = None
+        if states is not None:
+            both = routing.delta(states, self._kv)
+            if both is not None:
+                dk, dv = both.chunk(2, dim=-1)
+                kv_delta = (dk, dv)
+        return self.encoder(x, mask, routing, states, padding_mask(states_mask), kv_delta)
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class LMPredictionHead(nn.Module):
+    """Output weights are tied to the decoder's word embeddings; only the bias is its own."""
+
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.transform = PredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+
+class LMHead(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.predictions = LMPredictionHead(config)
+
+
+class TextDecoder(nn.Module):
+    """The answer decoder: causal BERT cross-attending to question states, plus LM head."""
+
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.bert = TextModel(config, tower="text_decoder")
+        self.cls = LMHead(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, states: torch.Tensor,
+                states_mask: torch.Tensor | None, routing: Routing | None = None) -> torch.Tensor:
+        """-> (B, L, V) next-token logits."""
+        h = self.bert(input_ids, attention_mask, states, states_mask, routing, causal=True)
+        h = self.cls.predictions.transform(h)
+        return F.linear(h, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   scripts/dev.sh serve [uniadapter serve args]   set up .venv, then serve the embedded demo model
+#   scripts/dev.sh test  [pytest args]             set up .venv (+ redis-server), then lint, type-check, test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# The CPU wheel of torch lies on this project's machines; install it before the project so
+# pip never resolves a bare `torch` to a multi-GB CUDA build. Set TORCH_SPEC to override.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+}
+
+need_redis() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is needed for the integration tests: install it (Debian: apt-get install redis-server)" >&2
+    return 1
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  serve)
+    setup
+    exec "$VENV/bin/uniadapter" serve "$@"
+    ;;
+  test)
+    setup
+    need_redis
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh serve|test [args...]" >&2
+    exit 64
+    ;;
+esac

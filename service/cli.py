@@ -1,0 +1,71 @@
+"""The `uniadapter` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from uniadapter_serve.errors import UniAdapterError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from uniadapter_serve.service.app import create_app
+    from uniadapter_serve.service.settings import Settings
+
+    overrides = {k: v for k, v in {"backbone": args.backbone, "adapters_root": args.adapters_root,
+                                   "device": args.device, "host": args.host, "port": args.port}.items()
+                 if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _cmd_adapters_inspect(args: argparse.Namespace) -> int:
+    from uniadapter_serve.adapters.inspect import format_report, inspect_adapter_set
+    from uniadapter_serve.model.loading import load_backbone
+
+    backbone = load_backbone(args.backbone) if args.backbone else None
+    report = inspect_adapter_set(args.path, backbone)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report.get("compatible", True) else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniadapter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (the embedded demo model by default)")
+    serve.add_argument("--backbone", help="backbone source (default: UNIADAPTER_BACKBONE or 'demo')")
+    serve.add_argument("--adapters-root", help="folder of adapter sets")
+    serve.add_argument("--device", help="auto | cpu | cuda[:N]")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_cmd_serve)
+
+    adapters = sub.add_parser("adapters", help="adapter-set tools")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    inspect = adapters_sub.add_parser("inspect", help="task, version, size and compatibility of a set")
+    inspect.add_argument("path", help="adapter-set folder")
+    inspect.add_argument("--backbone", help="check compatibility with this backbone source")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=_cmd_adapters_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UniAdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

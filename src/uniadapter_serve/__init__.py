@@ -1,0 +1,3 @@
+"""UniAdapter Serve: one frozen BLIP backbone, many hot-swapped UniAdapter sets."""
+
+__version__ = "0.1.0"
