@@ -33,6 +33,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 VERSION_DIGITS = 12
+METADATA_KEY = "uniadapter"
 
 TASK_COMPONENTS: dict[str, tuple[str, ...]] = {
     "retrieval": ("vision_model", "text_encoder", "heads"),
@@ -138,10 +139,12 @@ def save_adapter_set(module: AdapterSetModule, folder: str | Path, *, name: str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    metadata = {"format": "uniadapter", "task": module.config.task}
+    # One metadata key: safetensors writes its metadata map in hash order, and the version
+    # (a hash of these bytes) must not change when the same weights are saved again.
+    info: dict[str, Any] = {"task": module.config.task}
     if answer_list is not None:
-        metadata["answer_list"] = json.dumps(list(answer_list))
-    blob = save_safetensors_bytes(tensors, metadata=metadata)
+        info["answer_list"] = list(answer_list)
+    blob = save_safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     version = hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS]
     config = {
         "format_version": FORMAT_VERSION,
@@ -208,9 +211,12 @@ def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
         config = UniAdapterConfig.from_dict(data["adapter"])
         backbone = BackboneInfo.from_dict(data["backbone"])
         name = str(data["name"])
-        answers = json.loads(metadata["answer_list"]) if "answer_list" in metadata else None
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise AdapterFormatError(f"{folder / CONFIG_FILE}: invalid field: {e}") from e
+        info = json.loads(metadata.get(METADATA_KEY, "{}"))
+        answers = info.get("answer_list")
+        if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise ValueError("answer_list must be a list of strings")
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+        raise AdapterFormatError(f"{folder}: invalid field: {e}") from e
     meta = AdapterSetMeta(
         path=folder, name=name, config=config, backbone=backbone, created=str(data.get("created", "")),
         version=hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS], shapes=shapes, answer_list=answers,
@@ -244,7 +250,7 @@ def check_compatible(meta: AdapterSetMeta, backbone: BlipBackbone) -> None:
             raise AdapterIncompatibleError(f"{meta.ref}: tensor {key} is missing (expected shape {shape})")
         if meta.shapes[key] != shape:
             raise AdapterIncompatibleError(
-                f"{meta.ref}: tensor {key} has shape {meta.shapes[key]}, the backbone needs {shape}"
+                f"{meta.ref}: tensor {key} has shape {meta.shapes[key]}, its config and the backbone need {shape}"
             )
     extra = sorted(set(meta.shapes) - set(expected))
     if extra:

@@ -28,6 +28,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_DIR = Path(__file__).parent / "demo" / "backbone"
 """Where the trained demo backbone ships; until it exists, 'demo' is a seeded random model."""
 HEAD_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.")
+IGNORED_PREFIXES = ("text_encoder.pooler.",)
 # Keys that transformers writes but that carry no state of their own here.
 TIED_DECODER_KEYS = {
     "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
@@ -127,7 +128,9 @@ def backbone_from_state_dict(config: BlipConfig, state: Mapping[str, torch.Tenso
         tensor = state.pop(alias, None)
         if tensor is not None and target in state and not torch.equal(tensor, state[target]):
             raise CheckpointError(f"{alias} differs from {target}; untied decoder weights are not supported")
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    # position_ids: a non-persistent buffer in newer transformers; pooler: unused by BLIP's tasks.
+    state = {k: v for k, v in state.items()
+             if not k.endswith("position_ids") and not k.startswith(IGNORED_PREFIXES)}
     unknown = sorted(k for k in state if component_of(k) is None)
     if unknown:
         raise CheckpointError(f"{len(unknown)} unexpected keys, e.g. {unknown[:5]}")
@@ -141,6 +144,9 @@ def backbone_from_state_dict(config: BlipConfig, state: Mapping[str, torch.Tenso
     with torch.device("meta"):
         model = BlipBackbone(config, components=[c for c in COMPONENTS if c in present])
     expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{len(missing)} missing keys, e.g. {missing[:5]}")

@@ -248,12 +248,18 @@ class AdapterSetModule(nn.Module):
 
     @torch.no_grad()
     def zero_up_projections(self) -> None:
-        """Zero every up-projection: the set then leaves the backbone's outputs unchanged."""
+        """Zero every up-projection: the set then leaves the backbone's outputs unchanged.
+
+        The cross-modal branch ends in a LayerNorm, whose bias is its output for a zero input,
+        so that bias is zeroed too (the original code froze that LayerNorm at 1/0).
+        """
         for adapter in self.adapters.values():
             assert isinstance(adapter, UniAdapterLayer)
             for up in adapter.up_projections():
                 up.weight.zero_()
                 up.bias.zero_()
+            if adapter.adapter_layer_norm_cross_modal is not None:
+                adapter.adapter_layer_norm_cross_modal.bias.zero_()
         for kv in (self.text_encoder_kv, self.text_decoder_kv):
             if kv is not None:
                 for delta in (kv.key_adapter, kv.value_adapter):

@@ -1,0 +1,61 @@
+"""The `uniadapter` command: adapters inspect, and the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uniadapter_serve.adapters.format import BackboneInfo, save_adapter_set
+from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.uniadapter import UniAdapterConfig
+from uniadapter_serve.service.cli import main
+
+
+@pytest.fixture
+def set_and_backbone(backbone, tiny_config, tmp_path):
+    module = random_adapter(backbone, UniAdapterConfig.for_task("retrieval", bottleneck=8), seed=51)
+    version = save_adapter_set(module, tmp_path / "set", name="ret", backbone=BackboneInfo.of(backbone))
+    from safetensors.torch import save_file
+
+    bb = tmp_path / "backbone"
+    bb.mkdir()
+    tiny_config.to_json_file(bb / "config.json")
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(bb / "model.safetensors"))
+    return tmp_path / "set", bb, version, module
+
+
+def test_inspect_prints_report(set_and_backbone, capsys):
+    folder, _, version, module = set_and_backbone
+    assert main(["adapters", "inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"ret@{version}" in out and "retrieval" in out and f"{module.num_parameters():,}" in out
+
+
+def test_inspect_json_with_compatible_backbone(set_and_backbone, capsys):
+    folder, bb, version, module = set_and_backbone
+    assert main(["adapters", "inspect", str(folder), "--backbone", str(bb), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == version and report["compatible"] is True
+    assert report["tunable_parameters"] == module.num_parameters()
+
+
+def test_inspect_incompatible_backbone_exits_3(set_and_backbone, capsys):
+    folder, _, _, _ = set_and_backbone
+    assert main(["adapters", "inspect", str(folder), "--backbone", "blip-tiny"]) == 3
+    assert "compatible    NO" in capsys.readouterr().out
+
+
+def test_inspect_missing_folder_is_a_clean_error(tmp_path, capsys):
+    assert main(["adapters", "inspect", str(tmp_path / "nope")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "uniadapter"
+    result = subprocess.run([str(script), "adapters", "inspect", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--backbone" in result.stdout
