@@ -92,7 +92,7 @@ def test_pooler_weights_are_ignored(backbone, tiny_config):
 
 
 def test_folder_errors(tmp_path, tiny_config):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_backbone(tmp_path)
     tiny_config.to_json_file(tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")

@@ -94,8 +94,8 @@ def test_rank_answers_scores_match_full_scoring(backbone, tiny_config):
         q = backbone.encode_multimodal(batch.input_ids, batch.attention_mask, backbone.encode_image(batch.pixel_values))
         ranked = rank_answers(backbone, q, batch.attention_mask, candidates, cmask, k=4)
         for i in range(2):
-            full = answer_log_likelihood(backbone, q[i:i + 1].expand(4, -1, -1), batch.attention_mask[i:i + 1].expand(4, -1),
-                                         candidates, cmask)
+            qi, mi = q[i:i + 1].expand(4, -1, -1), batch.attention_mask[i:i + 1].expand(4, -1)
+            full = answer_log_likelihood(backbone, qi, mi, candidates, cmask)
             assert torch.equal(ranked.indices[i], full.argsort(descending=True))
             assert torch.allclose(ranked.scores[i], full.sort(descending=True).values, atol=TOL)
 
