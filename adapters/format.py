@@ -151,7 +151,7 @@ def save_adapter_set(module: AdapterSetModule, folder: str | Path, *, name: str,
         "name": name,
         "adapter": module.config.to_dict(),
         "backbone": backbone.to_dict(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
         "extra": extra or {},
     }
     _atomic_write(folder / WEIGHTS_FILE, blob)

@@ -36,7 +36,11 @@ class AdapterVersionNotFoundError(AdapterError):
 
 
 class AdapterCapacityError(AdapterError):
-    """A load needs room but every resident set is pinned or in use."""
+    """A load needs room but every resident set is pinned or in use (or the set exceeds the budget)."""
+
+
+class AdapterInUseError(AdapterError):
+    """The set cannot be unloaded now: it is pinned or a running batch uses it."""
 
 
 class InputError(UniAdapterError):

@@ -1,0 +1,300 @@
+"""Hot-swap manager: two LRU tiers of adapter sets over one frozen backbone.
+
+- device tier: sets ready for compute on the backbone's device (budget in bytes);
+- CPU tier: CPU copies, so re-promoting an evicted set skips disk and validation (budget in bytes).
+
+A batch takes a `Lease` per set it routes to; a leased or pinned set is never evicted, and
+making room when everything resident is pinned or leased raises `AdapterCapacityError`.
+Evicting happens before loading. Every removal goes through `_on_remove`. Using a resident
+set copies no weights: batches route to it (see `model/routing.py`).
+A version published while requests run does not disturb them: their leases hold the old
+version's module; `name` resolves to the new version for every later request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from uniadapter_serve.adapters.format import AdapterSetMeta, check_compatible, load_adapter_set
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.errors import AdapterCapacityError, AdapterInUseError, ConfigError
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.uniadapter import AdapterSetModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Resident:
+    meta: AdapterSetMeta
+    module: AdapterSetModule
+    nbytes: int
+    leases: int = 0
+    pinned: bool = False
+
+
+@dataclass
+class Lease:
+    """A running batch's hold on a device-resident set; release it when the batch is done."""
+
+    meta: AdapterSetMeta
+    module: AdapterSetModule
+    _manager: AdapterManager = field(repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return self.meta.ref
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self.meta.ref)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _module_bytes(module: AdapterSetModule) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+class AdapterManager:
+    """Loads, caches, pins and leases adapter sets for one backbone. Thread-safe."""
+
+    def __init__(self, backbone: BlipBackbone, registry: AdapterRegistry, *, device_budget_bytes: int,
+                 cpu_budget_bytes: int, wait_timeout_s: float = 10.0) -> None:
+        if device_budget_bytes <= 0 or cpu_budget_bytes < 0:
+            raise ConfigError(
+                f"adapter budgets must be device > 0 and cpu >= 0 bytes, got {device_budget_bytes}, {cpu_budget_bytes}"
+            )
+        self.backbone = backbone
+        self.registry = registry
+        self.device_budget = device_budget_bytes
+        self.cpu_budget = cpu_budget_bytes
+        self.wait_timeout_s = wait_timeout_s
+        """How long a load waits for running batches to release room before AdapterCapacityError."""
+        self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)
+        self._device: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
+        self._cpu: OrderedDict[str, _Resident] = OrderedDict()
+        self._loading: dict[str, Future[None]] = {}
+        self.stats: Counter[str] = Counter()
+        """device_hits, cpu_hits, disk_loads, device_evictions, cpu_evictions, unloads"""
+
+    # -- public API -------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterSetMeta:
+        return self.registry.resolve(ref)
+
+    def acquire(self, ref: str) -> Lease:
+        """Resolve `ref`, make the set device-resident if needed, and lease it."""
+        meta = self.resolve(ref)
+        while True:
+            with self._lock:
+                entry = self._device.get(meta.ref)
+                if entry is not None:
+                    entry.leases += 1
+                    self._device.move_to_end(meta.ref)
+                    self.stats["device_hits"] += 1
+                    return Lease(meta, entry.module, self)
+            self._ensure_resident(meta)
+
+    @contextmanager
+    def lease(self, ref: str) -> Iterator[Lease]:
+        held = self.acquire(ref)
+        try:
+            yield held
+        finally:
+            held.release()
+
+    def load(self, ref: str) -> AdapterSetMeta:
+        """Make a set device-resident (evicting LRU sets as needed) without leasing it."""
+        with self.acquire(ref) as held:
+            return held.meta
+
+    def pin(self, ref: str) -> AdapterSetMeta:
+        """Load and pin: a pinned set is never evicted."""
+        with self.acquire(ref) as held, self._lock:
+            self._device[held.meta.ref].pinned = True
+            return held.meta
+
+    def unpin(self, ref: str) -> AdapterSetMeta:
+        meta = self.resolve(ref)
+        with self._lock:
+            entry = self._device.get(meta.ref)
+            if entry is not None:
+                entry.pinned = False
+        return meta
+
+    def unload(self, ref: str) -> AdapterSetMeta:
+        """Drop a set from both tiers; refused while it is pinned or leased."""
+        meta = self.resolve(ref)
+        with self._lock:
+            entry = self._device.get(meta.ref)
+            if entry is not None:
+                if entry.pinned:
+                    raise AdapterInUseError(f"{meta.ref} is pinned; unpin it first")
+                if entry.leases:
+                    raise AdapterInUseError(f"{meta.ref} is used by {entry.leases} running batch(es)")
+                self._on_remove(self._device, meta.ref, reason="unload")
+            if meta.ref in self._cpu:
+                self._on_remove(self._cpu, meta.ref, reason="unload")
+        return meta
+
+    def table(self) -> list[dict[str, object]]:
+        """The slot tables, least recently used first: ref, tier, pinned, leases, bytes."""
+        with self._lock:
+            rows: list[dict[str, object]] = []
+            for tier, entries in (("device", self._device), ("cpu", self._cpu)):
+                rows.extend({"ref": ref, "tier": tier, "pinned": e.pinned, "leases": e.leases, "bytes": e.nbytes}
+                            for ref, e in entries.items())
+            return rows
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._device)
+
+    def pinned(self) -> list[str]:
+        with self._lock:
+            return [ref for ref, e in self._device.items() if e.pinned]
+
+    def device_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._device.values())
+
+    def cpu_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._cpu.values())
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _release(self, ref: str) -> None:
+        with self._lock:
+            entry = self._device.get(ref)
+            if entry is not None and entry.leases > 0:
+                entry.leases -= 1
+                if entry.leases == 0:
+                    self._room.notify_all()
+
+    def _ensure_resident(self, meta: AdapterSetMeta) -> None:
+        """Bring `meta` into the device tier; concurrent callers for one set share one load."""
+        with self._lock:
+            if meta.ref in self._device:
+                return
+            pending = self._loading.get(meta.ref)
+            owner = pending is None
+            if owner:
+                pending = Future()
+                self._loading[meta.ref] = pending
+        assert pending is not None
+        if not owner:
+            pending.result()
+            return
+        try:
+            self._promote(meta)
+            pending.set_result(None)
+        except BaseException as e:
+            pending.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(meta.ref, None)
+
+    def _promote(self, meta: AdapterSetMeta) -> None:
+        with self._lock:
+            cpu_copy = self._cpu.get(meta.ref)
+        if cpu_copy is not None:
+            check_compatible(meta, self.backbone)
+            cpu_module = cpu_copy.module
+        else:
+            cpu_module = load_adapter_set(meta.path, self.backbone, device="cpu", dtype=self.backbone.dtype).module
+            with self._lock:
+                self.stats["disk_loads"] += 1
+        nbytes = _module_bytes(cpu_module)
+        if nbytes > self.device_budget:
+            raise AdapterCapacityError(
+                f"{meta.ref} needs {nbytes} bytes, more than the whole device budget of {self.device_budget}"
+            )
+        deadline = time.monotonic() + self.wait_timeout_s
+        with self._lock:
+            while not self._make_room(nbytes):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AdapterCapacityError(
+                        f"no room for {meta.ref} ({nbytes} bytes) in the device budget of {self.device_budget} "
+                        f"within {self.wait_timeout_s} s: resident sets are in use: {self._busy()}"
+                    )
+                self._room.wait(remaining)
+            device_module = self._to_device(cpu_module)
+            self._device[meta.ref] = _Resident(meta, device_module, nbytes)
+            if cpu_copy is None:
+                self._put_cpu(meta, cpu_module, nbytes)
+            else:
+                self.stats["cpu_hits"] += 1
+                if meta.ref in self._cpu:
+                    self._cpu.move_to_end(meta.ref)
+        log.info("adapter set %s resident on %s (%d bytes)", meta.ref, self.backbone.device, nbytes)
+
+    def _busy(self) -> list[str]:
+        return [f"{ref} ({'pinned' if e.pinned else f'{e.leases} leases'})" for ref, e in self._device.items()]
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least-recently-used unpinned, unleased sets until `nbytes` fit. Holds the lock.
+
+        Returns False when only leased sets stand in the way (room will free up when their
+        batches end); raises AdapterCapacityError when pinned sets alone leave too little room.
+        """
+        pinned = sum(e.nbytes for e in self._device.values() if e.pinned)
+        if pinned + nbytes > self.device_budget:
+            raise AdapterCapacityError(
+                f"no room for {nbytes} more bytes in the device budget of {self.device_budget}: "
+                f"pinned sets hold {pinned} bytes: {self._busy()}; unpin a set or raise the budget"
+            )
+        used = sum(e.nbytes for e in self._device.values())
+        while used + nbytes > self.device_budget:
+            victim = next((ref for ref, e in self._device.items() if not e.pinned and e.leases == 0), None)
+            if victim is None:
+                return False
+            used -= self._device[victim].nbytes
+            self._on_remove(self._device, victim, reason="evict")
+        return True
+
+    def _put_cpu(self, meta: AdapterSetMeta, module: AdapterSetModule, nbytes: int) -> None:
+        if nbytes > self.cpu_budget:
+            return
+        used = sum(e.nbytes for e in self._cpu.values())
+        while used + nbytes > self.cpu_budget and self._cpu:
+            victim = next(iter(self._cpu))
+            used -= self._cpu[victim].nbytes
+            self._on_remove(self._cpu, victim, reason="evict")
+        if self.backbone.device.type == "cuda":
+            for t in [*module.parameters(), *module.buffers()]:
+                t.data = t.data.pin_memory()  # page-locked: faster, asynchronous copies to the device
+        self._cpu[meta.ref] = _Resident(meta, module, nbytes)
+
+    def _to_device(self, cpu_module: AdapterSetModule) -> AdapterSetModule:
+        device = self.backbone.device
+        if device.type == "cpu":
+            return cpu_module  # one module serves both tiers; nothing is ever written to it
+        module = copy.deepcopy(cpu_module)
+        return module.to(device=device, non_blocking=True)
+
+    def _on_remove(self, tier: OrderedDict[str, _Resident], ref: str, *, reason: str) -> None:
+        """The one exit path from either tier (eviction and unload)."""
+        entry = tier.pop(ref)
+        name = "device" if tier is self._device else "cpu"
+        self.stats[f"{name}_{'evictions' if reason == 'evict' else 'unloads'}"] += 1
+        log.info("adapter set %s left the %s tier (%s)", ref, name, reason)
+        del entry

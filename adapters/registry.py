@@ -1,0 +1,179 @@
+"""The adapters root on disk: one sub-folder per set name, one folder per version inside.
+
+    root/
+      coco-retrieval/
+        3f9a1c0e4b2d/            adapter_config.json + adapter_model.safetensors
+        8e11aa02c4f7/
+      vqa/                       a set folder directly under its name is one version too
+        adapter_config.json
+
+`name` resolves to the newest version (by `created`), `name@version` to exactly that one.
+Publishing writes the new version into a temporary folder and renames it into place, so a
+reader never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from uniadapter_serve.adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterSetMeta,
+    BackboneInfo,
+    read_adapter_meta,
+    save_adapter_set,
+)
+from uniadapter_serve.errors import AdapterError, AdapterNotFoundError, AdapterVersionNotFoundError, ConfigError
+from uniadapter_serve.model.uniadapter import AdapterSetModule
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """'name' -> (name, None); 'name@version' -> (name, version). Validates the name."""
+    name, sep, version = ref.partition("@")
+    if not NAME_RE.match(name):
+        raise AdapterNotFoundError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if sep and not re.fullmatch(r"[0-9a-f]{4,64}", version):
+        raise AdapterVersionNotFoundError(f"invalid adapter version {version!r}: expected hex digits")
+    return name, (version if sep else None)
+
+
+class AdapterRegistry:
+    """What exists on disk. Thread-safe; rescans lazily (a cache keyed by file size and mtime
+    keeps the weight hashes of unchanged files)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock = threading.RLock()
+        self._versions: dict[str, list[AdapterSetMeta]] = {}
+        self._errors: dict[str, str] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int, int], AdapterSetMeta]] = {}
+
+    def refresh(self) -> None:
+        versions: dict[str, list[AdapterSetMeta]] = {}
+        errors: dict[str, str] = {}
+        if self.root.is_dir():
+            for config in sorted(self.root.glob(f"*/{CONFIG_FILE}")) + sorted(self.root.glob(f"*/*/{CONFIG_FILE}")):
+                folder = config.parent
+                if any(part.startswith(".") for part in folder.relative_to(self.root).parts):
+                    continue  # temporary folders of an ongoing publish
+                try:
+                    meta = self._read(folder)
+                except AdapterError as e:
+                    errors[str(folder)] = str(e)
+                    continue
+                name = folder.relative_to(self.root).parts[0]
+                if meta.name != name:
+                    errors[str(folder)] = f"set name {meta.name!r} does not match its folder {name!r}"
+                    continue
+                versions.setdefault(name, []).append(meta)
+        for metas in versions.values():
+            metas.sort(key=lambda m: (m.created, m.version), reverse=True)
+        with self._lock:
+            self._versions, self._errors = versions, errors
+
+    def _read(self, folder: Path) -> AdapterSetMeta:
+        try:
+            w, c = (folder / WEIGHTS_FILE).stat(), (folder / CONFIG_FILE).stat()
+            key = (w.st_size, w.st_mtime_ns, c.st_size, c.st_mtime_ns)
+        except OSError:
+            key = (-1, -1, -1, -1)
+        cached = self._cache.get(folder)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        meta = read_adapter_meta(folder)
+        self._cache[folder] = (key, meta)
+        return meta
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def versions(self, name: str) -> list[AdapterSetMeta]:
+        """Newest first."""
+        with self._lock:
+            return list(self._versions.get(name, []))
+
+    def errors(self) -> dict[str, str]:
+        """Folders that look like sets but could not be read, with the reason."""
+        with self._lock:
+            return dict(self._errors)
+
+    def all(self) -> list[AdapterSetMeta]:
+        with self._lock:
+            return [m for name in sorted(self._versions) for m in self._versions[name]]
+
+    def resolve(self, ref: str) -> AdapterSetMeta:
+        """'name' -> newest version; 'name@version' (or a unique prefix of it) -> that version."""
+        name, version = parse_ref(ref)
+        meta = self._find(name, version)
+        if meta is None:
+            self.refresh()  # maybe it appeared on disk since the last scan
+            meta = self._find(name, version)
+        if meta is not None:
+            return meta
+        known = self.versions(name)
+        if not known:
+            raise AdapterNotFoundError(f"no adapter set named {name!r}; available: {self.names()}")
+        raise AdapterVersionNotFoundError(
+            f"adapter set {name!r} has no version {version!r}; versions: {[m.version for m in known]}"
+        )
+
+    def _find(self, name: str, version: str | None) -> AdapterSetMeta | None:
+        metas = self.versions(name)
+        if version is None:
+            return metas[0] if metas else None
+        hits = [m for m in metas if m.version.startswith(version)]
+        return hits[0] if len(hits) == 1 else None
+
+    def publish(self, module: AdapterSetModule, name: str, backbone: BackboneInfo, *,
+                answer_list: list[str] | None = None, extra: dict[str, Any] | None = None) -> AdapterSetMeta:
+        """Write `module` as a new version of `name` and make it the newest."""
+        parse_ref(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+        try:
+            version = save_adapter_set(module, staging, name=name, backbone=backbone, answer_list=answer_list,
+                                       extra=extra)
+            return self._install(staging, name, version)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def publish_folder(self, source: str | Path, name: str | None = None) -> AdapterSetMeta:
+        """Copy a validated set folder in as a new version (its own name unless `name` is given)."""
+        meta = read_adapter_meta(source)
+        name = name or meta.name
+        if name != meta.name:
+            raise ConfigError(f"set folder is named {meta.name!r} in its config, not {name!r}")
+        parse_ref(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+        try:
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copy2(Path(source) / file, staging / file)
+            return self._install(staging, name, meta.version)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(self, staging: Path, name: str, version: str) -> AdapterSetMeta:
+        target = self.root / name / version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.replace(staging, target)
+        else:
+            log.info("adapter set %s@%s already published", name, version)
+        self.refresh()
+        return self.resolve(f"{name}@{version}")

@@ -1,0 +1,83 @@
+"""The adapters root: versions, newest-wins resolution, publishing, and folders that are not sets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from uniadapter_serve.adapters.format import CONFIG_FILE, BackboneInfo, save_adapter_set
+from uniadapter_serve.adapters.registry import AdapterRegistry, parse_ref
+from uniadapter_serve.errors import AdapterNotFoundError, AdapterVersionNotFoundError, ConfigError
+from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.uniadapter import UniAdapterConfig
+
+
+def _module(backbone, seed):
+    return random_adapter(backbone, UniAdapterConfig.for_task("retrieval", bottleneck=8), seed=seed)
+
+
+def test_publish_layout_and_newest_wins(registry, backbone):
+    first = registry.resolve("a")
+    assert first.path == registry.root / "a" / first.version
+    second = registry.publish(_module(backbone, 99), "a", BackboneInfo.of(backbone))
+    assert second.version != first.version
+    assert registry.resolve("a").ref == second.ref
+    assert registry.resolve(first.ref).ref == first.ref  # the old version stays addressable
+    assert [m.version for m in registry.versions("a")] == [second.version, first.version]
+    assert registry.names() == ["a", "b", "c", "d"]
+
+
+def test_single_version_folder_directly_under_its_name(backbone, tmp_path):
+    root = tmp_path / "root"
+    version = save_adapter_set(_module(backbone, 1), root / "solo", name="solo", backbone=BackboneInfo.of(backbone))
+    registry = AdapterRegistry(root)
+    assert registry.resolve("solo").version == version
+
+
+def test_unreadable_and_misnamed_folders_are_reported_not_fatal(registry, backbone):
+    bad = registry.root / "broken" / "v1"
+    bad.mkdir(parents=True)
+    (bad / CONFIG_FILE).write_text("{")
+    shutil.copytree(registry.resolve("b").path, registry.root / "renamed" / "x")
+    (registry.root / ".a-staging").mkdir()
+    registry.refresh()
+    errors = registry.errors()
+    assert any("not valid JSON" in e for e in errors.values())
+    assert any("does not match its folder 'renamed'" in e for e in errors.values())
+    assert "broken" not in registry.names() and "renamed" not in registry.names()
+    assert registry.resolve("b")
+
+
+def test_publish_folder(registry, backbone, tmp_path):
+    src = tmp_path / "incoming"
+    version = save_adapter_set(_module(backbone, 7), src, name="e", backbone=BackboneInfo.of(backbone))
+    meta = registry.publish_folder(src)
+    assert meta.ref == f"e@{version}" and (registry.root / "e" / version / CONFIG_FILE).is_file()
+    with pytest.raises(ConfigError, match="named 'e'"):
+        registry.publish_folder(src, name="f")
+
+
+def test_new_folder_on_disk_is_found_on_resolve(registry, backbone):
+    save_adapter_set(_module(backbone, 8), registry.root / "late" / "v1", name="late",
+                     backbone=BackboneInfo.of(backbone))
+    assert registry.resolve("late").name == "late"
+
+
+def test_ambiguous_prefix_is_not_resolved(registry, backbone):
+    registry.publish(_module(backbone, 10), "a", BackboneInfo.of(backbone))
+    with pytest.raises(AdapterVersionNotFoundError):
+        registry.resolve("a@" + "0" * 12)
+
+
+@pytest.mark.parametrize("ref", ["", "a/b", "../x", ".hidden", "a" * 65, "a b"])
+def test_invalid_names(ref):
+    with pytest.raises(AdapterNotFoundError, match="invalid adapter name"):
+        parse_ref(ref)
+
+
+def test_config_name_is_what_counts(registry):
+    meta = registry.resolve("c")
+    config = json.loads((meta.path / CONFIG_FILE).read_text())
+    assert config["name"] == "c"
