@@ -148,10 +148,11 @@ class BlipBackbone(nn.Module):
         return self.text_encoder(input_ids, attention_mask, states, states_mask, routing)
 
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   states: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+                   states: torch.Tensor, routing: Routing | None = None,
+                   states_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Image-text matching: -> (B, 2) logits [no match, match]."""
         routing = routing or Routing.none(input_ids.shape[0])
-        h = self.encode_multimodal(input_ids, attention_mask, states, None, routing)
+        h = self.encode_multimodal(input_ids, attention_mask, states, states_mask, routing)
         return routing.head("itm_head", h[:, 0], self.itm_head)
 
     # -- answer decoder -------------------------------------------------------------------------

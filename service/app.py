@@ -5,75 +5,69 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve import __version__
-from uniadapter_serve.adapters.format import CONFIG_FILE
-from uniadapter_serve.adapters.inspect import inspect_adapter_set
-from uniadapter_serve.errors import AdapterError
-from uniadapter_serve.model.backbone import BlipBackbone
-from uniadapter_serve.model.loading import load_backbone
-from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
+from uniadapter_serve.service import docs, errors
+from uniadapter_serve.service.bodies import BODY_MODELS
+from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from uniadapter_serve.service.routes import adapters, ops, tasks
 from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION = """
+One frozen BLIP backbone, many UniAdapter sets swapped per request and mixed in one batch.
 
-@dataclass
-class AppState:
-    settings: Settings
-    backbone: BlipBackbone
+Task routes take **JSON** (media as base64) or **multipart/form-data** (media as files: pick
+`multipart/form-data` in "Try it out" to get a file picker). Every answer names the exact adapter
+set (`name@version`) that produced it.
+"""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: Settings | None = None, core: ServiceCore | None = None) -> FastAPI:
+    """Build the app. The backbone loads in the lifespan (or pass a ready `core`, e.g. in tests)."""
+    settings = settings or (core.settings if core is not None else Settings())
+
+    metrics = core.metrics if core is not None else ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-        backbone = load_backbone(settings.backbone, device=device, dtype=dtype)
-        log.info("backbone %s loaded on %s/%s: %s", settings.backbone, device, dtype, backbone.fingerprints)
-        app.state.core = AppState(settings=settings, backbone=backbone)
-        yield
-
-    app = FastAPI(title="UniAdapter Serve", version=__version__, lifespan=lifespan)
-
-    @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"])
-    def readyz(request: Request) -> dict[str, Any]:
-        core: AppState = request.app.state.core
-        return {
-            "status": "ready",
-            "backbone": {"source": core.settings.backbone, "components": list(core.backbone.components),
-                         "fingerprints": core.backbone.fingerprints, "device": str(core.backbone.device),
-                         "dtype": str(core.backbone.dtype).removeprefix("torch.")},
-            "torch": torch.__version__,
-        }
-
-    @app.get("/adapters", tags=["adapters"])
-    def list_adapters(request: Request) -> list[dict[str, Any]]:
-        core: AppState = request.app.state.core
-        return _available(core.settings.adapters_root, core.backbone)
-
-    return app
-
-
-def _available(root: Path | None, backbone: BlipBackbone) -> list[dict[str, Any]]:
-    if root is None or not root.is_dir():
-        return []
-    reports = []
-    for config in sorted(root.glob(f"**/{CONFIG_FILE}")):
+        service = core if core is not None else await run_in_threadpool(ServiceCore, settings, metrics)
+        app.state.core = service
+        service.start()
         try:
-            reports.append(inspect_adapter_set(config.parent, backbone))
-        except AdapterError as e:
-            reports.append({"path": str(config.parent), "error": str(e)})
-    return reports
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    app = FastAPI(title="UniAdapter Serve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    docs.install(app)
+    app.include_router(tasks.router)
+    app.include_router(adapters.router)
+    app.include_router(ops.router)
+    errors.install(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in BODY_MODELS:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,26 +1,75 @@
-"""Service configuration: one pydantic-settings class, env prefix UNIADAPTER_."""
+"""Service configuration: one pydantic-settings class, env prefix UNIADAPTER_ (e.g. UNIADAPTER_PORT)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNIADAPTER_", env_file=None, extra="ignore")
 
+    # -- model ---------------------------------------------------------------------------------
     backbone: str = Field(
         "demo",
         description="Backbone source: 'demo' (embedded), a bundled config name, a transformers-format "
         "folder, or a hub id (needs network).",
     )
+    data_root: Path = Field(Path("data"), description="Data volume: adapter sets, collections.")
     adapters_root: Path | None = Field(
-        None, description="Folder of adapter sets: one sub-folder per set name, versions inside."
+        None, description="Adapter sets: one sub-folder per name, versions inside; default DATA_ROOT/adapters."
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field("auto", description="'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'float16', 'bfloat16'.")
+    answer_list: Path | None = Field(
+        None, description="JSON list of VQA candidate answers for sets without their own (default: the demo list)."
+    )
+    default_retrieval_adapter: str | None = Field(None, description="Set used by /retrieve when none is named.")
+    default_vqa_adapter: str | None = Field(None, description="Set used by /vqa when none is named.")
+    default_videoqa_adapter: str | None = Field(None, description="Set used by /videoqa when none is named.")
+    num_frames: int = Field(8, ge=1, le=64, description="Frames sampled per video when the set does not say.")
+
+    # -- adapter budgets -------------------------------------------------------------------------
+    device_adapter_budget_mb: float = Field(2048, gt=0, description="Bytes of adapter sets kept on the device.")
+    cpu_adapter_budget_mb: float = Field(4096, ge=0, description="Bytes of CPU copies of evicted sets.")
+
+    # -- batching --------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="A batch closes at this many jobs ...")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="... or when its oldest job waited this long.")
+    max_queue: int = Field(512, ge=1, description="Jobs waiting over all stages before 429.")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-request deadline (504 after it).")
+
+    # -- limits ----------------------------------------------------------------------------------
+    max_request_bytes: int = Field(64 * MB, ge=1024, description="Largest request body.")
+    max_image_bytes: int = Field(10 * MB, ge=1024, description="Largest image file.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height): bomb protection.")
+    max_video_bytes: int = Field(50 * MB, ge=1024, description="Largest video file.")
+    max_video_seconds: float = Field(600.0, gt=0, description="Longest video.")
+    max_video_pixels: int = Field(1920 * 1080, ge=1, description="Largest video frame (width x height).")
+    max_text_chars: int = Field(512, ge=1, description="Longest question or query text.")
+    max_top_k: int = Field(100, ge=1, description="Largest top_k.")
+    max_candidates: int = Field(64, ge=1, description="Most inline candidates in one /retrieve request.")
+
+    # -- auth ------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")
+    admin_key: SecretStr | None = Field(None, description="If set, adapter/collection writes need it.")
+
+    # -- server ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address uvicorn binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds.")
     log_level: str = Field("info", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _default_paths(self) -> Settings:
+        if self.adapters_root is None:
+            self.adapters_root = self.data_root / "adapters"
+        return self
+
+    @property
+    def adapters_dir(self) -> Path:
+        assert self.adapters_root is not None
+        return self.adapters_root

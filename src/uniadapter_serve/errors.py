@@ -45,3 +45,55 @@ class AdapterInUseError(AdapterError):
 
 class InputError(UniAdapterError):
     """A request carries input the model cannot take (bad shape, unsupported task for a set)."""
+
+
+class MediaError(InputError):
+    """Uploaded media cannot be used."""
+
+
+class EmptyMediaError(MediaError):
+    """A 0-byte upload."""
+
+
+class UnsupportedMediaTypeError(MediaError):
+    """Not a media type this route takes (declared or sniffed)."""
+
+
+class MediaTooLargeError(MediaError):
+    """Over a limit: bytes, pixels (decompression bombs), duration or frames."""
+
+
+class CorruptMediaError(MediaError):
+    """Looks like a supported type but does not decode (truncated, damaged)."""
+
+
+class TextTooLongError(InputError):
+    """A question or query over the configured length."""
+
+
+class NotFoundError(UniAdapterError):
+    """A named resource (collection, item) does not exist."""
+
+
+class ConflictError(UniAdapterError):
+    """The request conflicts with the current state (duplicate id, wrong kind of adapter set)."""
+
+
+class OverloadedError(UniAdapterError):
+    """The queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(UniAdapterError):
+    """The request's deadline passed before its work finished."""
+
+
+class AuthError(UniAdapterError):
+    """Missing (401) or wrong (403) API key."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

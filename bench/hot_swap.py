@@ -1,0 +1,416 @@
+"""Hot-swapping adapter sets on one frozen BLIP backbone (CPU, fp32): swap, cold load, mixed batches.
+
+Three measurements, each printed with its median and, where there is a target, the ratio or
+value next to it with "ok" or "MISSED":
+
+1. swap: routing a batch to another already-resident set is `AdapterManager.acquire(ref)` +
+   `Lease.release()` (the model is not touched; batches only route to another module).
+   Timed while cycling over 4 resident sets (target < 1 ms). Also timed, for reference:
+   `Routing.per_sample` for a batch of 32 rows mixing 4 sets, and a whole mixed-batch switch
+   (4 acquires + `per_sample` + 4 releases).
+2. cold load: the first acquire of a set that is not resident, CPU tier empty (parse +
+   validate + read + build), for a retrieval set with BLIP-base dims and bottleneck 512
+   (19.5 M parameters, ~78 MB fp32; target < 0.3 s), against reloading the whole BLIP-base
+   backbone with `load_backbone(folder)` from a transformers-format folder (config.json +
+   model.safetensors) written once into a temporary folder (target: >= 50x faster).
+   Both are warm-cache numbers: every file is read once before timing, so the OS page cache
+   holds it and neither number includes the disk.
+3. mixed batch: throughput of a batch of 32 whose rows are spread over 4 sets (row i -> set
+   i % 4) against the same batch on one set, on the image ITC path (`encode_image` +
+   `image_features`) and the text ITC path (`text_features`), on `blip-demo` (target: mixed
+   >= 0.8x single). The routing is built inside every call for both variants, as a server
+   would. `--base-batch N` adds the same on `blip-base` with batch N (slow on CPU, off by default).
+
+Machines are noisy, so the variants of each measurement are timed side by side in one run:
+every round takes one sample of each variant (the order rotating from round to round), a
+sample being the mean of enough calls to last `--min-time` seconds (cold loads: one load per
+sample); lines report the median sample and ratios are ratios of medians. `spread` is half
+the inter-quartile range of the per-round paired ratios. Weights are random: timings do not
+depend on their values.
+
+Run from the repository root:
+
+    .venv/bin/python bench/hot_swap.py
+    .venv/bin/python bench/hot_swap.py --rounds 9 --cold-rounds 7 --threads 4 --base-batch 4
+
+The defaults take about 1-2 minutes on two cores and peak near 3.5 GB of memory (two BLIP-base
+backbones alive while the reload is timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from uniadapter_serve.adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BackboneInfo,
+    check_compatible,
+    read_adapter_meta,
+)
+from uniadapter_serve.adapters.manager import AdapterManager
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.loading import load_backbone, random_backbone
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.testing import random_adapter, random_batch
+from uniadapter_serve.model.uniadapter import AdapterSetModule, UniAdapterConfig
+
+SWAP_TARGET_S = 1e-3
+COLD_TARGET_S = 0.3
+COLD_RATIO_TARGET = 50.0
+MIX_RATIO_TARGET = 0.8
+N_SETS = 4
+TEXT_LEN = 32
+DEVICE_BUDGET = 4 << 30
+"""Room for every set this benchmark loads: nothing is evicted behind its back."""
+
+Call = Callable[[], object]
+
+
+# -- timing and printing ----------------------------------------------------------------------
+
+
+def per_call(call: Call, min_time: float) -> float:
+    """Mean seconds per call over a run of at least `min_time` seconds (at least one call)."""
+    n = 0
+    start = time.perf_counter()
+    while True:
+        call()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / n
+
+
+def interleaved(calls: Sequence[Call], rounds: int, min_time: float, warmup: int = 1) -> list[list[float]]:
+    """Per call, one sample (s per call) per round; calls interleaved, order rotating each round."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for r in range(rounds):
+        for k in range(len(calls)):
+            i = (k + r) % len(calls)
+            samples[i].append(per_call(calls[i], min_time))
+    return samples
+
+
+def half_iqr(values: Sequence[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2
+
+
+def paired_spread(num: Sequence[float], den: Sequence[float]) -> float:
+    return half_iqr([a / b for a, b in zip(num, den, strict=True)])
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(label: str, value: str, target: str = "", result: str = "") -> None:
+    print(f"  {label:<62} {value:>26}   {target:<16} {result}".rstrip())
+
+
+def section(title: str) -> None:
+    print(f"\n[{title}]")
+
+
+def collect() -> None:
+    gc.collect()
+
+
+# -- shared setup -------------------------------------------------------------------------------
+
+
+def build_backbone(config: str) -> BlipBackbone:
+    return random_backbone(config, seed=0).requires_grad_(False).eval()
+
+
+def publish_sets(backbone: BlipBackbone, registry: AdapterRegistry, config: UniAdapterConfig, names: Sequence[str],
+                 seed: int = 0) -> list[str]:
+    """Publish one random set per name; returns the names (refs resolving to the newest version)."""
+    info = BackboneInfo.of(backbone)
+    for k, name in enumerate(names):
+        registry.publish(random_adapter(backbone, config, seed=seed + k), name, info)
+    return list(names)
+
+
+def mixed_rows(modules: Sequence[AdapterSetModule], batch: int) -> list[AdapterSetModule | None]:
+    """Row i -> set i % len(modules): every set's rows are scattered over the batch."""
+    return [modules[i % len(modules)] for i in range(batch)]
+
+
+# -- 1. swap between resident sets --------------------------------------------------------------
+
+
+def bench_swap(manager: AdapterManager, refs: Sequence[str], modules: Sequence[AdapterSetModule],
+               args: argparse.Namespace) -> None:
+    section(f"1. swap between resident sets ({len(refs)} resident, CPU tier unused)")
+    cycle = itertools.cycle(refs)
+    rows = mixed_rows(modules, args.batch)
+
+    def swap() -> None:
+        manager.acquire(next(cycle)).release()
+
+    def routing() -> None:
+        Routing.per_sample(rows)
+
+    def batch_switch() -> None:
+        leases = [manager.acquire(ref) for ref in refs]
+        Routing.per_sample(rows)
+        for lease in leases:
+            lease.release()
+
+    hits_before = manager.stats["device_hits"]
+    loads_before = manager.stats["disk_loads"]
+    swap_s, routing_s, switch_s = (statistics.median(s) for s in
+                                   interleaved([swap, routing, batch_switch], args.rounds, args.swap_min_time))
+    if manager.stats["disk_loads"] != loads_before or manager.stats["device_hits"] == hits_before:
+        print("  warning: the swap loop did not run on resident sets only")
+    report("acquire(ref) + release() on a resident set", fmt_s(swap_s), "< 1 ms", verdict(swap_s < SWAP_TARGET_S))
+    report(f"Routing.per_sample, batch {args.batch} mixing {len(refs)} sets", fmt_s(routing_s))
+    report(f"mixed-batch switch: {len(refs)} acquires + per_sample + {len(refs)} releases", fmt_s(switch_s))
+
+
+# -- 3. mixed batch vs single set ---------------------------------------------------------------
+
+
+def path_call(backbone: BlipBackbone, path: str, rows: Sequence[AdapterSetModule | None], batch_size: int,
+              text_len: int) -> Call:
+    """One ITC forward of a fixed random batch; the routing is built inside the call."""
+    batch = random_batch(backbone, batch_size, seed=1, text_len=text_len)
+    if path == "image":
+        pixels = batch.pixel_values
+
+        def image() -> torch.Tensor:
+            routing = Routing.per_sample(rows)
+            return backbone.image_features(backbone.encode_image(pixels, routing), routing)
+
+        return image
+    ids, mask = batch.input_ids, batch.attention_mask
+
+    def text() -> torch.Tensor:
+        return backbone.text_features(ids, mask, Routing.per_sample(rows))
+
+    return text
+
+
+def bench_mixed(backbone: BlipBackbone, modules: Sequence[AdapterSetModule], config: str, batch_size: int,
+                rounds: int, min_time: float) -> None:
+    section(f"3. mixed batch vs one set: {config}, batch {batch_size}, {len(modules)} sets, routing built per call")
+    single = [modules[0]] * batch_size
+    mixed = mixed_rows(modules, batch_size)
+    text_len = min(TEXT_LEN, int(backbone.text_encoder.embeddings.position_ids.shape[-1]))
+    for path in ("image", "text"):
+        calls = [path_call(backbone, path, rows, batch_size, text_len) for rows in (single, mixed)]
+        with torch.inference_mode():
+            t_single, t_mixed = interleaved(calls, rounds, min_time)
+        single_s, mixed_s = statistics.median(t_single), statistics.median(t_mixed)
+        ratio = single_s / mixed_s  # throughput ratio mixed/single
+        spread = paired_spread(t_single, t_mixed)
+        report(f"{path} ITC, one set", f"{fmt_s(single_s)} ({batch_size / single_s:,.0f}/s)")
+        report(f"{path} ITC, {len(modules)} sets mixed", f"{fmt_s(mixed_s)} ({batch_size / mixed_s:,.0f}/s)")
+        report(f"{path} ITC throughput mixed/single (spread ±{spread:.3f})", f"{ratio:.3f}x", ">= 0.8x",
+               verdict(ratio >= MIX_RATIO_TARGET))
+
+
+def bench_small(args: argparse.Namespace, root: Path) -> None:
+    """Sections 1 and 3 on the small config: sets published, loaded and leased through the manager."""
+    backbone = build_backbone(args.small_config)
+    registry = AdapterRegistry(root / "adapters-small")
+    config = UniAdapterConfig.for_task("retrieval", bottleneck=args.mix_bottleneck)
+    refs = publish_sets(backbone, registry, config, [f"set-{k}" for k in range(N_SETS)])
+    manager = AdapterManager(backbone, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0)
+    modules = []
+    for ref in refs:
+        with manager.lease(ref) as lease:
+            modules.append(lease.module)
+    bench_swap(manager, refs, modules, args)
+    bench_mixed(backbone, modules, args.small_config, args.batch, args.rounds, args.min_time)
+
+
+# -- 2. cold load vs backbone reload ------------------------------------------------------------
+
+
+def save_backbone(backbone: BlipBackbone, folder: Path) -> int:
+    """Write `backbone` as a transformers-format folder; returns the weights file's size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.config.to_json_file(folder / "config.json")
+    weights = folder / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    return weights.stat().st_size
+
+
+def warm_page_cache(paths: Sequence[Path]) -> None:
+    """Read every file once so that the timed loads find it in the OS page cache."""
+    for path in paths:
+        with path.open("rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def cold_acquire(manager: AdapterManager, ref: str) -> float:
+    """Seconds for the first acquire (+ release) of `ref` after dropping it from both tiers."""
+    manager.unload(ref)
+    collect()
+    start = time.perf_counter()
+    manager.acquire(ref).release()
+    return time.perf_counter() - start
+
+
+def reload_backbone(folder: Path) -> float:
+    collect()
+    start = time.perf_counter()
+    model = load_backbone(folder)
+    elapsed = time.perf_counter() - start
+    del model
+    collect()
+    return elapsed
+
+
+def cold_breakdown(folder: Path, backbone: BlipBackbone, n: int) -> tuple[float, float]:
+    """Median seconds of two steps of every cold load, timed on their own: reading the set
+    (whole file, hash, JSON and header parse) and validating it against the backbone."""
+    read_s, check_s = [], []
+    for _ in range(n):
+        collect()
+        start = time.perf_counter()
+        meta = read_adapter_meta(folder)
+        read_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        check_compatible(meta, backbone)
+        check_s.append(time.perf_counter() - start)
+    return statistics.median(read_s), statistics.median(check_s)
+
+
+def bench_cold(args: argparse.Namespace, root: Path) -> None:
+    section("2. cold load of an adapter set vs reloading the backbone (blip-base dims, CPU, fp32)")
+    t0 = time.perf_counter()
+    backbone = build_backbone("blip-base")
+    folder = root / "backbone-base"
+    backbone_bytes = save_backbone(backbone, folder)
+    registry = AdapterRegistry(root / "adapters-base")
+    config = UniAdapterConfig.for_task("retrieval", bottleneck=args.cold_bottleneck)
+    (ref,) = publish_sets(backbone, registry, config, ["cold-set"])
+    meta = registry.resolve(ref)
+    set_files = [meta.path / WEIGHTS_FILE, meta.path / CONFIG_FILE]
+    set_bytes = set_files[0].stat().st_size
+    manager = AdapterManager(backbone, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0)
+    print(f"  (setup: blip-base backbone built and saved, set published, in {time.perf_counter() - t0:.1f} s)")
+    warm_page_cache([*set_files, folder / "model.safetensors", folder / "config.json"])
+    print("  warm OS page cache: every file was read once before timing; neither number includes the disk")
+
+    cold_acquire(manager, ref)  # warm-up (untimed): first-call costs, allocator
+    reload_backbone(folder)
+    adapter_s: list[float] = []
+    backbone_s: list[float] = []
+    for r in range(args.cold_rounds):
+        adapter_first = r % 2 == 0
+        if adapter_first:
+            adapter_s.extend(cold_acquire(manager, ref) for _ in range(args.cold_repeats))
+        backbone_s.append(reload_backbone(folder))
+        if not adapter_first:
+            adapter_s.extend(cold_acquire(manager, ref) for _ in range(args.cold_repeats))
+    if manager.stats["disk_loads"] != 1 + args.cold_rounds * args.cold_repeats:
+        print(f"  warning: expected every timed acquire to load from disk, stats: {dict(manager.stats)}")
+    read_s, check_s = cold_breakdown(meta.path, backbone, args.cold_rounds * args.cold_repeats)
+
+    a_med, b_med = statistics.median(adapter_s), statistics.median(backbone_s)
+    ratio = b_med / a_med
+    n_set = meta.num_parameters
+    n_backbone = sum(p.numel() for p in backbone.parameters())
+    report(f"adapter set: first acquire, {n_set / 1e6:.1f} M params, {set_bytes / 1e6:.1f} MB "
+           f"(n={len(adapter_s)})", fmt_s(a_med), "< 0.3 s", verdict(a_med < COLD_TARGET_S))
+    report(f"backbone: load_backbone(folder), {n_backbone / 1e6:.1f} M params, {backbone_bytes / 1e6:.0f} MB "
+           f"(n={len(backbone_s)})", fmt_s(b_med))
+    report("backbone reload / adapter cold load", f"{ratio:.1f}x", ">= 50x", verdict(ratio >= COLD_RATIO_TARGET))
+    report("  (adapter MB/s | backbone MB/s)",
+           f"{set_bytes / 1e6 / a_med:,.0f} | {backbone_bytes / 1e6 / b_med:,.0f}")
+    report("  of the cold load: read + sha256 + parse (read_adapter_meta)", fmt_s(read_s))
+    report("  of the cold load: validate against the backbone (check_compatible)", fmt_s(check_s))
+    report("  of the cold load: the rest (deserialize, build, manager)", fmt_s(max(a_med - read_s - check_s, 0.0)))
+
+    if args.base_batch > 0:
+        modules = [random_adapter(backbone, config, seed=10 + k) for k in range(N_SETS)]
+        bench_mixed(backbone, modules, "blip-base", args.base_batch, args.base_rounds, args.base_min_time)
+        del modules
+    del manager, backbone
+    collect()
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small-config", default="blip-demo", help="config for the swap and mixed-batch sections")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the swap routing and the mixed batches")
+    p.add_argument("--mix-bottleneck", type=int, default=512, help="bottleneck of the small config's sets")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds of the swap and mixed-batch sections")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds of forward calls averaged into one sample")
+    p.add_argument("--swap-min-time", type=float, default=0.05, help="seconds of swap calls per sample")
+    p.add_argument("--cold-bottleneck", type=int, default=512, help="bottleneck of the cold-loaded blip-base set")
+    p.add_argument("--cold-rounds", type=int, default=5, help="backbone reloads (one per round)")
+    p.add_argument("--cold-repeats", type=int, default=3, help="adapter cold loads per round")
+    p.add_argument("--base-batch", type=int, default=0, help="also compare mixed/single on blip-base (0: skip)")
+    p.add_argument("--base-rounds", type=int, default=3, help="rounds of the blip-base mixed-batch comparison")
+    p.add_argument("--base-min-time", type=float, default=0.0, help="seconds per blip-base sample (0: one call)")
+    p.add_argument("--skip-cold", action="store_true", help="skip section 2 (the only one needing ~3.5 GB)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--tmpdir", default=None, help="where to write the temporary backbone and sets")
+    return p.parse_args(argv)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def print_header() -> None:
+    print(f"hot_swap: torch {torch.__version__}, python {platform.python_version()}, "
+          f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op threads, "
+          f"{os.cpu_count()} CPUs, device cpu, fp32")
+    print(f"  load average {load_average()} at start (other work on the machine skews every number)")
+    print("  medians over interleaved rounds; ratios are ratios of medians")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print_header()
+    with tempfile.TemporaryDirectory(prefix="hot-swap-", dir=args.tmpdir) as tmp:
+        root = Path(tmp)
+        bench_small(args, root)
+        collect()
+        if not args.skip_cold:
+            bench_cold(args, root)
+    print(f"\nwall time {time.perf_counter() - start:.1f} s; load average {load_average()} at the end")
+
+
+if __name__ == "__main__":
+    main()

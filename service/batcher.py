@@ -1,0 +1,253 @@
+"""The dynamic batcher: bounded per-stage queues feeding one model thread.
+
+A stage (vision, text, itm, answer) is a handler that runs a list of jobs as one forward pass.
+A batch closes when it reaches `max_batch_size` jobs or its oldest job has waited
+`max_wait_ms`; it may mix adapter sets (the handler gets a per-sample `Routing`). The batcher
+alone owns queues, deadlines, 429/504, dropping jobs whose client went away, and fan-out of
+errors: a batch that raises is re-run one job at a time so a failing sample fails only its
+own request. Model work never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from uniadapter_serve.adapters.manager import AdapterManager, Lease
+from uniadapter_serve.errors import AdapterCapacityError, DeadlineExceededError, OverloadedError, UniAdapterError
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Sequence["Job"], Routing], Sequence[Any]]
+"""Runs jobs as one batch; returns one result (or an Exception instance) per job."""
+
+
+@dataclass(eq=False)
+class Job:
+    stage: str
+    payload: Any
+    adapter: str | None
+    """Exact `name@version`, or None for the bare backbone."""
+    deadline: float
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def finish(self, result: Any) -> None:
+        def settle() -> None:
+            if self.future.done():
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+    @property
+    def abandoned(self) -> bool:
+        """The awaiting request was cancelled (client went away) or timed out."""
+        return self.future.done()
+
+
+class Batcher:
+    def __init__(self, manager: AdapterManager, handlers: dict[str, Handler], *, max_batch_size: int,
+                 max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
+                 stage_batch_sizes: dict[str, int] | None = None) -> None:
+        self.manager = manager
+        self.handlers = handlers
+        self.max_batch_size = max_batch_size
+        self.stage_batch_sizes = stage_batch_sizes or {}
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queues: dict[str, deque[Job]] = {name: deque() for name in handlers}
+        self._cond = threading.Condition()
+        self._running = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._batch_seconds = 0.05  # running estimate, for Retry-After
+        metrics.queue_depth.collect_from(self._depths)
+
+    def _depths(self) -> list[tuple[dict[str, str], float]]:
+        return [({"stage": name}, float(len(q))) for name, q in self._queues.items()]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="uniadapter-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking work; finish what is queued (up to `drain_timeout`), then end the thread."""
+        deadline = time.monotonic() + drain_timeout
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._busy and not any(self._queues.values())
+
+    # -- submitting (event loop) ----------------------------------------------------------------
+
+    async def submit(self, stage: str, payload: Any, adapter: str | None, deadline: float) -> Any:
+        loop = asyncio.get_running_loop()
+        job = Job(stage, payload, adapter, deadline, loop.create_future(), loop)
+        with self._cond:
+            if not self._running:
+                raise OverloadedError("the server is shutting down", retry_after=1.0)
+            depth = sum(len(q) for q in self._queues.values())
+            if depth >= self.max_queue:
+                self.metrics.rejected.inc(reason="queue_full")
+                retry = max(1.0, round(self._batch_seconds * depth / max(1, self.max_batch_size), 1))
+                raise OverloadedError(f"queue full ({depth} jobs waiting); retry later", retry_after=retry)
+            self._queues[stage].append(job)
+            self._cond.notify()
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(0.0, remaining))
+        except TimeoutError:
+            job.future.cancel()
+            self.metrics.rejected.inc(reason="deadline")
+            raise DeadlineExceededError(f"request deadline passed while waiting for the {stage} stage") from None
+        except asyncio.CancelledError:
+            job.future.cancel()  # the client went away: the model thread drops the job
+            raise
+
+    # -- the model thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            stage, jobs = batch
+            started = time.monotonic()
+            try:
+                self._run(stage, jobs)
+            except BaseException as e:  # never let the model thread die
+                log.exception("batch of %d %s jobs failed", len(jobs), stage)
+                for job in jobs:
+                    job.finish(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            finally:
+                with self._cond:
+                    self._busy = False
+                elapsed = time.monotonic() - started
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+
+    def _next_batch(self) -> tuple[str, list[Job]] | None:
+        with self._cond:
+            while True:
+                ready = [(q[0].enqueued, name) for name, q in self._queues.items() if q]
+                if not ready:
+                    if not self._running:
+                        return None
+                    self._cond.wait()
+                    continue
+                _, stage = min(ready)  # oldest job first, across stages
+                queue = self._queues[stage]
+                limit = self.stage_batch_sizes.get(stage, self.max_batch_size)
+                wait = queue[0].enqueued + self.max_wait - time.monotonic()
+                if len(queue) < limit and wait > 0 and self._running:
+                    self._cond.wait(wait)
+                    continue
+                jobs = [queue.popleft() for _ in range(min(limit, len(queue)))]
+                self._busy = True
+                return stage, jobs
+
+    def _run(self, stage: str, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        alive: list[Job] = []
+        for job in jobs:
+            if job.abandoned:
+                self.metrics.rejected.inc(reason="cancelled")
+            elif job.deadline <= now:
+                self.metrics.rejected.inc(reason="deadline")
+                job.finish(DeadlineExceededError(f"deadline passed before the {stage} stage ran"))
+            else:
+                alive.append(job)
+        if not alive:
+            return
+        leases, alive = self._lease(alive)
+        try:
+            if alive:
+                self._execute(stage, alive, leases)
+        finally:
+            for lease in leases.values():
+                lease.release()
+
+    def _lease(self, jobs: list[Job]) -> tuple[dict[str, Lease], list[Job]]:
+        """Lease every set the batch needs. A set that finds no room while this batch holds
+        others is deferred to the next batch; any other failure fails only its jobs."""
+        leases: dict[str, Lease] = {}
+        refs = sorted({j.adapter for j in jobs if j.adapter is not None},
+                      key=lambda r: r not in self.manager.resident())  # resident sets first: no load
+        deferred: list[Job] = []
+        failed: set[str] = set()
+        for ref in refs:
+            try:
+                leases[ref] = self.manager.acquire(ref)
+            except AdapterCapacityError as e:
+                if leases:
+                    deferred += [j for j in jobs if j.adapter == ref]
+                else:
+                    self._fail([j for j in jobs if j.adapter == ref], e)
+                failed.add(ref)
+            except UniAdapterError as e:
+                self._fail([j for j in jobs if j.adapter == ref], e)
+                failed.add(ref)
+        if deferred:
+            with self._cond:
+                self._queues[deferred[0].stage].extendleft(reversed(deferred))
+                self._cond.notify()
+        return leases, [j for j in jobs if j.adapter not in failed]
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            job.finish(error)
+
+    def _execute(self, stage: str, jobs: list[Job], leases: dict[str, Lease]) -> None:
+        handler = self.handlers[stage]
+        modules = [leases[j.adapter].module if j.adapter is not None else None for j in jobs]
+        distinct = len({j.adapter for j in jobs})
+        self.metrics.batch_size.observe(len(jobs), stage=stage)
+        self.metrics.batch_adapters.observe(distinct, stage=stage)
+        if distinct > 1:
+            self.metrics.mixed_batches.inc(stage=stage)
+        try:
+            with torch.inference_mode():
+                results = handler(jobs, Routing.per_sample(modules, self.manager.backbone.device))
+        except Exception as e:
+            if len(jobs) == 1:
+                jobs[0].finish(e)
+                return
+            log.warning("batch of %d %s jobs raised %r; re-running one by one", len(jobs), stage, e)
+            for job, module in zip(jobs, modules, strict=True):
+                try:
+                    with torch.inference_mode():
+                        result = handler([job], Routing.single(module, 1))[0]
+                except Exception as single:
+                    result = single
+                job.finish(result)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.finish(result)

@@ -1,0 +1,107 @@
+"""One body, two encodings: JSON with base64 media, or multipart with files (Swagger's file picker).
+
+Routes declare both in OpenAPI (`body_openapi`) and parse with `parse_body`, which returns the
+validated model and the media bytes, whatever the encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
+
+M = TypeVar("M", bound=BaseModel)
+FILE_PLACEHOLDER = "(file)"
+BODY_MODELS: list[type[BaseModel]] = []
+"""Models used as request bodies; their schemas are added to the OpenAPI components."""
+
+
+@dataclass
+class Media:
+    data: bytes
+    content_type: str | None
+    filename: str | None = None
+
+
+def body_openapi(model: type[BaseModel], media_fields: dict[str, bool]) -> dict[str, Any]:
+    """`openapi_extra` declaring JSON and multipart bodies; media_fields: name -> is a list."""
+    BODY_MODELS.append(model)
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    form = copy.deepcopy(schema)
+    form.pop("title", None)
+    for name, is_list in media_fields.items():
+        binary = {"type": "string", "format": "binary"}
+        form["properties"][name] = {"type": "array", "items": binary} if is_list else binary
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                "multipart/form-data": {"schema": form},
+            },
+        }
+    }
+
+
+def _b64(value: str, field: str) -> bytes:
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"{field}: not valid base64 ({e})") from e
+
+
+async def parse_body(request: Request, model: type[M], media_fields: dict[str, bool],
+                     list_fields: tuple[str, ...] = ()) -> tuple[M, dict[str, list[Media]]]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media: dict[str, list[Media]] = {}
+    if content_type == "application/json":
+        body = await request.body()
+        parsed = model.model_validate_json(body)
+        for name, is_list in media_fields.items():
+            value = getattr(parsed, name)
+            if value is None:
+                continue
+            values = value if is_list else [value]
+            media[name] = [Media(_b64(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
+        return parsed, media
+    if content_type == "multipart/form-data":
+        form = await request.form()
+        fields: dict[str, Any] = {}
+        for key in form:
+            if key in media_fields:
+                uploads = [u for u in form.getlist(key) if isinstance(u, UploadFile)]
+                media[key] = [Media(await u.read(), u.content_type, u.filename) for u in uploads]
+                texts = [u for u in form.getlist(key) if isinstance(u, str) and u]
+                media[key] += [Media(_b64(t, key), None) for t in texts]  # base64 typed into a text box
+                if media[key]:
+                    fields[key] = [FILE_PLACEHOLDER] * len(media[key]) if media_fields[key] else FILE_PLACEHOLDER
+            elif key in list_fields:
+                fields[key] = [v for v in form.getlist(key) if isinstance(v, str)]
+            else:
+                value = form.get(key)
+                if isinstance(value, str) and value != "":
+                    fields[key] = value
+        return model.model_validate(fields), media
+    raise UnsupportedMediaTypeError(
+        f"request body of type {content_type or '(none)'!r}: send application/json or multipart/form-data"
+    )
+
+
+def validation_message(error: ValidationError) -> tuple[int, str]:
+    """(status, message) for a body that failed validation: 400 for malformed JSON, else 422."""
+    parts = []
+    for e in error.errors():
+        if e.get("type") == "json_invalid":
+            return 400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return 422, "; ".join(parts)

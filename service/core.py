@@ -1,0 +1,169 @@
+"""Everything a request needs, built once in the app's lifespan: backbone, tokenizer, adapter
+registry and manager, the batcher, metrics; plus the async task steps routes compose."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from uniadapter_serve.adapters.format import AdapterSetMeta
+from uniadapter_serve.adapters.manager import AdapterManager
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.errors import ConflictError, InputError, TextTooLongError
+from uniadapter_serve.model.backbone import BlipBackbone, vision_config
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.preprocess import image_to_tensor
+from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
+from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.media import decode_image
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
+from uniadapter_serve.service.settings import MB, Settings
+from uniadapter_serve.service.stages import (
+    AnswerInput,
+    AnswerOutput,
+    MatchInput,
+    TextInput,
+    VisionInput,
+    VisionOutput,
+    make_handlers,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = {"retrieval": ("retrieval",), "vqa": ("vqa", "videoqa"), "videoqa": ("videoqa", "vqa")}
+CAPTION_WORDS, QUESTION_WORDS = 30, 50
+
+
+@dataclass
+class AnswerList:
+    answers: list[str]
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+class ServiceCore:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        self.backbone: BlipBackbone = load_backbone(settings.backbone, device=device, dtype=dtype)
+        self.tokenizer: BlipTokenizer = load_tokenizer(settings.backbone, self.backbone.config)
+        self.image_size = int(vision_config(self.backbone.config).image_size)  # type: ignore[arg-type]
+        self.metrics = metrics or ServiceMetrics()
+        self.registry = AdapterRegistry(settings.adapters_dir)
+        self.registry.refresh()
+        self.manager = AdapterManager(
+            self.backbone, self.registry,
+            device_budget_bytes=int(settings.device_adapter_budget_mb * MB),
+            cpu_budget_bytes=int(settings.cpu_adapter_budget_mb * MB),
+            wait_timeout_s=0.0,  # only the model thread leases; it defers sets that find no room
+        )
+        self.metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
+                                                          for k, v in sorted(self.manager.stats.items())])
+        handlers = make_handlers(self.backbone, bos_id=self.tokenizer.dec_id, sep_id=self.tokenizer.sep_id,
+                                 pad_id=self.tokenizer.pad_id)
+        self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=self.metrics)
+        self.default_answers = self._answer_list(self._default_answer_strings())
+        self._answer_lists: dict[str, AnswerList] = {}
+        self.ready = False
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.ready = True
+        log.info("serving %s on %s (%s)", self.settings.backbone, self.backbone.device, self.backbone.dtype)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        self.ready = False
+        self.batcher.stop(drain_timeout)
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    def resolve_adapter(self, ref: str | None, task: str) -> AdapterSetMeta | None:
+        """The set a request names (or the task's default); None = bare backbone."""
+        if ref is None:
+            ref = getattr(self.settings, f"default_{task}_adapter")
+        if ref is None or ref in ("none", "bare"):
+            return None
+        meta = self.registry.resolve(ref)
+        if meta.config.task not in TASK_KINDS[task]:
+            raise ConflictError(f"adapter set {meta.ref} is a {meta.config.task} set; /{task} needs a "
+                                f"{' or '.join(TASK_KINDS[task])} set")
+        return meta
+
+    def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
+        if meta is None or meta.answer_list is None:
+            return self.default_answers
+        cached = self._answer_lists.get(meta.ref)
+        if cached is None:
+            cached = self._answer_lists[meta.ref] = self._answer_list(meta.answer_list)
+        return cached
+
+    def _default_answer_strings(self) -> list[str]:
+        if self.settings.answer_list is not None:
+            return load_answer_list(self.settings.answer_list)
+        beside = Path(self.settings.backbone) / "answer_list.json"
+        return load_answer_list(beside if beside.is_file() else None)
+
+    def _answer_list(self, answers: list[str]) -> AnswerList:
+        ids, mask = self.tokenizer.encode_answers(answers)
+        return AnswerList(answers, ids, mask)
+
+    # -- request steps (event loop) ------------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    def check_text(self, text: str, field: str) -> str:
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise TextTooLongError(f"{field}: {len(text)} characters is over the limit of {limit}")
+        if not clean_text(text, QUESTION_WORDS):
+            raise InputError(f"{field}: must contain at least one word")
+        return text
+
+    async def image_input(self, data: bytes, content_type: str | None, field: str) -> VisionInput:
+        """Decode + preprocess in a worker thread (never on the event loop or the model thread)."""
+        def work() -> VisionInput:
+            image = decode_image(data, declared_type=content_type, max_bytes=self.settings.max_image_bytes,
+                                 max_pixels=self.settings.max_image_pixels, field=field)
+            return VisionInput(image_to_tensor(image, self.image_size)[None])
+
+        return await run_in_threadpool(work)
+
+    async def vision(self, item: VisionInput, meta: AdapterSetMeta | None, deadline: float) -> VisionOutput:
+        result: VisionOutput = await self.batcher.submit("vision", item, _ref(meta), deadline)
+        return result
+
+    async def text_embedding(self, text: str, meta: AdapterSetMeta | None, deadline: float) -> torch.Tensor:
+        ids, mask = self.tokenizer.encode([clean_text(text, CAPTION_WORDS)], mode="text")
+        result: torch.Tensor = await self.batcher.submit("text", TextInput(ids[0], mask[0]), _ref(meta), deadline)
+        return result
+
+    async def match(self, text: str, states: torch.Tensor, meta: AdapterSetMeta | None, deadline: float) -> float:
+        ids, mask = self.tokenizer.encode([clean_text(text, CAPTION_WORDS)], mode="multimodal")
+        result: float = await self.batcher.submit("itm", MatchInput(ids[0], mask[0], states), _ref(meta), deadline)
+        return result
+
+    async def answer(self, question: str, states: torch.Tensor, meta: AdapterSetMeta | None, *, mode: str,
+                     top_k: int, max_length: int, deadline: float) -> list[tuple[str, float]]:
+        ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
+        answers = self.answers_for(meta)
+        payload = AnswerInput(ids[0], mask[0], states, mode="rank" if mode == "rank" else "generate",
+                              top_k=min(top_k, len(answers.answers)), candidates=(answers.ids, answers.mask),
+                              max_length=max_length)
+        out: AnswerOutput = await self.batcher.submit("answer", payload, _ref(meta), deadline)
+        if out.indices is not None:
+            return [(answers.answers[i], s) for i, s in zip(out.indices, out.scores, strict=True)]
+        assert out.tokens is not None
+        return [(self.tokenizer.decode(t), s) for t, s in zip(out.tokens, out.scores, strict=True)]
+
+
+def _ref(meta: AdapterSetMeta | None) -> str | None:
+    return meta.ref if meta is not None else None

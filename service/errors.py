@@ -1,0 +1,86 @@
+"""The one place where domain errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from uniadapter_serve import errors as e
+from uniadapter_serve.service.bodies import validation_message
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[Exception], int]] = [
+    (e.AuthError, 401),
+    (e.EmptyMediaError, 400),
+    (e.CorruptMediaError, 400),
+    (e.UnsupportedMediaTypeError, 415),
+    (e.MediaTooLargeError, 413),
+    (e.TextTooLongError, 422),
+    (e.InputError, 422),
+    (e.AdapterNotFoundError, 404),
+    (e.AdapterVersionNotFoundError, 404),
+    (e.NotFoundError, 404),
+    (e.AdapterIncompatibleError, 409),
+    (e.AdapterInUseError, 409),
+    (e.ConflictError, 409),
+    (e.AdapterFormatError, 422),
+    (e.ConfigError, 422),
+    (e.AdapterCapacityError, 503),
+    (e.OverloadedError, 429),
+    (e.DeadlineExceededError, 504),
+    (e.CheckpointError, 503),
+]
+
+
+def status_for(error: Exception) -> int:
+    if isinstance(error, e.AuthError):
+        return error.status
+    for cls, status in STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.UniAdapterError)
+    async def domain(request: Request, exc: e.UniAdapterError) -> JSONResponse:
+        status = status_for(exc)
+        headers = None
+        if isinstance(exc, e.OverloadedError):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        elif isinstance(exc, e.AdapterCapacityError):
+            headers = {"Retry-After": "1"}
+        elif isinstance(exc, e.AuthError) and status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        if status >= 500 and status not in (503, 504):
+            log.error("%s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return error_response(status, type(exc).__name__, str(exc), headers)
+
+    @app.exception_handler(ValidationError)
+    async def body(request: Request, exc: ValidationError) -> JSONResponse:
+        status, message = validation_message(exc)
+        return error_response(status, "ValidationError", message)
+
+    @app.exception_handler(RequestValidationError)
+    async def params(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                return error_response(400, "ValidationError", f"malformed JSON: {err.get('msg')}")
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg')}")
+        return error_response(422, "ValidationError", "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "InternalError", "internal error; see the server log")

@@ -1,0 +1,109 @@
+"""Adapter-set routes: list, load, unload, pin, unpin, publish (writes need the admin key)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta, check_compatible
+from uniadapter_serve.adapters.format import read_adapter_meta as read_meta
+from uniadapter_serve.errors import ConflictError, InputError, UnsupportedMediaTypeError
+from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
+from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.routes.tasks import ERRORS
+from uniadapter_serve.service.schemas import AdapterInfo, AdapterList
+
+router = APIRouter(prefix="/adapters", tags=["adapters"], responses=ERRORS)
+
+
+def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool) -> AdapterInfo:
+    rows = [r for r in core.manager.table() if r["ref"] == meta.ref]
+    nbytes = next((int(str(r["bytes"])) for r in rows), meta.num_parameters * core.backbone.dtype.itemsize)
+    return AdapterInfo(
+        ref=meta.ref, name=meta.name, version=meta.version, task=meta.config.task, bottleneck=meta.config.bottleneck,
+        tunable_parameters=meta.num_parameters, percent_of_backbone=round(meta.percent_of_backbone(), 3),
+        bytes=nbytes, created=meta.created, newest=newest, resident=any(r["tier"] == "device" for r in rows),
+        pinned=any(bool(r["pinned"]) for r in rows), tier=[str(r["tier"]) for r in rows],
+        answer_list_size=len(meta.answer_list) if meta.answer_list is not None else None,
+    )
+
+
+@router.get("", response_model=AdapterList, dependencies=[ReadAuth], summary="Available and resident sets")
+def list_adapters(core: CoreDep) -> AdapterList:
+    core.registry.refresh()
+    infos = []
+    for name in core.registry.names():
+        for i, meta in enumerate(core.registry.versions(name)):
+            infos.append(_info(core, meta, newest=i == 0))
+    return AdapterList(adapters=infos, errors=core.registry.errors(), device_budget_bytes=core.manager.device_budget,
+                       device_bytes=core.manager.device_bytes(), cpu_budget_bytes=core.manager.cpu_budget,
+                       cpu_bytes=core.manager.cpu_bytes())
+
+
+@router.get("/{ref}", response_model=AdapterInfo, dependencies=[ReadAuth], summary="One set (name = newest)")
+def get_adapter(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = core.registry.resolve(ref)
+    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+
+
+@router.post("/{ref}/load", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Make a set resident")
+async def load(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = await run_in_threadpool(core.manager.load, ref)
+    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+
+
+@router.post("/{ref}/unload", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Drop a set from memory")
+def unload(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = core.manager.unload(ref)
+    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+
+
+@router.post("/{ref}/pin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Load and never evict")
+async def pin(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = await run_in_threadpool(core.manager.pin, ref)
+    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+
+
+@router.post("/{ref}/unpin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Allow eviction again")
+def unpin(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = core.manager.unpin(ref)
+    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+
+
+@router.post(
+    "/{name}/publish", response_model=AdapterInfo, dependencies=[AdminAuth], status_code=201,
+    summary="Publish a new version (multipart: adapter_config.json + adapter_model.safetensors)",
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["config", "weights"],
+        "properties": {"config": {"type": "string", "format": "binary", "description": CONFIG_FILE},
+                       "weights": {"type": "string", "format": "binary", "description": WEIGHTS_FILE}}}}}}},
+)
+async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedMediaTypeError("publish takes multipart/form-data with the files 'config' and 'weights'")
+    form = await request.form()
+    files = {key: form.get(key) for key in ("config", "weights")}
+    missing = [k for k, v in files.items() if not isinstance(v, UploadFile)]
+    if missing:
+        raise InputError(f"missing file field(s) {missing}: send 'config' ({CONFIG_FILE}) "
+                         f"and 'weights' ({WEIGHTS_FILE})")
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        folder = Path(tmp)
+        for key, filename in (("config", CONFIG_FILE), ("weights", WEIGHTS_FILE)):
+            upload = files[key]
+            assert isinstance(upload, UploadFile)
+            (folder / filename).write_bytes(await upload.read())
+
+        def validate_and_install() -> AdapterSetMeta:
+            meta = read_meta(folder)
+            if meta.name != name:
+                raise ConflictError(f"the uploaded set is named {meta.name!r} in its config, not {name!r}")
+            check_compatible(meta, core.backbone)
+            return core.registry.publish_folder(folder, name)
+
+        meta = await run_in_threadpool(validate_and_install)
+    return _info(core, meta, newest=True)

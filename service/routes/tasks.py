@@ -1,0 +1,148 @@
+"""POST /vqa, /videoqa, /retrieve: thin routes composing the core's batched steps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from uniadapter_serve.errors import InputError, NotFoundError
+from uniadapter_serve.service.auth import CoreDep, ReadAuth
+from uniadapter_serve.service.bodies import body_openapi, parse_body
+from uniadapter_serve.service.schemas import (
+    AnswerItem,
+    ErrorResponse,
+    RetrieveHit,
+    RetrieveRequest,
+    RetrieveResponse,
+    VideoQaRequest,
+    VqaRequest,
+    VqaResponse,
+)
+from uniadapter_serve.service.stages import VisionInput
+from uniadapter_serve.service.video import decode_video
+
+router = APIRouter(tags=["tasks"], dependencies=[ReadAuth])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Malformed JSON or undecodable media", 401: "Missing API key", 403: "Wrong API key",
+        404: "Unknown adapter set or collection", 409: "Adapter set of the wrong task or incompatible",
+        413: "Media over a limit (bytes, pixels, duration)", 415: "Unsupported media or body type",
+        422: "Invalid field", 429: "Queue full (see Retry-After)", 503: "No room for the adapter set now",
+        504: "Deadline passed",
+    }.items()
+}
+
+VQA_MEDIA = {"image": False}
+VIDEOQA_MEDIA = {"video": False}
+RETRIEVE_MEDIA = {"query_image": False, "candidate_images": True}
+
+
+def _vqa_response(answers: list[tuple[str, float]], mode: str, adapter: str | None) -> VqaResponse:
+    best_answer, best_score = answers[0]
+    return VqaResponse(answer=best_answer, score=best_score, mode=mode, adapter=adapter,
+                       alternatives=[AnswerItem(answer=a, score=s) for a, s in answers])
+
+
+@router.post("/vqa", response_model=VqaResponse, responses=ERRORS,
+             openapi_extra=body_openapi(VqaRequest, VQA_MEDIA), summary="Answer a question about an image")
+async def vqa(request: Request, core: CoreDep) -> VqaResponse:
+    body, media = await parse_body(request, VqaRequest, VQA_MEDIA)
+    core.check_text(body.question, "question")
+    meta = core.resolve_adapter(body.adapter, "vqa")
+    deadline = core.deadline()
+    image = media["image"][0]
+    visual = await core.vision(await core.image_input(image.data, image.content_type, "image"), meta, deadline)
+    answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
+                                max_length=body.max_answer_length, deadline=deadline)
+    return _vqa_response(answers, body.mode, meta.ref if meta else None)
+
+
+@router.post("/videoqa", response_model=VqaResponse, responses=ERRORS,
+             openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA), summary="Answer a question about a video")
+async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
+    body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
+    core.check_text(body.question, "question")
+    meta = core.resolve_adapter(body.adapter, "videoqa")
+    deadline = core.deadline()
+    frames = body.num_frames or (meta.config.num_frames if meta is not None else core.settings.num_frames)
+    video = media["video"][0]
+    s = core.settings
+    pixels = await run_in_threadpool(decode_video, video.data, num_frames=frames, size=core.image_size,
+                                     max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
+                                     max_pixels=s.max_video_pixels)
+    visual = await core.vision(VisionInput(pixels, video=True), meta, deadline)
+    answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
+                                max_length=body.max_answer_length, deadline=deadline)
+    return _vqa_response(answers, body.mode, meta.ref if meta else None)
+
+
+@router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,
+             openapi_extra=body_openapi(RetrieveRequest, RETRIEVE_MEDIA),
+             summary="Text -> images, or image -> texts, ranked by the adapter's ITC (+ optional ITM re-rank)")
+async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
+    body, media = await parse_body(request, RetrieveRequest, RETRIEVE_MEDIA, list_fields=("candidate_texts",))
+    s = core.settings
+    if body.top_k > s.max_top_k:
+        raise InputError(f"top_k: {body.top_k} is over the limit of {s.max_top_k}")
+    if body.rerank_k > s.max_top_k:
+        raise InputError(f"rerank_k: {body.rerank_k} is over the limit of {s.max_top_k}")
+    has_text, has_image = body.query_text is not None, "query_image" in media
+    if has_text == has_image:
+        raise InputError("give exactly one of query_text and query_image")
+    meta = core.resolve_adapter(body.adapter, "retrieval")
+    if body.collection is not None:
+        raise NotFoundError(f"no collection named {body.collection!r}")
+    deadline = core.deadline()
+    if has_text:
+        assert body.query_text is not None
+        query = core.check_text(body.query_text, "query_text")
+        images = media.get("candidate_images", [])
+        if not images:
+            raise InputError("a text query needs a collection or candidate_images")
+        if len(images) > s.max_candidates:
+            raise InputError(f"candidate_images: {len(images)} is over the limit of {s.max_candidates}")
+        decoded = await asyncio.gather(*(core.image_input(m.data, m.content_type, f"candidate_images[{i}]")
+                                         for i, m in enumerate(images)))
+        query_emb, visuals = await asyncio.gather(
+            core.text_embedding(query, meta, deadline),
+            asyncio.gather(*(core.vision(v, meta, deadline) for v in decoded)),
+        )
+        itc = torch.stack([v.embedding for v in visuals]) @ query_emb
+        ids = [str(i) for i in range(len(images))]
+        metadata = [{"filename": m.filename} if m.filename else {} for m in images]
+
+        async def itm(i: int) -> float:
+            return await core.match(query, visuals[i].states, meta, deadline)
+    else:
+        texts = body.candidate_texts or []
+        if not texts:
+            raise InputError("an image query needs a collection or candidate_texts")
+        if len(texts) > s.max_candidates:
+            raise InputError(f"candidate_texts: {len(texts)} is over the limit of {s.max_candidates}")
+        for i, t in enumerate(texts):
+            core.check_text(t, f"candidate_texts[{i}]")
+        q = media["query_image"][0]
+        visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), meta, deadline)
+        text_embs = await asyncio.gather(*(core.text_embedding(t, meta, deadline) for t in texts))
+        itc = torch.stack(text_embs) @ visual.embedding
+        ids = [str(i) for i in range(len(texts))]
+        metadata = [{"text": t} for t in texts]
+
+        async def itm(i: int) -> float:
+            return await core.match(texts[i], visual.states, meta, deadline)
+
+    order = itc.argsort(descending=True).tolist()
+    head = order[: max(body.top_k, body.rerank_k)]
+    itm_scores: dict[int, float] = {}
+    if body.rerank_k:
+        top = head[: body.rerank_k]
+        itm_scores = dict(zip(top, await asyncio.gather(*(itm(i) for i in top)), strict=True))
+        head = sorted(top, key=lambda i: -itm_scores[i]) + head[body.rerank_k:]
+    hits = [RetrieveHit(id=ids[i], score=itm_scores.get(i, float(itc[i])), itc_score=float(itc[i]),
+                        itm_score=itm_scores.get(i), metadata=metadata[i]) for i in head[: body.top_k]]
+    return RetrieveResponse(results=hits, adapter=meta.ref if meta else None, collection=body.collection)

@@ -1,0 +1,158 @@
+"""The batcher's stage handlers: each runs a list of jobs as one forward pass over the backbone.
+
+Payloads are built (decoded, tokenised) by the routes outside the model thread; results go
+back per job. Every handler takes a per-sample `Routing`, so one batch serves many adapter sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.vqa import generate_answers, rank_answers
+from uniadapter_serve.service.batcher import Handler, Job
+
+
+@dataclass
+class VisionInput:
+    pixels: torch.Tensor
+    """(T, 3, S, S): one frame for an image, T frames for a video."""
+    video: bool = False
+
+
+@dataclass
+class VisionOutput:
+    states: torch.Tensor
+    """(N, D) image tokens or (T*N, D) concatenated frame tokens (+ temporal embedding)."""
+    embedding: torch.Tensor
+    """(E,) L2-normalised ITC embedding (image; mean of frame [CLS] for a video)."""
+
+
+@dataclass
+class TextInput:
+    ids: torch.Tensor
+    """(L,) [CLS] first"""
+    mask: torch.Tensor
+
+
+@dataclass
+class MatchInput:
+    ids: torch.Tensor
+    """(L,) [ENC] first"""
+    mask: torch.Tensor
+    states: torch.Tensor
+    """(N, D) visual states from the vision stage"""
+
+
+@dataclass
+class AnswerInput:
+    ids: torch.Tensor
+    """(L,) question, [ENC] first"""
+    mask: torch.Tensor
+    states: torch.Tensor
+    mode: Literal["rank", "generate"]
+    top_k: int
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(C, A) answer ids and mask for rank mode ([DEC] first)"""
+    max_length: int = 10
+
+
+@dataclass
+class AnswerOutput:
+    indices: list[int] | None
+    """rank mode: candidate indices, best first"""
+    tokens: list[torch.Tensor] | None
+    """generate mode: the answer's ids ([DEC] first)"""
+    scores: list[float]
+    """log-likelihood of each answer"""
+
+
+def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D or 2-D rows along dim 0 -> (B, Lmax, ...) and a (B, Lmax) mask."""
+    longest = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), value)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    return out, mask
+
+
+def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: int) -> dict[str, Handler]:
+    device, dtype = backbone.device, backbone.dtype
+
+    def vision(jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        inputs: list[VisionInput] = [j.payload for j in jobs]
+        counts = [x.pixels.shape[0] for x in inputs]
+        frames = torch.cat([x.pixels for x in inputs]).to(device, dtype, non_blocking=True)
+        frame_routing = _expand(routing, counts, device)
+        tokens = backbone.encode_image(frames, frame_routing)  # (sum T, N, D)
+        per_job = tokens.split(counts)
+        pooled = torch.stack([t[:, 0].mean(dim=0) for t in per_job])  # (B, D)
+        embeddings = F.normalize(routing.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
+        outputs: list[Any] = []
+        for i, (x, t) in enumerate(zip(inputs, per_job, strict=True)):
+            if x.video:
+                states = backbone.video_states(t[None], routing.select(torch.tensor([i], device=device)))[0]
+            else:
+                states = t[0]
+            outputs.append(VisionOutput(states=states, embedding=embeddings[i]))
+        return outputs
+
+    def text(jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        return list(backbone.text_features(ids, mask, routing).float())
+
+    def itm(jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
+        states, states_mask = pad_stack([j.payload.states for j in jobs])
+        logits = backbone.itm_logits(ids.to(device), mask.to(device), states, routing, states_mask=states_mask)
+        return [float(p) for p in logits.float().softmax(dim=-1)[:, 1]]
+
+    def answer(jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        inputs: list[AnswerInput] = [j.payload for j in jobs]
+        ids, mask = pad_stack([x.ids for x in inputs], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        states, states_mask = pad_stack([x.states for x in inputs])
+        question = backbone.encode_multimodal(ids, mask, states, states_mask, routing)  # (B, Q, D)
+        results: list[Any] = [None] * len(jobs)
+        # rank jobs sharing one candidate list run together; generate jobs run together
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(id(x.candidates) if x.mode == "rank" else -1, []).append(i)
+        for key, rows in groups.items():
+            index = torch.tensor(rows, device=device)
+            sub = routing.select(index)
+            q, qmask = question.index_select(0, index), mask.index_select(0, index)
+            if key == -1:
+                longest = max(inputs[i].max_length for i in rows)
+                out_ids, scores = generate_answers(backbone, q, qmask, bos_id, sep_id, pad_id, longest, sub)
+                for row, i in enumerate(rows):
+                    results[i] = AnswerOutput(None, [out_ids[row].cpu()], [float(scores[row])])
+            else:
+                cand = inputs[rows[0]].candidates
+                assert cand is not None
+                k = max(inputs[i].top_k for i in rows)
+                ranked = rank_answers(backbone, q, qmask, cand[0].to(device), cand[1].to(device), k, sub)
+                for row, i in enumerate(rows):
+                    top = inputs[i].top_k
+                    results[i] = AnswerOutput(ranked.indices[row, :top].tolist(), None,
+                                              ranked.scores[row, :top].tolist())
+        return results
+
+    return {"vision": vision, "text": text, "itm": itm, "answer": answer}
+
+
+def _expand(routing: Routing, counts: list[int], device: torch.device) -> Routing:
+    """Routing over frames: job i's set serves its counts[i] frames."""
+    if all(c == 1 for c in counts):
+        return routing
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    return routing.select(owner)
