@@ -219,21 +219,23 @@ def path_call(backbone: BlipBackbone, path: str, rows: Sequence[AdapterSetModule
     return text
 
 
-def bench_mixed(backbone: BlipBackbone, modules: Sequence[AdapterSetModule], config: str, batch_size: int,
+def bench_mixed(backbone: BlipBackbone, modules: Sequence[AdapterSetModule], config: str, batches: dict[str, int],
                 rounds: int, min_time: float) -> None:
-    section(f"3. mixed batch vs one set: {config}, batch {batch_size}, {len(modules)} sets, routing built per call")
-    single = [modules[0]] * batch_size
-    mixed = mixed_rows(modules, batch_size)
+    """Per path ("image", "text") and its batch size: single set vs rows spread over `modules`."""
+    sizes = ", ".join(f"{path} batch {n}" for path, n in batches.items())
+    section(f"3. mixed batch vs one set: {config}, {sizes}, {len(modules)} sets, routing built per call")
     text_len = min(TEXT_LEN, int(backbone.text_encoder.embeddings.position_ids.shape[-1]))
-    for path in ("image", "text"):
+    for path, batch_size in batches.items():
+        single = [modules[0]] * batch_size
+        mixed = mixed_rows(modules, batch_size)
         calls = [path_call(backbone, path, rows, batch_size, text_len) for rows in (single, mixed)]
         with torch.inference_mode():
             t_single, t_mixed = interleaved(calls, rounds, min_time)
         single_s, mixed_s = statistics.median(t_single), statistics.median(t_mixed)
         ratio = single_s / mixed_s  # throughput ratio mixed/single
         spread = paired_spread(t_single, t_mixed)
-        report(f"{path} ITC, one set", f"{fmt_s(single_s)} ({batch_size / single_s:,.0f}/s)")
-        report(f"{path} ITC, {len(modules)} sets mixed", f"{fmt_s(mixed_s)} ({batch_size / mixed_s:,.0f}/s)")
+        report(f"{path} ITC, one set", f"{fmt_s(single_s)} ({batch_size / single_s:,.1f}/s)")
+        report(f"{path} ITC, {len(modules)} sets mixed", f"{fmt_s(mixed_s)} ({batch_size / mixed_s:,.1f}/s)")
         report(f"{path} ITC throughput mixed/single (spread ±{spread:.3f})", f"{ratio:.3f}x", ">= 0.8x",
                verdict(ratio >= MIX_RATIO_TARGET))
 
@@ -250,7 +252,8 @@ def bench_small(args: argparse.Namespace, root: Path) -> None:
         with manager.lease(ref) as lease:
             modules.append(lease.module)
     bench_swap(manager, refs, modules, args)
-    bench_mixed(backbone, modules, args.small_config, args.batch, args.rounds, args.min_time)
+    bench_mixed(backbone, modules, args.small_config, {"image": args.batch, "text": args.batch}, args.rounds,
+                args.min_time)
 
 
 # -- 2. cold load vs backbone reload ------------------------------------------------------------
@@ -354,9 +357,10 @@ def bench_cold(args: argparse.Namespace, root: Path) -> None:
     report("  of the cold load: validate against the backbone (check_compatible)", fmt_s(check_s))
     report("  of the cold load: the rest (deserialize, build, manager)", fmt_s(max(a_med - read_s - check_s, 0.0)))
 
-    if args.base_batch > 0:
+    batches = {path: n for path, n in (("image", args.base_image_batch), ("text", args.base_text_batch)) if n > 0}
+    if batches:
         modules = [random_adapter(backbone, config, seed=10 + k) for k in range(N_SETS)]
-        bench_mixed(backbone, modules, "blip-base", args.base_batch, args.base_rounds, args.base_min_time)
+        bench_mixed(backbone, modules, "blip-base", batches, args.base_rounds, args.base_min_time)
         del modules
     del manager, backbone
     collect()
@@ -376,13 +380,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold-bottleneck", type=int, default=512, help="bottleneck of the cold-loaded blip-base set")
     p.add_argument("--cold-rounds", type=int, default=5, help="backbone reloads (one per round)")
     p.add_argument("--cold-repeats", type=int, default=3, help="adapter cold loads per round")
-    p.add_argument("--base-batch", type=int, default=0, help="also compare mixed/single on blip-base (0: skip)")
-    p.add_argument("--base-rounds", type=int, default=3, help="rounds of the blip-base mixed-batch comparison")
+    p.add_argument("--base-image-batch", type=int, default=4, help="blip-base mixed/single, image path (0: skip)")
+    p.add_argument("--base-text-batch", type=int, default=16, help="blip-base mixed/single, text path (0: skip)")
+    p.add_argument("--base-rounds", type=int, default=5, help="rounds of the blip-base mixed-batch comparison")
     p.add_argument("--base-min-time", type=float, default=0.0, help="seconds per blip-base sample (0: one call)")
     p.add_argument("--skip-cold", action="store_true", help="skip section 2 (the only one needing ~3.5 GB)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--tmpdir", default=None, help="where to write the temporary backbone and sets")
     return p.parse_args(argv)
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux /proc/stat), or None."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def foreign_share(busy_start: float | None, own_start: float, wall: float) -> str:
+    """Share of the machine's CPUs that other processes used during the run."""
+    busy_end = busy_cpu_seconds()
+    if busy_start is None or busy_end is None or wall <= 0:
+        return "n/a"
+    other = (busy_end - busy_start) - (own_cpu_seconds() - own_start)
+    return f"{max(other, 0.0) / (wall * (os.cpu_count() or 1)):.0%}"
 
 
 def load_average() -> str:
@@ -393,7 +421,7 @@ def print_header() -> None:
     print(f"hot_swap: torch {torch.__version__}, python {platform.python_version()}, "
           f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op threads, "
           f"{os.cpu_count()} CPUs, device cpu, fp32")
-    print(f"  load average {load_average()} at start (other work on the machine skews every number)")
+    print(f"  load average {load_average()} at start")
     print("  medians over interleaved rounds; ratios are ratios of medians")
 
 
@@ -401,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     print_header()
     with tempfile.TemporaryDirectory(prefix="hot-swap-", dir=args.tmpdir) as tmp:
         root = Path(tmp)
@@ -409,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         collect()
         if not args.skip_cold:
             bench_cold(args, root)
-    print(f"\nwall time {time.perf_counter() - start:.1f} s; load average {load_average()} at the end")
+    wall = time.perf_counter() - start
+    print(f"\nwall time {wall:.1f} s; other processes used {foreign_share(busy, own, wall)} of the CPUs meanwhile "
+          "(more than ~10%: the numbers above are skewed)")
 
 
 if __name__ == "__main__":

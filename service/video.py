@@ -18,6 +18,23 @@ from uniadapter_serve.model.preprocess import array_to_tensor
 log = logging.getLogger(__name__)
 
 
+def sniff_video_type(data: bytes) -> str | None:
+    """Container type from magic bytes, or None."""
+    if data[4:8] == b"ftyp":
+        return "video/mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "video/webm"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    if data[:4] == b"OggS":
+        return "video/ogg"
+    if data[:3] == b"FLV":
+        return "video/x-flv"
+    if data[:1] == b"\x47":
+        return "video/mp2t"
+    return None
+
+
 def sample_indices(num_frames_in_clip: int, num_samples: int) -> list[int]:
     """Uniform sampling: the middle frame of each of `num_samples` equal segments (repeats if short)."""
     n = max(1, num_frames_in_clip)
@@ -31,9 +48,12 @@ def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max
         raise EmptyMediaError(f"{field}: the file is empty (0 bytes)")
     if len(data) > max_bytes:
         raise MediaTooLargeError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    sniffed = sniff_video_type(data)
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
+        if sniffed is not None:
+            raise CorruptMediaError(f"{field}: the {sniffed} file does not decode (truncated or damaged: {e})") from e
         raise UnsupportedMediaTypeError(f"{field}: the bytes are not a video container FFmpeg can read ({e})") from e
     with container:
         if not container.streams.video:

@@ -1,0 +1,1 @@
+READ_KEY, ADMIN_KEY = "read-key-123", "admin-key-456"

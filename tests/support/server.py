@@ -1,0 +1,90 @@
+"""Run the real service in a uvicorn subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from uniadapter_serve.adapters.format import BackboneInfo
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.uniadapter import UniAdapterConfig
+
+ANSWERS = ["red", "blue", "green", "circle", "square", "one", "two", "yes", "no"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    data_root: Path
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return int(self.process.returncode)
+
+
+def publish_test_sets(data_root: Path) -> dict[str, str]:
+    """Sets for the 'blip-tiny' backbone (the server builds the same seeded model): name -> ref."""
+    backbone = load_backbone("blip-tiny")
+    registry = AdapterRegistry(data_root / "adapters")
+    info = BackboneInfo.of(backbone)
+    refs = {}
+    for i, name in enumerate(("ret-a", "ret-b")):
+        module = random_adapter(backbone, UniAdapterConfig.for_task("retrieval", bottleneck=8, kv_rank=4), seed=100 + i)
+        refs[name] = registry.publish(module, name, info).ref
+    for i, name in enumerate(("vqa-a", "vqa-b")):
+        module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), seed=200 + i)
+        refs[name] = registry.publish(module, name, info, answer_list=ANSWERS).ref
+    module = random_adapter(backbone, UniAdapterConfig.for_task("videoqa", bottleneck=8, kv_rank=4, num_frames=4),
+                            seed=300)
+    refs["video-a"] = registry.publish(module, "video-a", info, answer_list=ANSWERS).ref
+    return refs
+
+
+def start_server(data_root: Path, log_dir: Path, **settings: object) -> Server:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIADAPTER_")}
+    env.update({"UNIADAPTER_BACKBONE": "blip-tiny", "UNIADAPTER_DATA_ROOT": str(data_root),
+                "UNIADAPTER_PORT": str(port), "UNIADAPTER_HOST": "127.0.0.1", "UNIADAPTER_DEVICE": "cpu",
+                "OMP_NUM_THREADS": "1"})
+    env.update({f"UNIADAPTER_{k.upper()}": str(v) for k, v in settings.items()})
+    log = log_dir / f"server-{port}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "uniadapter_serve.service.cli", "serve"], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, data_root, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server did not become ready:\n{log.read_text()[-3000:]}")

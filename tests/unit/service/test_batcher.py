@@ -1,0 +1,213 @@
+"""The batcher alone: batch closing, mixing sets, 429, 504, dropped cancellations, per-sample failures.
+
+The handler is a deterministic function of the payload (as in LitServe's tests), so these tests pin the
+batching logic; the model-backed handlers are tested through the HTTP service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from uniadapter_serve.adapters.manager import AdapterManager
+from uniadapter_serve.errors import AdapterNotFoundError, DeadlineExceededError, OverloadedError
+from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.metrics import ServiceMetrics
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[object, str | None]]] = []
+        self.routes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, jobs, routing):
+        self.gate.wait(10)
+        self.batches.append([(j.payload, j.adapter) for j in jobs])
+        self.routes.append(len(routing.routes))
+        if any(j.payload == "boom" for j in jobs):
+            raise ValueError("boom")
+        return [j.payload * 2 for j in jobs]
+
+
+@pytest.fixture
+def manager(backbone, tmp_path):
+    from uniadapter_serve.adapters.format import BackboneInfo
+    from uniadapter_serve.adapters.registry import AdapterRegistry
+    from uniadapter_serve.model.testing import random_adapter
+    from uniadapter_serve.model.uniadapter import UniAdapterConfig
+
+    registry = AdapterRegistry(tmp_path / "adapters")
+    for i, name in enumerate("ab"):
+        registry.publish(random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=4), seed=i), name,
+                         BackboneInfo.of(backbone))
+    return AdapterManager(backbone, registry, device_budget_bytes=1 << 30, cpu_budget_bytes=0, wait_timeout_s=0)
+
+
+def make(manager, recorder, **kw):
+    opts = {"max_batch_size": 4, "max_wait_ms": 1000.0, "max_queue": 64} | kw
+    batcher = Batcher(manager, {"s": recorder}, metrics=ServiceMetrics(), **opts)
+    batcher.start()
+    return batcher
+
+
+def refs(manager):
+    return manager.resolve("a").ref, manager.resolve("b").ref
+
+
+def test_batch_closes_at_max_batch_size(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=4, max_wait_ms=5000)
+
+    async def main():
+        deadline = time.monotonic() + 10
+        started = time.monotonic()
+        out = await asyncio.gather(*(batcher.submit("s", i, None, deadline) for i in range(4)))
+        return out, time.monotonic() - started
+
+    out, elapsed = asyncio.run(main())
+    batcher.stop()
+    assert out == [0, 2, 4, 6]
+    assert [len(b) for b in rec.batches] == [4]
+    assert elapsed < 4  # did not wait for max_wait_ms
+
+
+def test_batch_closes_after_max_wait(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=100, max_wait_ms=50)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit("s", i, None, time.monotonic() + 10) for i in range(3)))
+
+    assert asyncio.run(main()) == [0, 2, 4]
+    batcher.stop()
+    assert [len(b) for b in rec.batches] == [3]
+
+
+def test_one_batch_mixes_adapter_sets_and_bare(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=3)
+    a, b = refs(manager)
+
+    async def main():
+        d = time.monotonic() + 10
+        return await asyncio.gather(batcher.submit("s", 1, a, d), batcher.submit("s", 2, b, d),
+                                    batcher.submit("s", 3, None, d))
+
+    assert asyncio.run(main()) == [2, 4, 6]
+    batcher.stop()
+    assert rec.batches == [[(1, a), (2, b), (3, None)]]
+    assert rec.routes == [2]  # two sets routed, the bare sample untouched
+    assert batcher.metrics.mixed_batches.value(stage="s") == 1
+
+
+def test_queue_full_answers_overloaded_with_retry_after(manager):
+    rec = Recorder()
+    rec.gate.clear()  # the model thread blocks inside the first batch
+    batcher = make(manager, rec, max_batch_size=1, max_wait_ms=0, max_queue=2)
+
+    async def main():
+        d = time.monotonic() + 10
+        first = asyncio.ensure_future(batcher.submit("s", 1, None, d))
+        await asyncio.sleep(0.2)  # taken by the model thread
+        queued = [asyncio.ensure_future(batcher.submit("s", i, None, d)) for i in (2, 3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(OverloadedError) as err:
+            await batcher.submit("s", 4, None, d)
+        rec.gate.set()
+        return err.value, await first, await asyncio.gather(*queued)
+
+    error, first, rest = asyncio.run(main())
+    batcher.stop()
+    assert error.retry_after >= 1 and "queue full" in str(error)
+    assert first == 2 and rest == [4, 6]  # accepted work still completes
+    assert batcher.metrics.rejected.value(reason="queue_full") == 1
+
+
+def test_deadline_passes_while_queued(manager):
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = make(manager, rec, max_batch_size=1, max_wait_ms=0)
+
+    async def main():
+        blocker = asyncio.ensure_future(batcher.submit("s", 1, None, time.monotonic() + 10))
+        await asyncio.sleep(0.1)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit("s", 2, None, time.monotonic() + 0.1)
+        rec.gate.set()
+        return await blocker
+
+    assert asyncio.run(main()) == 2
+    batcher.stop()
+    assert all(payload != 2 for batch in rec.batches for payload, _ in batch)  # never computed
+
+
+def test_cancelled_requests_are_dropped_before_compute(manager):
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = make(manager, rec, max_batch_size=1, max_wait_ms=0)
+
+    async def main():
+        d = time.monotonic() + 10
+        blocker = asyncio.ensure_future(batcher.submit("s", 1, None, d))
+        await asyncio.sleep(0.1)
+        gone = asyncio.ensure_future(batcher.submit("s", 99, None, d))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # what Starlette does when the client disconnects
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        return await blocker, await batcher.submit("s", 3, None, d)
+
+    assert asyncio.run(main()) == (2, 6)
+    batcher.stop()
+    assert [p for batch in rec.batches for p, _ in batch] == [1, 3]
+    assert batcher.metrics.rejected.value(reason="cancelled") == 1
+
+
+def test_a_failing_sample_fails_only_its_own_request(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=3)
+
+    async def main():
+        d = time.monotonic() + 10
+        return await asyncio.gather(*(batcher.submit("s", p, None, d) for p in (1, "boom", 3)),
+                                    return_exceptions=True)
+
+    ok1, bad, ok3 = asyncio.run(main())
+    batcher.stop()
+    assert ok1 == 2 and ok3 == 6 and isinstance(bad, ValueError)
+
+
+def test_unknown_adapter_fails_only_its_jobs(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=2)
+    a, _ = refs(manager)
+
+    async def main():
+        d = time.monotonic() + 10
+        return await asyncio.gather(batcher.submit("s", 1, a, d), batcher.submit("s", 2, "zzz@0000", d),
+                                    return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    batcher.stop()
+    assert good == 2 and isinstance(bad, AdapterNotFoundError)
+
+
+def test_stop_drains_queued_work_then_refuses(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=2, max_wait_ms=200)
+
+    async def main():
+        d = time.monotonic() + 10
+        jobs = [asyncio.ensure_future(batcher.submit("s", i, None, d)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+        with pytest.raises(OverloadedError, match="shutting down"):
+            await batcher.submit("s", 9, None, d)
+        return await asyncio.gather(*jobs)
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]
