@@ -17,24 +17,26 @@ value next to it with "ok" or "MISSED":
    holds it and neither number includes the disk.
 3. mixed batch: throughput of a batch of 32 whose rows are spread over 4 sets (row i -> set
    i % 4) against the same batch on one set, on the image ITC path (`encode_image` +
-   `image_features`) and the text ITC path (`text_features`), on `blip-demo` (target: mixed
-   >= 0.8x single). The routing is built inside every call for both variants, as a server
-   would. `--base-batch N` adds the same on `blip-base` with batch N (slow on CPU, off by default).
+   `image_features`) and the text ITC path (`text_features`), on `blip-demo` with batch 32,
+   then on `blip-base` with image batch 4 and text batch 16 (one row per set in the image
+   batch: the worst case; `--base-image-batch 0 --base-text-batch 0` skips it). Target: mixed
+   >= 0.8x single. The routing is built inside every call for both variants, as a server would.
 
 Machines are noisy, so the variants of each measurement are timed side by side in one run:
 every round takes one sample of each variant (the order rotating from round to round), a
 sample being the mean of enough calls to last `--min-time` seconds (cold loads: one load per
 sample); lines report the median sample and ratios are ratios of medians. `spread` is half
 the inter-quartile range of the per-round paired ratios. Weights are random: timings do not
-depend on their values.
+depend on their values. The last line says how much of the CPUs other processes used during
+the run (from /proc/stat): above ~10%, rerun on a quiet machine.
 
 Run from the repository root:
 
     .venv/bin/python bench/hot_swap.py
-    .venv/bin/python bench/hot_swap.py --rounds 9 --cold-rounds 7 --threads 4 --base-batch 4
+    .venv/bin/python bench/hot_swap.py --rounds 15 --cold-rounds 7 --threads 4 --base-image-batch 8
 
-The defaults take about 1-2 minutes on two cores and peak near 3.5 GB of memory (two BLIP-base
-backbones alive while the reload is timed).
+The defaults take about 75 s on two cores and peak near 3.3 GB of memory (two BLIP-base
+backbones alive while the reload is timed; `--skip-cold`: about 2.2 GB).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def verdict(ok: bool) -> str:
 
 
 def report(label: str, value: str, target: str = "", result: str = "") -> None:
-    print(f"  {label:<62} {value:>26}   {target:<16} {result}".rstrip())
+    print(f"  {label:<68} {value:>22}   {target:<9} {result}".rstrip())
 
 
 def section(title: str) -> None:
@@ -310,10 +312,9 @@ def cold_breakdown(folder: Path, backbone: BlipBackbone, n: int) -> tuple[float,
     return statistics.median(read_s), statistics.median(check_s)
 
 
-def bench_cold(args: argparse.Namespace, root: Path) -> None:
+def bench_cold(args: argparse.Namespace, root: Path, backbone: BlipBackbone) -> None:
     section("2. cold load of an adapter set vs reloading the backbone (blip-base dims, CPU, fp32)")
     t0 = time.perf_counter()
-    backbone = build_backbone("blip-base")
     folder = root / "backbone-base"
     backbone_bytes = save_backbone(backbone, folder)
     registry = AdapterRegistry(root / "adapters-base")
@@ -323,7 +324,7 @@ def bench_cold(args: argparse.Namespace, root: Path) -> None:
     set_files = [meta.path / WEIGHTS_FILE, meta.path / CONFIG_FILE]
     set_bytes = set_files[0].stat().st_size
     manager = AdapterManager(backbone, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0)
-    print(f"  (setup: blip-base backbone built and saved, set published, in {time.perf_counter() - t0:.1f} s)")
+    print(f"  (setup: backbone saved, set published, in {time.perf_counter() - t0:.1f} s)")
     warm_page_cache([*set_files, folder / "model.safetensors", folder / "config.json"])
     print("  warm OS page cache: every file was read once before timing; neither number includes the disk")
 
@@ -351,18 +352,31 @@ def bench_cold(args: argparse.Namespace, root: Path) -> None:
     report(f"backbone: load_backbone(folder), {n_backbone / 1e6:.1f} M params, {backbone_bytes / 1e6:.0f} MB "
            f"(n={len(backbone_s)})", fmt_s(b_med))
     report("backbone reload / adapter cold load", f"{ratio:.1f}x", ">= 50x", verdict(ratio >= COLD_RATIO_TARGET))
-    report("  (adapter MB/s | backbone MB/s)",
+    report("  MB/s: adapter | backbone",
            f"{set_bytes / 1e6 / a_med:,.0f} | {backbone_bytes / 1e6 / b_med:,.0f}")
-    report("  of the cold load: read + sha256 + parse (read_adapter_meta)", fmt_s(read_s))
-    report("  of the cold load: validate against the backbone (check_compatible)", fmt_s(check_s))
-    report("  of the cold load: the rest (deserialize, build, manager)", fmt_s(max(a_med - read_s - check_s, 0.0)))
+    report("  of which: read + sha256 + parse (read_adapter_meta)", fmt_s(read_s))
+    report("  of which: validate against the backbone (check_compatible)", fmt_s(check_s))
+    report("  of which: the rest (deserialize, build, manager)", fmt_s(max(a_med - read_s - check_s, 0.0)))
+    del manager
+    collect()
 
+
+def bench_base(args: argparse.Namespace, root: Path) -> None:
+    """Section 2 and the blip-base part of section 3, on one BLIP-base backbone built here."""
     batches = {path: n for path, n in (("image", args.base_image_batch), ("text", args.base_text_batch)) if n > 0}
+    if args.skip_cold and not batches:
+        return
+    start = time.perf_counter()
+    backbone = build_backbone("blip-base")
+    print(f"\n(blip-base backbone built in {time.perf_counter() - start:.1f} s)")
+    if not args.skip_cold:
+        bench_cold(args, root, backbone)
     if batches:
+        config = UniAdapterConfig.for_task("retrieval", bottleneck=args.cold_bottleneck)
         modules = [random_adapter(backbone, config, seed=10 + k) for k in range(N_SETS)]
         bench_mixed(backbone, modules, "blip-base", batches, args.base_rounds, args.base_min_time)
         del modules
-    del manager, backbone
+    del backbone
     collect()
 
 
@@ -377,14 +391,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9, help="timed rounds of the swap and mixed-batch sections")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of forward calls averaged into one sample")
     p.add_argument("--swap-min-time", type=float, default=0.05, help="seconds of swap calls per sample")
-    p.add_argument("--cold-bottleneck", type=int, default=512, help="bottleneck of the cold-loaded blip-base set")
+    p.add_argument("--cold-bottleneck", type=int, default=512, help="bottleneck of the blip-base sets")
     p.add_argument("--cold-rounds", type=int, default=5, help="backbone reloads (one per round)")
     p.add_argument("--cold-repeats", type=int, default=3, help="adapter cold loads per round")
     p.add_argument("--base-image-batch", type=int, default=4, help="blip-base mixed/single, image path (0: skip)")
     p.add_argument("--base-text-batch", type=int, default=16, help="blip-base mixed/single, text path (0: skip)")
     p.add_argument("--base-rounds", type=int, default=5, help="rounds of the blip-base mixed-batch comparison")
     p.add_argument("--base-min-time", type=float, default=0.0, help="seconds per blip-base sample (0: one call)")
-    p.add_argument("--skip-cold", action="store_true", help="skip section 2 (the only one needing ~3.5 GB)")
+    p.add_argument("--skip-cold", action="store_true", help="skip section 2 (the only one needing ~3.3 GB)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--tmpdir", default=None, help="where to write the temporary backbone and sets")
     return p.parse_args(argv)
@@ -435,8 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         root = Path(tmp)
         bench_small(args, root)
         collect()
-        if not args.skip_cold:
-            bench_cold(args, root)
+        bench_base(args, root)
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.1f} s; other processes used {foreign_share(busy, own, wall)} of the CPUs meanwhile "
           "(more than ~10%: the numbers above are skewed)")

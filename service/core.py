@@ -20,8 +20,10 @@ from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
 from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.media import decode_image
 from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus, RedisLink
 from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
 from uniadapter_serve.service.settings import MB, Settings
 from uniadapter_serve.service.stages import (
@@ -72,16 +74,33 @@ class ServiceCore:
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=self.metrics)
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
+        self.redis = RedisLink(settings.redis_url)
+        self.cache = EmbeddingCache(self.redis)
+        self.events = EventBus(self.redis, self._on_event)
+        self.collections = CollectionManager(settings.data_root / "collections", settings.media_dir, self)
         self.ready = False
 
     def start(self) -> None:
         self.batcher.start()
+        self.events.start()
         self.ready = True
         log.info("serving %s on %s (%s)", self.settings.backbone, self.backbone.device, self.backbone.dtype)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         self.ready = False
         self.batcher.stop(drain_timeout)
+        self.collections.close()
+        self.events.stop()
+
+    def _on_event(self, event: dict[str, object]) -> None:
+        """Another replica changed shared state on the data volume."""
+        if event.get("type") == "adapter":
+            self.registry.refresh()
+        elif event.get("type") == "collection":
+            self.collections.refresh()
+            name = event.get("name")
+            if isinstance(name, str) and name in self.collections.names():
+                self.collections.get(name).sync()
 
     # -- adapters --------------------------------------------------------------------------------
 

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     adapters_root: Path | None = Field(
         None, description="Adapter sets: one sub-folder per name, versions inside; default DATA_ROOT/adapters."
     )
+    media_root: Path | None = Field(
+        None, description="Files that collection items may name by path (nothing outside it); default DATA_ROOT/media."
+    )
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db: shared embedding cache and events between replicas."
+    )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field("auto", description="'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'float16', 'bfloat16'.")
     answer_list: Path | None = Field(
@@ -67,9 +73,16 @@ class Settings(BaseSettings):
     def _default_paths(self) -> Settings:
         if self.adapters_root is None:
             self.adapters_root = self.data_root / "adapters"
+        if self.media_root is None:
+            self.media_root = self.data_root / "media"
         return self
 
     @property
     def adapters_dir(self) -> Path:
         assert self.adapters_root is not None
         return self.adapters_root
+
+    @property
+    def media_dir(self) -> Path:
+        assert self.media_root is not None
+        return self.media_root

@@ -1,0 +1,186 @@
+"""One collection's FAISS index: inner product over L2-normalised embeddings, ids = item ids.
+
+`flat` (default) is `IDMap2,Flat` (exact). Any other FAISS factory string (`IVF1024,Flat`,
+`HNSW32,Flat`, `IVF4096,PQ32`) is wrapped in IDMap2; an index that needs training serves exactly
+from a flat index until enough vectors arrived, then trains on all of them and takes over.
+Indexes that cannot remove ids (HNSW) keep tombstones that searches filter out.
+FAISS is not thread-safe for add + search: one lock guards every call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from uniadapter_serve.errors import ConfigError, CorruptMediaError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MAGIC = b"UAIDX001"
+MIN_TRAIN_PER_LIST = 39
+
+
+def validate_factory(factory: str, dim: int) -> str:
+    """Check a factory string by building it; returns the normalised string."""
+    if factory.lower() == "flat":
+        return "flat"
+    if "idmap" in factory.lower():
+        raise ConfigError(f"index factory {factory!r}: leave out IDMap, ids are handled by the collection")
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"invalid FAISS index factory {factory!r}: {str(e).splitlines()[-1]}") from e
+    return factory
+
+
+def _train_size(factory: str) -> int:
+    m = re.search(r"IVF(\d+)", factory)
+    lists = int(m.group(1)) if m else 256
+    return MIN_TRAIN_PER_LIST * lists
+
+
+class VectorIndex:
+    def __init__(self, dim: int, factory: str = "flat") -> None:
+        self.dim = dim
+        self.factory = validate_factory(factory, dim)
+        self._lock = threading.RLock()
+        self._index = self._new(self.factory)
+        self._fallback = not self._index.is_trained
+        if self._fallback:
+            self._index = self._new("flat")  # exact until there is enough data to train
+        self._tombstones: set[int] = set()
+        self.seq = 0
+        """Highest op seq of the store that this index reflects."""
+        self.generation = 0
+
+    def _new(self, factory: str) -> Any:
+        if factory == "flat":
+            return faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        try:
+            faiss.extract_index_ivf(index)
+            return index  # IVF stores ids itself (IDMap over IVF would break remove_ids)
+        except RuntimeError:
+            return faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+
+    @property
+    def exact_fallback(self) -> bool:
+        """True while a factory that needs training is served by a flat index."""
+        return self.factory != "flat" and self._fallback
+
+    @property
+    def ntotal(self) -> int:
+        with self._lock:
+            return int(self._index.ntotal) - len(self._tombstones)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        with self._lock:
+            self._tombstones.difference_update(int(i) for i in ids)
+            self._index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+            self._maybe_train()
+
+    def remove(self, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        with self._lock:
+            try:
+                self._index.remove_ids(np.asarray(ids, np.int64))
+            except RuntimeError:  # e.g. HNSW: cannot remove, filter at search time instead
+                self._tombstones.update(int(i) for i in ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> scores, ids (Q, k); missing results have id -1."""
+        with self._lock:
+            fetch = min(int(self._index.ntotal), k + len(self._tombstones))
+            if fetch == 0:
+                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            scores, ids = self._index.search(np.ascontiguousarray(queries, np.float32), fetch)
+            tombstones = set(self._tombstones)
+        if tombstones:
+            keep = [[j for j in range(fetch) if ids[q, j] not in tombstones][:k] for q in range(len(queries))]
+            width = max((len(r) for r in keep), default=0)
+            out_s = np.full((len(queries), width), -np.inf, np.float32)
+            out_i = np.full((len(queries), width), -1, np.int64)
+            for q, cols in enumerate(keep):
+                out_s[q, : len(cols)] = scores[q, cols]
+                out_i[q, : len(cols)] = ids[q, cols]
+            return out_s, out_i
+        return scores[:, :k], ids[:, :k]
+
+    def set_search_params(self, **params: Any) -> None:
+        """e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)."""
+        with self._lock:
+            ps = faiss.ParameterSpace()
+            for name, value in params.items():
+                ps.set_index_parameter(self._index, name, value)
+
+    def rebuild(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the contents (used after a generation switch)."""
+        with self._lock:
+            index = self._new(self.factory)
+            fallback = False
+            if not index.is_trained:
+                if len(ids) >= _train_size(self.factory):
+                    index.train(np.ascontiguousarray(vectors, np.float32))
+                else:
+                    index, fallback = self._new("flat"), True
+            if len(ids):
+                index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+            self._index, self._tombstones, self._fallback = index, set(), fallback
+
+    def _maybe_train(self) -> None:
+        if not self.exact_fallback or self._index.ntotal < _train_size(self.factory):
+            return
+        flat = faiss.downcast_index(self._index.index)
+        vectors = flat.reconstruct_n(0, flat.ntotal)
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        live = np.array([i not in self._tombstones for i in ids], dtype=bool)
+        log.info("training %s on %d vectors", self.factory, int(live.sum()))
+        self.rebuild(ids[live], vectors[live])
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Atomic snapshot: header (seq, generation, tombstones) + serialized index."""
+        with self._lock:
+            blob = faiss.serialize_index(self._index).tobytes()
+            header = json.dumps({"seq": self.seq, "generation": self.generation, "factory": self.factory,
+                                 "dim": self.dim, "tombstones": sorted(self._tombstones),
+                                 "fallback": self._fallback}).encode()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, dim: int, factory: str) -> VectorIndex:
+        data = path.read_bytes()
+        if not data.startswith(SNAPSHOT_MAGIC):
+            raise CorruptMediaError(f"{path} is not an index snapshot")
+        n = int.from_bytes(data[8:16], "little")
+        header = json.loads(data[16:16 + n])
+        if header["dim"] != dim or header["factory"] != validate_factory(factory, dim):
+            raise CorruptMediaError(f"{path} was built for another dim/factory")
+        index = cls(dim, factory)
+        index._index = faiss.deserialize_index(np.frombuffer(data[16 + n:], dtype=np.uint8))
+        index._tombstones = set(header["tombstones"])
+        index._fallback = bool(header["fallback"])
+        index.seq, index.generation = int(header["seq"]), int(header["generation"])
+        return index

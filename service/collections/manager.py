@@ -1,0 +1,330 @@
+"""Collections: create, add, delete, search, re-index under a newer adapter version.
+
+Each collection is bound to one exact adapter version (`name@version`, or `none` for the bare
+backbone): items and queries are embedded by that version only. Media of uploaded items are kept
+on the data volume so the collection can be re-embedded later; path items must lie under the media
+root. Embeddings go through the batcher (so ingest batches with live traffic) and the embedding
+cache (adapter version, media sha256).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from uniadapter_serve.adapters.format import AdapterSetMeta
+from uniadapter_serve.errors import ConflictError, InputError, NotFoundError
+from uniadapter_serve.service.collections.collection import Collection, Hit
+from uniadapter_serve.service.collections.index import validate_factory
+from uniadapter_serve.service.collections.store import Item, NewItem, _GenerationChanged
+from uniadapter_serve.service.media import sniff_image_type
+from uniadapter_serve.service.stages import VisionInput, VisionOutput
+from uniadapter_serve.service.video import decode_video, sniff_video_type
+
+if TYPE_CHECKING:
+    from uniadapter_serve.service.core import ServiceCore
+
+log = logging.getLogger(__name__)
+
+KINDS = ("image", "video", "text")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/bmp": ".bmp",
+              "image/webp": ".webp", "video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi"}
+
+
+@dataclass
+class IncomingItem:
+    """One item to add: media bytes, a path under the media root, or a text (text collections)."""
+
+    id: str | None = None
+    data: bytes | None = None
+    content_type: str | None = None
+    path: str | None = None
+    text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    external_id: str
+    source: str
+    sha256: str
+    metadata: dict[str, Any]
+    content: bytes | str
+    """media bytes or text"""
+
+
+class CollectionManager:
+    def __init__(self, root: Path, media_root: Path, core: ServiceCore) -> None:
+        self.root = root
+        self.media_root = media_root
+        self.core = core
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.RLock()
+        self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        self.refresh()
+
+    # -- the set of collections ----------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Open collections that appeared on disk (another replica), forget deleted ones."""
+        with self._lock:
+            on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and (p / "items.sqlite").is_file()
+                       and not p.name.startswith(".")}
+            for name in sorted(on_disk - set(self._collections)):
+                try:
+                    self._collections[name] = Collection(self.root / name)
+                except Exception as e:
+                    log.error("cannot open collection %s: %s", name, e)
+            for name in sorted(set(self._collections) - on_disk):
+                self._collections.pop(name).store.close()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._collections)
+
+    def get(self, name: str) -> Collection:
+        with self._lock:
+            found = self._collections.get(name)
+        if found is None:
+            self.refresh()
+            with self._lock:
+                found = self._collections.get(name)
+        if found is None:
+            raise NotFoundError(f"no collection named {name!r}; collections: {self.names()}")
+        return found
+
+    def create(self, name: str, kind: str, adapter: str | None, factory: str = "flat") -> Collection:
+        if not NAME_RE.match(name):
+            raise InputError(f"invalid collection name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
+        meta = self.core.resolve_adapter(adapter, "retrieval") if adapter not in (None, "none", "bare") else None
+        dim = self.core.backbone.dims.embed_dim
+        factory = validate_factory(factory, dim)
+        with self._lock:
+            if name in self._collections or (self.root / name).exists():
+                raise ConflictError(f"collection {name!r} already exists")
+            collection = Collection.create(self.root / name, name=name, kind=kind,
+                                           adapter_ref=meta.ref if meta else "none", factory=factory, dim=dim)
+            self._collections[name] = collection
+        self.core.events.publish({"type": "collection", "name": name})
+        return collection
+
+    def drop(self, name: str) -> None:
+        collection = self.get(name)
+        with self._lock:
+            self._collections.pop(name, None)
+            collection.store.close()
+            trash = self.root / f".deleted-{name}-{os.getpid()}"
+            os.replace(collection.folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.core.events.publish({"type": "collection", "name": name})
+
+    def close(self) -> None:
+        for task in self._reindex_tasks.values():
+            task.cancel()
+        with self._lock:
+            for collection in self._collections.values():
+                try:
+                    collection.close()
+                except Exception:
+                    log.exception("closing collection %s", collection.folder.name)
+
+    # -- items -----------------------------------------------------------------------------------
+
+    def adapter_of(self, collection: Collection) -> AdapterSetMeta | None:
+        ref = collection.meta.adapter_ref
+        return None if ref == "none" else self.core.registry.resolve(ref)
+
+    async def add(self, name: str, items: list[IncomingItem]) -> list[str]:
+        """Embed and add items; all or nothing. Returns their external ids."""
+        collection = self.get(name)
+        prepared = await run_in_threadpool(self._prepare_all, collection, items)
+        for _ in range(3):
+            meta = collection.meta
+            adapter = self.adapter_of(collection)
+            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter) for p in prepared))
+            await run_in_threadpool(self._store_media, collection, prepared)
+            news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v)
+                    for p, v in zip(prepared, vectors, strict=True)]
+            try:
+                await run_in_threadpool(collection.store.add, news, meta.generation)
+                break
+            except _GenerationChanged:
+                continue  # re-indexed under another version meanwhile: embed again
+        else:
+            raise ConflictError(f"collection {name!r} kept switching adapter versions; retry")
+        collection.sync()
+        self.core.events.publish({"type": "collection", "name": name})
+        return [p.external_id for p in prepared]
+
+    def _prepare_all(self, collection: Collection, items: list[IncomingItem]) -> list[_Prepared]:
+        kind = collection.meta.kind
+        out = [self._prepare(kind, i, it) for i, it in enumerate(items)]
+        taken = collection.store.existing([p.external_id for p in out])
+        if taken:
+            raise ConflictError(f"ids already in collection {collection.meta.name!r}: {sorted(taken)[:5]}")
+        return out
+
+    def _prepare(self, kind: str, i: int, item: IncomingItem) -> _Prepared:
+        field_name = f"items[{i}]"
+        if kind == "text":
+            if item.text is None or item.data is not None or item.path is not None:
+                raise InputError(f"{field_name}: a text collection takes 'text' items")
+            text = self.core.check_text(item.text, f"{field_name}.text")
+            sha = hashlib.sha256(text.encode()).hexdigest()
+            return _Prepared(item.id or sha[:16], f"text:{text}", sha, item.metadata, text)
+        if item.text is not None or (item.data is None) == (item.path is None):
+            raise InputError(f"{field_name}: give exactly one of an uploaded file and a path")
+        if item.path is not None:
+            path = self.resolve_media_path(item.path, field_name)
+            data = path.read_bytes()
+            source = f"path:{path.relative_to(self.media_root.resolve())}"
+        else:
+            assert item.data is not None
+            data, source = item.data, "upload"
+        sha = hashlib.sha256(data).hexdigest()
+        return _Prepared(item.id or sha[:16], source, sha, item.metadata, data)
+
+    def resolve_media_path(self, path: str, field_name: str) -> Path:
+        root = self.media_root.resolve()
+        candidate = (root / path).resolve()
+        if not candidate.is_relative_to(root):
+            raise InputError(f"{field_name}: path {path!r} is outside the media root")
+        if not candidate.is_file():
+            raise NotFoundError(f"{field_name}: no file {path!r} under the media root")
+        return candidate
+
+    def _store_media(self, collection: Collection, prepared: list[_Prepared]) -> None:
+        """Keep uploaded media (content-addressed) so the collection can be re-embedded later."""
+        for p in prepared:
+            if not p.source.startswith("upload"):
+                continue
+            assert isinstance(p.content, bytes)
+            mime = sniff_image_type(p.content) or sniff_video_type(p.content) or ""
+            target = collection.media_dir / f"{p.sha256}{EXTENSIONS.get(mime, '.bin')}"
+            if target.exists():
+                p.source = f"upload:{target.name}"
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(p.content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            p.source = f"upload:{target.name}"
+
+    def delete_item(self, name: str, external_id: str) -> None:
+        collection = self.get(name)
+        collection.store.delete(external_id)
+        collection.sync()
+        self.core.events.publish({"type": "collection", "name": name})
+
+    # -- embedding -------------------------------------------------------------------------------
+
+    async def _embed(self, kind: str, content: bytes | str, sha256: str, adapter: AdapterSetMeta | None,
+                     ) -> np.ndarray:
+        key = self.core.cache.key(adapter.ref if adapter else "none", sha256, kind)
+        cached = self.core.cache.get(key)
+        if cached is not None:
+            self.core.metrics.cache.inc(result="hit")
+            return np.frombuffer(cached, dtype=np.float32).copy()
+        self.core.metrics.cache.inc(result="miss")
+        deadline = self.core.deadline()
+        if kind == "text":
+            assert isinstance(content, str)
+            vector = (await self.core.text_embedding(content, adapter, deadline)).cpu().numpy()
+        else:
+            assert isinstance(content, bytes)
+            vector = (await self.visual(kind, content, adapter, deadline)).embedding.cpu().numpy()
+        vector = np.ascontiguousarray(vector, np.float32)
+        self.core.cache.set(key, vector.tobytes())
+        return vector
+
+    async def visual(self, kind: str, data: bytes, adapter: AdapterSetMeta | None, deadline: float) -> VisionOutput:
+        if kind == "image":
+            item = await self.core.image_input(data, None, "image")
+        else:
+            s = self.core.settings
+            frames = adapter.config.num_frames if adapter is not None else s.num_frames
+            pixels = await run_in_threadpool(decode_video, data, num_frames=frames, size=self.core.image_size,
+                                             max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
+                                             max_pixels=s.max_video_pixels)
+            item = VisionInput(pixels, video=True)
+        return await self.core.vision(item, adapter, deadline)
+
+    def load_content(self, collection: Collection, item: Item) -> bytes | str:
+        """The item's media bytes (or text), for re-ranking and re-indexing."""
+        kind, _, rest = item.source.partition(":")
+        if kind == "text":
+            return rest
+        if kind == "upload":
+            return (collection.media_dir / rest).read_bytes()
+        if kind == "path":
+            return self.resolve_media_path(rest, item.external_id).read_bytes()
+        raise NotFoundError(f"item {item.external_id!r} has no stored media ({item.source!r})")
+
+    def _contents(self, collection: Collection, items: list[Item]) -> list[bytes | str]:
+        return [self.load_content(collection, it) for it in items]
+
+    # -- search ----------------------------------------------------------------------------------
+
+    async def search(self, collection: Collection, query: np.ndarray, k: int) -> list[Hit]:
+        return await run_in_threadpool(collection.search, query, k)
+
+    # -- re-indexing -----------------------------------------------------------------------------
+
+    def start_reindex(self, name: str, adapter: str) -> str:
+        collection = self.get(name)
+        meta = self.core.resolve_adapter(adapter, "retrieval") if adapter not in ("none", "bare") else None
+        ref = meta.ref if meta else "none"
+        current = collection.meta
+        if ref == current.adapter_ref:
+            raise ConflictError(f"collection {name!r} is already indexed with {ref}")
+        running = self._reindex_tasks.get(name)
+        if running is not None and not running.done():
+            raise ConflictError(f"collection {name!r} is already re-indexing to {current.reindex_target}")
+        collection.store.set_reindex_target(ref)
+        self._reindex_tasks[name] = asyncio.get_running_loop().create_task(self._reindex(collection, meta, ref))
+        return ref
+
+    async def _reindex(self, collection: Collection, adapter: AdapterSetMeta | None, ref: str) -> None:
+        """Embed every item with the new version under the next generation, then switch atomically.
+        Queries keep using the current generation until the switch."""
+        name = collection.meta.name
+        generation = collection.meta.generation + 1
+        try:
+            while True:
+                batch = await run_in_threadpool(collection.store.missing, generation, 64)
+                if not batch:
+                    if await run_in_threadpool(collection.store.switch, generation, ref):
+                        break
+                    continue
+                contents = await run_in_threadpool(self._contents, collection, batch)
+                vectors = await asyncio.gather(*(self._embed(collection.meta.kind, c, it.sha256 or "", adapter)
+                                                 for c, it in zip(contents, batch, strict=True)))
+                await run_in_threadpool(collection.store.put_vectors,
+                                        {it.item_id: v for it, v in zip(batch, vectors, strict=True)}, generation)
+            collection.sync()
+            self.core.events.publish({"type": "collection", "name": name})
+            log.info("collection %s re-indexed with %s", name, ref)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("re-indexing %s to %s failed", name, ref)
+            collection.store.set_reindex_target(None)
