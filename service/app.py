@@ -17,7 +17,7 @@ from uniadapter_serve.service.bodies import BODY_MODELS
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from uniadapter_serve.service.routes import adapters, ops, tasks
+from uniadapter_serve.service.routes import adapters, collections, ops, tasks
 from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
     docs.install(app)
     app.include_router(tasks.router)
     app.include_router(adapters.router)
+    app.include_router(collections.router)
     app.include_router(ops.router)
     errors.install(app)
 

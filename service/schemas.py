@@ -108,3 +108,57 @@ class AdapterList(BaseModel):
     device_bytes: int
     cpu_budget_bytes: int
     cpu_bytes: int
+
+
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(examples=["shapes"])
+    kind: Literal["image", "video", "text"] = "image"
+    adapter: str | None = Field(
+        None, description="Retrieval set that embeds items and queries ('name' pins the newest version now); "
+        "default: the default retrieval set; 'none' for the bare backbone."
+    )
+    index: str = Field("flat", description="'flat' (exact) or a FAISS factory string, e.g. 'IVF1024,Flat', 'HNSW32'.")
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, min_length=1, max_length=256, description="External id (default: content hash).")
+    image: str | None = Field(None, description="Base64 image (image collections).")
+    video: str | None = Field(None, description="Base64 video (video collections).")
+    path: str | None = Field(None, description="File under the media root, instead of uploading it.")
+    text: str | None = Field(None, description="The text (text collections).")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ItemsAdd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1)
+
+
+class ItemsAdded(BaseModel):
+    collection: str
+    ids: list[str]
+    items: int
+
+
+class ReindexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(description="Retrieval set to re-embed with ('name' = its newest version).")
+
+
+class CollectionStats(BaseModel):
+    name: str
+    kind: str
+    adapter: str
+    index: str
+    dim: int
+    items: int
+    indexed: int
+    generation: int
+    reindex_target: str | None
+    exact_fallback: bool

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(512, ge=1, description="Longest question or query text.")
     max_top_k: int = Field(100, ge=1, description="Largest top_k.")
     max_candidates: int = Field(64, ge=1, description="Most inline candidates in one /retrieve request.")
+    max_items_per_request: int = Field(256, ge=1, description="Most items in one add-items request.")
 
     # -- auth ------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")

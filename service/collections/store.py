@@ -84,8 +84,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        with self.transaction() as db:
-            db.executescript(SCHEMA)
+        self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

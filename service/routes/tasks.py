@@ -8,9 +8,10 @@ import torch
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from uniadapter_serve.errors import InputError, NotFoundError
+from uniadapter_serve.errors import ConflictError, InputError
 from uniadapter_serve.service.auth import CoreDep, ReadAuth
-from uniadapter_serve.service.bodies import body_openapi, parse_body
+from uniadapter_serve.service.bodies import Media, body_openapi, parse_body
+from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.schemas import (
     AnswerItem,
     ErrorResponse,
@@ -94,9 +95,9 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     has_text, has_image = body.query_text is not None, "query_image" in media
     if has_text == has_image:
         raise InputError("give exactly one of query_text and query_image")
-    meta = core.resolve_adapter(body.adapter, "retrieval")
     if body.collection is not None:
-        raise NotFoundError(f"no collection named {body.collection!r}")
+        return await _search_collection(core, body, media)
+    meta = core.resolve_adapter(body.adapter, "retrieval")
     deadline = core.deadline()
     if has_text:
         assert body.query_text is not None
@@ -146,3 +147,60 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     hits = [RetrieveHit(id=ids[i], score=itm_scores.get(i, float(itc[i])), itc_score=float(itc[i]),
                         itm_score=itm_scores.get(i), metadata=metadata[i]) for i in head[: body.top_k]]
     return RetrieveResponse(results=hits, adapter=meta.ref if meta else None, collection=body.collection)
+
+
+async def _search_collection(core: ServiceCore, body: RetrieveRequest,
+                             media: dict[str, list[Media]]) -> RetrieveResponse:
+    """Search a collection with the adapter version that built it; optional ITM re-rank."""
+    assert body.collection is not None
+    collection = core.collections.get(body.collection)
+    cmeta = collection.meta
+    adapter = core.collections.adapter_of(collection)
+    if body.adapter is not None:
+        asked = core.resolve_adapter(body.adapter, "retrieval")
+        asked_ref = asked.ref if asked else "none"
+        if asked_ref != cmeta.adapter_ref:
+            raise ConflictError(f"collection {cmeta.name!r} is indexed with {cmeta.adapter_ref}; the query names "
+                                f"{asked_ref}: omit 'adapter' or re-index the collection")
+    if body.candidate_texts or "candidate_images" in media:
+        raise InputError("give either a collection or inline candidates, not both")
+    deadline = core.deadline()
+    k = max(body.top_k, body.rerank_k)
+    if cmeta.kind in ("image", "video"):
+        if body.query_text is None:
+            raise InputError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
+        query = core.check_text(body.query_text, "query_text")
+        vector = await core.text_embedding(query, adapter, deadline)
+        hits = await core.collections.search(collection, vector.cpu().numpy(), k)
+
+        async def itm(i: int) -> float:
+            content = await run_in_threadpool(core.collections.load_content, collection, hits[i].item)
+            assert isinstance(content, bytes)
+            visual = await core.collections.visual(cmeta.kind, content, adapter, deadline)
+            return await core.match(query, visual.states, adapter, deadline)
+    else:
+        if "query_image" not in media:
+            raise InputError(f"collection {cmeta.name!r} holds texts: query it with query_image")
+        q = media["query_image"][0]
+        visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), adapter, deadline)
+        hits = await core.collections.search(collection, visual.embedding.cpu().numpy(), k)
+
+        async def itm(i: int) -> float:
+            return await core.match(hits[i].item.source.partition(":")[2], visual.states, adapter, deadline)
+
+    order = list(range(len(hits)))
+    itm_scores: dict[int, float] = {}
+    if body.rerank_k and hits:
+        top = order[: body.rerank_k]
+        itm_scores = dict(zip(top, await asyncio.gather(*(itm(i) for i in top)), strict=True))
+        order = sorted(top, key=lambda i: -itm_scores[i]) + order[body.rerank_k:]
+    results = []
+    for i in order[: body.top_k]:
+        item = hits[i].item
+        metadata = dict(item.metadata)
+        if cmeta.kind == "text":
+            metadata.setdefault("text", item.source.partition(":")[2])
+        results.append(RetrieveHit(id=item.external_id, score=itm_scores.get(i, hits[i].score),
+                                   itc_score=hits[i].score, itm_score=itm_scores.get(i), metadata=metadata))
+    return RetrieveResponse(results=results, adapter=None if cmeta.adapter_ref == "none" else cmeta.adapter_ref,
+                            collection=cmeta.name)
