@@ -19,7 +19,9 @@ Run from the repository root:
     .venv/bin/python bench/adapter_overhead.py
     .venv/bin/python bench/adapter_overhead.py --configs blip-base --bottlenecks 64,128,512 --rounds 9 --threads 4
 
-The defaults (blip-demo and blip-base, bottlenecks 64 and 512) take about 2-3 minutes on two cores.
+The defaults (blip-demo and blip-base, bottlenecks 64 and 512) take about 2-3 minutes on two quiet
+cores. On a machine shared with other jobs, wall-clock samples swing by 2-4x; `--clock cpu --threads 1`
+times CPU seconds instead, which time spent waiting for a core does not inflate, for steadier ratios.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ LARGE = {"blip-base"}
 """Configs sized like the real model: small batches, one call per sample."""
 
 Call = Callable[[], torch.Tensor]
+Clock = Callable[[], float]
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""wall: latency. cpu: CPU seconds of all the process's threads, which time spent descheduled
+does not inflate (steadier on a shared machine; with N threads it reads about N x wall)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per case (each variant once per round)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before the rounds")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds of calls averaged into one sample")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: latency (default); cpu: process CPU time, steadier on a shared machine")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     return p.parse_args(argv)
 
@@ -116,11 +124,11 @@ def timed(call: Call) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
-def sample_ms(call: Call, n: int) -> float:
-    start = time.perf_counter()
+def sample_ms(call: Call, n: int, clock: Clock) -> float:
+    start = clock()
     for _ in range(n):
         call()
-    return (time.perf_counter() - start) * 1e3 / n
+    return (clock() - start) * 1e3 / n
 
 
 def warm_up(calls: Sequence[Call], warmup: int, label: str) -> float:
@@ -147,7 +155,7 @@ def measure(calls: Sequence[Call], args: argparse.Namespace, label: str) -> list
     for r in range(args.rounds):
         for k in range(len(calls)):
             i = (k + r) % len(calls)
-            samples[i].append(sample_ms(calls[i], n))
+            samples[i].append(sample_ms(calls[i], n, CLOCKS[args.clock]))
     return samples
 
 
@@ -192,15 +200,19 @@ def format_row(row: Row) -> tuple[str, ...]:
             f"{row.bare_ms:.2f}", f"{row.adapter_ms:.2f}", f"{row.ratio:.3f}x", f"±{row.spread:.3f}", verdict)
 
 
+def align(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """First column left-aligned, the others right-aligned."""
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
 def print_table(rows: Sequence[Row]) -> None:
     ordered = sorted(rows, key=lambda r: (r.config, r.bottleneck, r.case.path, r.case.batch))
-    lines = [HEADER, *map(format_row, ordered)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    for k, line in enumerate(lines):
-        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths,
-                                                                                                strict=True))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    body = [format_row(r) for r in ordered]
+    widths = [max(len(line[i]) for line in (HEADER, *body)) for i in range(len(HEADER))]
+    print(align(HEADER, widths))
+    print(align(["-" * w for w in widths], widths))
+    for line in body:
+        print(align(line, widths))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -208,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     configs, bottlenecks = csv(args.configs), [int(b) for b in csv(args.bottlenecks)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rounds {args.rounds}, "
-          f"warmup {args.warmup}, min sample {args.min_time * 1e3:.0f} ms")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"rounds {args.rounds}, warmup {args.warmup}, min sample {args.min_time * 1e3:.0f} ms")
     start = time.perf_counter()
     rows: list[Row] = []
     with torch.inference_mode():

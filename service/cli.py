@@ -36,6 +36,20 @@ def _cmd_adapters_inspect(args: argparse.Namespace) -> int:
     return 0 if report.get("compatible", True) else 3
 
 
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from uniadapter_serve.service.indexing import index_paths
+    from uniadapter_serve.service.settings import Settings
+
+    overrides = {k: v for k, v in {"backbone": args.backbone, "data_root": args.data_root,
+                                   "media_root": args.media_root}.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    report = index_paths(settings, args.collection, args.paths, batch_size=args.batch_size, create=args.create,
+                         adapter=args.adapter, index=args.index, progress=not args.quiet)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniadapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--backbone", help="check compatibility with this backbone source")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_cmd_adapters_inspect)
+    index = sub.add_parser("index", help="collection tools")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    add = index_sub.add_parser("add", help="embed files under the media root into a collection (resumable)")
+    add.add_argument("--collection", required=True)
+    add.add_argument("paths", nargs="+", help="files or folders under the media root")
+    add.add_argument("--create", choices=["image", "video", "text"], help="create the collection if missing")
+    add.add_argument("--adapter", help="retrieval set for a new collection")
+    add.add_argument("--index", default="flat", help="FAISS factory string for a new collection")
+    add.add_argument("--batch-size", type=int, default=32)
+    add.add_argument("--backbone")
+    add.add_argument("--data-root")
+    add.add_argument("--media-root")
+    add.add_argument("--quiet", action="store_true", help="no progress bar")
+    add.set_defaults(func=_cmd_index_add)
     return parser
 
 
