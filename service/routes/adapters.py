@@ -106,4 +106,5 @@ async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
             return core.registry.publish_folder(folder, name)
 
         meta = await run_in_threadpool(validate_and_install)
+    core.events.publish({"type": "adapter", "ref": meta.ref})
     return _info(core, meta, newest=True)

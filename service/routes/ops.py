@@ -28,10 +28,16 @@ def readyz(core: CoreDep) -> JSONResponse:
         "adapters": {"available": len(core.registry.all()), "resident": core.manager.resident(),
                      "errors": len(core.registry.errors())},
         "queue": core.batcher.queued(),
+        "collections": len(core.collections.names()),
+        "redis": core.redis.status(),
     }
     ready = core.ready
+    warnings = []
+    if checks["redis"].get("configured") and not checks["redis"].get("ok"):
+        warnings.append("redis unreachable: using the in-process embedding cache; replicas learn of changes "
+                        "on their next read")
     body = {"status": "ready" if ready else "not ready", "version": __version__, "torch": torch.__version__,
-            "checks": checks}
+            "checks": checks, "warnings": warnings}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
