@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from uniadapter_serve.errors import UniAdapterError
+from uniadapter_serve.errors import ConfigError, UniAdapterError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -50,6 +50,29 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapters_convert(args: argparse.Namespace) -> int:
+    from uniadapter_serve.adapters.convert import convert_uniadapter_checkpoint
+
+    report = convert_uniadapter_checkpoint(args.checkpoint, args.backbone_out, args.set_out, name=args.name,
+                                           task=args.task, vision_heads=args.vision_heads,
+                                           text_heads=args.text_heads)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_backbone_convert(args: argparse.Namespace) -> int:
+    from uniadapter_serve.model.convert import convert_blip_pth, merge_backbones
+
+    if bool(args.pth) == bool(args.hf):
+        raise ConfigError("give either --pth FILE or one or more --hf FOLDER")
+    if args.pth:
+        report = convert_blip_pth(args.pth, args.out, vision_heads=args.vision_heads, text_heads=args.text_heads)
+    else:
+        report = merge_backbones(args.hf, args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniadapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--backbone", help="check compatibility with this backbone source")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_cmd_adapters_inspect)
+    convert = adapters_sub.add_parser("convert", help="UniAdapter checkpoint_XX.pth -> backbone folder + adapter set")
+    convert.add_argument("checkpoint")
+    convert.add_argument("--backbone-out", required=True, help="folder for the frozen backbone")
+    convert.add_argument("--set-out", required=True, help="folder for the adapter set")
+    convert.add_argument("--name", required=True, help="adapter set name")
+    convert.add_argument("--task", choices=["retrieval", "vqa", "videoqa"], help="default: vqa if a decoder is there")
+    convert.add_argument("--vision-heads", type=int, help="attention heads (default hidden/64)")
+    convert.add_argument("--text-heads", type=int)
+    convert.set_defaults(func=_cmd_adapters_convert)
+
+    backbone = sub.add_parser("backbone", help="backbone tools")
+    backbone_sub = backbone.add_subparsers(dest="backbone_command", required=True)
+    bconvert = backbone_sub.add_parser("convert", help="original BLIP .pth, or transformers folders (merged)")
+    bconvert.add_argument("--pth", help="original BLIP checkpoint")
+    bconvert.add_argument("--hf", action="append", help="transformers BLIP folder; repeat to merge ITM + VQA")
+    bconvert.add_argument("--out", required=True)
+    bconvert.add_argument("--vision-heads", type=int)
+    bconvert.add_argument("--text-heads", type=int)
+    bconvert.set_defaults(func=_cmd_backbone_convert)
     index = sub.add_parser("index", help="collection tools")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     add = index_sub.add_parser("add", help="embed files under the media root into a collection (resumable)")
