@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,8 +23,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler;
+    # this one turns it into a clean exit (status 0) instead of death by signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=max(1, round(settings.request_timeout_s)))
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _cmd_adapters_inspect(args: argparse.Namespace) -> int:

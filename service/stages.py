@@ -90,7 +90,10 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
     def vision(jobs: Sequence[Job], routing: Routing) -> list[Any]:
         inputs: list[VisionInput] = [j.payload for j in jobs]
         counts = [x.pixels.shape[0] for x in inputs]
-        frames = torch.cat([x.pixels for x in inputs]).to(device, dtype, non_blocking=True)
+        frames = torch.cat([x.pixels for x in inputs])
+        if device.type == "cuda":
+            frames = frames.pin_memory()  # page-locked: the copy below overlaps with queued GPU work
+        frames = frames.to(device, dtype, non_blocking=True)
         frame_routing = _expand(routing, counts, device)
         tokens = backbone.encode_image(frames, frame_routing)  # (sum T, N, D)
         per_job = tokens.split(counts)

@@ -30,8 +30,9 @@ class Hit:
 
 
 class Collection:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, gpu: bool = False) -> None:
         self.folder = folder
+        self.gpu = gpu
         self.store = Store(folder / STORE_FILE)
         meta = self.store.meta()
         self.index = self._open_index(meta)
@@ -40,11 +41,12 @@ class Collection:
         self.sync()
 
     @classmethod
-    def create(cls, folder: Path, *, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Collection:
+    def create(cls, folder: Path, *, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
+               gpu: bool = False) -> Collection:
         folder.mkdir(parents=True, exist_ok=False)
         try:
             Store(folder / STORE_FILE).init_meta(name, kind, adapter_ref, factory, dim)
-            return cls(folder)
+            return cls(folder, gpu=gpu)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -61,14 +63,14 @@ class Collection:
         path = self.folder / SNAPSHOT_FILE
         if path.is_file():
             try:
-                index = VectorIndex.load(path, meta.dim, meta.factory)
+                index = VectorIndex.load(path, meta.dim, meta.factory, gpu=self.gpu)
                 if index.generation == meta.generation and index.seq <= self.store.last_seq():
                     return index
                 log.info("snapshot of %s is stale (generation %d, seq %d): rebuilding", meta.name, index.generation,
                          index.seq)
             except (CorruptMediaError, OSError, ValueError, KeyError, RuntimeError) as e:
                 log.warning("unreadable snapshot %s (%s): rebuilding from the store", path, e)
-        index = VectorIndex(meta.dim, meta.factory)
+        index = VectorIndex(meta.dim, meta.factory, gpu=self.gpu)
         index.generation, index.seq = meta.generation, -1  # -1: rebuild on first sync
         return index
 

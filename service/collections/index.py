@@ -29,6 +29,21 @@ SNAPSHOT_MAGIC = b"UAIDX001"
 MIN_TRAIN_PER_LIST = 39
 
 
+_GPU_RESOURCES: Any = None
+
+
+def faiss_gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees a device (faiss-gpu on a CUDA machine)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _gpu_resources() -> Any:
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
+
+
 def validate_factory(factory: str, dim: int) -> str:
     """Check a factory string by building it; returns the normalised string."""
     if factory.lower() == "flat":
@@ -49,9 +64,10 @@ def _train_size(factory: str) -> int:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, factory: str = "flat") -> None:
+    def __init__(self, dim: int, factory: str = "flat", *, gpu: bool = False) -> None:
         self.dim = dim
         self.factory = validate_factory(factory, dim)
+        self.gpu = gpu and faiss_gpu_available()
         self._lock = threading.RLock()
         self._index = self._new(self.factory)
         self._fallback = not self._index.is_trained
@@ -64,7 +80,9 @@ class VectorIndex:
 
     def _new(self, factory: str) -> Any:
         if factory == "flat":
-            return faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+            # GPU flat search; removals there become tombstones (GpuIndexFlat cannot remove ids)
+            return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index) if self.gpu else index
         index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         try:
             faiss.extract_index_ivf(index)
@@ -154,7 +172,8 @@ class VectorIndex:
     def save(self, path: Path) -> None:
         """Atomic snapshot: header (seq, generation, tombstones) + serialized index."""
         with self._lock:
-            blob = faiss.serialize_index(self._index).tobytes()
+            host = faiss.index_gpu_to_cpu(self._index) if self.gpu and self.factory == "flat" else self._index
+            blob = faiss.serialize_index(host).tobytes()
             header = json.dumps({"seq": self.seq, "generation": self.generation, "factory": self.factory,
                                  "dim": self.dim, "tombstones": sorted(self._tombstones),
                                  "fallback": self._fallback}).encode()
@@ -170,7 +189,7 @@ class VectorIndex:
             raise
 
     @classmethod
-    def load(cls, path: Path, dim: int, factory: str) -> VectorIndex:
+    def load(cls, path: Path, dim: int, factory: str, *, gpu: bool = False) -> VectorIndex:
         data = path.read_bytes()
         if not data.startswith(SNAPSHOT_MAGIC):
             raise CorruptMediaError(f"{path} is not an index snapshot")
@@ -178,8 +197,11 @@ class VectorIndex:
         header = json.loads(data[16:16 + n])
         if header["dim"] != dim or header["factory"] != validate_factory(factory, dim):
             raise CorruptMediaError(f"{path} was built for another dim/factory")
-        index = cls(dim, factory)
-        index._index = faiss.deserialize_index(np.frombuffer(data[16 + n:], dtype=np.uint8))
+        index = cls(dim, factory, gpu=gpu)
+        loaded = faiss.deserialize_index(np.frombuffer(data[16 + n:], dtype=np.uint8))
+        if index.gpu and factory == "flat":
+            loaded = faiss.index_cpu_to_gpu(_gpu_resources(), 0, loaded)
+        index._index = loaded
         index._tombstones = set(header["tombstones"])
         index._fallback = bool(header["fallback"])
         index.seq, index.generation = int(header["seq"]), int(header["generation"])

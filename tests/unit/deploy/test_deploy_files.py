@@ -1,0 +1,85 @@
+"""Deployment files checked without a Docker engine: compose structure, env names, Dockerfile layering."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uniadapter_serve.service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services_healthchecks_and_volumes(compose):
+    services = compose["services"]
+    assert set(services) == {"api", "redis"}
+    api, redis = services["api"], services["redis"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    for service in (api, redis):
+        assert service["healthcheck"]["test"][0] == "CMD"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert (ROOT / api["build"]["dockerfile"]).is_file()
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in api["volumes"]}
+    assert set(mounts) <= set(compose["volumes"])  # every named volume is declared
+    assert mounts["adapters"] == api["environment"]["UNIADAPTER_ADAPTERS_ROOT"]
+    assert mounts["media"] == api["environment"]["UNIADAPTER_MEDIA_ROOT"]
+    assert api["environment"]["UNIADAPTER_REDIS_URL"].startswith("redis://redis:")
+    # --scale api=N needs a host port range, not one fixed port
+    assert re.search(r"\d+-\d+}?:8000$", api["ports"][0])
+
+
+def test_compose_env_names_are_settings(compose):
+    fields = {f"UNIADAPTER_{name.upper()}" for name in Settings.model_fields}
+    for service in compose["services"].values():
+        for name in service.get("environment", {}):
+            if name.startswith("UNIADAPTER_"):
+                assert name in fields, name
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
+    assert set(gpu["environment"]) <= fields
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert (ROOT / gpu["build"]["dockerfile"]).is_file()
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    entries = dict(re.findall(r"^# (UNIADAPTER_[A-Z0-9_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
+    fields = {f"UNIADAPTER_{name.upper()}": field for name, field in Settings.model_fields.items()}
+    assert set(entries) == set(fields)
+    for name, field in fields.items():
+        assert entries[name] == ("" if field.default is None else str(field.default)), name
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.gpu"])
+def test_dockerfile_layers_and_runtime(dockerfile):
+    text = (ROOT / dockerfile).read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    torch_at = next(i for i, ln in enumerate(lines) if "pip install" in ln and "TORCH_SPEC" in ln)
+    code_at = next(i for i, ln in enumerate(lines) if ln.startswith("COPY model"))
+    deps_at = next(i for i, ln in enumerate(lines) if ln.startswith("COPY pyproject.toml"))
+    assert torch_at < deps_at < code_at  # code changes never reinstall torch or the dependencies
+    for folder in ("src", "model", "adapters", "service"):
+        assert any(ln.startswith(f"COPY {folder} ") for ln in lines), folder
+    assert re.search(r"^USER (?!root)\w+", text, re.M)
+    assert "HEALTHCHECK" in text and "/readyz" in text
+    extra = ".[gpu]" if dockerfile.endswith(".gpu") else ".[cpu]"
+    assert extra in text
+    entrypoint = ROOT / "docker" / "entrypoint.sh"
+    assert entrypoint.is_file() and os.access(entrypoint, os.X_OK)
+
+
+def test_faiss_extras_never_mix():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any("faiss-cpu" in d for d in extras["gpu"])
+    assert any("faiss-gpu" in d for d in extras["gpu"])
+    assert any("faiss-cpu" in d for d in extras["cpu"])
