@@ -127,6 +127,36 @@ class BlipBackbone(nn.Module):
         states = frame_tokens if delta is None else frame_tokens + delta
         return states.reshape(B, T * N, D)
 
+    def frame_embeddings(self, frame_tokens: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        """(B, T, N, D) -> (B, T, E): each frame's L2-normalised ITC embedding."""
+        B, T = frame_tokens.shape[:2]
+        r = (routing or Routing.none(B)).repeat_interleave(T)
+        cls = frame_tokens[:, :, 0].reshape(B * T, -1)
+        return F.normalize(r.head("vision_proj", cls, self.vision_proj), dim=-1).view(B, T, -1)
+
+    def frame_aware_scale(self, text_embedding: torch.Tensor, frame_embeddings: torch.Tensor, tokens_per_frame: int,
+                          routing: Routing | None = None, temperature: float = 4.0) -> torch.Tensor | None:
+        """Parameter-free frame-aware attention: key weights (B, T*N) for the cross-attention.
+
+        s_t = cos(text, frame t); w_t = T * softmax_t(s_t / temperature) scales the keys of frame t's
+        patch tokens (its [CLS] key and all values stay as they are). Rows whose set does not enable
+        it get weight 1; None when no row does.
+        """
+        B, T, _ = frame_embeddings.shape
+        routing = routing or Routing.none(B)
+        enabled = torch.zeros(B, dtype=torch.bool, device=frame_embeddings.device)
+        for route in routing.routes:
+            if route.adapter.config.frame_aware_attention:
+                enabled[route.index if route.index is not None else slice(None)] = True
+        if not bool(enabled.any()):
+            return None
+        sims = torch.einsum("be,bte->bt", text_embedding.float(), frame_embeddings.float())
+        weights = T * torch.softmax(sims / temperature, dim=1)  # (B, T)
+        scale = weights[:, :, None].expand(B, T, tokens_per_frame).clone()
+        scale[:, :, 0] = 1.0  # each frame's [CLS] key is left alone
+        scale = torch.where(enabled[:, None, None], scale, torch.ones_like(scale))
+        return scale.reshape(B, T * tokens_per_frame)
+
     # -- text -----------------------------------------------------------------------------------
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -143,16 +173,16 @@ class BlipBackbone(nn.Module):
 
     def encode_multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           states: torch.Tensor, states_mask: torch.Tensor | None = None,
-                          routing: Routing | None = None) -> torch.Tensor:
+                          routing: Routing | None = None, key_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Text cross-attending to visual states: (B, L), (B, N, D) -> (B, L, D)."""
-        return self.text_encoder(input_ids, attention_mask, states, states_mask, routing)
+        return self.text_encoder(input_ids, attention_mask, states, states_mask, routing, key_scale=key_scale)
 
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    states: torch.Tensor, routing: Routing | None = None,
-                   states_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   states_mask: torch.Tensor | None = None, key_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Image-text matching: -> (B, 2) logits [no match, match]."""
         routing = routing or Routing.none(input_ids.shape[0])
-        h = self.encode_multimodal(input_ids, attention_mask, states, states_mask, routing)
+        h = self.encode_multimodal(input_ids, attention_mask, states, states_mask, routing, key_scale)
         return routing.head("itm_head", h[:, 0], self.itm_head)
 
     # -- answer decoder -------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class TextSelfAttention(nn.Module):
         self.value = nn.Linear(kv_in, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
-                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         src = x if states is None else states
         H, hd = self.num_heads, D // self.num_heads
@@ -80,8 +81,10 @@ class TextSelfAttention(nn.Module):
             # UniAdapter K/V low-rank deltas (the same delta in every cross-attention layer).
             k, v = k + kv_delta[0], v + kv_delta[1]
         q = self.query(x).view(B, L, H, hd).transpose(1, 2)
-        k = k.view(B, -1, H, hd).transpose(1, 2)
+        k = k.view(B, -1, H, hd).transpose(1, 2)  # (B, H, N, hd)
         v = v.view(B, -1, H, hd).transpose(1, 2)
+        if key_scale is not None:  # frame-aware attention: (B, N) weights on the keys
+            k = k * key_scale[:, None, :, None].to(k.dtype)
         p = self.dropout if self.training else 0.0
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
         return ctx.transpose(1, 2).reshape(B, L, D)
@@ -105,8 +108,9 @@ class TextAttention(nn.Module):
         self.output = TextSelfOutput(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
-                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.output(self.self(x, mask, states, kv_delta), x)
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, states, kv_delta, key_scale), x)
 
 
 class TextIntermediate(nn.Module):
@@ -155,7 +159,8 @@ class TextLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
                 states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
-                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.attention(x, mask)
         # Text-only mode: textual adapter after the FFN. Multimodal mode: the same textual
         # adapter as "query residual" on the self-attention output.
@@ -163,7 +168,7 @@ class TextLayer(nn.Module):
         if states is None:
             out = self.output(self.intermediate(attn), attn)
             return out if delta_text is None else out + delta_text
-        cross = self.crossattention(attn, states_mask, states, kv_delta)
+        cross = self.crossattention(attn, states_mask, states, kv_delta, key_scale)
         delta_cross = routing.delta(cross, self._cross_modal)
         out = self.output(self.intermediate(cross), cross)
         if delta_text is not None:
@@ -180,9 +185,10 @@ class TextEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
                 states: torch.Tensor | None, states_mask: torch.Tensor | None,
-                kv_delta: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask, routing, states, states_mask, kv_delta)
+            x = layer(x, mask, routing, states, states_mask, kv_delta, key_scale)
         return x
 
 
@@ -205,8 +211,9 @@ class TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
-                routing: Routing | None = None, causal: bool = False) -> torch.Tensor:
-        # input_ids: (B, L); states: (B, N, E) -> (B, L, D)
+                routing: Routing | None = None, causal: bool = False,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: (B, L); states: (B, N, E); key_scale: (B, N) -> (B, L, D)
         routing = routing or Routing.none(input_ids.shape[0])
         x = self.embeddings(input_ids)
         mask: torch.Tensor | None
@@ -220,7 +227,7 @@ class TextModel(nn.Module):
             if both is not None:
                 dk, dv = both.chunk(2, dim=-1)
                 kv_delta = (dk, dv)
-        return self.encoder(x, mask, routing, states, padding_mask(states_mask), kv_delta)
+        return self.encoder(x, mask, routing, states, padding_mask(states_mask), kv_delta, key_scale)
 
 
 class PredictionHeadTransform(nn.Module):

@@ -165,9 +165,15 @@ class ServiceCore:
         result: torch.Tensor = await self.batcher.submit("text", TextInput(ids[0], mask[0]), _ref(meta), deadline)
         return result
 
-    async def match(self, text: str, states: torch.Tensor, meta: AdapterSetMeta | None, deadline: float) -> float:
+    async def match(self, text: str, visual: VisionOutput, meta: AdapterSetMeta | None, deadline: float,
+                    text_embedding: torch.Tensor | None = None) -> float:
+        """ITM match probability of `text` with an image or video (frame-aware when the set enables it)."""
         ids, mask = self.tokenizer.encode([clean_text(text, CAPTION_WORDS)], mode="multimodal")
-        result: float = await self.batcher.submit("itm", MatchInput(ids[0], mask[0], states), _ref(meta), deadline)
+        if visual.frame_embeddings is not None and text_embedding is None:
+            text_embedding = await self.text_embedding(text, meta, deadline)
+        payload = MatchInput(ids[0], mask[0], visual.states, text_embedding, visual.frame_embeddings,
+                             visual.tokens_per_frame)
+        result: float = await self.batcher.submit("itm", payload, _ref(meta), deadline)
         return result
 
     async def answer(self, question: str, states: torch.Tensor, meta: AdapterSetMeta | None, *, mode: str,

@@ -32,6 +32,9 @@ class VisionOutput:
     """(N, D) image tokens or (T*N, D) concatenated frame tokens (+ temporal embedding)."""
     embedding: torch.Tensor
     """(E,) L2-normalised ITC embedding (image; mean of frame [CLS] for a video)."""
+    frame_embeddings: torch.Tensor | None = None
+    """(T, E) per-frame ITC embeddings, for sets with frame-aware attention (video only)."""
+    tokens_per_frame: int = 0
 
 
 @dataclass
@@ -48,6 +51,10 @@ class MatchInput:
     mask: torch.Tensor
     states: torch.Tensor
     """(N, D) visual states from the vision stage"""
+    text_embedding: torch.Tensor | None = None
+    """(E,) the text's ITC embedding; with frame_embeddings it drives frame-aware attention"""
+    frame_embeddings: torch.Tensor | None = None
+    tokens_per_frame: int = 0
 
 
 @dataclass
@@ -101,11 +108,15 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         embeddings = F.normalize(routing.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
         outputs: list[Any] = []
         for i, (x, t) in enumerate(zip(inputs, per_job, strict=True)):
-            if x.video:
-                states = backbone.video_states(t[None], routing.select(torch.tensor([i], device=device)))[0]
-            else:
-                states = t[0]
-            outputs.append(VisionOutput(states=states, embedding=embeddings[i]))
+            if not x.video:
+                outputs.append(VisionOutput(states=t[0], embedding=embeddings[i]))
+                continue
+            row = routing.select(torch.tensor([i], device=device))
+            states = backbone.video_states(t[None], row)[0]
+            frame_aware = any(r.adapter.config.frame_aware_attention for r in row.routes)
+            per_frame = backbone.frame_embeddings(t[None], row)[0].float() if frame_aware else None
+            outputs.append(VisionOutput(states=states, embedding=embeddings[i], frame_embeddings=per_frame,
+                                        tokens_per_frame=t.shape[1]))
         return outputs
 
     def text(jobs: Sequence[Job], routing: Routing) -> list[Any]:
@@ -116,7 +127,9 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
     def itm(jobs: Sequence[Job], routing: Routing) -> list[Any]:
         ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
         states, states_mask = pad_stack([j.payload.states for j in jobs])
-        logits = backbone.itm_logits(ids.to(device), mask.to(device), states, routing, states_mask=states_mask)
+        scale = _frame_aware_scale(backbone, jobs, routing, states.shape[1])
+        logits = backbone.itm_logits(ids.to(device), mask.to(device), states, routing, states_mask=states_mask,
+                                     key_scale=scale)
         return [float(p) for p in logits.float().softmax(dim=-1)[:, 1]]
 
     def answer(jobs: Sequence[Job], routing: Routing) -> list[Any]:
@@ -151,6 +164,26 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         return results
 
     return {"vision": vision, "text": text, "itm": itm, "answer": answer}
+
+
+def _frame_aware_scale(backbone: BlipBackbone, jobs: Sequence[Job], routing: Routing,
+                       width: int) -> torch.Tensor | None:
+    """(B, width) key weights for the video jobs whose set enables frame-aware attention; None if none do."""
+    scale: torch.Tensor | None = None
+    for i, job in enumerate(jobs):
+        x: MatchInput = job.payload
+        if x.frame_embeddings is None or x.text_embedding is None:
+            continue
+        device = x.states.device
+        row = routing.select(torch.tensor([i], device=device))
+        weights = backbone.frame_aware_scale(x.text_embedding[None].to(device), x.frame_embeddings[None].to(device),
+                                             x.tokens_per_frame, row)
+        if weights is None:
+            continue
+        if scale is None:
+            scale = torch.ones(len(jobs), width, device=device)
+        scale[i, : weights.shape[1]] = weights[0]
+    return scale
 
 
 def _expand(routing: Routing, counts: list[int], device: torch.device) -> Routing:

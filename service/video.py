@@ -1,21 +1,38 @@
-"""Video decoding with PyAV: limits first, then T frames sampled uniformly over the clip.
+"""Video decoding with PyAV: limits first, then T frames sampled uniformly over the whole clip.
 
-A first pass demuxes packets only (no decoding) to count frames; the second decodes in order
-and keeps just the sampled frames, resized by FFmpeg's scaler to the model's size.
+Sampling: the clip's time span is cut into T equal segments; frame i is the frame on screen at the
+middle of segment i (the last frame whose timestamp is <= that instant). Decoding is sequential,
+and seeks (to the keyframe before a target) only when the next target is far ahead, so a long clip
+costs about T short decodes, not a decode of every frame. Clips without a known duration are
+demuxed once (no decoding) to count frames, then sampled by index. A cooperative deadline and a
+cap on decoded frames bound the work of any single upload.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import av
+import numpy as np
 import torch
 
-from uniadapter_serve.errors import CorruptMediaError, EmptyMediaError, MediaTooLargeError, UnsupportedMediaTypeError
+from uniadapter_serve.errors import (
+    CorruptMediaError,
+    EmptyMediaError,
+    MediaTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from uniadapter_serve.model.preprocess import array_to_tensor
+from uniadapter_serve.service.media import sniff_image_type
 
 log = logging.getLogger(__name__)
+
+SEEK_GAP_S = 2.0
+"""Seek instead of decoding through when the next target is more than this far ahead."""
 
 
 def sniff_video_type(data: bytes) -> str | None:
@@ -36,18 +53,42 @@ def sniff_video_type(data: bytes) -> str | None:
 
 
 def sample_indices(num_frames_in_clip: int, num_samples: int) -> list[int]:
-    """Uniform sampling: the middle frame of each of `num_samples` equal segments (repeats if short)."""
+    """Uniform sampling by index: the middle frame of each of `num_samples` equal segments (repeats if short)."""
     n = max(1, num_frames_in_clip)
     return [min(n - 1, int((i + 0.5) * n / num_samples)) for i in range(num_samples)]
 
 
+def sample_times(start: float, duration: float, num_samples: int) -> list[float]:
+    """The middle instant of each of `num_samples` equal segments of [start, start + duration)."""
+    return [start + (i + 0.5) * duration / num_samples for i in range(num_samples)]
+
+
+@dataclass
+class DecodedClip:
+    frames: torch.Tensor
+    """(T, 3, size, size) normalised"""
+    timestamps: list[float]
+    """presentation time (s) of each sampled frame"""
+    decoded: int
+    """frames actually decoded (the cost)"""
+
+
 def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
-                 field: str = "video") -> torch.Tensor:
+                 field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> torch.Tensor:
     """-> (num_frames, 3, size, size) normalised frames, or a MediaError naming the problem."""
+    return decode_clip(data, num_frames=num_frames, size=size, max_bytes=max_bytes, max_seconds=max_seconds,
+                       max_pixels=max_pixels, field=field, timeout_s=timeout_s, max_decoded=max_decoded).frames
+
+
+def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
+                field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> DecodedClip:
     if not data:
         raise EmptyMediaError(f"{field}: the file is empty (0 bytes)")
     if len(data) > max_bytes:
         raise MediaTooLargeError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    still = sniff_image_type(data)
+    if still is not None and still != "image/gif":
+        raise UnsupportedMediaTypeError(f"{field}: got a still image ({still}); send a video, or use /vqa for images")
     sniffed = sniff_video_type(data)
     try:
         container = av.open(io.BytesIO(data), mode="r")
@@ -59,41 +100,110 @@ def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max
         if not container.streams.video:
             raise UnsupportedMediaTypeError(f"{field}: the file has no video stream")
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > max_pixels:
             raise MediaTooLargeError(f"{field}: {width}x{height} frames are over the limit of {max_pixels} pixels")
-        seconds = _duration(container, stream)
-        if seconds is not None and seconds > max_seconds:
-            raise MediaTooLargeError(f"{field}: {seconds:.1f} s is over the limit of {max_seconds:g} s")
+        start, duration = _span(container, stream)
+        if duration is not None and duration > max_seconds:
+            raise MediaTooLargeError(f"{field}: {duration:.1f} s is over the limit of {max_seconds:g} s")
+        sampler = _Sampler(container, stream, size, field, time.monotonic() + timeout_s, max_decoded)
         try:
-            count = sum(1 for p in container.demux(stream) if p.size > 0)
-            if count == 0:
-                raise CorruptMediaError(f"{field}: the video stream has no frames")
-            wanted = sample_indices(count, num_frames)
-            keep = set(wanted)
-            container.seek(0)
-            frames: dict[int, torch.Tensor] = {}
-            last = -1
-            for i, frame in enumerate(container.decode(stream)):
-                last = i
-                if i in keep:
-                    frames[i] = array_to_tensor(frame.to_ndarray(format="rgb24", width=size, height=size))
-                if i >= wanted[-1]:
-                    break
+            if duration is not None and duration > 0:
+                picked = sampler.by_time(sample_times(start, duration, num_frames), start)
+            else:
+                picked = sampler.by_index(num_frames, max_seconds)
         except av.error.FFmpegError as e:
             raise CorruptMediaError(f"{field}: the video does not decode ({e})") from e
-    if not frames:
-        raise CorruptMediaError(f"{field}: no frame could be decoded")
-    # A truncated file may decode fewer frames than its packets promised: reuse the last good one.
-    fallback = frames[max(frames)]
-    if last < wanted[-1]:
-        log.info("%s: decoded %d of %d frames", field, last + 1, count)
-    return torch.stack([frames.get(i, fallback) for i in wanted])
+    frames = [array_to_tensor(f) for f, _ in picked]
+    return DecodedClip(torch.stack(frames), [t for _, t in picked], sampler.decoded)
 
 
-def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
-    return None
+def _span(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[float, float | None]:
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else 0.0
+    if stream.duration is not None and tb is not None and stream.duration > 0:
+        return start, float(stream.duration * tb)
+    if container.duration is not None and container.duration > 0:
+        return start, container.duration / 1_000_000
+    return start, None
+
+
+class _Sampler:
+    def __init__(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, size: int,
+                 field: str, deadline: float, max_decoded: int) -> None:
+        self.container, self.stream, self.size, self.field = container, stream, size, field
+        self.deadline, self.max_decoded = deadline, max_decoded
+        self.decoded = 0
+
+    def _frames(self) -> Iterator[av.VideoFrame]:
+        for frame in self.container.decode(self.stream):
+            self.decoded += 1
+            if self.decoded > self.max_decoded:
+                raise MediaTooLargeError(f"{self.field}: more than {self.max_decoded} frames to decode")
+            if time.monotonic() > self.deadline:
+                raise MediaTooLargeError(f"{self.field}: took longer than the decode time limit")
+            yield frame
+
+    def _pixels(self, frame: av.VideoFrame) -> np.ndarray:
+        return frame.to_ndarray(format="rgb24", width=self.size, height=self.size)
+
+    def by_time(self, targets: list[float], start: float) -> list[tuple[np.ndarray, float]]:
+        """For each target instant, the last frame shown at or before it (the first frame if none)."""
+        tb = self.stream.time_base
+        assert tb is not None
+        chosen: list[av.VideoFrame] = []
+        frames = self._frames()  # from the start: short clips never seek
+        prev: av.VideoFrame | None = None  # last frame at or before the current target
+        pending: av.VideoFrame | None = None  # decoded past a target; belongs to a later one
+        for target in targets:
+            ahead = _time(pending) if pending is not None else (_time(prev) if prev is not None else start)
+            if target - ahead > SEEK_GAP_S:
+                try:
+                    self.container.seek(max(0, int(target / tb)), stream=self.stream, backward=True)
+                    frames, pending = self._frames(), None
+                except av.error.FFmpegError:
+                    log.debug("%s: cannot seek, decoding through", self.field)
+            pick: av.VideoFrame | None = None
+            while pick is None:
+                frame = pending if pending is not None else next(frames, None)
+                pending = None
+                if frame is None:  # end of stream: the last frame stays on screen
+                    pick = prev
+                    break
+                if _time(frame) <= target + 1e-9:
+                    prev = frame
+                    continue
+                pending = frame
+                pick = prev if prev is not None else frame
+            if pick is None:
+                raise CorruptMediaError(f"{self.field}: no frame could be decoded")
+            chosen.append(pick)
+        return [(self._pixels(f), _time(f)) for f in chosen]
+
+    def by_index(self, num_frames: int, max_seconds: float) -> list[tuple[np.ndarray, float]]:
+        """Clips with no known duration: count packets (no decoding), then decode up to the last pick."""
+        count = sum(1 for p in self.container.demux(self.stream) if p.size > 0)
+        if count == 0:
+            raise CorruptMediaError(f"{self.field}: the video stream has no frames")
+        wanted = sample_indices(count, num_frames)
+        keep = set(wanted)
+        self.container.seek(0)
+        got: dict[int, tuple[np.ndarray, float]] = {}
+        for i, frame in enumerate(self._frames()):
+            if i in keep:
+                got[i] = (self._pixels(frame), _time(frame))
+            if i >= wanted[-1]:
+                break
+        if not got:
+            raise CorruptMediaError(f"{self.field}: no frame could be decoded")
+        last = got[max(got)]
+        if got[max(got)][1] > max_seconds:
+            raise MediaTooLargeError(f"{self.field}: longer than the limit of {max_seconds:g} s")
+        return [got.get(i, last) for i in wanted]
+
+
+def _time(frame: av.VideoFrame) -> float:
+    if frame.time is not None:
+        return float(frame.time)
+    return float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base is not None else 0.0

@@ -71,6 +71,9 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     meta = core.resolve_adapter(body.adapter, "videoqa")
     deadline = core.deadline()
     frames = body.num_frames or (meta.config.num_frames if meta is not None else core.settings.num_frames)
+    if meta is not None and meta.config.temporal_embedding and frames != meta.config.num_frames:
+        raise InputError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
+                         f"{meta.config.num_frames} frames, got {frames}")
     video = media["video"][0]
     s = core.settings
     pixels = await run_in_threadpool(decode_video, video.data, num_frames=frames, size=core.image_size,
@@ -118,7 +121,7 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
         metadata = [{"filename": m.filename} if m.filename else {} for m in images]
 
         async def itm(i: int) -> float:
-            return await core.match(query, visuals[i].states, meta, deadline)
+            return await core.match(query, visuals[i], meta, deadline, text_embedding=query_emb)
     else:
         texts = body.candidate_texts or []
         if not texts:
@@ -135,7 +138,7 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
         metadata = [{"text": t} for t in texts]
 
         async def itm(i: int) -> float:
-            return await core.match(texts[i], visual.states, meta, deadline)
+            return await core.match(texts[i], visual, meta, deadline)
 
     order = itc.argsort(descending=True).tolist()
     head = order[: max(body.top_k, body.rerank_k)]
@@ -177,7 +180,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
             content = await run_in_threadpool(core.collections.load_content, collection, hits[i].item)
             assert isinstance(content, bytes)
             visual = await core.collections.visual(cmeta.kind, content, adapter, deadline)
-            return await core.match(query, visual.states, adapter, deadline)
+            return await core.match(query, visual, adapter, deadline, text_embedding=vector)
     else:
         if "query_image" not in media:
             raise InputError(f"collection {cmeta.name!r} holds texts: query it with query_image")
@@ -186,7 +189,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
         hits = await core.collections.search(collection, visual.embedding.cpu().numpy(), k)
 
         async def itm(i: int) -> float:
-            return await core.match(hits[i].item.source.partition(":")[2], visual.states, adapter, deadline)
+            return await core.match(hits[i].item.source.partition(":")[2], visual, adapter, deadline)
 
     order = list(range(len(hits)))
     itm_scores: dict[int, float] = {}

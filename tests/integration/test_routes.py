@@ -17,7 +17,7 @@ def test_health_ready_metrics(client):
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert ready["checks"]["backbone"]["components"] == ["vision_model", "text_encoder", "text_decoder", "heads"]
-    assert ready["checks"]["adapters"]["available"] == 5
+    assert ready["checks"]["adapters"]["available"] == 6
     text = client.get("/metrics").text
     assert "# TYPE uniadapter_batch_size histogram" in text and "uniadapter_queue_depth" in text
 

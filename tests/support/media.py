@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -25,16 +26,48 @@ def png_bomb(side: int = 20_000) -> bytes:
     return buf.getvalue()
 
 
+PIX_FMTS = {"mjpeg": "yuvj420p", "png": "rgb24", "libx264rgb": "rgb24", "ffv1": "bgr0"}
+
+
 def video_bytes(colors: list[tuple[int, int, int]], *, codec: str = "libx264", fmt: str = "mp4", fps: int = 10,
-                size: tuple[int, int] = (64, 48)) -> bytes:
-    """One frame per colour, encoded for real."""
+                size: tuple[int, int] = (64, 48), gop: int | None = None, options: dict[str, str] | None = None,
+                frames: list[np.ndarray] | None = None) -> bytes:
+    """One frame per colour (or the given RGB frames), encoded for real."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height = size
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.pix_fmt = PIX_FMTS.get(codec, "yuv420p")
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        if frames is not None:
+            for pixels in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+            return buf.getvalue()
         for color in colors:
             frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), color, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def vfr_video_bytes(colors: list[tuple[int, int, int]], times_ms: list[int], size: tuple[int, int] = (32, 32)) -> bytes:
+    """A variable-frame-rate clip: frame i shows colors[i] from times_ms[i]."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=1000)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for color, t in zip(colors, times_ms, strict=True):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), color, np.uint8), format="rgb24")
+            frame.pts = t
+            frame.time_base = Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

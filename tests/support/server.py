@@ -61,6 +61,10 @@ def publish_test_sets(data_root: Path) -> dict[str, str]:
     module = random_adapter(backbone, UniAdapterConfig.for_task("videoqa", bottleneck=8, kv_rank=4, num_frames=4),
                             seed=300)
     refs["video-a"] = registry.publish(module, "video-a", info, answer_list=ANSWERS).ref
+    module = random_adapter(backbone, UniAdapterConfig.for_task(
+        "retrieval", bottleneck=8, kv_rank=4, num_frames=4, temporal_embedding=True, frame_aware_attention=True),
+        seed=400)
+    refs["ret-video"] = registry.publish(module, "ret-video", info).ref
     return refs
 
 
