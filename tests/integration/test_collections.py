@@ -42,11 +42,12 @@ def shared(tmp_path_factory, redis_server):
     (root / "media").mkdir()
     (root / "media" / "inside.png").write_bytes(IMAGES["img0"])
     logs = tmp_path_factory.mktemp("logs")
-    a = start_server(root, logs, redis_url=redis_server.url)
-    b = start_server(root, logs, redis_url=redis_server.url)
-    yield {"root": root, "refs": refs, "a": a, "b": b, "logs": logs, "redis": redis_server}
-    a.stop()
-    b.stop()
+    state = {"root": root, "refs": refs, "logs": logs, "redis": redis_server,
+             "a": start_server(root, logs, redis_url=redis_server.url),
+             "b": start_server(root, logs, redis_url=redis_server.url)}
+    yield state
+    state["a"].stop()  # a test restarts "a": stop whichever process holds the name now
+    state["b"].stop()
 
 
 def search(url: str, query: str, collection: str = "shapes", **kw) -> list[tuple[str, float]]:
