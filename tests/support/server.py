@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -18,6 +19,17 @@ from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.testing import random_adapter
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
+
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A crashed or interrupted test run must not leave servers behind."""
+    for process in _STARTED:
+        if process.poll() is None:
+            process.kill()
+
 
 ANSWERS = ["red", "blue", "green", "circle", "square", "one", "two", "yes", "no"]
 
@@ -79,6 +91,7 @@ def start_server(data_root: Path, log_dir: Path, **settings: object) -> Server:
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "uniadapter_serve.service.cli", "serve"], env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
+    _STARTED.append(process)
     server = Server(f"http://127.0.0.1:{port}", process, data_root, log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
