@@ -1,0 +1,54 @@
+"""BLIP's training objectives, on the backbone's task paths (any `Routing`, so the same code trains an
+adapter set, the heads only, or the whole model)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.routing import Routing
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, same: torch.Tensor, temp: float = 0.07) -> torch.Tensor:
+    """Image-text contrastive loss. `same` (B, B) marks pairs that match (duplicate captions count as
+    positives, like BLIP's idx-aware targets). Features are L2-normalised (B, E)."""
+    logits = image_feat @ text_feat.T / temp  # (B, B)
+    targets = same.float() / same.float().sum(dim=1, keepdim=True)
+    i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(logits.T, dim=1) * targets.T).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def itm_loss(backbone: BlipBackbone, image_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+             image_feat: torch.Tensor, text_feat: torch.Tensor, same: torch.Tensor, routing: Routing,
+             enc_id: int) -> torch.Tensor:
+    """Image-text matching with one hard negative text per image and one hard negative image per text,
+    drawn from the ITC similarities (BLIP's recipe); labels 1 for B positives, 0 for 2B negatives."""
+    B = ids.shape[0]
+    mm_ids = ids.clone()
+    mm_ids[:, 0] = enc_id
+    with torch.no_grad():
+        sims = image_feat @ text_feat.T
+        weights = F.softmax(sims.float() / 0.07, dim=1).masked_fill(same, 0) + 1e-6
+        neg_text = torch.multinomial(weights, 1).squeeze(1)  # for each image, a hard negative text
+        neg_image = torch.multinomial(weights.T.contiguous(), 1).squeeze(1)  # for each text, a hard negative image
+    idx = torch.arange(B, device=ids.device)
+    image_rows = torch.cat([idx, idx, neg_image])
+    text_rows = torch.cat([idx, neg_text, idx])
+    rep = Routing.none(3 * B) if routing.is_bare else routing.select(image_rows)
+    logits = backbone.itm_logits(mm_ids[text_rows], mask[text_rows], image_tokens[image_rows], rep)
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+    return F.cross_entropy(logits, labels)
+
+
+def lm_loss(backbone: BlipBackbone, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor,
+            states_mask: torch.Tensor | None, routing: Routing, bos_id: int,
+            label_smoothing: float = 0.1) -> torch.Tensor:
+    """Answer / caption language-modelling loss: [DEC] text [SEP], next-token CE with label smoothing."""
+    dec = ids.clone()
+    dec[:, 0] = bos_id
+    logits = backbone.decoder_logits(dec, mask, states, states_mask, routing)  # (B, L, V)
+    targets = dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)

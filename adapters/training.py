@@ -1,0 +1,246 @@
+"""`uniadapter train`: train an adapter set on the frozen backbone (UniAdapter), or the baselines the
+paper compares with: the task heads only on a frozen backbone, and full fine-tuning.
+
+Retrieval: ITC + ITM (BLIP's losses). VQA / VideoQA: answer language modelling with label
+smoothing 0.1. Progress bar, periodic checkpoints, resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from uniadapter_serve.adapters.datasets import QA, ImageText
+from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
+from uniadapter_serve.errors import ConfigError
+from uniadapter_serve.model.backbone import BlipBackbone, vision_config
+from uniadapter_serve.model.preprocess import array_to_tensor
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text
+from uniadapter_serve.model.uniadapter import HEAD_NAMES, AdapterSetModule, UniAdapterConfig
+
+log = logging.getLogger(__name__)
+
+MODES = ("uniadapter", "heads", "full")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "retrieval"
+    mode: str = "uniadapter"
+    """uniadapter | heads (frozen backbone, task heads only) | full (fine-tune everything)"""
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    bottleneck: int = 64
+    kv_rank: int = 16
+    num_frames: int = 8
+    label_smoothing: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("steps, batch_size and lr must be positive")
+
+
+@dataclass
+class TrainResult:
+    backbone: BlipBackbone
+    """the (shared, untouched) backbone, or the fine-tuned copy in `full` mode"""
+    adapter: AdapterSetModule | None
+    losses: list[float]
+
+    def tunable_parameters(self, mode: str) -> int:
+        if mode == "full":
+            return sum(p.numel() for p in self.backbone.parameters())
+        return self.adapter.num_parameters() if self.adapter is not None else 0
+
+
+def pixels(media: np.ndarray | list[np.ndarray] | str, size: int) -> torch.Tensor:
+    """Demo pixels (or frames) at model size -> (T, 3, S, S)."""
+    if isinstance(media, str):
+        from PIL import Image
+
+        from uniadapter_serve.model.preprocess import image_to_tensor
+
+        return image_to_tensor(Image.open(media), size)[None]
+    frames = media if isinstance(media, list) else [media]
+    if frames[0].shape[0] != size:
+        from PIL import Image
+
+        from uniadapter_serve.model.preprocess import image_to_tensor
+
+        return torch.stack([image_to_tensor(Image.fromarray(f), size) for f in frames])
+    return torch.stack([array_to_tensor(f) for f in frames])
+
+
+def adapter_config_for(cfg: TrainConfig) -> UniAdapterConfig:
+    if cfg.mode == "heads":
+        # no adapter branches: just the heads (retrieval) on the frozen backbone
+        return UniAdapterConfig(task=cfg.task, bottleneck=1, layers=[], kv_rank=0, visual=False, textual=False,
+                                cross_modal=False, heads=list(HEAD_NAMES) if cfg.task == "retrieval" else [],
+                                num_frames=cfg.num_frames)
+    return UniAdapterConfig.for_task(cfg.task, bottleneck=cfg.bottleneck, kv_rank=cfg.kv_rank,
+                                     num_frames=cfg.num_frames)
+
+
+def _init_heads_from_backbone(adapter: AdapterSetModule, backbone: BlipBackbone) -> None:
+    with torch.no_grad():
+        for name in HEAD_NAMES:
+            head, source = adapter.head(name), getattr(backbone, name)
+            if head is not None and source is not None:
+                head.load_state_dict(source.state_dict())
+
+
+def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[ImageText] | Sequence[QA],
+          cfg: TrainConfig, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
+          time_budget_s: float | None = None) -> TrainResult:
+    """Train per `cfg`. The shared backbone is never modified (full mode trains a copy).
+
+    With `checkpoint_dir`, a run resumes from the last checkpoint there; `time_budget_s` stops early
+    (after a checkpoint) so long trainings can be run in slices."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    if cfg.mode == "full":
+        model = copy.deepcopy(backbone)
+        model.requires_grad_(True)
+        adapter = None
+        params = [p for p in model.parameters()]
+    else:
+        model = backbone
+        adapter = AdapterSetModule(adapter_config_for(cfg), backbone.dims).to(backbone.device)
+        _init_heads_from_backbone(adapter, backbone)
+        adapter.requires_grad_(True)
+        params = [p for p in adapter.parameters()]
+    if not params:  # heads-only VQA: the task has no heads of its own, the frozen backbone answers as is
+        return TrainResult(backbone, None, [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 *
+                                                 (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    start = _resume(checkpoint_dir, model if cfg.mode == "full" else adapter, optimizer, schedule)
+    for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
+        _sample(data, rng, cfg.batch_size)
+    step_fn = _retrieval_step if cfg.task == "retrieval" else _answer_step
+    losses: list[float] = []
+    size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.task}/{cfg.mode}") as bar:
+        for step in range(start, cfg.steps):
+            batch = _sample(data, rng, cfg.batch_size)
+            routing = Routing.single(adapter, len(batch))
+            loss = step_fn(model, tokenizer, batch, routing, size, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0:
+                _checkpoint(checkpoint_dir, model if cfg.mode == "full" else adapter, optimizer, schedule, step + 1,
+                            cfg)
+                if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                    break
+    if adapter is not None:
+        adapter.requires_grad_(False)
+        adapter.eval()
+    model.requires_grad_(False)
+    return TrainResult(model, adapter, losses)
+
+
+def _sample(data: Sequence[Any], rng: random.Random, n: int) -> list[Any]:
+    """n items, each with the caption it trains on (retrieval) fixed by the same generator."""
+    batch = []
+    for _ in range(n):
+        item = data[rng.randrange(len(data))]
+        if isinstance(item, ImageText):
+            item = ImageText(item.image, [rng.choice(item.captions)], item.key)
+        batch.append(item)
+    return batch
+
+
+def _retrieval_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], routing: Routing, size: int,
+                    cfg: TrainConfig) -> torch.Tensor:
+    items: list[ImageText] = list(batch)
+    captions = [clean_text(it.captions[0], 30) for it in items]
+    px = torch.cat([pixels(it.image, size) for it in items]).to(model.device)
+    ids, mask = tok.encode(captions, mode="text")
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    keys = [it.key or c for it, c in zip(items, captions, strict=True)]
+    same = torch.tensor([[a == b for b in keys] for a in keys], device=model.device)
+    tokens = model.encode_image(px, routing)
+    image_feat = model.image_features(tokens, routing)
+    text_feat = model.text_features(ids, mask, routing)
+    loss = itc_loss(image_feat, text_feat, same)
+    return loss + itm_loss(model, tokens, ids, mask, image_feat.detach(), text_feat.detach(), same, routing,
+                           tok.enc_id)
+
+
+def _answer_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], routing: Routing, size: int,
+                 cfg: TrainConfig) -> torch.Tensor:
+    qas: list[QA] = list(batch)
+    states = _visual_states(model, qas, routing, size)
+    q_ids, q_mask = tok.encode([clean_text(q.question, 50) for q in qas], mode="multimodal")
+    q_ids, q_mask = q_ids.to(model.device), q_mask.to(model.device)
+    question = model.encode_multimodal(q_ids, q_mask, states, None, routing)
+    a_ids, a_mask = tok.encode_answers([q.best for q in qas])
+    return lm_loss(model, a_ids.to(model.device), a_mask.to(model.device), question, q_mask, routing, tok.dec_id,
+                   cfg.label_smoothing)
+
+
+def _visual_states(model: BlipBackbone, qas: Sequence[QA], routing: Routing, size: int) -> torch.Tensor:
+    frames = [pixels(q.media, size) for q in qas]
+    if frames[0].shape[0] == 1:
+        return model.encode_image(torch.cat(frames).to(model.device), routing)
+    video = torch.stack(frames).to(model.device)  # (B, T, 3, S, S)
+    return model.video_states(model.encode_video(video, routing), routing)
+
+
+def _checkpoint(folder: str | Path, module: nn.Module | None, optimizer: torch.optim.Optimizer,
+                schedule: Any, step: int, cfg: TrainConfig) -> None:
+    assert module is not None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(folder / "weights.tmp"))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                "config": asdict(cfg), "torch_rng": torch.get_rng_state()}, folder / "state.tmp")
+    (folder / "weights.tmp").replace(folder / "weights.safetensors")
+    (folder / "state.tmp").replace(folder / "state.pt")
+
+
+def _resume(folder: str | Path | None, module: nn.Module | None, optimizer: torch.optim.Optimizer,
+            schedule: Any) -> int:
+    if folder is None or module is None or not (Path(folder) / "state.pt").is_file():
+        return 0
+    folder = Path(folder)
+    module.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resumed from %s at step %d", folder, state["step"])
+    return int(state["step"])
+
+
+def freeze_check(backbone: BlipBackbone) -> Callable[[], bool]:
+    """A snapshot of every backbone tensor; call the result to check none changed (bit-identical)."""
+    before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    return lambda: all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())

@@ -1,0 +1,80 @@
+"""Pre-train the tiny demo BLIP on still scenes with BLIP's objectives: ITC, ITM and captioning LM.
+
+Reproducible from a seed: `python -m uniadapter_serve.model.demo.build` runs it (and trains the
+demo adapter sets). Position embeddings start at std 0.5, not transformers' 1e-10, so position is
+learnable in a small model trained from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from uniadapter_serve.adapters.datasets import ImageText
+from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
+from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.loading import load_config, random_backbone
+from uniadapter_serve.model.preprocess import array_to_tensor
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text
+
+
+def new_demo_backbone(seed: int = 0) -> BlipBackbone:
+    model = random_backbone(load_config("blip-demo"), seed=seed)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        pos = model.vision_model.embeddings.position_embedding
+        pos.copy_(torch.randn(pos.shape, generator=gen) * 0.5)
+    return model
+
+
+def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, batch_size: int = 64, lr: float = 5e-4,
+             seed: int = 0, time_budget_s: float | None = None,
+             progress: bool = True) -> tuple[BlipBackbone, list[float]]:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = new_demo_backbone(seed)
+    model.train()
+    model.requires_grad_(True)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    images = [array_to_tensor(it.image) for it in data]  # type: ignore[arg-type]
+    losses: list[float] = []
+    started = time.monotonic()
+    with tqdm(total=steps, disable=not progress, desc="pretrain") as bar:
+        for _ in range(steps):
+            idx = [rng.randrange(len(data)) for _ in range(batch_size)]
+            items = [data[i] for i in idx]
+            px = torch.stack([images[i] for i in idx])
+            captions = [clean_text(it.captions[0], 30) for it in items]
+            ids, mask = tokenizer.encode(captions, mode="text")
+            same = torch.tensor([[a.key == b.key for b in items] for a in items])
+            bare = Routing.none(batch_size)
+            tokens = model.encode_image(px, bare)
+            image_feat = model.image_features(tokens, bare)
+            text_feat = model.text_features(ids, mask, bare)
+            loss_itc = itc_loss(image_feat, text_feat, same)
+            loss_itm = itm_loss(model, tokens, ids, mask, image_feat.detach(), text_feat.detach(), same, bare,
+                                tokenizer.enc_id)
+            loss_lm = lm_loss(model, ids, mask, tokens, None, bare, tokenizer.dec_id)
+            loss = loss_itc + loss_itm + loss_lm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(itc=f"{float(loss_itc):.2f}", itm=f"{float(loss_itm):.2f}", lm=f"{float(loss_lm):.2f}")
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                break
+    model.eval()
+    model.requires_grad_(False)
+    return model, losses

@@ -1,0 +1,82 @@
+"""Adapter training on the tiny backbone: the loss goes down, the backbone stays bit-identical,
+checkpoints resume, and the baselines train what they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
+from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
+from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
+from uniadapter_serve.errors import ConfigError
+from uniadapter_serve.model.demo.world import World
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.tokenizer import BlipTokenizer
+
+ANSWERS = ["red", "green", "blue", "yellow", "purple", "orange", "1", "2", "left", "right", "yes", "no",
+           "circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    backbone = load_backbone("blip-tiny")
+    world = World(seed=0, image_size=32)
+    return backbone, BlipTokenizer.demo(128), world
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+def test_training_lowers_the_loss_and_leaves_the_backbone_bit_identical(setup, task):
+    backbone, tok, world = setup
+    data = demo_images(world, "train", 64) if task == "retrieval" else demo_vqa(world, "train", 32)
+    unchanged = freeze_check(backbone)
+    result = train(backbone, tok, data, TrainConfig(task=task, steps=40, batch_size=8, lr=1e-2, bottleneck=8,
+                                                    kv_rank=4), progress=False)
+    assert np.mean(result.losses[-8:]) < np.mean(result.losses[:8])
+    assert unchanged()
+    assert result.adapter is not None and not any(p.requires_grad for p in result.adapter.parameters())
+
+
+def test_checkpoints_resume_to_the_same_weights(setup, tmp_path):
+    backbone, tok, world = setup
+    data = demo_images(world, "train", 32)
+    cfg = TrainConfig(task="retrieval", steps=6, batch_size=4, bottleneck=4, kv_rank=2, checkpoint_every=3)
+    straight = train(backbone, tok, data, cfg, progress=False)
+    first = train(backbone, tok, data, cfg, checkpoint_dir=tmp_path, progress=False, time_budget_s=0)
+    assert len(first.losses) == 3  # stopped at the first checkpoint
+    assert (tmp_path / "weights.safetensors").is_file() and (tmp_path / "state.pt").is_file()
+    resumed = train(backbone, tok, data, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert len(resumed.losses) == 3  # steps 3..5 only
+    assert resumed.adapter is not None and straight.adapter is not None
+    for key, value in straight.adapter.state_dict().items():
+        assert torch.allclose(value, resumed.adapter.state_dict()[key], atol=1e-6), key
+
+
+def test_baselines(setup):
+    backbone, tok, world = setup
+    data = demo_images(world, "train", 32)
+    unchanged = freeze_check(backbone)
+    heads = train(backbone, tok, data, TrainConfig(task="retrieval", mode="heads", steps=3, batch_size=4),
+                  progress=False)
+    assert heads.adapter is not None and heads.tunable_parameters("heads") == sum(
+        p.numel() for p in heads.adapter.parameters()) < 5_000  # vision_proj + text_proj + itm_head
+    full = train(backbone, tok, data, TrainConfig(task="retrieval", mode="full", steps=3, batch_size=4),
+                 progress=False)
+    assert full.backbone is not backbone and full.tunable_parameters("full") == sum(
+        p.numel() for p in backbone.parameters())
+    assert unchanged()  # full fine-tuning trained a copy
+    vqa_heads = train(backbone, tok, demo_vqa(world, "train", 4), TrainConfig(task="vqa", mode="heads", steps=3),
+                      progress=False)
+    assert vqa_heads.adapter is None and vqa_heads.losses == []  # VQA has no heads: the frozen backbone as is
+    with pytest.raises(ConfigError, match="mode"):
+        TrainConfig(mode="lora")
+
+
+def test_evaluation_ranges(setup):
+    backbone, tok, world = setup
+    recall = retrieval_recall(backbone, tok, demo_images(world, "val", 30))
+    assert set(recall) == {f"{d}_r@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    assert all(0 <= v <= 1 for v in recall.values()) and recall["t2i_r@10"] >= recall["t2i_r@1"]
+    acc = answer_accuracy(backbone, tok, demo_vqa(world, "val", 5), ANSWERS)
+    assert 0 <= acc <= 1
