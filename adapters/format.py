@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from uniadapter_serve.errors import AdapterFormatError, AdapterIncompatibleError, ConfigError
@@ -76,6 +78,8 @@ class AdapterSetMeta:
     shapes: dict[str, tuple[int, ...]]
     answer_list: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    file_key: tuple[int, int, int, int] | None = None
+    """(size, mtime_ns) of the weights and config files when they were read and hashed"""
 
     @property
     def ref(self) -> str:
@@ -199,8 +203,18 @@ def _header(blob: bytes, path: Path) -> tuple[dict[str, tuple[int, ...]], dict[s
     return shapes, metadata
 
 
+def file_key(folder: Path) -> tuple[int, int, int, int] | None:
+    """Identity of a set's files on disk, to skip re-hashing files that did not change."""
+    try:
+        w, c = (folder / WEIGHTS_FILE).stat(), (folder / CONFIG_FILE).stat()
+    except OSError:
+        return None
+    return (w.st_size, w.st_mtime_ns, c.st_size, c.st_mtime_ns)
+
+
 def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
     folder = Path(folder)
+    key = file_key(folder)
     data = _read_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -220,7 +234,7 @@ def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
     meta = AdapterSetMeta(
         path=folder, name=name, config=config, backbone=backbone, created=str(data.get("created", "")),
         version=hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS], shapes=shapes, answer_list=answers,
-        extra=dict(data.get("extra") or {}),
+        extra=dict(data.get("extra") or {}), file_key=key,
     )
     return meta, blob
 
@@ -258,21 +272,45 @@ def check_compatible(meta: AdapterSetMeta, backbone: BlipBackbone) -> None:
 
 
 def expected_shapes(config: UniAdapterConfig, dims: BackboneDims) -> dict[str, tuple[int, ...]]:
+    return dict(_expected_shapes(json.dumps(config.to_dict(), sort_keys=True), dims))
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_shapes(config_json: str, dims: BackboneDims) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
-        return AdapterSetModule(config, dims).expected_shapes()
+        module = AdapterSetModule(UniAdapterConfig.from_dict(json.loads(config_json)), dims, init=False)
+    return tuple(module.expected_shapes().items())
 
 
 def load_adapter_set(folder: str | Path, backbone: BlipBackbone, *, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> LoadedAdapterSet:
-    """Validate a set against `backbone`, then build its module on the backbone's device/dtype."""
-    meta, blob = _read(folder)
-    check_compatible(meta, backbone)
-    try:
-        tensors = load_safetensors_bytes(blob)
-    except (SafetensorError, ValueError) as e:
-        raise AdapterFormatError(f"{meta.path / WEIGHTS_FILE} is corrupt: {e}") from e
+                     dtype: torch.dtype | None = None, meta: AdapterSetMeta | None = None) -> LoadedAdapterSet:
+    """Validate a set against `backbone`, then build its module on the backbone's device/dtype.
+
+    With `meta` from a registry scan whose files have not changed since (same sizes and mtimes), the
+    weights are not read and hashed a second time: they are memory-mapped straight into the module.
+    """
+    path = Path(folder)
+    if meta is not None and meta.file_key is not None and meta.file_key == file_key(path):
+        check_compatible(meta, backbone)
+        try:
+            tensors = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFormatError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from e
+    else:
+        scanned = meta
+        meta, blob = _read(path)
+        if scanned is not None and scanned.version != meta.version:
+            raise AdapterFormatError(
+                f"{path} changed on disk since it was scanned as {scanned.ref} (its version is now {meta.version}); "
+                "publish new versions into new folders"
+            )
+        check_compatible(meta, backbone)
+        try:
+            tensors = load_safetensors_bytes(blob)
+        except (SafetensorError, ValueError) as e:
+            raise AdapterFormatError(f"{meta.path / WEIGHTS_FILE} is corrupt: {e}") from e
     with torch.device("meta"):
-        module = AdapterSetModule(meta.config, backbone.dims)
+        module = AdapterSetModule(meta.config, backbone.dims, init=False)
     module.load_state_dict(tensors, strict=True, assign=True)
     module.requires_grad_(False)
     module.eval()

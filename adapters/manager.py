@@ -219,7 +219,8 @@ class AdapterManager:
             check_compatible(meta, self.backbone)
             cpu_module = cpu_copy.module
         else:
-            cpu_module = load_adapter_set(meta.path, self.backbone, device="cpu", dtype=self.backbone.dtype).module
+            cpu_module = load_adapter_set(meta.path, self.backbone, device="cpu", dtype=self.backbone.dtype,
+                                          meta=meta).module
             with self._lock:
                 self.stats["disk_loads"] += 1
         nbytes = _module_bytes(cpu_module)

@@ -28,6 +28,7 @@ from uniadapter_serve.adapters.format import (
     WEIGHTS_FILE,
     AdapterSetMeta,
     BackboneInfo,
+    file_key,
     read_adapter_meta,
     save_adapter_set,
 )
@@ -60,7 +61,7 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._versions: dict[str, list[AdapterSetMeta]] = {}
         self._errors: dict[str, str] = {}
-        self._cache: dict[Path, tuple[tuple[int, int, int, int], AdapterSetMeta]] = {}
+        self._cache: dict[Path, AdapterSetMeta] = {}
 
     def refresh(self) -> None:
         versions: dict[str, list[AdapterSetMeta]] = {}
@@ -86,16 +87,11 @@ class AdapterRegistry:
             self._versions, self._errors = versions, errors
 
     def _read(self, folder: Path) -> AdapterSetMeta:
-        try:
-            w, c = (folder / WEIGHTS_FILE).stat(), (folder / CONFIG_FILE).stat()
-            key = (w.st_size, w.st_mtime_ns, c.st_size, c.st_mtime_ns)
-        except OSError:
-            key = (-1, -1, -1, -1)
         cached = self._cache.get(folder)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached.file_key is not None and cached.file_key == file_key(folder):
+            return cached
         meta = read_adapter_meta(folder)
-        self._cache[folder] = (key, meta)
+        self._cache[folder] = meta
         return meta
 
     def names(self) -> list[str]:

@@ -8,9 +8,9 @@ size (`--sizes`) and two kinds of random data:
 - `clustered`: `--clusters` Gaussian clusters around random unit centres, then normalised;
   queries are drawn the same way around the same centres. The noise is anisotropic (variance
   ~ rank^-1, a low effective dimension like real embeddings have) and randomly rotated, with
-  expected norm 1.5 against the unit centre: nearest-neighbour cosines come out around 0.5-0.6
-  and IVF-Flat needs nprobe ~ 32-64 for recall@10 0.95. (Isotropic, well-separated clusters
-  are trivial: recall 1.0 at nprobe 8.)
+  expected norm 1.5 against the unit centre: top-10 cosines come out around 0.5-0.6 and
+  IVF-Flat needs a few tens of probes (1 M) to a hundred (100 k) for recall@10 0.95.
+  (Isotropic, well-separated clusters are trivial: recall 1.0 at nprobe 8.)
 - `uniform`: uniform on the unit sphere, queries too (the hardest case for approximate indexes:
   the true neighbours are barely closer than any other vector);
 
@@ -18,11 +18,13 @@ the indexes, all with METRIC_INNER_PRODUCT:
 
 - `IDMap2,Flat`: exact `IndexIDMap2(IndexFlatIP)`, the ground truth and the baseline;
 - `IVF{nlist},Flat` with nlist ~ 4*sqrt(N), for each `--nprobes` value;
-- `IVF{nlist},PQ32` (32 B codes) on the same coarse centroids, for each `--pq-nprobes` value;
+- `IVF{nlist},PQ32np` (32 B codes, no polysemous training) on the same coarse centroids, for
+  each `--pq-nprobes` value: the memory-saving option;
 - `HNSW32,Flat` (efConstruction `--ef-construction`), for each `--ef-search` value. Its build
-  is the slow one (about 5 minutes for 1 M vectors on 2 cores): with `--hnsw auto` (default) it
-  is built at the smallest size, and at larger sizes only when its build time, extrapolated
-  from the sizes already built, fits in what is left of `--budget`; skips are printed.
+  is the slow one (5-10 minutes for 1 M vectors on 2 cores): with `--hnsw auto` (default) it is
+  built for N <= `--hnsw-always-upto` (100 k), and at larger sizes only when its build time,
+  extrapolated from the sizes already built, fits in what is left of `--budget`; skips are
+  printed.
 
 Per index and search parameter: build time (train + add), memory (serialised bytes per vector,
 and the growth of the process' resident memory during the build), latency of one query at a
@@ -37,7 +39,8 @@ Run from the repository root:
     .venv/bin/python bench/faiss_search.py --sizes 100000 --queries 500
     .venv/bin/python bench/faiss_search.py --hnsw all          # also HNSW at 1 M (+5-10 min)
 
-The default run takes about 5-7 minutes and peaks at about 3.5 GB on a 2-core machine.
+The default run takes about 5 minutes on an idle 2-core machine (about 10 when other processes
+compete for the cores: the load average is printed) and peaks at about 2.5 GB resident.
 """
 
 from __future__ import annotations

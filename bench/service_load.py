@@ -23,7 +23,11 @@ Run from the repository root:
     .venv/bin/python bench/service_load.py
     .venv/bin/python bench/service_load.py --backbone blip-tiny --vqa-requests 100 --max-wait-ms 10
 
-The defaults take about 1-3 minutes on two cores.
+The defaults take under a minute on two quiet cores. Every scenario stops after `--time-limit`
+seconds (30 by default) even if its requests are not all done, so a loaded machine cannot stretch
+a run much past 4 minutes. The srv / gen / other columns show how much of the machine the
+server, this load generator and other processes used during each scenario: a large "other"
+share means the numbers of that scenario are not worth comparing.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ STAGES = ("vision", "text", "itm", "answer")
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 60.0
+WARMUP_TIME_LIMIT_S = 10.0
+FOREIGN_CPU_WARN = 0.10
+"""Other processes using more than this share of the machine during a scenario skew its numbers."""
 IMAGE_SIZE = 64
 VQA_SETS = ("vqa-a", "vqa-b")
 RETRIEVAL_SETS = ("ret-a", "ret-b")
@@ -410,7 +417,7 @@ async def run_all(server: Server, plans: Sequence[RoutePlan], args: argparse.Nam
     results: list[ScenarioResult] = []
     async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
         for plan in plans:
-            warm = await run_load(client, plan.route, plan.bodies, 1, args.warmup, args.time_limit)
+            warm = await run_load(client, plan.route, plan.bodies, 1, args.warmup, WARMUP_TIME_LIMIT_S)
             if warm.errors:
                 print(f"  warmup {plan.route}: errors {dict(warm.errors)}")
             for c in args.concurrency:
@@ -454,6 +461,9 @@ def print_table(results: Sequence[ScenarioResult]) -> None:
     for r in results:
         if r.errors:
             print(f"  errors {r.route} c={r.concurrency}: {dict(r.errors)}")
+        if r.cpu is not None and r.cpu.other is not None and r.cpu.other > FOREIGN_CPU_WARN:
+            print(f"  warning {r.route} c={r.concurrency}: other processes used {r.cpu.other:.0%} of the CPUs; "
+                  "its numbers are skewed")
         if r.done < r.requested:
             print(f"  note {r.route} c={r.concurrency}: stopped by the time limit after {r.done}/{r.requested}")
 
@@ -462,9 +472,8 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-def print_ratios(results: Sequence[ScenarioResult]) -> bool:
+def print_ratios(results: Sequence[ScenarioResult]) -> None:
     print(f"\nthroughput ratio: {RATIO_CONCURRENCY} clients / one at a time (same server)")
-    all_ok = True
     for route in dict.fromkeys(r.route for r in results):
         base = next((r for r in results if r.route == route and r.concurrency == 1), None)
         top = next((r for r in results if r.route == route and r.concurrency == RATIO_CONCURRENCY), None)
@@ -472,11 +481,9 @@ def print_ratios(results: Sequence[ScenarioResult]) -> bool:
             print(f"  {route:<10} n/a (needs concurrency 1 and {RATIO_CONCURRENCY})")
             continue
         ratio = top.throughput / base.throughput
-        all_ok &= ratio >= RATIO_TARGET_CPU
         print(f"  {route:<10} {top.throughput:7.1f} / {base.throughput:6.1f} req/s = {ratio:5.2f}x   "
               f"target CPU >= {RATIO_TARGET_CPU:g}x {verdict(ratio >= RATIO_TARGET_CPU):<7} "
               f"DESIGN >= {RATIO_TARGET_DESIGN:g}x {verdict(ratio >= RATIO_TARGET_DESIGN)}")
-    return all_ok
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -487,14 +494,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=4096)
-    p.add_argument("--vqa-requests", type=int, default=200, help="per concurrent scenario")
-    p.add_argument("--retrieve-requests", type=int, default=100, help="per concurrent scenario")
-    p.add_argument("--sequential-vqa-requests", type=int, default=100, help="one-at-a-time baseline")
-    p.add_argument("--sequential-retrieve-requests", type=int, default=50, help="one-at-a-time baseline")
+    p.add_argument("--vqa-requests", type=int, default=400, help="per concurrent scenario")
+    p.add_argument("--retrieve-requests", type=int, default=300, help="per concurrent scenario")
+    p.add_argument("--sequential-vqa-requests", type=int, default=150, help="one-at-a-time baseline")
+    p.add_argument("--sequential-retrieve-requests", type=int, default=150, help="one-at-a-time baseline")
     p.add_argument("--warmup", type=int, default=10, help="requests per route before timing")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=list(CONCURRENCY),
                    help="comma-separated client counts; 1 is the baseline (default 1,8,32)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per scenario at most")
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds per scenario at most")
     p.add_argument("--server-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for the server (torch intra-op threads); 0: torch's default")
     p.add_argument("--server-log-level", default="warning",

@@ -10,7 +10,7 @@
 
 2. VideoQA throughput. The service runs as a subprocess (demo backbone, CPU, 127.0.0.1) with a
    published videoqa adapter set; `POST /videoqa` with a 4 s 160x120 clip is sent N times at
-   concurrency 1 and 8, over several interleaved rounds. Printed: req/s (median over rounds),
+   concurrency 1 and 8, split over interleaved rounds. Printed: req/s (median over rounds),
    p50 / p95 latency (all rounds pooled), errors, server CPU (cores busy, CPU ms per request), the
    mean batch size per stage from `/metrics` deltas, and the 8-client / 1-client ratio.
 
@@ -398,17 +398,19 @@ async def bench_service(url: str, pid: int, body: bytes, args: argparse.Namespac
         await run_round(client, body, warm, args.warmup, pid)
         if warm.errors:
             raise RuntimeError(f"warm-up failed: {warm.errors}")
-        for _ in range(args.rounds):
+        rounds = max(1, min(args.rounds, args.requests))
+        for r in range(rounds):
+            share = args.requests // rounds + (1 if r < args.requests % rounds else 0)
             for sc in scenarios:
-                await run_round(client, body, sc, args.requests, pid)
+                await run_round(client, body, sc, share, pid)
     return scenarios
 
 
 def print_service(scenarios: Sequence[Scenario], clip_bytes: int, decode_ms: float, decoded: int,
                   args: argparse.Namespace) -> None:
     print(f"\n2. POST /videoqa, demo backbone on cpu, max_wait_ms {args.max_wait_ms:g}: {QA_SECONDS} s {FPS} fps "
-          f"{QA_W}x{QA_H} H.264 clip ({clip_bytes / 1e3:.0f} kB), {args.requests} requests per round, "
-          f"{args.rounds} rounds interleaved")
+          f"{QA_W}x{QA_H} H.264 clip ({clip_bytes / 1e3:.0f} kB), {args.requests} requests per scenario "
+          f"in {args.rounds} interleaved rounds")
     print(f"  the same clip decoded + sampled in this process: {decode_ms:.1f} ms median, {decoded} frames decoded")
     cores = float(os.cpu_count() or 1)
     print(f"\n  {'clients':>7}{'requests':>9}{'errors':>7}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}"
@@ -446,7 +448,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true", help="skip the decode-every-frame baseline")
     p.add_argument("--preset", default="veryfast", help="x264 preset for the generated clips")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "uniadapter-bench-video")
-    p.add_argument("--requests", type=int, default=60, help="/videoqa requests per scenario and round")
+    p.add_argument("--requests", type=int, default=60, help="/videoqa requests per scenario (split over rounds)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the concurrency scenarios")
     p.add_argument("--concurrency", type=int_list, default=[1, 8], help="client counts (1 is the baseline)")
     p.add_argument("--warmup", type=int, default=5, help="/videoqa requests before timing")

@@ -184,7 +184,7 @@ class BackboneDims:
 class AdapterSetModule(nn.Module):
     """Everything one task trains: per-layer adapters, K/V deltas, heads, temporal embedding."""
 
-    def __init__(self, config: UniAdapterConfig, dims: BackboneDims) -> None:
+    def __init__(self, config: UniAdapterConfig, dims: BackboneDims, *, init: bool = True) -> None:
         super().__init__()
         if dims.vision_hidden != dims.text_hidden:
             raise ConfigError(
@@ -216,7 +216,8 @@ class AdapterSetModule(nn.Module):
             nn.Parameter(torch.zeros(1, config.num_frames, dims.vision_hidden))
             if config.temporal_embedding else None
         )
-        self.reset_parameters()
+        if init:  # skipped when weights are loaded right after (e.g. on the meta device)
+            self.reset_parameters()
 
     def layer(self, i: int) -> UniAdapterLayer | None:
         key = str(i)

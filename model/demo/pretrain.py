@@ -72,7 +72,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
             schedule.step()
             losses.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(itc=f"{float(loss_itc):.2f}", itm=f"{float(loss_itm):.2f}", lm=f"{float(loss_lm):.2f}")
+            bar.set_postfix(itc=f"{loss_itc.item():.2f}", itm=f"{loss_itm.item():.2f}", lm=f"{loss_lm.item():.2f}")
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:
                 break
     model.eval()

@@ -119,24 +119,26 @@ class World:
     def _rng(self, kind: str, index: int) -> random.Random:
         return random.Random(f"{self.seed}:{kind}:{index}")
 
-    def _shape(self, rng: random.Random, taken: list[Shape]) -> Shape:
-        for _ in range(100):
-            size = rng.choice(SIZES)
-            r = 0.13 if size == "small" else 0.2
-            x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
-            if all(math.hypot(x - o.x, y - o.y) > 0.42 for o in taken) and all(abs(x - o.x) > 0.15 for o in taken):
-                used = {(o.shape) for o in taken} | {o.color for o in taken}
-                shape = rng.choice([s for s in SHAPES if s not in used])
-                color = rng.choice([c for c in COLORS if c not in used])
-                return Shape(shape, color, size, x, y)
-        raise RuntimeError("could not place a shape")
+    def _shape(self, rng: random.Random, taken: list[Shape], slot: int, slots: int) -> Shape:
+        """A shape in vertical band `slot` of `slots` (so shapes never overlap and left/right is clear),
+        with a shape and colour no other shape in the scene has."""
+        size = rng.choice(SIZES)
+        r = 0.13 if size == "small" else 0.2
+        lo, hi = slot / slots + r, (slot + 1) / slots - r
+        x = rng.uniform(lo, hi) if lo < hi else (slot + 0.5) / slots
+        y = rng.uniform(r, 1 - r)
+        shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in taken}])
+        color = rng.choice([c for c in COLORS if c not in {o.color for o in taken}])
+        return Shape(shape, color, size, x, y)
 
     def scene(self, index: int, num_shapes: int | None = None) -> Scene:
         rng = self._rng("scene", index)
         n = num_shapes or rng.randint(1, self.max_shapes)
+        slots = list(range(n))
+        rng.shuffle(slots)
         shapes: list[Shape] = []
-        for _ in range(n):
-            shapes.append(self._shape(rng, shapes))
+        for slot in slots:
+            shapes.append(self._shape(rng, shapes, slot, n))
         return Scene(shapes, rng.choice(list(BACKGROUNDS)))
 
     def clip(self, index: int, num_frames: int = 8) -> Clip:

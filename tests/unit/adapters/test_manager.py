@@ -151,3 +151,21 @@ def test_exact_version_and_prefix(manager, registry):
 def test_budgets_are_validated(backbone, registry):
     with pytest.raises(ConfigError, match="budgets"):
         AdapterManager(backbone, registry, device_budget_bytes=0, cpu_budget_bytes=0)
+
+
+def test_cold_load_trusts_the_scan_only_while_files_are_unchanged(manager, registry, backbone):
+    import os
+
+    from uniadapter_serve.adapters.format import WEIGHTS_FILE, load_adapter_set
+    from uniadapter_serve.errors import AdapterFormatError
+
+    meta = registry.resolve("a")
+    loaded = load_adapter_set(meta.path, backbone, meta=meta)  # no second read + hash
+    assert loaded.meta is meta
+    weights = meta.path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content, new mtime: the scan no longer vouches for it
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(meta.file_key[1] + 10**9, meta.file_key[1] + 10**9))
+    with pytest.raises(AdapterFormatError, match="changed on disk"):
+        manager.acquire("a")

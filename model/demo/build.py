@@ -1,0 +1,122 @@
+"""Build the shipped demo: pre-train the tiny BLIP, train the UniAdapter sets, evaluate the paper's
+comparison in miniature (heads only / UniAdapter / full fine-tuning), and write everything under
+`model/demo/`. Reproducible from the seed:
+
+    python -m uniadapter_serve.model.demo.build --seed 0 [--minutes-pretrain 20] [--minutes-task 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from uniadapter_serve.adapters.datasets import demo_images, demo_videoqa, demo_vqa
+from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
+from uniadapter_serve.adapters.format import BackboneInfo, save_adapter_set
+from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
+from uniadapter_serve.model.demo.pretrain import pretrain
+from uniadapter_serve.model.demo.world import COLORS, DIRECTIONS, NUMBERS, SHAPES, World
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.tokenizer import BlipTokenizer
+
+log = logging.getLogger(__name__)
+
+DEMO_ROOT = Path(__file__).parent
+ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS, "yes", "no", "move", "change"})
+SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
+
+
+def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(folder / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    tokenizer.tokenizer.save_pretrained(str(folder))
+    (folder / "answer_list.json").write_text(json.dumps(ANSWERS) + "\n")
+
+
+def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: World) -> dict[str, float]:
+    if task == "retrieval":
+        return retrieval_recall(backbone, tok, demo_images(world, "test", 500), adapter)
+    if task == "vqa":
+        return {"accuracy": answer_accuracy(backbone, tok, demo_vqa(world, "test", 150), ANSWERS, adapter)}
+    return {"accuracy": answer_accuracy(backbone, tok, demo_videoqa(world, "test", 100), ANSWERS, adapter)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEMO_ROOT)
+    parser.add_argument("--minutes-pretrain", type=float, default=20.0)
+    parser.add_argument("--minutes-task", type=float, default=5.0, help="per UniAdapter set")
+    parser.add_argument("--minutes-baseline", type=float, default=3.0, help="per baseline run")
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--bottleneck", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    world = World(seed=args.seed, image_size=64)
+    tok = BlipTokenizer.demo(512)
+
+    started = time.monotonic()
+    model, losses = pretrain(demo_images(world, "train", 20_000), tok, steps=100_000, batch_size=64,
+                             seed=args.seed, time_budget_s=args.minutes_pretrain * 60)
+    tail = losses[-20:]
+    log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
+             losses[0], sum(tail) / len(tail))
+    backbone_dir = args.out / "backbone"
+    write_backbone(model, tok, backbone_dir)
+    backbone = load_backbone(backbone_dir)
+    unchanged = freeze_check(backbone)
+
+    data: dict[str, list[Any]] = {"retrieval": demo_images(world, "train", 20_000),
+                                  "vqa": demo_vqa(world, "train", 8_000),
+                                  "videoqa": demo_videoqa(world, "train", 3_000)}
+    results: dict[str, Any] = {"tasks": {},
+                               "backbone": {"pretrain_steps": len(losses),
+                                            "parameters": backbone.component_parameters()}}
+    adapters_dir = args.out / "adapters"
+    shutil.rmtree(adapters_dir, ignore_errors=True)
+    for task in ("retrieval", "vqa", "videoqa"):
+        rows = {}
+        modes = ["uniadapter"] if args.skip_baselines else ["heads", "uniadapter", "full"]
+        for mode in modes:
+            minutes = args.minutes_task if mode == "uniadapter" else args.minutes_baseline
+            cfg = TrainConfig(task=task, mode=mode, steps=100_000, batch_size=32,
+                              lr=1e-3 if mode != "full" else 2e-4, bottleneck=args.bottleneck, kv_rank=16,
+                              checkpoint_every=50, seed=args.seed)
+            with_time = time.monotonic()
+            result = train(backbone, tok, data[task], cfg, progress=True,
+                           checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}", time_budget_s=minutes * 60)
+            metrics = evaluate(task, result.backbone, tok, result.adapter, world)
+            tunable = result.tunable_parameters(mode)
+            base = sum(backbone.component_parameters()[c] for c in
+                       (("vision_model", "text_encoder", "heads") if task == "retrieval" else
+                        ("vision_model", "text_encoder", "text_decoder")))
+            rows[mode] = {"metrics": metrics, "tunable_parameters": tunable,
+                          "percent": round(100 * tunable / base, 2), "steps": len(result.losses),
+                          "seconds": round(time.monotonic() - with_time)}
+            log.info("%s/%s: %s", task, mode, rows[mode])
+            if mode == "uniadapter":
+                assert result.adapter is not None
+                save_adapter_set(result.adapter, adapters_dir / SET_NAMES[task] / "v1", name=SET_NAMES[task],
+                                 backbone=BackboneInfo.of(backbone),
+                                 answer_list=None if task == "retrieval" else ANSWERS,
+                                 extra={"trained_on": "demo world", "metrics": metrics, "seed": args.seed})
+        results["tasks"][task] = rows
+    assert unchanged(), "training changed the shared backbone"
+    shutil.rmtree(args.out / ".checkpoints", ignore_errors=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.info("done in %.0f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
