@@ -91,6 +91,23 @@ def pixels(media: np.ndarray | list[np.ndarray] | str, size: int) -> torch.Tenso
     return torch.stack([array_to_tensor(f) for f in frames])
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule: Any,
+             params: Sequence[torch.Tensor]) -> float:
+    """One step: backward, clip the gradient norm at 5, update, advance the schedule; -> the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 5.0)
+    optimizer.step()
+    schedule.step()
+    return float(loss.detach())
+
+
 def adapter_config_for(cfg: TrainConfig) -> UniAdapterConfig:
     if cfg.mode == "heads":
         # no adapter branches: just the heads (retrieval) on the frozen backbone
@@ -132,8 +149,7 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     if not params:  # heads-only VQA: the task has no heads of its own, the frozen backbone answers as is
         return TrainResult(backbone, None, [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    schedule = warmup_cosine(optimizer, cfg.steps, warmup=50)
     start = _resume(checkpoint_dir, model if cfg.mode == "full" else adapter, optimizer, schedule)
     for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
         _sample(data, rng, cfg.batch_size)
@@ -146,12 +162,7 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
             batch = _sample(data, rng, cfg.batch_size)
             routing = Routing.single(adapter, len(batch))
             loss = step_fn(model, tokenizer, batch, routing, size, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimize(loss, optimizer, schedule, params))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0:

@@ -7,16 +7,15 @@ learnable in a small model trained from scratch.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from uniadapter_serve.adapters.datasets import ImageText
 from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
+from uniadapter_serve.adapters.training import optimize, warmup_cosine
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import load_config, random_backbone
 from uniadapter_serve.model.preprocess import array_to_tensor
@@ -43,8 +42,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     model.requires_grad_(True)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, warmup=100)
     images = [array_to_tensor(it.image) for it in data]  # type: ignore[arg-type]
     losses: list[float] = []
     started = time.monotonic()
@@ -64,13 +62,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
             loss_itm = itm_loss(model, tokens, ids, mask, image_feat.detach(), text_feat.detach(), same, bare,
                                 tokenizer.enc_id)
             loss_lm = lm_loss(model, ids, mask, tokens, None, bare, tokenizer.dec_id)
-            loss = loss_itc + loss_itm + loss_lm
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimize(loss_itc + loss_itm + loss_lm, optimizer, schedule, params))
             bar.update(1)
             bar.set_postfix(itc=f"{loss_itc.item():.2f}", itm=f"{loss_itm.item():.2f}", lm=f"{loss_lm.item():.2f}")
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:

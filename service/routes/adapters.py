@@ -20,7 +20,10 @@ from uniadapter_serve.service.schemas import AdapterInfo, AdapterList
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=ERRORS)
 
 
-def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool) -> AdapterInfo:
+def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None) -> AdapterInfo:
+    """The listing row of one set version (`newest` looked up unless the caller knows it)."""
+    if newest is None:
+        newest = core.registry.resolve(meta.name).ref == meta.ref
     rows = [r for r in core.manager.table() if r["ref"] == meta.ref]
     nbytes = next((int(str(r["bytes"])) for r in rows), meta.num_parameters * core.backbone.dtype.itemsize)
     return AdapterInfo(
@@ -47,31 +50,31 @@ def list_adapters(core: CoreDep) -> AdapterList:
 @router.get("/{ref}", response_model=AdapterInfo, dependencies=[ReadAuth], summary="One set (name = newest)")
 def get_adapter(ref: str, core: CoreDep) -> AdapterInfo:
     meta = core.registry.resolve(ref)
-    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+    return _info(core, meta)
 
 
 @router.post("/{ref}/load", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Make a set resident")
 async def load(ref: str, core: CoreDep) -> AdapterInfo:
     meta = await run_in_threadpool(core.manager.load, ref)
-    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+    return _info(core, meta)
 
 
 @router.post("/{ref}/unload", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Drop a set from memory")
 def unload(ref: str, core: CoreDep) -> AdapterInfo:
     meta = core.manager.unload(ref)
-    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+    return _info(core, meta)
 
 
 @router.post("/{ref}/pin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Load and never evict")
 async def pin(ref: str, core: CoreDep) -> AdapterInfo:
     meta = await run_in_threadpool(core.manager.pin, ref)
-    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+    return _info(core, meta)
 
 
 @router.post("/{ref}/unpin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Allow eviction again")
 def unpin(ref: str, core: CoreDep) -> AdapterInfo:
     meta = core.manager.unpin(ref)
-    return _info(core, meta, newest=core.registry.resolve(meta.name).ref == meta.ref)
+    return _info(core, meta)
 
 
 @router.post(
