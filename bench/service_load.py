@@ -107,6 +107,29 @@ def vqa_bodies() -> list[bytes]:
             for name in VQA_SETS]
 
 
+COLLECTION = "bench-images"
+
+
+def collection_bodies() -> list[bytes]:
+    """Text queries against a collection (the collection is bound to one set, so no `adapter`)."""
+    queries = ["a red circle", "a blue circle on the left", "a large green circle", "a small yellow circle"]
+    return [json.dumps({"query_text": q, "collection": COLLECTION, "top_k": 5}).encode() for q in queries]
+
+
+async def fill_collection(base_url: str, n: int = 64) -> None:
+    """Create the collection (bound to the first retrieval set) and add `n` generated images."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
+        r = await client.post("/collections", json={"name": COLLECTION, "kind": "image",
+                                                    "adapter": RETRIEVAL_SETS[0]})
+        r.raise_for_status()
+        items = [{"id": f"img{i}", "image": b64(circle_png(COLOURS[i % len(COLOURS)][0],
+                                                           COLOURS[(i // len(COLOURS)) % len(COLOURS)][1],
+                                                           radius=8 + i % 20))} for i in range(n)]
+        for start in range(0, n, 16):
+            r = await client.post(f"/collections/{COLLECTION}/items", json={"items": items[start:start + 16]})
+            r.raise_for_status()
+
+
 def retrieve_bodies() -> list[bytes]:
     images = [b64(circle_png(fill, bg)) for fill, bg in COLOURS]
     return [json.dumps({"query_text": "a red circle", "candidate_images": images, "top_k": 2,
@@ -514,14 +537,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if 1 not in args.concurrency:
         args.concurrency = [1, *args.concurrency]
     started = time.perf_counter()
+    # "route#label": the fragment only names the scenario in the table; it is never sent
     plans = [RoutePlan("/vqa", vqa_bodies(), args.vqa_requests, args.sequential_vqa_requests),
-             RoutePlan("/retrieve", retrieve_bodies(), args.retrieve_requests, args.sequential_retrieve_requests)]
+             RoutePlan("/retrieve", retrieve_bodies(), args.retrieve_requests, args.sequential_retrieve_requests),
+             RoutePlan("/retrieve#collection", collection_bodies(), args.retrieve_requests,
+                       args.sequential_retrieve_requests)]
     with tempfile.TemporaryDirectory(prefix="uniadapter-load-") as tmp:
         data_root = Path(tmp)
         publish_sets(data_root, args.backbone)
         with running_server(args, data_root) as server:
             print_header(args, server.ready)
             print(f"  server ready at {server.url} after {time.perf_counter() - started:.1f} s")
+            asyncio.run(fill_collection(server.url))
             results = asyncio.run(run_all(server, plans, args))
     print_table(results)
     print_ratios(results)

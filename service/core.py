@@ -45,13 +45,16 @@ CAPTION_WORDS, QUESTION_WORDS = 30, 50
 @dataclass
 class AnswerList:
     answers: list[str]
-    ids: torch.Tensor
-    mask: torch.Tensor
+    tensors: tuple[torch.Tensor, torch.Tensor]
+    """(ids, mask) of the tokenised answers: one tuple per list, so the answer stage can batch every
+    rank-mode job that shares it"""
 
 
 class ServiceCore:
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         self.backbone: BlipBackbone = load_backbone(settings.backbone, device=device, dtype=dtype)
@@ -71,7 +74,9 @@ class ServiceCore:
         handlers = make_handlers(self.backbone, bos_id=self.tokenizer.dec_id, sep_id=self.tokenizer.sep_id,
                                  pad_id=self.tokenizer.pad_id)
         self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
-                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=self.metrics)
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=self.metrics,
+                               stage_batch_sizes={"vision": settings.max_vision_batch_size}
+                               if settings.max_vision_batch_size else None)
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self.redis = RedisLink(settings.redis_url)
@@ -119,6 +124,8 @@ class ServiceCore:
     def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
         if meta is None or meta.answer_list is None:
             return self.default_answers
+        if meta.answer_list == self.default_answers.answers:
+            return self.default_answers  # same list: jobs of both batch together
         cached = self._answer_lists.get(meta.ref)
         if cached is None:
             cached = self._answer_lists[meta.ref] = self._answer_list(meta.answer_list)
@@ -131,8 +138,7 @@ class ServiceCore:
         return load_answer_list(beside if beside.is_file() else None)
 
     def _answer_list(self, answers: list[str]) -> AnswerList:
-        ids, mask = self.tokenizer.encode_answers(answers)
-        return AnswerList(answers, ids, mask)
+        return AnswerList(answers, self.tokenizer.encode_answers(answers))
 
     # -- request steps (event loop) ------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class ServiceCore:
         ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
         answers = self.answers_for(meta)
         payload = AnswerInput(ids[0], mask[0], states, mode="rank" if mode == "rank" else "generate",
-                              top_k=min(top_k, len(answers.answers)), candidates=(answers.ids, answers.mask),
+                              top_k=min(top_k, len(answers.answers)), candidates=answers.tensors,
                               max_length=max_length)
         out: AnswerOutput = await self.batcher.submit("answer", payload, _ref(meta), deadline)
         if out.indices is not None:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     # -- batching --------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="A batch closes at this many jobs ...")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="... or when its oldest job waited this long.")
+    max_vision_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="Cap on jobs per vision batch (CPUs gain little past ~8-12 images)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
+    )
     max_queue: int = Field(512, ge=1, description="Jobs waiting over all stages before 429.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-request deadline (504 after it).")
 
