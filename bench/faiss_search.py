@@ -452,22 +452,23 @@ def describe(r: Row) -> str:
 def verdict(rows: list[Row], n: int) -> None:
     """Per data kind at size n: the cheapest configuration meeting the target, or the best miss."""
     for kind in dict.fromkeys(r.data for r in rows if r.size == n):
-        mine = [r for r in rows if r.size == n and r.data == kind and r.param != "exact"]
+        mine = [r for r in rows if r.size == n and r.data == kind]
         ok = sorted((r for r in mine if r.meets), key=lambda r: r.lat1[0])
         if ok:
             print(f"VERDICT {n:,} {kind}: {len(ok)} config(s) meet the target; fastest: {describe(ok[0])}")
         else:
-            best = max(mine, key=lambda r: (r.recall, -r.worst_p95), default=None)
+            approx = [r for r in mine if r.param != "exact"]
+            best = max(approx, key=lambda r: (r.recall, -r.worst_p95), default=None)
             why = f"; best recall: {describe(best)}" if best else ""
             print(f"VERDICT {n:,} {kind}: no configuration meets the target{why}")
 
 
 def recommend(rows: list[Row], n: int) -> None:
-    """Default for size n: the fastest index+param meeting the target on every data kind measured."""
+    """Default for size n: the fastest index+param (exact search included) meeting the target on every data kind."""
     kinds = list(dict.fromkeys(r.data for r in rows if r.size == n))
     by_config: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        if r.size == n and r.param != "exact":
+        if r.size == n:
             by_config.setdefault((r.index, r.param), []).append(r)
     everywhere = [rs for rs in by_config.values() if len(rs) == len(kinds) and all(r.meets for r in rs)]
     realistic = [rs for rs in by_config.values() if any(r.data == "clustered" and r.meets for r in rs)]
