@@ -109,6 +109,21 @@ def test_ivf_serves_exactly_until_trained_then_recalls(tmp_path):
     assert index.search(x[:1], 3)[1][0][0] != 0
 
 
+def test_approximate_indexes_get_recall_preserving_search_params(tmp_path):
+    import faiss
+
+    ivf = VectorIndex(DIM, "IVF4096,Flat")
+    assert ivf.exact_fallback
+    ivf.rebuild(np.arange(4096 * 39), np.tile(unit(4096, 11), (39, 1)))
+    assert faiss.extract_index_ivf(ivf._index).nprobe == 64  # nlist / 64, not FAISS's default of 1
+    hnsw = VectorIndex(DIM, "HNSW8,Flat")
+    assert faiss.downcast_index(hnsw._index.index).hnsw.efSearch == 128
+    hnsw.add(np.arange(10), unit(10, 12))
+    hnsw.save(tmp_path / "h.snap")
+    loaded = VectorIndex.load(tmp_path / "h.snap", DIM, "HNSW8,Flat")
+    assert faiss.downcast_index(loaded._index.index).hnsw.efSearch == 128
+
+
 def test_hnsw_deletes_by_tombstone():
     index = VectorIndex(DIM, "HNSW8,Flat")
     x = unit(100, 10)
