@@ -53,10 +53,11 @@ class Counter(Metric):
 
 
 class Gauge(Metric):
-    """A gauge whose value is read from a callback at scrape time (or set directly)."""
+    """A value read from a callback at scrape time (or set directly). `kind="counter"` exports a
+    monotonic count kept elsewhere (e.g. the adapter manager's statistics)."""
 
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text, "gauge")
+    def __init__(self, name: str, help_text: str, kind: str = "gauge") -> None:
+        super().__init__(name, help_text, kind)
         self._values: dict[LabelKey, float] = {}
         self._callbacks: list[Callable[[], Iterable[tuple[dict[str, str], float]]]] = []
 
@@ -116,8 +117,8 @@ class Registry:
     def counter(self, name: str, help_text: str) -> Counter:
         return self._add(Counter(name, help_text))
 
-    def gauge(self, name: str, help_text: str) -> Gauge:
-        return self._add(Gauge(name, help_text))
+    def gauge(self, name: str, help_text: str, kind: str = "gauge") -> Gauge:
+        return self._add(Gauge(name, help_text, kind))
 
     def histogram(self, name: str, help_text: str, buckets: tuple[float, ...]) -> Histogram:
         return self._add(Histogram(name, help_text, buckets))
@@ -152,7 +153,8 @@ class ServiceMetrics:
         self.rejected = r.counter("uniadapter_rejected_total",
                                   "Jobs not run, by reason (queue_full, deadline, cancelled).")
         self.adapter_events = r.gauge("uniadapter_adapter_events_total",
-                                      "Adapter manager events: device_hits, cpu_hits, disk_loads, evictions, unloads.")
+                                      "Adapter manager events: device_hits, cpu_hits, disk_loads, evictions, unloads.",
+                                      kind="counter")
         self.cache = r.counter("uniadapter_embedding_cache_total", "Embedding cache lookups by result (hit, miss).")
 
     def render(self) -> str:
