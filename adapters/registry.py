@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,15 @@ class AdapterRegistry:
         self._versions: dict[str, list[AdapterSetMeta]] = {}
         self._errors: dict[str, str] = {}
         self._cache: dict[Path, AdapterSetMeta] = {}
+        self._last_refresh = 0.0
+        self.refresh_on_miss_every_s = 1.0
+        """A lookup miss rescans the disk at most this often (unknown names must not trigger a scan each)."""
+        self.max_staleness_s = 5.0
+        """Any lookup rescans when the last scan is older: replicas without Redis events still see new
+        versions within seconds (a scan re-hashes nothing that did not change)."""
 
     def refresh(self) -> None:
+        self._last_refresh = time.monotonic()
         versions: dict[str, list[AdapterSetMeta]] = {}
         errors: dict[str, str] = {}
         if self.root.is_dir():
@@ -115,8 +123,10 @@ class AdapterRegistry:
     def resolve(self, ref: str) -> AdapterSetMeta:
         """'name' -> newest version; 'name@version' (or a unique prefix of it) -> that version."""
         name, version = parse_ref(ref)
+        if time.monotonic() - self._last_refresh > self.max_staleness_s:
+            self.refresh()
         meta = self._find(name, version)
-        if meta is None:
+        if meta is None and time.monotonic() - self._last_refresh >= self.refresh_on_miss_every_s:
             self.refresh()  # maybe it appeared on disk since the last scan
             meta = self._find(name, version)
         if meta is not None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
@@ -65,14 +66,8 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
     media: dict[str, list[Media]] = {}
     if content_type == "application/json":
         body = await request.body()
-        parsed = model.model_validate_json(body)
-        for name, is_list in media_fields.items():
-            value = getattr(parsed, name)
-            if value is None:
-                continue
-            values = value if is_list else [value]
-            media[name] = [Media(_b64(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
-        return parsed, media
+        # parsing and base64-decoding megabytes of media is CPU work: keep it off the event loop
+        return await run_in_threadpool(_parse_json, body, model, media_fields)
     if content_type == "multipart/form-data":
         form = await request.form()
         fields: dict[str, Any] = {}
@@ -94,6 +89,18 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
     raise UnsupportedMediaTypeError(
         f"request body of type {content_type or '(none)'!r}: send application/json or multipart/form-data"
     )
+
+
+def _parse_json(body: bytes, model: type[M], media_fields: dict[str, bool]) -> tuple[M, dict[str, list[Media]]]:
+    parsed = model.model_validate_json(body)
+    media: dict[str, list[Media]] = {}
+    for name, is_list in media_fields.items():
+        value = getattr(parsed, name)
+        if value is None:
+            continue
+        values = value if is_list else [value]
+        media[name] = [Media(_b64(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
+    return parsed, media
 
 
 def validation_message(error: ValidationError) -> tuple[int, str]:

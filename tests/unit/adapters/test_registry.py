@@ -60,9 +60,22 @@ def test_publish_folder(registry, backbone, tmp_path):
 
 
 def test_new_folder_on_disk_is_found_on_resolve(registry, backbone):
+    registry.refresh_on_miss_every_s = 0
     save_adapter_set(_module(backbone, 8), registry.root / "late" / "v1", name="late",
                      backbone=BackboneInfo.of(backbone))
     assert registry.resolve("late").name == "late"
+
+
+def test_misses_rescan_the_disk_at_most_once_per_interval(registry, monkeypatch):
+    scans = []
+    real = registry.refresh
+    monkeypatch.setattr(registry, "refresh", lambda: (scans.append(1), real())[1])
+    registry.refresh_on_miss_every_s = registry.max_staleness_s = 60
+    registry._last_refresh = 0.0
+    for _ in range(20):
+        with pytest.raises(AdapterNotFoundError):
+            registry.resolve("nope")
+    assert len(scans) == 1
 
 
 def test_ambiguous_prefix_is_not_resolved(registry, backbone):
@@ -81,3 +94,13 @@ def test_config_name_is_what_counts(registry):
     meta = registry.resolve("c")
     config = json.loads((meta.path / CONFIG_FILE).read_text())
     assert config["name"] == "c"
+
+
+def test_name_resolves_to_a_version_published_by_another_process(registry, backbone):
+    other = AdapterRegistry(registry.root)  # a replica sharing the volume, no events
+    other.refresh()
+    first = other.resolve("a")
+    newer = registry.publish(_module(backbone, 77), "a", BackboneInfo.of(backbone))
+    assert other.resolve("a") == first  # within the staleness window: the cached view
+    other.max_staleness_s = 0
+    assert other.resolve("a").ref == newer.ref
