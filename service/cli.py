@@ -82,6 +82,33 @@ def _cmd_backbone_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from uniadapter_serve.adapters.cli_tasks import dumps, run_train
+
+    print(dumps(run_train(args)))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from uniadapter_serve.adapters.cli_tasks import dumps, run_eval
+
+    print(dumps(run_eval(args)))
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=["retrieval", "vqa", "videoqa"])
+    p.add_argument("--backbone", default="demo", help="backbone source (default: demo)")
+    p.add_argument("--data", default="demo", choices=["demo", "karpathy", "vqa2"],
+                   help="demo world, COCO/Flickr Karpathy JSON, or VQA v2 JSON")
+    p.add_argument("--annotations", help="Karpathy JSON, or VQA v2 annotations JSON")
+    p.add_argument("--questions", help="VQA v2 questions JSON")
+    p.add_argument("--media-root", help="folder the annotation file's images are under")
+    p.add_argument("--examples", type=int, default=2000, help="demo: scenes/clips to generate; real: cap")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniadapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     bconvert.add_argument("--vision-heads", type=int)
     bconvert.add_argument("--text-heads", type=int)
     bconvert.set_defaults(func=_cmd_backbone_convert)
+    tr = sub.add_parser("train", help="train an adapter set (or a baseline) on the frozen backbone")
+    _data_args(tr)
+    tr.add_argument("--mode", default="uniadapter", choices=["uniadapter", "heads", "full"])
+    tr.add_argument("--out", required=True, help="adapter-set folder to write")
+    tr.add_argument("--name", required=True, help="adapter set name")
+    tr.add_argument("--steps", type=int, default=500)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--bottleneck", type=int, default=64)
+    tr.add_argument("--kv-rank", type=int, default=16)
+    tr.add_argument("--answer-list", help="VQA candidate answers JSON (default: the training answers)")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="recall@k (retrieval) or accuracy (VQA, VideoQA)")
+    _data_args(ev)
+    ev.add_argument("--adapter", help="adapter-set folder (default: the bare backbone)")
+    ev.add_argument("--split", default="test", help="demo: train/val/test; real: the annotation split")
+    ev.set_defaults(func=_cmd_eval)
+
     index = sub.add_parser("index", help="collection tools")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     add = index_sub.add_parser("add", help="embed files under the media root into a collection (resumable)")

@@ -59,3 +59,23 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "adapters", "inspect", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--backbone" in result.stdout
+
+
+def test_train_then_eval_on_the_demo_world(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["train", "--task", "vqa", "--backbone", "blip-tiny", "--examples", "20", "--steps", "4",
+                 "--batch-size", "4", "--bottleneck", "4", "--kv-rank", "2", "--out", str(out), "--name", "tiny-vqa",
+                 "--quiet"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["steps"] == 4 and trained["tunable_parameters"] > 0 and (out / "adapter_config.json").is_file()
+    assert main(["eval", "--task", "vqa", "--backbone", "blip-tiny", "--adapter", str(out), "--examples", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] == f"tiny-vqa@{trained['version']}" and 0 <= report["accuracy"] <= 1
+    assert main(["eval", "--task", "retrieval", "--backbone", "blip-tiny", "--examples", "12"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["t2i_r@1"] <= 1
+
+
+def test_train_rejects_data_that_does_not_fit_the_task(tmp_path, capsys):
+    assert main(["train", "--task", "vqa", "--backbone", "blip-tiny", "--data", "karpathy", "--media-root",
+                 str(tmp_path), "--out", str(tmp_path / "o"), "--name", "x"]) == 2
+    assert "does not fit task" in capsys.readouterr().err
