@@ -15,8 +15,6 @@ import datetime as dt
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from uniadapter_serve.errors import AdapterFormatError, AdapterIncompatibleError, ConfigError
+from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.uniadapter import AdapterSetModule, BackboneDims, UniAdapterConfig
 
@@ -124,19 +123,6 @@ class LoadedAdapterSet:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter_set(module: AdapterSetModule, folder: str | Path, *, name: str, backbone: BackboneInfo,
                      answer_list: list[str] | None = None, extra: dict[str, Any] | None = None) -> str:
     """Write a set folder atomically (weights first, then config); returns its version."""
@@ -158,8 +144,8 @@ def save_adapter_set(module: AdapterSetModule, folder: str | Path, *, name: str,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
         "extra": extra or {},
     }
-    _atomic_write(folder / WEIGHTS_FILE, blob)
-    _atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(folder / WEIGHTS_FILE, blob)
+    atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return version
 
 

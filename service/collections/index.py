@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import faiss
 import numpy as np
 
 from uniadapter_serve.errors import ConfigError, CorruptMediaError
+from uniadapter_serve.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +191,7 @@ class VectorIndex:
             header = json.dumps({"seq": self.seq, "generation": self.generation, "factory": self.factory,
                                  "dim": self.dim, "tombstones": sorted(self._tombstones),
                                  "fallback": self._fallback}).encode()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
 
     @classmethod
     def load(cls, path: Path, dim: int, factory: str, *, gpu: bool = False) -> VectorIndex:

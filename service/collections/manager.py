@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.errors import ConflictError, InputError, NotFoundError
+from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.service.collections.collection import Collection, Hit
 from uniadapter_serve.service.collections.index import validate_factory
 from uniadapter_serve.service.collections.store import Item, NewItem, _GenerationChanged
@@ -223,12 +223,7 @@ class CollectionManager:
                 p.source = f"upload:{target.name}"
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(p.content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write(target, p.content)
             p.source = f"upload:{target.name}"
 
     def delete_item(self, name: str, external_id: str) -> None:

@@ -167,3 +167,10 @@ def test_loads_in_backbone_dtype(backbone, saved):
     loaded = load_adapter_set(folder, backbone, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}
     assert read_adapter_meta(folder).version == loaded.meta.version
+
+
+def test_files_are_readable_by_other_users(saved):
+    _, folder, _ = saved
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644
+    assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
