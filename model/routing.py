@@ -64,13 +64,6 @@ class Routing:
     def is_bare(self) -> bool:
         return not self.routes
 
-    def adapters(self) -> list[AdapterSetModule]:
-        return [r.adapter for r in self.routes]
-
-    def to(self, device: torch.device) -> Routing:
-        routes = [Route(r.adapter, None if r.index is None else r.index.to(device)) for r in self.routes]
-        return Routing(routes, self.batch_size)
-
     def repeat_interleave(self, repeats: int) -> Routing:
         """Routing for a batch in which each row was repeated `repeats` times in place
         (frames of a video, candidate answers of a question)."""

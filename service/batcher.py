@@ -74,7 +74,6 @@ class Batcher:
         self._queues: dict[str, deque[Job]] = {name: deque() for name in handlers}
         self._cond = threading.Condition()
         self._running = False
-        self._busy = False
         self._thread: threading.Thread | None = None
         self._batch_seconds = 0.05  # running estimate, for Retry-After
         metrics.queue_depth.collect_from(self._depths)
@@ -101,10 +100,6 @@ class Batcher:
     def queued(self) -> int:
         with self._cond:
             return sum(len(q) for q in self._queues.values())
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._busy and not any(self._queues.values())
 
     # -- submitting (event loop) ----------------------------------------------------------------
 
@@ -148,8 +143,6 @@ class Batcher:
                 for job in jobs:
                     job.finish(e if isinstance(e, Exception) else RuntimeError(str(e)))
             finally:
-                with self._cond:
-                    self._busy = False
                 elapsed = time.monotonic() - started
                 self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
 
@@ -169,9 +162,7 @@ class Batcher:
                 if len(queue) < limit and wait > 0 and self._running:
                     self._cond.wait(wait)
                     continue
-                jobs = [queue.popleft() for _ in range(min(limit, len(queue)))]
-                self._busy = True
-                return stage, jobs
+                return stage, [queue.popleft() for _ in range(min(limit, len(queue)))]
 
     def _run(self, stage: str, jobs: list[Job]) -> None:
         now = time.monotonic()

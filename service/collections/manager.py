@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
+from uniadapter_serve.adapters.registry import NAME_RE
 from uniadapter_serve.errors import ConflictError, InputError, NotFoundError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.service.collections.collection import Collection, Hit
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "video", "text")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/bmp": ".bmp",
               "image/webp": ".webp", "video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi"}
 
