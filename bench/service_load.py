@@ -40,8 +40,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,16 +52,14 @@ from pathlib import Path
 
 import httpx
 import torch
+from benchkit import HOST, free_port, percentile, stop_process, wait_ready
 from PIL import Image, ImageDraw
 
-HOST = "127.0.0.1"
 CONCURRENCY = (1, 8, 32)
 RATIO_CONCURRENCY = 32
 RATIO_TARGET_CPU = 3.0
 RATIO_TARGET_DESIGN = 4.0
 STAGES = ("vision", "text", "itm", "answer")
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 60.0
 WARMUP_TIME_LIMIT_S = 10.0
 FOREIGN_CPU_WARN = 0.10
@@ -157,10 +153,7 @@ def publish_sets(data_root: Path, backbone_name: str) -> None:
         registry.publish(module, name, info)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+
 
 
 def server_env(args: argparse.Namespace, data_root: Path, port: int) -> dict[str, str]:
@@ -177,40 +170,13 @@ def server_env(args: argparse.Namespace, data_root: Path, port: int) -> dict[str
     return env
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> dict[str, object]:
-    """Poll GET /readyz until 200 (or the process exits, or READY_TIMEOUT_S passes)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with httpx.Client(base_url=base_url, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log_path)}")
-            try:
-                r = client.get("/readyz")
-                if r.status_code == 200:
-                    body: dict[str, object] = r.json()
-                    return body
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no server log)"
+
+
+
 
 
 @dataclass
@@ -375,13 +341,7 @@ class ScenarioResult:
         return len(self.latencies) / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); nan when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+
 
 
 async def one_request(client: httpx.AsyncClient, route: str, body: bytes, result: ScenarioResult) -> None:

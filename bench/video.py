@@ -29,8 +29,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,18 +42,16 @@ from pathlib import Path
 import av
 import httpx
 import numpy as np
+from benchkit import HOST, free_port, percentile, stop_process, wait_ready
 
 from uniadapter_serve.service.video import decode_clip
 
-HOST = "127.0.0.1"
 FPS = 25
 GOP = 50
 CLIP_W, CLIP_H = 320, 240
 QA_SECONDS, QA_W, QA_H = 4, 160, 120
 NUM_FRAMES = 8
 SAMPLE_SIZE = 64
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 60.0
 SCENARIO_TIME_LIMIT_S = 120.0
 ADAPTER = "vqa-video"
@@ -233,43 +229,16 @@ def publish_set(data_root: Path) -> int:
     return int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no server log)"
 
 
-def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with httpx.Client(base_url=base_url, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log_path)}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+
+
 
 
 @contextmanager
@@ -324,11 +293,7 @@ async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, str], float]:
     return parse_metrics(r.text)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5))) - 1]
+
 
 
 @dataclass
