@@ -2,7 +2,10 @@
 comparison in miniature (heads only / UniAdapter / full fine-tuning), and write everything under
 `model/demo/`. Reproducible from the seed:
 
-    python -m uniadapter_serve.model.demo.build --seed 0 [--pretrain-steps 3000] [--task-steps 1500]
+    python -m uniadapter_serve.model.demo.build --seed 0
+
+Stages can run separately (`--stage pretrain|adapters|baselines`, `--tasks ...`); each merges its
+rows into `results.json`, and a new backbone discards the sets and rows trained on the old one.
 
 Step counts (not wall time) define the run, so the same seed gives the same weights; the learning-rate
 schedules decay over exactly those steps. On two quiet CPU cores pre-training runs at ~2.4 steps/s and
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEMO_ROOT = Path(__file__).parent
 ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS, "yes", "no", "move", "change"})
+TASKS = ("retrieval", "vqa", "videoqa")
 SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
 
 
@@ -54,50 +58,46 @@ def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: 
     return {"accuracy": answer_accuracy(backbone, tok, demo_videoqa(world, "test", 100), ANSWERS, adapter)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEMO_ROOT)
-    parser.add_argument("--pretrain-steps", type=int, default=3000)
-    parser.add_argument("--task-steps", type=int, default=1500, help="per UniAdapter set")
-    parser.add_argument("--baseline-steps", type=int, default=800, help="per baseline run")
-    parser.add_argument("--skip-baselines", action="store_true")
-    parser.add_argument("--bottleneck", type=int, default=64)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
-    torch.manual_seed(args.seed)
-    world = World(seed=args.seed, image_size=64)
-    tok = BlipTokenizer.demo(512)
+def read_results(out: Path) -> dict[str, Any]:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {"tasks": {}}
 
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> None:
     started = time.monotonic()
     model, losses = pretrain(demo_images(world, "train", 20_000), tok, steps=args.pretrain_steps, batch_size=64,
                              seed=args.seed)
     tail = losses[-20:]
     log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
              losses[0], sum(tail) / len(tail))
-    backbone_dir = args.out / "backbone"
-    write_backbone(model, tok, backbone_dir)
-    backbone = load_backbone(backbone_dir)
-    unchanged = freeze_check(backbone)
+    write_backbone(model, tok, args.out / "backbone")
+    results = {"tasks": {}, "seed": args.seed,
+               "backbone": {"pretrain_steps": len(losses), "seconds": round(time.monotonic() - started),
+                            "parameters": load_backbone(args.out / "backbone").component_parameters()}}
+    write_results(args.out, results)  # a new backbone invalidates every set trained on the old one
+    shutil.rmtree(args.out / "adapters", ignore_errors=True)
 
-    data: dict[str, list[Any]] = {"retrieval": demo_images(world, "train", 20_000),
-                                  "vqa": demo_vqa(world, "train", 8_000),
-                                  "videoqa": demo_videoqa(world, "train", 3_000)}
-    results: dict[str, Any] = {"tasks": {},
-                               "backbone": {"pretrain_steps": len(losses),
-                                            "parameters": backbone.component_parameters()}}
-    adapters_dir = args.out / "adapters"
-    shutil.rmtree(adapters_dir, ignore_errors=True)
-    for task in ("retrieval", "vqa", "videoqa"):
-        rows = {}
-        modes = ["uniadapter"] if args.skip_baselines else ["heads", "uniadapter", "full"]
+
+def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes: list[str]) -> None:
+    backbone = load_backbone(args.out / "backbone")
+    unchanged = freeze_check(backbone)
+    results = read_results(args.out)
+    for task in args.tasks:
+        data: list[Any] = (demo_images(world, "train", 20_000) if task == "retrieval" else
+                           demo_vqa(world, "train", 8_000) if task == "vqa" else
+                           demo_videoqa(world, "train", 3_000))
+        rows = results["tasks"].setdefault(task, {})
         for mode in modes:
             steps = args.task_steps if mode == "uniadapter" else args.baseline_steps
             cfg = TrainConfig(task=task, mode=mode, steps=steps, batch_size=32,
                               lr=1e-3 if mode != "full" else 2e-4, bottleneck=args.bottleneck, kv_rank=16,
                               checkpoint_every=50, seed=args.seed)
             with_time = time.monotonic()
-            result = train(backbone, tok, data[task], cfg, progress=True,
+            result = train(backbone, tok, data, cfg, progress=True,
                            checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}")
             metrics = evaluate(task, result.backbone, tok, result.adapter, world)
             tunable = result.tunable_parameters(mode)
@@ -106,18 +106,47 @@ def main(argv: list[str] | None = None) -> int:
                         ("vision_model", "text_encoder", "text_decoder")))
             rows[mode] = {"metrics": metrics, "tunable_parameters": tunable,
                           "percent": round(100 * tunable / base, 2), "steps": len(result.losses),
+                          "loss_first": round(result.losses[0], 4),
+                          "loss_last": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
                           "seconds": round(time.monotonic() - with_time)}
             log.info("%s/%s: %s", task, mode, rows[mode])
             if mode == "uniadapter":
                 assert result.adapter is not None
-                save_adapter_set(result.adapter, adapters_dir / SET_NAMES[task] / "v1", name=SET_NAMES[task],
+                folder = args.out / "adapters" / SET_NAMES[task]
+                shutil.rmtree(folder, ignore_errors=True)
+                save_adapter_set(result.adapter, folder / "v1", name=SET_NAMES[task],
                                  backbone=BackboneInfo.of(backbone),
                                  answer_list=None if task == "retrieval" else ANSWERS,
-                                 extra={"trained_on": "demo world", "metrics": metrics, "seed": args.seed})
-        results["tasks"][task] = rows
+                                 extra={"trained_on": "demo world", "metrics": metrics, "seed": args.seed,
+                                        "steps": len(result.losses)})
+            write_results(args.out, results)
+            shutil.rmtree(args.out / ".checkpoints" / f"{task}-{mode}", ignore_errors=True)
     assert unchanged(), "training changed the shared backbone"
-    shutil.rmtree(args.out / ".checkpoints", ignore_errors=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEMO_ROOT)
+    parser.add_argument("--stage", choices=("all", "pretrain", "adapters", "baselines"), default="all",
+                        help="all = pretrain, then the adapter sets, then the baselines")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--pretrain-steps", type=int, default=3500)
+    parser.add_argument("--task-steps", type=int, default=1500, help="per UniAdapter set")
+    parser.add_argument("--baseline-steps", type=int, default=800, help="per baseline run")
+    parser.add_argument("--bottleneck", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    world = World(seed=args.seed, image_size=64)
+    tok = BlipTokenizer.demo(512)
+    started = time.monotonic()
+    if args.stage in ("all", "pretrain"):
+        run_pretrain(args, world, tok)
+    if args.stage in ("all", "adapters"):
+        train_sets(args, world, tok, ["uniadapter"])
+    if args.stage in ("all", "baselines"):
+        train_sets(args, world, tok, ["heads", "full"])
     log.info("done in %.0f s", time.monotonic() - started)
     return 0
 
