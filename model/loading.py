@@ -182,6 +182,14 @@ def random_backbone(config: BlipConfig | str, seed: int = 0) -> BlipBackbone:
     return model
 
 
+def local_folder(source: str | Path) -> Path | None:
+    """The folder a backbone source reads its files from (the shipped one for 'demo'), if local."""
+    if str(source) == "demo":
+        return DEMO_DIR if (DEMO_DIR / "config.json").is_file() else None
+    folder = Path(source)
+    return folder if folder.is_dir() else None
+
+
 def load_backbone(source: str | Path | BlipConfig, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> BlipBackbone:
     """Build the frozen backbone from `source` and move it to `device`/`dtype`.

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, BertTokenizer, BlipConfig, PreTrainedTok
 
 from uniadapter_serve.errors import CheckpointError
 from uniadapter_serve.model.backbone import text_config
+from uniadapter_serve.model.loading import local_folder
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_VOCAB = CONFIG_DIR / "demo-vocab.txt"
@@ -96,8 +97,8 @@ class BlipTokenizer:
 
 def load_tokenizer(source: str | Path, config: BlipConfig) -> BlipTokenizer:
     """The tokenizer saved beside a backbone, or the demo vocabulary for bundled/random backbones."""
-    folder = Path(source)
-    if folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES):
+    folder = local_folder(source)
+    if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
         tok = BlipTokenizer.from_folder(folder)
     else:
         tok = BlipTokenizer.demo(text_config(config).vocab_size)

@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve import __version__
-from uniadapter_serve.service import docs, errors
+from uniadapter_serve.service import demo, docs, errors
 from uniadapter_serve.service.bodies import BODY_MODELS
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.metrics import ServiceMetrics
@@ -42,6 +42,11 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
         service = core if core is not None else await run_in_threadpool(ServiceCore, settings, metrics)
         app.state.core = service
         service.start()
+        if service.demo:
+            try:
+                await demo.ensure_collections(service)
+            except Exception:  # the demo is a convenience: never a reason not to serve
+                log.exception("could not create the demo collections")
         try:
             yield
         finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -16,9 +15,10 @@ from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import ConflictError, InputError, TextTooLongError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
-from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.loading import load_backbone, local_folder
 from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
+from uniadapter_serve.service import demo
 from uniadapter_serve.service.batcher import Batcher
 from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.media import decode_image
@@ -63,6 +63,12 @@ class ServiceCore:
         self.metrics = metrics or ServiceMetrics()
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.registry.refresh()
+        self.demo = demo.enabled(settings)
+        self.default_adapters: dict[str, str | None] = {
+            task: getattr(settings, f"default_{task}_adapter") for task in TASK_KINDS}
+        if self.demo:
+            for task, name in demo.install_sets(self.registry).items():
+                self.default_adapters[task] = self.default_adapters[task] or name
         self.manager = AdapterManager(
             self.backbone, self.registry,
             device_budget_bytes=int(settings.device_adapter_budget_mb * MB),
@@ -112,7 +118,7 @@ class ServiceCore:
     def resolve_adapter(self, ref: str | None, task: str) -> AdapterSetMeta | None:
         """The set a request names (or the task's default); None = bare backbone."""
         if ref is None:
-            ref = getattr(self.settings, f"default_{task}_adapter")
+            ref = self.default_adapters[task]
         if ref is None or ref in ("none", "bare"):
             return None
         meta = self.registry.resolve(ref)
@@ -134,8 +140,9 @@ class ServiceCore:
     def _default_answer_strings(self) -> list[str]:
         if self.settings.answer_list is not None:
             return load_answer_list(self.settings.answer_list)
-        beside = Path(self.settings.backbone) / "answer_list.json"
-        return load_answer_list(beside if beside.is_file() else None)
+        folder = local_folder(self.settings.backbone)
+        beside = folder / "answer_list.json" if folder is not None else None
+        return load_answer_list(beside if beside is not None and beside.is_file() else None)
 
     def _answer_list(self, answers: list[str]) -> AnswerList:
         return AnswerList(answers, self.tokenizer.encode_answers(answers))

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     default_retrieval_adapter: str | None = Field(None, description="Set used by /retrieve when none is named.")
     default_vqa_adapter: str | None = Field(None, description="Set used by /vqa when none is named.")
     default_videoqa_adapter: str | None = Field(None, description="Set used by /videoqa when none is named.")
+    demo_content: bool = Field(
+        True, description="With backbone 'demo': publish the shipped demo sets, use them when a request names "
+        "none, and create the demo-images / demo-videos collections (each only if missing).",
+    )
     num_frames: int = Field(8, ge=1, le=64, description="Frames sampled per video when the set does not say.")
 
     # -- adapter budgets -------------------------------------------------------------------------

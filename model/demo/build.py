@@ -124,6 +124,29 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
     assert unchanged(), "training changed the shared backbone"
 
 
+MODE_LABELS = {"heads": "frozen backbone + heads only", "uniadapter": "UniAdapter", "full": "full fine-tuning"}
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The README's comparison table (markdown), from results.json."""
+    head = ("| method | retrieval: tunable % | text->image R@1 / R@5 | VQA: tunable % | VQA exact match "
+            "| VideoQA: tunable % | VideoQA accuracy |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    tasks = results["tasks"]
+    for mode, label in MODE_LABELS.items():
+        cells = [label]
+        for task in TASKS:
+            row = tasks.get(task, {}).get(mode)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            m = row["metrics"]
+            score = (f"{m['t2i_r@1']:.2f} / {m['t2i_r@5']:.2f}" if task == "retrieval" else f"{m['accuracy']:.2f}")
+            cells += [f"{row['percent']:.2f} %", score]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.errors import ConflictError, InputError
+from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import CoreDep, ReadAuth
 from uniadapter_serve.service.bodies import Media, body_openapi, parse_body
 from uniadapter_serve.service.core import ServiceCore
@@ -38,6 +39,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     }.items()
 }
 
+EXAMPLES = demo.request_examples()
 VQA_MEDIA = {"image": False}
 VIDEOQA_MEDIA = {"video": False}
 RETRIEVE_MEDIA = {"query_image": False, "candidate_images": True}
@@ -50,7 +52,8 @@ def _vqa_response(answers: list[tuple[str, float]], mode: str, adapter: str | No
 
 
 @router.post("/vqa", response_model=VqaResponse, responses=ERRORS,
-             openapi_extra=body_openapi(VqaRequest, VQA_MEDIA), summary="Answer a question about an image")
+             openapi_extra=body_openapi(VqaRequest, VQA_MEDIA, EXAMPLES["vqa"]),
+             summary="Answer a question about an image")
 async def vqa(request: Request, core: CoreDep) -> VqaResponse:
     body, media = await parse_body(request, VqaRequest, VQA_MEDIA)
     core.check_text(body.question, "question")
@@ -64,7 +67,8 @@ async def vqa(request: Request, core: CoreDep) -> VqaResponse:
 
 
 @router.post("/videoqa", response_model=VqaResponse, responses=ERRORS,
-             openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA), summary="Answer a question about a video")
+             openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA, EXAMPLES["videoqa"]),
+             summary="Answer a question about a video")
 async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
     core.check_text(body.question, "question")
@@ -86,7 +90,7 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,
-             openapi_extra=body_openapi(RetrieveRequest, RETRIEVE_MEDIA),
+             openapi_extra=body_openapi(RetrieveRequest, RETRIEVE_MEDIA, EXAMPLES["retrieve"]),
              summary="Text -> images, or image -> texts, ranked by the adapter's ITC (+ optional ITM re-rank)")
 async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     body, media = await parse_body(request, RetrieveRequest, RETRIEVE_MEDIA, list_fields=("candidate_texts",))

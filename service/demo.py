@@ -1,0 +1,199 @@
+"""What `uniadapter serve` with no arguments serves: the shipped demo.
+
+With the backbone 'demo' and its trained weights present (model/demo/, built by
+`python -m uniadapter_serve.model.demo.build`), the service
+
+- publishes the three shipped adapter sets (demo-retrieval, demo-vqa, demo-videoqa) into the
+  adapters root and uses them when a request names no set (explicit `default_*_adapter` settings
+  win);
+- creates two collections of held-out demo-world media, `demo-images` and `demo-videos`, bound to
+  the exact demo-retrieval version. Their files are written under MEDIA_ROOT/demo/, so they can be
+  opened, uploaded from Swagger, or re-indexed like any user media.
+
+Everything is created only where missing: a restart, or a second replica on the same volume,
+changes nothing, and an interrupted start finishes the collections on the next one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import av
+import numpy as np
+
+from uniadapter_serve.adapters.format import read_adapter_meta
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.errors import ConflictError, NotFoundError
+from uniadapter_serve.fileio import atomic_write
+from uniadapter_serve.model.demo.world import Clip, Scene, World
+from uniadapter_serve.model.loading import DEMO_DIR
+
+if TYPE_CHECKING:
+    from uniadapter_serve.service.core import ServiceCore
+    from uniadapter_serve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETS_DIR = DEMO_DIR.parent / "adapters"
+DEMO_SETS = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
+IMAGES, VIDEOS = "demo-images", "demo-videos"
+NUM_IMAGES, NUM_VIDEOS = 64, 16
+FIRST_INDEX = 3_000_000
+"""held out: training uses indices from 0, evaluation from 2,000,000"""
+FPS = 4
+BATCH = 16
+
+
+def shipped() -> bool:
+    """The trained demo backbone and all three sets are in the package."""
+    return (DEMO_DIR / "config.json").is_file() and all(
+        (SETS_DIR / name / "v1" / "adapter_config.json").is_file() for name in DEMO_SETS.values())
+
+
+def enabled(settings: Settings) -> bool:
+    return settings.backbone == "demo" and settings.demo_content and shipped()
+
+
+def install_sets(registry: AdapterRegistry) -> dict[str, str]:
+    """Publish the shipped sets that the adapters root lacks; returns task -> set name."""
+    for name in DEMO_SETS.values():
+        folder = SETS_DIR / name / "v1"
+        version = read_adapter_meta(folder).version
+        if not any(m.version == version for m in registry.versions(name)):
+            meta = registry.publish_folder(folder)
+            log.info("published the shipped demo set %s", meta.ref)
+    return dict(DEMO_SETS)
+
+
+@dataclass
+class DemoItem:
+    id: str
+    path: str
+    """relative to the media root"""
+    data: bytes
+    metadata: dict[str, Any]
+
+
+@cache
+def _world() -> World:
+    return World(seed=0, image_size=64)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4(frames: list[np.ndarray], fps: int = FPS) -> bytes:
+    """H.264 (4:2:0, so browsers play it) at near-lossless quality: a 64 px frame has no detail to spare."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "4", "preset": "medium"})
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def image_items(n: int = NUM_IMAGES) -> list[DemoItem]:
+    world, out = _world(), []
+    for i in range(n):
+        scene = world.scene(FIRST_INDEX + i)
+        name = f"scene-{i:04d}"
+        qa = scene.questions()
+        out.append(DemoItem(name, f"demo/images/{name}.png", png(np.asarray(world.render(scene))),
+                            {"caption": scene.caption(), "questions": [q for q, _ in qa],
+                             "answers": [a for _, a in qa]}))
+    return out
+
+
+def video_items(n: int = NUM_VIDEOS) -> list[DemoItem]:
+    world, out = _world(), []
+    for i in range(n):
+        clip = world.clip(FIRST_INDEX + i)
+        name = f"clip-{i:04d}"
+        qa = clip.questions()
+        out.append(DemoItem(name, f"demo/videos/{name}.mp4", mp4(world.render_clip(clip)),
+                            {"caption": clip.caption(), "questions": [q for q, _ in qa],
+                             "answers": [a for _, a in qa]}))
+    return out
+
+
+@cache
+def example_scene() -> Scene:
+    """The first held-out scene with a single circle: Swagger's example image for /vqa."""
+    world = _world()
+    return next(scene for scene in map(world.scene, range(FIRST_INDEX, FIRST_INDEX + 1000))
+                if [s.shape for s in scene.shapes] == ["circle"])
+
+
+@cache
+def example_clip() -> Clip:
+    """The first held-out clip of a square moving: Swagger's example video for /videoqa."""
+    world = _world()
+    return next(clip for clip in map(world.clip, range(FIRST_INDEX, FIRST_INDEX + 1000))
+                if clip.event == "move" and clip.subject.shape == "square")
+
+
+@cache
+def example_image() -> str:
+    return base64.b64encode(png(np.asarray(_world().render(example_scene())))).decode()
+
+
+@cache
+def example_video() -> str:
+    return base64.b64encode(mp4(_world().render_clip(example_clip()))).decode()
+
+
+def request_examples() -> dict[str, dict[str, Any]]:
+    """Ready-to-run JSON bodies for Swagger's "Try it out" (they answer with the demo model)."""
+    return {
+        "vqa": {"image": example_image(), "question": "what colour is the circle?", "mode": "rank", "top_k": 3},
+        "videoqa": {"video": example_video(), "question": "which way does the square move?", "top_k": 3},
+        "retrieve": {"query_text": "a red circle", "collection": IMAGES, "top_k": 5, "rerank_k": 0},
+    }
+
+
+async def ensure_collections(core: ServiceCore) -> None:
+    """Create demo-images / demo-videos (and their media files) where missing."""
+    from uniadapter_serve.service.collections.manager import IncomingItem  # the manager imports the schemas
+
+    ref = core.registry.resolve(DEMO_SETS["retrieval"]).ref
+    for name, kind, make in ((IMAGES, "image", image_items), (VIDEOS, "video", video_items)):
+        try:
+            collection = core.collections.get(name)
+        except NotFoundError:
+            try:
+                collection = core.collections.create(name, kind, ref)
+                log.info("creating the demo collection %s (%s)", name, ref)
+            except ConflictError:  # another replica created it a moment ago
+                collection = core.collections.get(name)
+        items = make()
+        todo = [it for it in items if it.id not in collection.store.existing([it.id for it in items])]
+        for it in todo:
+            _write_media(core.settings.media_dir / it.path, it.data)
+        for start in range(0, len(todo), BATCH):
+            chunk = todo[start:start + BATCH]
+            try:
+                await core.collections.add(name, [IncomingItem(id=it.id, path=it.path, metadata=it.metadata)
+                                                  for it in chunk])
+            except ConflictError:  # another replica added some of them meanwhile
+                continue
+
+
+def _write_media(path: Path, data: bytes) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)

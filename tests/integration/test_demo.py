@@ -1,0 +1,139 @@
+"""`uniadapter serve` with no arguments: the shipped demo model, its sets and collections, and the
+Swagger examples that answer correctly."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from support.server import start_server
+
+from uniadapter_serve.adapters.format import read_adapter_meta
+from uniadapter_serve.service import demo
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-data")
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-logs")
+
+
+@pytest.fixture(scope="module")
+def server(demo_root, logs):
+    assert demo.shipped(), "the trained demo backbone and sets must ship in model/demo/"
+    srv = start_server(demo_root, logs, backbone="demo")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _example(client, path):
+    spec = client.get("/openapi.json").json()
+    return spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
+
+
+def test_shipped_sets_are_published_once_and_are_the_defaults(client):
+    listed = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
+    for name in demo.DEMO_SETS.values():
+        assert listed[name]["version"] == read_adapter_meta(demo.SETS_DIR / name / "v1").version
+
+
+def test_swagger_vqa_example_answers_what_colour_the_circle_is(client):
+    body = _example(client, "/vqa")
+    assert body["question"] == "what colour is the circle?"
+    r = client.post("/vqa", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["answer"] == demo.example_scene().shapes[0].color
+    assert out["adapter"].startswith("demo-vqa@")
+
+
+def test_vqa_answers_held_out_collection_images(client, demo_root):
+    """The demo images' own questions, uploaded as files the way Swagger's file picker sends them."""
+    items = demo.image_items(16)
+    right = total = 0
+    for item in items:
+        for question, answer in zip(item.metadata["questions"], item.metadata["answers"], strict=True):
+            r = client.post("/vqa", files={"image": ("scene.png", item.data, "image/png")},
+                            data={"question": question + "?"})
+            assert r.status_code == 200, r.text
+            right += r.json()["answer"] == answer
+            total += 1
+    assert right / total >= 0.8, (right, total)
+
+
+def test_swagger_videoqa_example_answers_the_direction(client):
+    r = client.post("/videoqa", json=_example(client, "/videoqa"))
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"] == demo.example_clip().direction
+    assert r.json()["adapter"].startswith("demo-videoqa@")
+
+
+def test_demo_collections_hold_the_held_out_media(client, demo_root):
+    ref = client.get("/adapters/demo-retrieval").json()["ref"]
+    for name, count, folder in ((demo.IMAGES, demo.NUM_IMAGES, "images"), (demo.VIDEOS, demo.NUM_VIDEOS, "videos")):
+        stats = client.get(f"/collections/{name}").json()
+        assert stats["items"] == count and stats["adapter"] == ref
+        assert len(list((demo_root / "media" / "demo" / folder).iterdir())) == count
+
+
+def test_text_search_finds_the_scene_a_caption_describes(client):
+    """Each demo image's caption as a query: a hit is any image with the same caption."""
+    items = demo.image_items()
+    hits = 0
+    for item in items:
+        r = client.post("/retrieve", json={"query_text": item.metadata["caption"], "collection": demo.IMAGES,
+                                           "top_k": 5})
+        assert r.status_code == 200, r.text
+        hits += any(h["metadata"]["caption"] == item.metadata["caption"] for h in r.json()["results"])
+    assert hits / len(items) >= 0.8, hits
+
+
+def test_swagger_retrieve_example_runs(client):
+    r = client.post("/retrieve", json=_example(client, "/retrieve"))
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 5 and all("caption" in h["metadata"] for h in results)
+
+
+def test_video_collection_search_returns_clips(client):
+    r = client.post("/retrieve", json={"query_text": "a red circle moves left", "collection": demo.VIDEOS,
+                                       "top_k": 3})
+    assert r.status_code == 200, r.text
+    assert [h["id"].startswith("clip-") for h in r.json()["results"]] == [True] * 3
+
+
+def test_restart_changes_nothing(server, demo_root, logs):
+    media = sorted((demo_root / "media" / "demo").rglob("*"))
+    before = {p: p.stat().st_mtime_ns for p in media}
+    server.stop()
+    again = start_server(demo_root, logs, backbone="demo")
+    try:
+        with httpx.Client(base_url=again.url, timeout=60) as c:
+            assert c.get(f"/collections/{demo.IMAGES}").json()["items"] == demo.NUM_IMAGES
+            assert c.get(f"/collections/{demo.VIDEOS}").json()["items"] == demo.NUM_VIDEOS
+            for name in demo.DEMO_SETS.values():
+                assert len([a for a in c.get("/adapters").json()["adapters"] if a["name"] == name]) == 1
+    finally:
+        again.stop()
+    assert {p: p.stat().st_mtime_ns for p in media} == before
+
+
+def test_demo_content_can_be_switched_off(tmp_path):
+    srv = start_server(tmp_path / "data", tmp_path, backbone="demo", demo_content="false")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.get("/collections").json() == []
+            assert c.get("/adapters").json()["adapters"] == []
+            body = _example(c, "/vqa")
+            assert c.post("/vqa", json=body).json()["adapter"] is None  # the bare backbone
+    finally:
+        srv.stop()

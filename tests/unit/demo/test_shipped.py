@@ -1,0 +1,81 @@
+"""The shipped demo model: its held-out scores reach the issue's targets and are the ones results.json
+and the README report; and a short adapter training on it learns without touching the backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
+from uniadapter_serve.adapters.format import load_adapter_set
+from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
+from uniadapter_serve.model.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
+from uniadapter_serve.model.demo.world import World
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.tokenizer import load_tokenizer
+
+README = Path(__file__).parents[3] / "README.md"
+TARGETS = {"retrieval": ("t2i_r@1", 0.6), "vqa": ("accuracy", 0.8), "videoqa": ("accuracy", 0.6)}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    backbone = load_backbone("demo")
+    assert (DEMO_ROOT / "backbone" / "model.safetensors").is_file(), "the trained demo backbone must ship"
+    return backbone, load_tokenizer("demo", backbone.config), World(seed=0, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return json.loads((DEMO_ROOT / "results.json").read_text())
+
+
+def test_backbone_is_small_enough_to_ship():
+    assert (DEMO_ROOT / "backbone" / "model.safetensors").stat().st_size < 15 * 1024 * 1024
+
+
+@pytest.mark.parametrize("task", list(SET_NAMES))
+def test_shipped_sets_reach_the_targets_on_held_out_data(shipped, results, task):
+    backbone, tok, world = shipped
+    adapter = load_adapter_set(DEMO_ROOT / "adapters" / SET_NAMES[task] / "v1", backbone).module
+    metrics = evaluate(task, backbone, tok, adapter, world)
+    key, target = TARGETS[task]
+    assert metrics[key] >= target, metrics
+    rows = results["tasks"][task]
+    # what results.json (and so the README) reports is what the shipped files score
+    assert metrics == pytest.approx(rows["uniadapter"]["metrics"], abs=1e-6)
+    # far above the frozen backbone with trained heads only, and above chance
+    assert metrics[key] >= rows["heads"]["metrics"][key] + 0.2
+    chance = 1 / len(ANSWERS) if task != "retrieval" else _retrieval_chance(world)
+    assert metrics[key] >= 3 * chance
+
+
+def _retrieval_chance(world: World) -> float:
+    """Expected R@1 of a random ranking: the share of images that match each query."""
+    keys = [it.key for it in demo_images(world, "test", 500)]
+    return float(np.mean([keys.count(k) / len(keys) for k in keys]))
+
+
+def test_readme_shows_the_measured_table(results):
+    assert results_table(results) in README.read_text()
+
+
+def test_bare_backbone_cannot_answer(shipped):
+    """The pre-trained backbone alone (no set) is near chance at VQA: the sets do the work."""
+    backbone, tok, world = shipped
+    assert evaluate("vqa", backbone, tok, None, world)["accuracy"] < 0.5
+
+
+def test_adapter_training_from_the_shipped_backbone(shipped):
+    """A few hundred steps lower the loss and leave every backbone tensor bit-identical."""
+    backbone, tok, world = shipped
+    unchanged = freeze_check(backbone)
+    result = train(backbone, tok, demo_vqa(world, "train", 400),
+                   TrainConfig(task="vqa", steps=200, batch_size=16, lr=1e-3, bottleneck=16, kv_rank=4),
+                   progress=False)
+    assert np.mean(result.losses[-20:]) < 0.8 * np.mean(result.losses[:20])
+    assert unchanged()
+    assert backbone.fingerprints == load_backbone("demo").fingerprints
