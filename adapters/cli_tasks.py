@@ -12,6 +12,8 @@ from uniadapter_serve.adapters.datasets import (
     demo_videoqa,
     demo_vqa,
     read_karpathy,
+    read_msrvtt,
+    read_msrvtt_qa,
     read_vqa_v2,
 )
 from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
@@ -27,7 +29,8 @@ from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 def load_data(task: str, split: str, *, data: str, n: int, image_size: int, seed: int,
               annotations: str | None = None, questions: str | None = None,
               media_root: str | None = None, num_frames: int = 8) -> list[Any]:
-    """`data`: 'demo' (the generated world), 'karpathy' (COCO/Flickr JSON) or 'vqa2' (VQA v2 JSON)."""
+    """`data`: 'demo' (the generated world), 'karpathy' (COCO/Flickr JSON), 'vqa2' (VQA v2 JSON),
+    'msrvtt' (MSRVTT captions JSON) or 'msrvtt-qa' (MSRVTT-QA JSON); real data reads media under `media_root`."""
     if data == "demo":
         world = World(seed=seed, image_size=image_size)
         if task == "retrieval":
@@ -45,7 +48,16 @@ def load_data(task: str, split: str, *, data: str, n: int, image_size: int, seed
         if questions is None:
             raise ConfigError("--questions (and optionally --annotations) are needed for VQA v2")
         return read_vqa_v2(questions, annotations, media_root)[:n]
-    raise ConfigError(f"data {data!r} does not fit task {task!r} (demo: all tasks; karpathy: retrieval; vqa2: vqa)")
+    if data == "msrvtt" and task == "retrieval":
+        if annotations is None:
+            raise ConfigError("--annotations (the MSRVTT JSON) is needed")
+        return read_msrvtt(annotations, media_root, split=split)[:n]
+    if data == "msrvtt-qa" and task == "videoqa":
+        if questions is None:
+            raise ConfigError("--questions (the MSRVTT-QA JSON of this split) is needed")
+        return read_msrvtt_qa(questions, media_root)[:n]
+    raise ConfigError(f"data {data!r} does not fit task {task!r} (demo: all tasks; karpathy, msrvtt: retrieval; "
+                      "vqa2: vqa; msrvtt-qa: videoqa)")
 
 
 def run_train(args: Any) -> dict[str, Any]:
@@ -56,7 +68,8 @@ def run_train(args: Any) -> dict[str, Any]:
                       annotations=args.annotations, questions=args.questions, media_root=args.media_root,
                       num_frames=args.num_frames)
     cfg = TrainConfig(task=args.task, mode=args.mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      bottleneck=args.bottleneck, kv_rank=args.kv_rank, num_frames=args.num_frames, seed=args.seed)
+                      bottleneck=args.bottleneck, kv_rank=args.kv_rank, num_frames=args.num_frames, seed=args.seed,
+                      temporal=args.data == "msrvtt")
     result = train(backbone, tokenizer, items, cfg, checkpoint_dir=Path(args.out) / ".checkpoint",
                    progress=not args.quiet)
     report: dict[str, Any] = {"task": args.task, "mode": args.mode, "steps": len(result.losses),
@@ -83,11 +96,11 @@ def run_eval(args: Any) -> dict[str, Any]:
                       num_frames=frames)
     report: dict[str, Any] = {"task": args.task, "adapter": loaded.meta.ref if loaded else None, "examples": len(items)}
     if args.task == "retrieval":
-        report.update(retrieval_recall(backbone, tokenizer, items, adapter))
+        report.update(retrieval_recall(backbone, tokenizer, items, adapter, num_frames=frames))
     else:
         answers = (loaded.meta.answer_list if loaded and loaded.meta.answer_list else
                    sorted({a for q in items for a in q.answers}))
-        report["accuracy"] = answer_accuracy(backbone, tokenizer, items, answers, adapter)
+        report["accuracy"] = answer_accuracy(backbone, tokenizer, items, answers, adapter, num_frames=frames)
     return report
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from uniadapter_serve.adapters.datasets import QA, ImageText, vqa_accuracy
-from uniadapter_serve.adapters.training import pixels
+from uniadapter_serve.adapters.training import visual
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text
@@ -18,7 +18,7 @@ from uniadapter_serve.model.vqa import rank_answers
 @torch.inference_mode()
 def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Sequence[ImageText],
                      adapter: AdapterSetModule | None = None, batch_size: int = 64,
-                     ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+                     ks: tuple[int, ...] = (1, 5, 10), num_frames: int = 8) -> dict[str, float]:
     """Text->image (one query per item's first caption) and image->text recall@k. A hit is any item
     whose key equals the query's (a scene that satisfies the caption), as in the demo world."""
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
@@ -26,8 +26,7 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         r = Routing.single(adapter, len(chunk))
-        px = torch.cat([pixels(it.image, size) for it in chunk]).to(backbone.device, backbone.dtype)
-        image_feats.append(backbone.image_features(backbone.encode_image(px, r), r).float())
+        image_feats.append(visual(backbone, [it.image for it in chunk], r, size, num_frames)[0].float())
         ids, mask = tokenizer.encode([clean_text(it.captions[0], 30) for it in chunk], mode="text")
         text_feats.append(backbone.text_features(ids.to(backbone.device), mask.to(backbone.device), r).float())
     images, texts = torch.cat(image_feats), torch.cat(text_feats)
@@ -45,7 +44,7 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
 
 @torch.inference_mode()
 def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Sequence[QA], answers: list[str],
-                    adapter: AdapterSetModule | None = None, batch_size: int = 32) -> float:
+                    adapter: AdapterSetModule | None = None, batch_size: int = 32, num_frames: int = 8) -> float:
     """Accuracy of rank-mode answers over `answers` (VQA v2 soft accuracy; exact match for demo data)."""
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     cand_ids, cand_mask = tokenizer.encode_answers(answers)
@@ -54,12 +53,7 @@ def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Seque
     for start in range(0, len(qas), batch_size):
         chunk = qas[start:start + batch_size]
         r = Routing.single(adapter, len(chunk))
-        frames = [pixels(q.media, size) for q in chunk]
-        if frames[0].shape[0] == 1:
-            states = backbone.encode_image(torch.cat(frames).to(backbone.device, backbone.dtype), r)
-        else:
-            video = torch.stack(frames).to(backbone.device, backbone.dtype)
-            states = backbone.video_states(backbone.encode_video(video, r), r)
+        _, states = visual(backbone, [q.media for q in chunk], r, size, num_frames)
         ids, mask = tokenizer.encode([clean_text(q.question, 50) for q in chunk], mode="multimodal")
         ids, mask = ids.to(backbone.device), mask.to(backbone.device)
         question = backbone.encode_multimodal(ids, mask, states, None, r)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from uniadapter_serve.adapters.datasets import QA, ImageText
 from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
-from uniadapter_serve.errors import ConfigError
+from uniadapter_serve.errors import ConfigError, InputError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.preprocess import array_to_tensor
 from uniadapter_serve.model.routing import Routing
@@ -51,6 +51,8 @@ class TrainConfig:
     num_frames: int = 8
     label_smoothing: float = 0.1
     seed: int = 0
+    temporal: bool = False
+    """retrieval on video: temporal embedding + frame-aware attention (UniAdapter's MSRVTT setting)"""
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
@@ -73,9 +75,22 @@ class TrainResult:
         return self.adapter.num_parameters() if self.adapter is not None else 0
 
 
-def pixels(media: np.ndarray | list[np.ndarray] | str, size: int) -> torch.Tensor:
-    """Demo pixels (or frames) at model size -> (T, 3, S, S)."""
+VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
+
+
+def pixels(media: np.ndarray | list[np.ndarray] | str, size: int, num_frames: int = 8) -> torch.Tensor:
+    """Pixels of an image or clip at model size -> (T, 3, S, S): demo arrays (or frame lists), image
+    files, or video files (T = num_frames sampled uniformly in time, as the service does)."""
     if isinstance(media, str):
+        if media.lower().endswith(VIDEO_SUFFIXES):
+            from uniadapter_serve.service.video import decode_video
+
+            try:
+                data = Path(media).read_bytes()
+            except OSError as e:
+                raise InputError(f"cannot read video {media}: {e}") from e
+            return decode_video(data, num_frames=num_frames, size=size, max_bytes=len(data) + 1,
+                                max_seconds=24 * 3600.0, max_pixels=8192 * 8192, field=media)
         from PIL import Image
 
         from uniadapter_serve.model.preprocess import image_to_tensor
@@ -89,6 +104,19 @@ def pixels(media: np.ndarray | list[np.ndarray] | str, size: int) -> torch.Tenso
 
         return torch.stack([image_to_tensor(Image.fromarray(f), size) for f in frames])
     return torch.stack([array_to_tensor(f) for f in frames])
+
+
+def visual(model: BlipBackbone, media: Sequence[Any], routing: Routing, size: int,
+           num_frames: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features for ITC, states for cross-attention) of a batch of images or a batch of clips."""
+    clips = [pixels(m, size, num_frames) for m in media]
+    if len({c.shape[0] for c in clips}) != 1:
+        raise InputError("a batch mixes images and clips (or clips of different lengths)")
+    if clips[0].shape[0] == 1:
+        tokens = model.encode_image(torch.cat(clips).to(model.device, model.dtype), routing)
+        return model.image_features(tokens, routing), tokens
+    frame_tokens = model.encode_video(torch.stack(clips).to(model.device, model.dtype), routing)
+    return model.video_features(frame_tokens, routing), model.video_states(frame_tokens, routing)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -114,8 +142,9 @@ def adapter_config_for(cfg: TrainConfig) -> UniAdapterConfig:
         return UniAdapterConfig(task=cfg.task, bottleneck=1, layers=[], kv_rank=0, visual=False, textual=False,
                                 cross_modal=False, heads=list(HEAD_NAMES) if cfg.task == "retrieval" else [],
                                 num_frames=cfg.num_frames)
+    video = {"temporal_embedding": True, "frame_aware_attention": True} if cfg.temporal else {}
     return UniAdapterConfig.for_task(cfg.task, bottleneck=cfg.bottleneck, kv_rank=cfg.kv_rank,
-                                     num_frames=cfg.num_frames)
+                                     num_frames=cfg.num_frames, **video)
 
 
 def _init_heads_from_backbone(adapter: AdapterSetModule, backbone: BlipBackbone) -> None:
@@ -192,37 +221,27 @@ def _retrieval_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any
                     cfg: TrainConfig) -> torch.Tensor:
     items: list[ImageText] = list(batch)
     captions = [clean_text(it.captions[0], 30) for it in items]
-    px = torch.cat([pixels(it.image, size) for it in items]).to(model.device)
+    image_feat, states = visual(model, [it.image for it in items], routing, size, cfg.num_frames)
     ids, mask = tok.encode(captions, mode="text")
     ids, mask = ids.to(model.device), mask.to(model.device)
     keys = [it.key or c for it, c in zip(items, captions, strict=True)]
     same = torch.tensor([[a == b for b in keys] for a in keys], device=model.device)
-    tokens = model.encode_image(px, routing)
-    image_feat = model.image_features(tokens, routing)
     text_feat = model.text_features(ids, mask, routing)
     loss = itc_loss(image_feat, text_feat, same)
-    return loss + itm_loss(model, tokens, ids, mask, image_feat.detach(), text_feat.detach(), same, routing,
+    return loss + itm_loss(model, states, ids, mask, image_feat.detach(), text_feat.detach(), same, routing,
                            tok.enc_id)
 
 
 def _answer_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], routing: Routing, size: int,
                  cfg: TrainConfig) -> torch.Tensor:
     qas: list[QA] = list(batch)
-    states = _visual_states(model, qas, routing, size)
+    _, states = visual(model, [q.media for q in qas], routing, size, cfg.num_frames)
     q_ids, q_mask = tok.encode([clean_text(q.question, 50) for q in qas], mode="multimodal")
     q_ids, q_mask = q_ids.to(model.device), q_mask.to(model.device)
     question = model.encode_multimodal(q_ids, q_mask, states, None, routing)
     a_ids, a_mask = tok.encode_answers([q.best for q in qas])
     return lm_loss(model, a_ids.to(model.device), a_mask.to(model.device), question, q_mask, routing, tok.dec_id,
                    cfg.label_smoothing)
-
-
-def _visual_states(model: BlipBackbone, qas: Sequence[QA], routing: Routing, size: int) -> torch.Tensor:
-    frames = [pixels(q.media, size) for q in qas]
-    if frames[0].shape[0] == 1:
-        return model.encode_image(torch.cat(frames).to(model.device), routing)
-    video = torch.stack(frames).to(model.device)  # (B, T, 3, S, S)
-    return model.video_states(model.encode_video(video, routing), routing)
 
 
 def _checkpoint(folder: str | Path, module: nn.Module | None, optimizer: torch.optim.Optimizer,

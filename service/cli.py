@@ -99,11 +99,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=["retrieval", "vqa", "videoqa"])
     p.add_argument("--backbone", default="demo", help="backbone source (default: demo)")
-    p.add_argument("--data", default="demo", choices=["demo", "karpathy", "vqa2"],
-                   help="demo world, COCO/Flickr Karpathy JSON, or VQA v2 JSON")
-    p.add_argument("--annotations", help="Karpathy JSON, or VQA v2 annotations JSON")
-    p.add_argument("--questions", help="VQA v2 questions JSON")
-    p.add_argument("--media-root", help="folder the annotation file's images are under")
+    p.add_argument("--data", default="demo", choices=["demo", "karpathy", "vqa2", "msrvtt", "msrvtt-qa"],
+                   help="demo world, COCO/Flickr Karpathy JSON, VQA v2 JSON, MSRVTT captions or MSRVTT-QA JSON")
+    p.add_argument("--annotations", help="Karpathy JSON, VQA v2 annotations JSON, or MSRVTT JSON")
+    p.add_argument("--questions", help="VQA v2 questions JSON, or MSRVTT-QA JSON")
+    p.add_argument("--media-root", help="folder the annotation file's images or videos are under")
     p.add_argument("--examples", type=int, default=2000, help="demo: scenes/clips to generate; real: cap")
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -79,3 +79,50 @@ def test_train_rejects_data_that_does_not_fit_the_task(tmp_path, capsys):
     assert main(["train", "--task", "vqa", "--backbone", "blip-tiny", "--data", "karpathy", "--media-root",
                  str(tmp_path), "--out", str(tmp_path / "o"), "--name", "x"]) == 2
     assert "does not fit task" in capsys.readouterr().err
+
+
+def test_train_and_eval_on_msrvtt_files(tmp_path, capsys):
+    """MSRVTT and MSRVTT-QA in their own formats, over real encoded clips decoded by PyAV."""
+    from support.media import video_bytes
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    palette = [(220, 40, 40), (40, 180, 60), (50, 80, 230), (235, 215, 40)]
+    for i in range(4):
+        (videos / f"video{i}.mp4").write_bytes(video_bytes(palette[i:] + palette[:i], size=(48, 48)))
+    captions = {"videos": [{"video_id": f"video{i}", "split": "train"} for i in range(4)],
+                "sentences": [{"video_id": f"video{i}", "caption": f"clip number {i}"} for i in range(4)]}
+    (tmp_path / "msrvtt.json").write_text(json.dumps(captions))
+    qa = [{"video_id": i, "question": "what colour comes first?", "answer": ["red", "green", "blue", "yellow"][i]}
+          for i in range(4)]
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    common = ["--backbone", "blip-tiny", "--media-root", str(videos), "--num-frames", "4"]
+    train = ["--steps", "3", "--batch-size", "2", "--bottleneck", "4", "--kv-rank", "2", "--quiet"]
+
+    out = tmp_path / "ret"
+    assert main(["train", "--task", "retrieval", "--data", "msrvtt", "--annotations", str(tmp_path / "msrvtt.json"),
+                 *common, *train, "--out", str(out), "--name", "msrvtt-ret"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    config = json.loads((out / "adapter_config.json").read_text())["adapter"]
+    assert config["num_frames"] == 4 and config["temporal_embedding"] and config["frame_aware_attention"]
+    assert main(["eval", "--task", "retrieval", "--data", "msrvtt", "--annotations", str(tmp_path / "msrvtt.json"),
+                 "--split", "train", "--adapter", str(out), *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 4 and 0 <= report["t2i_r@1"] <= 1 and report["t2i_r@10"] == 1.0
+
+    out = tmp_path / "vqa"
+    assert main(["train", "--task", "videoqa", "--data", "msrvtt-qa", "--questions", str(tmp_path / "qa.json"),
+                 *common, *train, "--out", str(out), "--name", "msrvtt-qa"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    assert main(["eval", "--task", "videoqa", "--data", "msrvtt-qa", "--questions", str(tmp_path / "qa.json"),
+                 "--adapter", str(out), *common]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+
+
+def test_training_names_an_unreadable_video(tmp_path, capsys):
+    (tmp_path / "qa.json").write_text(json.dumps([{"video_id": 5, "question": "what?", "answer": "red"}]))
+    (tmp_path / "video5.mp4").write_bytes(b"not a video at all")
+    assert main(["train", "--task", "videoqa", "--data", "msrvtt-qa", "--questions", str(tmp_path / "qa.json"),
+                 "--backbone", "blip-tiny", "--media-root", str(tmp_path), "--steps", "1", "--batch-size", "1",
+                 "--out", str(tmp_path / "o"), "--name", "x", "--quiet"]) == 2
+    assert "video5.mp4" in capsys.readouterr().err
