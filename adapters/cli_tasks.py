@@ -74,13 +74,14 @@ def run_train(args: Any) -> dict[str, Any]:
                    progress=not args.quiet)
     report: dict[str, Any] = {"task": args.task, "mode": args.mode, "steps": len(result.losses),
                               "first_loss": result.losses[0] if result.losses else None,
-                              "last_loss": result.losses[-1] if result.losses else None}
+                              "last_loss": result.losses[-1] if result.losses else None,
+                              "tunable_parameters": result.tunable_parameters}
     if result.adapter is not None:
         answers = None if args.task == "retrieval" else load_answer_list(args.answer_list) if args.answer_list else \
             sorted({a for q in items for a in q.answers})
         version = save_adapter_set(result.adapter, args.out, name=args.name, backbone=BackboneInfo.of(backbone),
                                    answer_list=answers, extra={"train": cfg.__dict__})
-        report.update(adapter_set=str(args.out), version=version, tunable_parameters=result.adapter.num_parameters())
+        report.update(adapter_set=str(args.out), version=version)
     return report
 
 

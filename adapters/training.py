@@ -41,7 +41,8 @@ MODES = ("uniadapter", "heads", "full")
 class TrainConfig:
     task: str = "retrieval"
     mode: str = "uniadapter"
-    """uniadapter | heads (frozen backbone, task heads only) | full (fine-tune everything)"""
+    """uniadapter | heads (frozen backbone, task heads only: retrieval's projections + ITM head, the
+    answer decoder's prediction head for VQA/VideoQA) | full (fine-tune everything)"""
     steps: int = 500
     batch_size: int = 32
     lr: float = 1e-3
@@ -62,17 +63,18 @@ class TrainConfig:
             raise ConfigError("steps, batch_size and lr must be positive")
 
 
+DECODER_HEAD = "text_decoder.cls.predictions."
+"""the answer decoder's prediction head (transform + output bias; the output matrix is tied to the
+word embeddings, which stay frozen)"""
+
+
 @dataclass
 class TrainResult:
     backbone: BlipBackbone
-    """the (shared, untouched) backbone, or the fine-tuned copy in `full` mode"""
+    """the (shared, untouched) backbone, or the trained copy (`full`; `heads` for VQA/VideoQA)"""
     adapter: AdapterSetModule | None
     losses: list[float]
-
-    def tunable_parameters(self, mode: str) -> int:
-        if mode == "full":
-            return sum(p.numel() for p in self.backbone.parameters())
-        return self.adapter.num_parameters() if self.adapter is not None else 0
+    tunable_parameters: int = 0
 
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
@@ -158,28 +160,31 @@ def _init_heads_from_backbone(adapter: AdapterSetModule, backbone: BlipBackbone)
 def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[ImageText] | Sequence[QA],
           cfg: TrainConfig, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
           time_budget_s: float | None = None) -> TrainResult:
-    """Train per `cfg`. The shared backbone is never modified (full mode trains a copy).
+    """Train per `cfg`. The shared backbone is never modified (full fine-tuning, and heads-only VQA /
+    VideoQA, train a copy).
 
     With `checkpoint_dir`, a run resumes from the last checkpoint there; `time_budget_s` stops early
     (after a checkpoint) so long trainings can be run in slices."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    if cfg.mode == "full":
+    if cfg.mode == "full" or (cfg.mode == "heads" and cfg.task != "retrieval"):
         model = copy.deepcopy(backbone)
-        model.requires_grad_(True)
         adapter = None
-        params = [p for p in model.parameters()]
+        for name, p in model.named_parameters():
+            p.requires_grad_(cfg.mode == "full" or name.startswith(DECODER_HEAD))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the backbone has no answer decoder head to train")
     else:
         model = backbone
         adapter = AdapterSetModule(adapter_config_for(cfg), backbone.dims).to(backbone.device)
         _init_heads_from_backbone(adapter, backbone)
         adapter.requires_grad_(True)
         params = [p for p in adapter.parameters()]
-    if not params:  # heads-only VQA: the task has no heads of its own, the frozen backbone answers as is
-        return TrainResult(backbone, None, [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = warmup_cosine(optimizer, cfg.steps, warmup=50)
-    start = _resume(checkpoint_dir, model if cfg.mode == "full" else adapter, optimizer, schedule)
+    trained: nn.Module = model if adapter is None else adapter
+    start = _resume(checkpoint_dir, trained, optimizer, schedule)
     for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
         _sample(data, rng, cfg.batch_size)
     step_fn = _retrieval_step if cfg.task == "retrieval" else _answer_step
@@ -195,15 +200,14 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             if checkpoint_dir is not None and (step + 1) % cfg.checkpoint_every == 0:
-                _checkpoint(checkpoint_dir, model if cfg.mode == "full" else adapter, optimizer, schedule, step + 1,
-                            cfg)
+                _checkpoint(checkpoint_dir, trained, optimizer, schedule, step + 1, cfg)
                 if time_budget_s is not None and time.monotonic() - started > time_budget_s:
                     break
     if adapter is not None:
         adapter.requires_grad_(False)
         adapter.eval()
     model.requires_grad_(False)
-    return TrainResult(model, adapter, losses)
+    return TrainResult(model, adapter, losses, sum(p.numel() for p in params))
 
 
 def _sample(data: Sequence[Any], rng: random.Random, n: int) -> list[Any]:
@@ -244,9 +248,8 @@ def _answer_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], 
                    cfg.label_smoothing)
 
 
-def _checkpoint(folder: str | Path, module: nn.Module | None, optimizer: torch.optim.Optimizer,
+def _checkpoint(folder: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: Any, step: int, cfg: TrainConfig) -> None:
-    assert module is not None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(folder / "weights.tmp"))
@@ -256,9 +259,9 @@ def _checkpoint(folder: str | Path, module: nn.Module | None, optimizer: torch.o
     (folder / "state.tmp").replace(folder / "state.pt")
 
 
-def _resume(folder: str | Path | None, module: nn.Module | None, optimizer: torch.optim.Optimizer,
+def _resume(folder: str | Path | None, module: nn.Module, optimizer: torch.optim.Optimizer,
             schedule: Any) -> int:
-    if folder is None or module is None or not (Path(folder) / "state.pt").is_file():
+    if folder is None or not (Path(folder) / "state.pt").is_file():
         return 0
     folder = Path(folder)
     module.load_state_dict(load_file(str(folder / "weights.safetensors")))

@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     bconvert.set_defaults(func=_cmd_backbone_convert)
     tr = sub.add_parser("train", help="train an adapter set (or a baseline) on the frozen backbone")
     _data_args(tr)
-    tr.add_argument("--mode", default="uniadapter", choices=["uniadapter", "heads", "full"])
+    modes = tr.add_mutually_exclusive_group()
+    modes.add_argument("--mode", default="uniadapter", choices=["uniadapter", "heads", "full"],
+                       help="uniadapter (default), or a baseline: heads (frozen backbone, task heads only), full")
+    modes.add_argument("--heads-only", dest="mode", action="store_const", const="heads", help="= --mode heads")
+    modes.add_argument("--full-finetune", dest="mode", action="store_const", const="full", help="= --mode full")
     tr.add_argument("--out", required=True, help="adapter-set folder to write")
     tr.add_argument("--name", required=True, help="adapter set name")
     tr.add_argument("--steps", type=int, default=500)

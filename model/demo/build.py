@@ -100,7 +100,7 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
             result = train(backbone, tok, data, cfg, progress=True,
                            checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}")
             metrics = evaluate(task, result.backbone, tok, result.adapter, world)
-            tunable = result.tunable_parameters(mode)
+            tunable = result.tunable_parameters
             base = sum(backbone.component_parameters()[c] for c in
                        (("vision_model", "text_encoder", "heads") if task == "retrieval" else
                         ("vision_model", "text_encoder", "text_decoder")))

@@ -59,16 +59,21 @@ def test_baselines(setup):
     unchanged = freeze_check(backbone)
     heads = train(backbone, tok, data, TrainConfig(task="retrieval", mode="heads", steps=3, batch_size=4),
                   progress=False)
-    assert heads.adapter is not None and heads.tunable_parameters("heads") == sum(
+    assert heads.adapter is not None and heads.tunable_parameters == sum(
         p.numel() for p in heads.adapter.parameters()) < 5_000  # vision_proj + text_proj + itm_head
     full = train(backbone, tok, data, TrainConfig(task="retrieval", mode="full", steps=3, batch_size=4),
                  progress=False)
-    assert full.backbone is not backbone and full.tunable_parameters("full") == sum(
+    assert full.backbone is not backbone and full.tunable_parameters == sum(
         p.numel() for p in backbone.parameters())
     assert unchanged()  # full fine-tuning trained a copy
     vqa_heads = train(backbone, tok, demo_vqa(world, "train", 4), TrainConfig(task="vqa", mode="heads", steps=3),
                       progress=False)
-    assert vqa_heads.adapter is None and vqa_heads.losses == []  # VQA has no heads: the frozen backbone as is
+    # VQA's head: the answer decoder's prediction head, trained in a copy
+    assert vqa_heads.adapter is None and len(vqa_heads.losses) == 3 and vqa_heads.backbone is not backbone
+    changed = {k for k, v in vqa_heads.backbone.state_dict().items() if not torch.equal(v, backbone.state_dict()[k])}
+    assert changed and all(k.startswith("text_decoder.cls.predictions.") for k in changed)
+    assert vqa_heads.tunable_parameters == sum(p.numel() for k, p in backbone.named_parameters()
+                                               if k.startswith("text_decoder.cls.predictions."))
     with pytest.raises(ConfigError, match="mode"):
         TrainConfig(mode="lora")
 

@@ -75,6 +75,18 @@ def test_train_then_eval_on_the_demo_world(tmp_path, capsys):
     assert 0 <= json.loads(capsys.readouterr().out)["t2i_r@1"] <= 1
 
 
+@pytest.mark.parametrize(("flag", "mode"), [("--heads-only", "heads"), ("--full-finetune", "full"),
+                                            ("--mode=heads", "heads")])
+def test_baseline_flags(flag, mode):
+    from uniadapter_serve.service.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", "vqa", "--out", "o", "--name", "n", flag])
+    assert args.mode == mode
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--task", "vqa", "--out", "o", "--name", "n", "--heads-only",
+                                   "--full-finetune"])
+
+
 def test_train_rejects_data_that_does_not_fit_the_task(tmp_path, capsys):
     assert main(["train", "--task", "vqa", "--backbone", "blip-tiny", "--data", "karpathy", "--media-root",
                  str(tmp_path), "--out", str(tmp_path / "o"), "--name", "x"]) == 2
