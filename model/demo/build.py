@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEMO_ROOT = Path(__file__).parent
 ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS, "yes", "no", "move", "change"})
 TASKS = ("retrieval", "vqa", "videoqa")
+TASK_STEPS = {"retrieval": 2000, "vqa": 1500, "videoqa": 2000}
 SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
 
 
@@ -92,7 +93,7 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
                            demo_videoqa(world, "train", 3_000))
         rows = results["tasks"].setdefault(task, {})
         for mode in modes:
-            steps = args.task_steps if mode == "uniadapter" else args.baseline_steps
+            steps = (args.task_steps or TASK_STEPS[task]) if mode == "uniadapter" else args.baseline_steps
             cfg = TrainConfig(task=task, mode=mode, steps=steps, batch_size=32,
                               lr=1e-3 if mode != "full" else 2e-4, bottleneck=args.bottleneck, kv_rank=16,
                               checkpoint_every=50, seed=args.seed)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="all = pretrain, then the adapter sets, then the baselines")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--pretrain-steps", type=int, default=3500)
-    parser.add_argument("--task-steps", type=int, default=1500, help="per UniAdapter set")
+    parser.add_argument("--task-steps", type=int, help=f"per UniAdapter set (default: {TASK_STEPS})")
     parser.add_argument("--baseline-steps", type=int, default=800, help="per baseline run")
     parser.add_argument("--bottleneck", type=int, default=64)
     args = parser.parse_args(argv)
