@@ -15,7 +15,7 @@ from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
 from uniadapter_serve.model.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
-from uniadapter_serve.model.tokenizer import load_tokenizer
+from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 
 README = Path(__file__).parents[3] / "README.md"
 TARGETS = {"retrieval": ("t2i_r@1", 0.6), "vqa": ("accuracy", 0.8), "videoqa": ("accuracy", 0.6)}
@@ -79,3 +79,7 @@ def test_adapter_training_from_the_shipped_backbone(shipped):
     assert np.mean(result.losses[-20:]) < 0.8 * np.mean(result.losses[:20])
     assert unchanged()
     assert backbone.fingerprints == load_backbone("demo").fingerprints
+
+
+def test_default_answer_list_is_the_demo_worlds():
+    assert load_answer_list() == ANSWERS == json.loads((DEMO_ROOT / "backbone" / "answer_list.json").read_text())
