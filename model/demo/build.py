@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DEMO_ROOT = Path(__file__).parent
 ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS, "yes", "no", "move", "change"})
 TASKS = ("retrieval", "vqa", "videoqa")
+RERANK_K = 16
+"""retrieval is scored as BLIP evaluates it: ITC top-k re-ranked by ITM (and by ITC alone)"""
 TASK_STEPS = {"retrieval": 2000, "vqa": 1500, "videoqa": 2000}
 SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
 
@@ -53,7 +55,7 @@ def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:
 
 def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: World) -> dict[str, float]:
     if task == "retrieval":
-        return retrieval_recall(backbone, tok, demo_images(world, "test", 500), adapter)
+        return retrieval_recall(backbone, tok, demo_images(world, "test", 500), adapter, rerank_k=RERANK_K)
     if task == "vqa":
         return {"accuracy": answer_accuracy(backbone, tok, demo_vqa(world, "test", 150), ANSWERS, adapter)}
     return {"accuracy": answer_accuracy(backbone, tok, demo_videoqa(world, "test", 100), ANSWERS, adapter)}

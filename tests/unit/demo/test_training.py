@@ -85,3 +85,31 @@ def test_evaluation_ranges(setup):
     assert all(0 <= v <= 1 for v in recall.values()) and recall["t2i_r@10"] >= recall["t2i_r@1"]
     acc = answer_accuracy(backbone, tok, demo_vqa(world, "val", 5), ANSWERS)
     assert 0 <= acc <= 1
+
+
+def test_itm_rerank_matches_a_pair_by_pair_reference(setup):
+    """BLIP's protocol: ITC top-k re-scored by ITM logit + ITC similarity, checked against scoring every
+    (text, image) pair one at a time."""
+    from uniadapter_serve.adapters.training import visual
+    from uniadapter_serve.model.routing import Routing
+    from uniadapter_serve.model.tokenizer import clean_text
+
+    backbone, tok, world = setup
+    items = demo_images(world, "val", 8)
+    got = retrieval_recall(backbone, tok, items, ks=(1, 5), rerank_k=8)
+    assert retrieval_recall(backbone, tok, items, ks=(1,), rerank_k=1)["itm_t2i_r@1"] == got["t2i_r@1"]
+    size = backbone.config.vision_config.image_size
+    with torch.inference_mode():
+        feats, states = visual(backbone, [it.image for it in items], Routing.none(8), size)
+        captions = [clean_text(it.captions[0], 30) for it in items]
+        ids, mask = tok.encode(captions, mode="text")
+        sims = backbone.text_features(ids, mask) @ feats.T
+        mm_ids, mm_mask = tok.encode(captions, mode="multimodal")
+        score = torch.stack([torch.stack([
+            backbone.itm_logits(mm_ids[t:t + 1], mm_mask[t:t + 1], states[i:i + 1])[0, 1] + sims[t, i]
+            for i in range(8)]) for t in range(8)])
+    keys = [it.key for it in items]
+    for k in (1, 5):
+        t2i = np.mean([any(keys[j] == keys[t] for j in score[t].topk(k).indices.tolist()) for t in range(8)])
+        i2t = np.mean([any(keys[t] == keys[i] for t in score[:, i].topk(k).indices.tolist()) for i in range(8)])
+        assert got[f"itm_t2i_r@{k}"] == pytest.approx(t2i) and got[f"itm_i2t_r@{k}"] == pytest.approx(i2t)

@@ -10,7 +10,15 @@ from safetensors.torch import save_file
 from transformers import BlipForImageTextRetrieval
 
 from uniadapter_serve.errors import CheckpointError, ConfigError, InputError
-from uniadapter_serve.model.loading import backbone_from_state_dict, bundled_configs, load_backbone, load_config
+from uniadapter_serve.model import loading
+from uniadapter_serve.model.loading import (
+    DEMO_DIR,
+    backbone_from_state_dict,
+    bundled_configs,
+    load_backbone,
+    load_config,
+    local_folder,
+)
 
 
 def _write(folder, config, state):
@@ -28,9 +36,17 @@ def test_bundled_configs_build_random_backbones():
     assert not model.training
 
 
-def test_demo_source_serves_without_weights():
+def test_demo_source_is_the_shipped_backbone():
     model = load_backbone("demo")
     assert model.config.vision_config.image_size == 64
+    assert local_folder("demo") == DEMO_DIR
+    assert model.fingerprints == load_backbone(DEMO_DIR).fingerprints != load_backbone("blip-demo").fingerprints
+
+
+def test_demo_source_without_shipped_weights_is_the_seeded_random_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(loading, "DEMO_DIR", tmp_path)
+    assert loading.local_folder("demo") is None
+    assert load_backbone("demo").fingerprints == load_backbone("blip-demo").fingerprints
 
 
 def test_dtype_cast_keeps_fingerprints(backbone, tiny_config, tmp_path):
