@@ -109,7 +109,8 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
             # full fine-tuning trains every parameter the task uses (the copy's unused parts get no gradient)
             tunable = base if mode == "full" else result.tunable_parameters
             rows[mode] = {"metrics": metrics, "tunable_parameters": tunable,
-                          "percent": round(100 * tunable / base, 2), "steps": len(result.losses),
+                          "percent": round(100 * tunable / base, 2), "steps": cfg.steps,
+                          **({"resumed_at": cfg.steps - len(result.losses)} if len(result.losses) < cfg.steps else {}),
                           "loss_first": round(result.losses[0], 4),
                           "loss_last": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
                           "seconds": round(time.monotonic() - with_time)}
@@ -133,8 +134,8 @@ MODE_LABELS = {"heads": "frozen backbone + heads only", "uniadapter": "UniAdapte
 
 def results_table(results: dict[str, Any]) -> str:
     """The README's comparison table (markdown), from results.json."""
-    head = ("| method | retrieval: tunable % | text->image R@1 / R@5 | VQA: tunable % | VQA exact match "
-            "| VideoQA: tunable % | VideoQA accuracy |")
+    head = ("| method | retrieval: tunable % | text->image R@1, ITM re-rank / ITC only | VQA: tunable % "
+            "| VQA exact match | VideoQA: tunable % | VideoQA accuracy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     tasks = results["tasks"]
     for mode, label in MODE_LABELS.items():
@@ -145,7 +146,7 @@ def results_table(results: dict[str, Any]) -> str:
                 cells += ["-", "-"]
                 continue
             m = row["metrics"]
-            score = (f"{m['t2i_r@1']:.2f} / {m['t2i_r@5']:.2f}" if task == "retrieval" else f"{m['accuracy']:.2f}")
+            score = (f"{m['itm_t2i_r@1']:.2f} / {m['t2i_r@1']:.2f}" if task == "retrieval" else f"{m['accuracy']:.2f}")
             cells += [f"{row['percent']:.2f} %", score]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--pretrain-steps", type=int, default=3500)
     parser.add_argument("--task-steps", type=int, help=f"per UniAdapter set (default: {TASK_STEPS})")
-    parser.add_argument("--baseline-steps", type=int, default=800, help="per baseline run")
+    parser.add_argument("--baseline-steps", type=int, default=600, help="per baseline run")
     parser.add_argument("--bottleneck", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
