@@ -161,7 +161,8 @@ def request_examples() -> dict[str, dict[str, Any]]:
     return {
         "vqa": {"image": example_image(), "question": "what colour is the circle?", "mode": "rank", "top_k": 3},
         "videoqa": {"video": example_video(), "question": "which way does the square move?", "top_k": 3},
-        "retrieve": {"query_text": "a large purple circle on the left", "collection": IMAGES, "top_k": 5, "rerank_k": 0},
+        "retrieve": {"query_text": "a large purple circle on the left", "collection": IMAGES, "top_k": 5,
+                     "rerank_k": 0},
     }
 
 
