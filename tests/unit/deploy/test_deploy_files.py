@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -83,3 +84,15 @@ def test_faiss_extras_never_mix():
     assert not any("faiss-cpu" in d for d in extras["gpu"])
     assert any("faiss-gpu" in d for d in extras["gpu"])
     assert any("faiss-cpu" in d for d in extras["cpu"])
+
+
+def test_package_data_carries_the_shipped_demo():
+    """The images install the package (no source tree at run time): every shipped demo file must match a
+    package-data pattern, or `serve` in a container would fall back to the random model."""
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    patterns = re.findall(r'"([^"]+)"', re.search(r'^"\*" = \[(.*?)\]', section, re.M).group(1))
+    shipped = [p for folder in ("backbone", "adapters") for p in (ROOT / "model" / "demo" / folder).rglob("*")
+               if p.is_file()]
+    assert len(shipped) >= 8
+    for path in shipped:
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), path
