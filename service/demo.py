@@ -167,10 +167,12 @@ def request_examples() -> dict[str, dict[str, Any]]:
 
 
 async def ensure_collections(core: ServiceCore) -> None:
-    """Create demo-images / demo-videos (and their media files) where missing."""
+    """Create demo-images / demo-videos (and their media files) where missing, bound to the shipped
+    demo-retrieval version even if a newer one was published."""
     from uniadapter_serve.service.collections.manager import IncomingItem  # the manager imports the schemas
 
-    ref = core.registry.resolve(DEMO_SETS["retrieval"]).ref
+    retrieval = DEMO_SETS["retrieval"]
+    ref = core.registry.resolve(f"{retrieval}@{read_adapter_meta(SETS_DIR / retrieval / 'v1').version}").ref
     for name, kind, make in ((IMAGES, "image", image_items), (VIDEOS, "video", video_items)):
         try:
             collection = core.collections.get(name)
@@ -181,7 +183,8 @@ async def ensure_collections(core: ServiceCore) -> None:
             except ConflictError:  # another replica created it a moment ago
                 collection = core.collections.get(name)
         items = make()
-        todo = [it for it in items if it.id not in collection.store.existing([it.id for it in items])]
+        present = collection.store.existing([it.id for it in items])
+        todo = [it for it in items if it.id not in present]
         for it in todo:
             _write_media(core.settings.media_dir / it.path, it.data)
         for start in range(0, len(todo), BATCH):
