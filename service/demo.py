@@ -106,28 +106,24 @@ def mp4(frames: list[np.ndarray], fps: int = FPS) -> bytes:
     return buf.getvalue()
 
 
+def _metadata(content: Scene | Clip) -> dict[str, Any]:
+    """What an item shows, so search results and answers can be checked by eye."""
+    qa = content.questions()
+    return {"caption": content.caption(), "questions": [q for q, _ in qa], "answers": [a for _, a in qa]}
+
+
 def image_items(n: int = NUM_IMAGES) -> list[DemoItem]:
-    world, out = _world(), []
-    for i in range(n):
-        scene = world.scene(FIRST_INDEX + i)
-        name = f"scene-{i:04d}"
-        qa = scene.questions()
-        out.append(DemoItem(name, f"demo/images/{name}.png", png(np.asarray(world.render(scene))),
-                            {"caption": scene.caption(), "questions": [q for q, _ in qa],
-                             "answers": [a for _, a in qa]}))
-    return out
+    world = _world()
+    scenes = [world.scene(FIRST_INDEX + i) for i in range(n)]
+    return [DemoItem(f"scene-{i:04d}", f"demo/images/scene-{i:04d}.png", png(np.asarray(world.render(scene))),
+                     _metadata(scene)) for i, scene in enumerate(scenes)]
 
 
 def video_items(n: int = NUM_VIDEOS) -> list[DemoItem]:
-    world, out = _world(), []
-    for i in range(n):
-        clip = world.clip(FIRST_INDEX + i)
-        name = f"clip-{i:04d}"
-        qa = clip.questions()
-        out.append(DemoItem(name, f"demo/videos/{name}.mp4", mp4(world.render_clip(clip)),
-                            {"caption": clip.caption(), "questions": [q for q, _ in qa],
-                             "answers": [a for _, a in qa]}))
-    return out
+    world = _world()
+    clips = [world.clip(FIRST_INDEX + i) for i in range(n)]
+    return [DemoItem(f"clip-{i:04d}", f"demo/videos/clip-{i:04d}.mp4", mp4(world.render_clip(clip)), _metadata(clip))
+            for i, clip in enumerate(clips)]
 
 
 @cache
