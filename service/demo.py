@@ -31,6 +31,7 @@ from uniadapter_serve.adapters.format import read_adapter_meta
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import ConflictError, NotFoundError
 from uniadapter_serve.fileio import atomic_write
+from uniadapter_serve.model.demo.build import SET_NAMES
 from uniadapter_serve.model.demo.world import Clip, Scene, World
 from uniadapter_serve.model.loading import DEMO_DIR
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETS_DIR = DEMO_DIR.parent / "adapters"
-DEMO_SETS = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
+DEMO_SETS = SET_NAMES
 IMAGES, VIDEOS = "demo-images", "demo-videos"
 NUM_IMAGES, NUM_VIDEOS = 64, 16
 FIRST_INDEX = 3_000_000
