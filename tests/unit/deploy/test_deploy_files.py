@@ -96,3 +96,13 @@ def test_package_data_carries_the_shipped_demo():
     assert len(shipped) >= 8
     for path in shipped:
         assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), path
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.gpu"])
+def test_volume_mount_points_belong_to_the_app_user(compose, dockerfile):
+    """A named volume mounted where the image has no directory is created root-owned, and the non-root
+    service could not write adapter sets, collections or media into it."""
+    text = (ROOT / dockerfile).read_text()
+    made = set(re.search(r"mkdir -p ((?:/data\S*\s*)+)&& chown -R app /data", text).group(1).split())
+    mounts = {v.split(":")[1] for v in compose["services"]["api"]["volumes"]}
+    assert mounts <= made
