@@ -10,7 +10,8 @@ rows into `results.json`, and a new backbone discards the sets and rows trained 
 Step counts (not wall time) define the run, so the same seed gives the same weights (up to float-reduction
 order across thread counts); the learning-rate schedules decay over exactly those steps, and an interrupted
 stage resumes from its last checkpoint. On two quiet CPU cores pre-training runs at ~2.3 steps/s (3,500
-steps: 26 min) and adapter training at ~7 (retrieval), ~10 (VQA) and ~1.8 (VideoQA, 8-frame clips) steps/s;
+steps: 26 min) and adapter training at ~7 (retrieval), ~10 (VQA; 6,000 steps: 10 min) and ~1.8 (VideoQA,
+8-frame clips) steps/s;
 with one thread each, two stages side by side run at about 4 / 8 / 1 steps/s.
 """
 
@@ -43,7 +44,7 @@ ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS,
 TASKS = ("retrieval", "vqa", "videoqa")
 RERANK_K = 16
 """retrieval is scored as BLIP evaluates it: ITC top-k re-ranked by ITM (and by ITC alone)"""
-TASK_STEPS = {"retrieval": 2000, "vqa": 1500, "videoqa": 2000}
+TASK_STEPS = {"retrieval": 2000, "vqa": 6000, "videoqa": 2000}
 SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
 
 
