@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from benchkit import half_iqr, rotating_rounds
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import random_backbone
@@ -151,19 +152,7 @@ def measure(calls: Sequence[Call], args: argparse.Namespace, label: str) -> list
     """Per variant, one sample (ms per call) per round; variants interleaved, order rotating."""
     elapsed = warm_up(calls, args.warmup, label)
     n = max(1, round(args.min_time / max(elapsed, 1e-6)))
-    samples: list[list[float]] = [[] for _ in calls]
-    for r in range(args.rounds):
-        for k in range(len(calls)):
-            i = (k + r) % len(calls)
-            samples[i].append(sample_ms(calls[i], n, CLOCKS[args.clock]))
-    return samples
-
-
-def half_iqr(values: Sequence[float]) -> float:
-    if len(values) < 4:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / 2
+    return rotating_rounds([lambda c=c: sample_ms(c, n, CLOCKS[args.clock]) for c in calls], args.rounds)
 
 
 def bench_config(config: str, bottlenecks: Sequence[int], args: argparse.Namespace) -> list[Row]:

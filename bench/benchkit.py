@@ -1,12 +1,14 @@
-"""Helpers shared by the benchmarks that run the service as a subprocess (service_load.py, video.py)."""
+"""Helpers shared by the benchmarks: running the service as a subprocess (service_load.py, video.py), and
+interleaved sampling with its spread (adapter_overhead.py, hot_swap.py)."""
 
 from __future__ import annotations
 
 import signal
 import socket
+import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -66,3 +68,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def rotating_rounds(samplers: Sequence[Callable[[], float]], rounds: int) -> list[list[float]]:
+    """One sample per sampler per round, samplers interleaved and their order rotated each round, so
+    drift of a noisy machine falls on every variant alike (compare variants by paired ratios)."""
+    samples: list[list[float]] = [[] for _ in samplers]
+    for r in range(rounds):
+        for k in range(len(samplers)):
+            i = (k + r) % len(samplers)
+            samples[i].append(samplers[i]())
+    return samples
+
+
+def half_iqr(values: Sequence[float]) -> float:
+    """Half the interquartile range: the spread printed beside a median (0 below 4 samples)."""
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2

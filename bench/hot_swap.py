@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from benchkit import half_iqr, rotating_rounds
 from safetensors.torch import save_file
 
 from uniadapter_serve.adapters.format import (
@@ -102,19 +103,7 @@ def interleaved(calls: Sequence[Call], rounds: int, min_time: float, warmup: int
     for _ in range(warmup):
         for call in calls:
             call()
-    samples: list[list[float]] = [[] for _ in calls]
-    for r in range(rounds):
-        for k in range(len(calls)):
-            i = (k + r) % len(calls)
-            samples[i].append(per_call(calls[i], min_time))
-    return samples
-
-
-def half_iqr(values: Sequence[float]) -> float:
-    if len(values) < 4:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / 2
+    return rotating_rounds([lambda c=c: per_call(c, min_time) for c in calls], rounds)
 
 
 def paired_spread(num: Sequence[float], den: Sequence[float]) -> float:
