@@ -27,6 +27,7 @@ from uniadapter_serve.adapters.datasets import QA, ImageText
 from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
 from uniadapter_serve.errors import ConfigError, InputError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
+from uniadapter_serve.model.media.video import decode_video
 from uniadapter_serve.model.preprocess import array_to_tensor
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text
@@ -85,8 +86,6 @@ def pixels(media: np.ndarray | list[np.ndarray] | str, size: int, num_frames: in
     files, or video files (T = num_frames sampled uniformly in time, as the service does)."""
     if isinstance(media, str):
         if media.lower().endswith(VIDEO_SUFFIXES):
-            from uniadapter_serve.service.video import decode_video
-
             try:
                 data = Path(media).read_bytes()
             except OSError as e:

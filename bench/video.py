@@ -3,7 +3,7 @@
 1. Decode + sample. Real H.264/MP4 clips (25 fps, 320x240, keyframe every 2 s, a moving square over a
    colour-shifting, scrolling background so the encoder does real work) of 10 s, 60 s and 600 s are
    encoded once with PyAV and cached in a temp folder (the encode time is printed on its own). Then
-   `uniadapter_serve.service.video.decode_clip(..., num_frames=8, size=64)` is timed on each clip,
+   `uniadapter_serve.model.media.video.decode_clip(..., num_frames=8, size=64)` is timed on each clip,
    next to a naive baseline that decodes every frame (`container.decode(stream)`, no conversion).
    Measurements are interleaved (round-robin over clips and methods) and the median is reported,
    with frames decoded and the time growth against the length growth (vs the shortest clip).
@@ -44,7 +44,7 @@ import httpx
 import numpy as np
 from benchkit import HOST, free_port, percentile, stop_process, wait_ready
 
-from uniadapter_serve.service.video import decode_clip
+from uniadapter_serve.model.media.video import decode_clip
 
 FPS = 25
 GOP = 50

@@ -13,7 +13,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> (3, size, size) float32."""
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return array_to_tensor(np.asarray(rgb))

@@ -64,9 +64,9 @@ def test_vqa_over_http_answers_as_the_offline_evaluation_does(client):
     """The demo images' own questions, uploaded as files the way Swagger's file picker sends them: the
     service gets right exactly what `uniadapter eval` gets right (same preprocessing, same ranking)."""
     from uniadapter_serve.adapters.datasets import QA
+    from uniadapter_serve.adapters.demo.build import ANSWERS
     from uniadapter_serve.adapters.evaluation import answer_accuracy
     from uniadapter_serve.adapters.format import load_adapter_set
-    from uniadapter_serve.model.demo.build import ANSWERS
     from uniadapter_serve.model.loading import load_backbone
     from uniadapter_serve.model.tokenizer import load_tokenizer
 

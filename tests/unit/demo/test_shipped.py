@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
+from uniadapter_serve.adapters.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
 from uniadapter_serve.adapters.format import load_adapter_set
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
-from uniadapter_serve.model.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer

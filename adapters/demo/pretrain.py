@@ -1,6 +1,6 @@
 """Pre-train the tiny demo BLIP on still scenes with BLIP's objectives: ITC, ITM and captioning LM.
 
-Reproducible from a seed: `python -m uniadapter_serve.model.demo.build` runs it (and trains the
+Reproducible from a seed: `python -m uniadapter_serve.adapters.demo.build` runs it (and trains the
 demo adapter sets). Position embeddings start at std 0.5, not transformers' 1e-10, so position is
 learnable in a small model trained from scratch.
 """

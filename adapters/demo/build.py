@@ -2,7 +2,7 @@
 comparison in miniature (heads only / UniAdapter / full fine-tuning), and write everything under
 `model/demo/`. Reproducible from the seed:
 
-    python -m uniadapter_serve.model.demo.build --seed 0
+    python -m uniadapter_serve.adapters.demo.build --seed 0
 
 Stages can run separately (`--stage pretrain|adapters|baselines`, `--tasks ...`); each merges its
 rows into `results.json`, and a new backbone discards the sets and rows trained on the old one.
@@ -29,23 +29,21 @@ import torch
 from safetensors.torch import save_file
 
 from uniadapter_serve.adapters.datasets import demo_images, demo_videoqa, demo_vqa
+from uniadapter_serve.adapters.demo.pretrain import pretrain
 from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
 from uniadapter_serve.adapters.format import BackboneInfo, save_adapter_set
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
-from uniadapter_serve.model.demo.pretrain import pretrain
-from uniadapter_serve.model.demo.world import COLORS, DIRECTIONS, NUMBERS, SHAPES, World
+from uniadapter_serve.model.demo.shipped import ANSWERS, DEMO_ROOT, SET_NAMES
+from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.tokenizer import BlipTokenizer
 
 log = logging.getLogger(__name__)
 
-DEMO_ROOT = Path(__file__).parent
-ANSWERS = sorted({*COLORS, *SHAPES, *NUMBERS[1:4], "left", "right", *DIRECTIONS, "yes", "no", "move", "change"})
 TASKS = ("retrieval", "vqa", "videoqa")
 RERANK_K = 16
 """retrieval is scored as BLIP evaluates it: ITC top-k re-ranked by ITM (and by ITC alone)"""
 TASK_STEPS = {"retrieval": 2000, "vqa": 6000, "videoqa": 2000}
-SET_NAMES = {"retrieval": "demo-retrieval", "vqa": "demo-vqa", "videoqa": "demo-videoqa"}
 
 
 def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:

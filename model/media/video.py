@@ -26,13 +26,18 @@ from uniadapter_serve.errors import (
     MediaTooLargeError,
     UnsupportedMediaTypeError,
 )
+from uniadapter_serve.model.media.image import sniff_image_type
 from uniadapter_serve.model.preprocess import array_to_tensor
-from uniadapter_serve.service.media import sniff_image_type
 
 log = logging.getLogger(__name__)
 
 SEEK_GAP_S = 2.0
 """Seek instead of decoding through when the next target is more than this far ahead."""
+DECODE_THREADS = 4
+"""FFmpeg decoder threads per clip: each holds a frame in flight, so this bounds memory too."""
+FRAMES_HELD = DECODE_THREADS + 4
+"""Full-size frames one decode holds at most (threads' frames + references + the one being picked):
+what a decode budget is charged, times the frame's pixels."""
 
 
 def sniff_video_type(data: bytes) -> str | None:
@@ -73,6 +78,14 @@ class DecodedClip:
     """frames actually decoded (the cost)"""
 
 
+def probe_video(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "video") -> int:
+    """Check bytes, type and frame size (header only) -> the pixels decoding will hold at once
+    (frame pixels x FRAMES_HELD), or a MediaError naming `field` and the problem."""
+    with _open(data, max_bytes, field) as container:
+        stream = _video_stream(container, max_pixels, field)
+        return int(stream.codec_context.width * stream.codec_context.height * FRAMES_HELD)
+
+
 def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
                  field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> torch.Tensor:
     """-> (num_frames, 3, size, size) normalised frames, or a MediaError naming the problem."""
@@ -82,28 +95,8 @@ def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max
 
 def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
                 field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> DecodedClip:
-    if not data:
-        raise EmptyMediaError(f"{field}: the file is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise MediaTooLargeError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes")
-    still = sniff_image_type(data)
-    if still is not None and still != "image/gif":
-        raise UnsupportedMediaTypeError(f"{field}: got a still image ({still}); send a video, or use /vqa for images")
-    sniffed = sniff_video_type(data)
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
-        if sniffed is not None:
-            raise CorruptMediaError(f"{field}: the {sniffed} file does not decode (truncated or damaged: {e})") from e
-        raise UnsupportedMediaTypeError(f"{field}: the bytes are not a video container FFmpeg can read ({e})") from e
-    with container:
-        if not container.streams.video:
-            raise UnsupportedMediaTypeError(f"{field}: the file has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_pixels:
-            raise MediaTooLargeError(f"{field}: {width}x{height} frames are over the limit of {max_pixels} pixels")
+    with _open(data, max_bytes, field) as container:
+        stream = _video_stream(container, max_pixels, field)
         start, duration = _span(container, stream)
         if duration is not None and duration > max_seconds:
             raise MediaTooLargeError(f"{field}: {duration:.1f} s is over the limit of {max_seconds:g} s")
@@ -117,6 +110,35 @@ def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_
             raise CorruptMediaError(f"{field}: the video does not decode ({e})") from e
     frames = [array_to_tensor(f) for f, _ in picked]
     return DecodedClip(torch.stack(frames), [t for _, t in picked], sampler.decoded)
+
+
+def _open(data: bytes, max_bytes: int, field: str) -> av.container.InputContainer:
+    if not data:
+        raise EmptyMediaError(f"{field}: the file is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise MediaTooLargeError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    still = sniff_image_type(data)
+    if still is not None and still != "image/gif":
+        raise UnsupportedMediaTypeError(f"{field}: got a still image ({still}); send a video, or use /vqa for images")
+    sniffed = sniff_video_type(data)
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
+        if sniffed is not None:
+            raise CorruptMediaError(f"{field}: the {sniffed} file does not decode (truncated or damaged: {e})") from e
+        raise UnsupportedMediaTypeError(f"{field}: the bytes are not a video container FFmpeg can read ({e})") from e
+
+
+def _video_stream(container: av.container.InputContainer, max_pixels: int, field: str) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise UnsupportedMediaTypeError(f"{field}: the file has no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > max_pixels:
+        raise MediaTooLargeError(f"{field}: {width}x{height} frames are over the limit of {max_pixels} pixels")
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = DECODE_THREADS
+    return stream
 
 
 def _span(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[float, float | None]:
@@ -152,7 +174,8 @@ class _Sampler:
         """For each target instant, the last frame shown at or before it (the first frame if none)."""
         tb = self.stream.time_base
         assert tb is not None
-        chosen: list[av.VideoFrame] = []
+        chosen: list[tuple[np.ndarray, float]] = []  # converted at once: full-size frames are not kept
+        last: tuple[av.VideoFrame, np.ndarray] | None = None
         frames = self._frames()  # from the start: short clips never seek
         prev: av.VideoFrame | None = None  # last frame at or before the current target
         pending: av.VideoFrame | None = None  # decoded past a target; belongs to a later one
@@ -178,8 +201,10 @@ class _Sampler:
                 pick = prev if prev is not None else frame
             if pick is None:
                 raise CorruptMediaError(f"{self.field}: no frame could be decoded")
-            chosen.append(pick)
-        return [(self._pixels(f), _time(f)) for f in chosen]
+            if last is None or last[0] is not pick:
+                last = (pick, self._pixels(pick))
+            chosen.append((last[1], _time(pick)))
+        return chosen
 
     def by_index(self, num_frames: int, max_seconds: float) -> list[tuple[np.ndarray, float]]:
         """Clips with no known duration: count packets (no decoding), then decode up to the last pick."""

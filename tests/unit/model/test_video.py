@@ -12,9 +12,9 @@ import torch
 from support.media import audio_only_bytes, image_bytes, vfr_video_bytes, video_bytes
 
 from uniadapter_serve.errors import CorruptMediaError, EmptyMediaError, MediaTooLargeError, UnsupportedMediaTypeError
+from uniadapter_serve.model.media.video import _span, decode_clip, decode_video, sample_indices
 from uniadapter_serve.model.preprocess import CLIP_MEAN, CLIP_STD, array_to_tensor, image_to_tensor
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.service.video import _span, decode_clip, decode_video, sample_indices
 
 LIMITS = {"max_bytes": 10**9, "max_seconds": 600, "max_pixels": 10**7}
 COLORS = [((37 * i) % 256, (255 - 23 * i) % 256, (91 * i) % 256) for i in range(20)]

@@ -1,0 +1,1 @@
+"""Building the shipped demo: pre-training the tiny BLIP and training its adapter sets (weights land in model/demo/)."""

@@ -1,0 +1,1 @@
+"""Decoding uploaded media (images, videos) with limits and a memory budget: used by serving and training."""
