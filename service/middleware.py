@@ -67,6 +67,9 @@ async def _reject(send: Send, limit: int, size: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
 class MetricsMiddleware:
     """Counts requests and observes latency per route template (not per raw path)."""
 
@@ -86,11 +89,16 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        probe = scope.get("path") in PROBES
+        if not probe:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, tracking_send)
         finally:
+            if not probe:
+                self.metrics.in_flight.dec()
             route: Any = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             if path != "/metrics":
-                self.metrics.requests.inc(route=path, status=str(status["code"]))
-                self.metrics.latency.observe(time.monotonic() - started, route=path)
+                self.metrics.requests.labels(route=path, status=str(status["code"])).inc()
+                self.metrics.latency.labels(route=path).observe(time.monotonic() - started)

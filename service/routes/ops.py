@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from uniadapter_serve import __version__
-from uniadapter_serve.service.auth import CoreDep
+from uniadapter_serve.service.auth import CoreDep, require_admin
 
 router = APIRouter(tags=["ops"])
 
@@ -19,28 +20,44 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Backbone loaded, batcher running, adapter root readable")
-def readyz(core: CoreDep) -> JSONResponse:
-    checks: dict[str, Any] = {
-        "backbone": {"source": core.settings.backbone, "components": list(core.backbone.components),
-                     "fingerprints": core.backbone.fingerprints, "device": str(core.backbone.device),
-                     "dtype": str(core.backbone.dtype).removeprefix("torch.")},
-        "adapters": {"available": len(core.registry.all()), "resident": core.manager.resident(),
-                     "errors": len(core.registry.errors())},
-        "queue": core.batcher.queued(),
-        "collections": len(core.collections.names()),
-        "redis": core.redis.status(),
+@router.get("/readyz", summary="Ready to serve: backbone loaded, batcher running (503 while not)")
+def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONResponse:
+    """Without `verbose`: the status and the name of each check with its state, nothing more (no paths,
+    hosts or versions: probes run without keys). `verbose=true` adds every detail and needs the admin key."""
+    if verbose:
+        require_admin(request, core)
+    redis = core.redis.status()
+    states = {
+        "backbone": "ok",
+        "batcher": "ok" if core.ready else "stopped",
+        "adapters": "ok" if not core.registry.errors() else "degraded",
+        "redis": "off" if not redis.get("configured") else ("ok" if redis.get("ok") else "degraded"),
     }
-    ready = core.ready
     warnings = []
-    if checks["redis"].get("configured") and not checks["redis"].get("ok"):
+    if states["redis"] == "degraded":
         warnings.append("redis unreachable: using the in-process embedding cache; replicas learn of changes "
                         "on their next read")
-    body = {"status": "ready" if ready else "not ready", "version": __version__, "torch": torch.__version__,
-            "checks": checks, "warnings": warnings}
+    if states["adapters"] == "degraded":
+        warnings.append("some adapter-set folders cannot be read (GET /adapters lists them)")
+    ready = core.ready
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": states, "warnings": warnings}
+    if verbose:
+        body["version"], body["torch"] = __version__, torch.__version__
+        body["details"] = {
+            "backbone": {"source": core.settings.backbone, "components": list(core.backbone.components),
+                         "fingerprints": core.backbone.fingerprints, "device": str(core.backbone.device),
+                         "dtype": str(core.backbone.dtype).removeprefix("torch.")},
+            "adapters": {"available": len(core.registry.all()), "resident": core.manager.resident(),
+                         "errors": len(core.registry.errors())},
+            "queue": core.batcher.queued(),
+            "decode_budget": {"capacity_pixels": core.decode_budget.capacity, "used_pixels": core.decode_budget.used,
+                              "waiting": core.decode_budget.waiting},
+            "collections": len(core.collections.names()),
+            "redis": redis,
+        }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 def metrics(core: CoreDep) -> PlainTextResponse:
-    return PlainTextResponse(core.metrics.render(), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)

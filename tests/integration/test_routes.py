@@ -12,12 +12,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_health_ready_metrics(client):
+def test_health_ready_metrics(client, admin):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready"
-    assert ready["checks"]["backbone"]["components"] == ["vision_model", "text_encoder", "text_decoder", "heads"]
-    assert ready["checks"]["adapters"]["available"] == 6
+    assert ready == {"status": "ready", "checks": {"backbone": "ok", "batcher": "ok", "adapters": "ok", "redis": "off"},
+                     "warnings": []}
+    assert client.get("/readyz", params={"verbose": "true"}).status_code == 403  # the read key is not enough
+    detail = admin.get("/readyz", params={"verbose": "true"}).json()["details"]
+    assert detail["backbone"]["components"] == ["vision_model", "text_encoder", "text_decoder", "heads"]
+    assert detail["adapters"]["available"] >= 6
     text = client.get("/metrics").text
     assert "# TYPE uniadapter_batch_size histogram" in text and "uniadapter_queue_depth" in text
 

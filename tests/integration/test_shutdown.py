@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import threading
 import time
@@ -12,10 +13,25 @@ from support.media import image_bytes
 from support.server import publish_test_sets, start_server
 
 
+def in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    m = re.search(r"^uniadapter_requests_in_flight (\S+)$", text, re.M)
+    assert m, text
+    return float(m.group(1))
+
+
+def wait_for_in_flight(url: str, n: int, deadline: float) -> None:
+    """Until the server itself counts n requests in flight."""
+    while (now := in_flight(url)) < n:
+        assert time.monotonic() < deadline, f"only {now} of {n} requests reached the server"
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     root = tmp_path / "data"
     publish_test_sets(root)
-    server = start_server(root, tmp_path, max_wait_ms=400, max_batch_size=64)
+    # batches wait up to 5 s to fill: the requests are still in flight when SIGTERM comes
+    server = start_server(root, tmp_path, max_wait_ms=5000, max_batch_size=64)
     assert httpx.post(f"{server.url}/collections", json={"name": "c", "kind": "image"}).status_code == 201
     png = base64.b64encode(image_bytes()).decode()
     results: list[int | str] = []
@@ -33,7 +49,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    time.sleep(0.2)  # all accepted, waiting in the batcher (max_wait_ms=400)
+    wait_for_in_flight(server.url, 12, deadline=time.monotonic() + 60)
     server.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)

@@ -102,7 +102,7 @@ def test_one_batch_mixes_adapter_sets_and_bare(manager):
     batcher.stop()
     assert rec.batches == [[(1, a), (2, b), (3, None)]]
     assert rec.routes == [2]  # two sets routed, the bare sample untouched
-    assert batcher.metrics.mixed_batches.value(stage="s") == 1
+    assert batcher.metrics.registry.get_sample_value("uniadapter_mixed_batches_total", {"stage": "s"}) == 1
 
 
 def test_queue_full_answers_overloaded_with_retry_after(manager):
@@ -125,7 +125,7 @@ def test_queue_full_answers_overloaded_with_retry_after(manager):
     batcher.stop()
     assert error.retry_after >= 1 and "queue full" in str(error)
     assert first == 2 and rest == [4, 6]  # accepted work still completes
-    assert batcher.metrics.rejected.value(reason="queue_full") == 1
+    assert batcher.metrics.registry.get_sample_value("uniadapter_rejected_total", {"reason": "queue_full"}) == 1
 
 
 def test_deadline_passes_while_queued(manager):
@@ -165,7 +165,7 @@ def test_cancelled_requests_are_dropped_before_compute(manager):
     assert asyncio.run(main()) == (2, 6)
     batcher.stop()
     assert [p for batch in rec.batches for p, _ in batch] == [1, 3]
-    assert batcher.metrics.rejected.value(reason="cancelled") == 1
+    assert batcher.metrics.registry.get_sample_value("uniadapter_rejected_total", {"reason": "cancelled"}) == 1
 
 
 def test_a_failing_sample_fails_only_its_own_request(manager):
