@@ -11,12 +11,14 @@ own request. Model work never runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -30,6 +32,29 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Sequence["Job"], Routing], Sequence[Any]]
 """Runs jobs as one batch; returns one result (or an Exception instance) per job."""
+
+
+_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("uniadapter_admission", default=None)
+
+
+class Admission:
+    """A request admitted as a unit: room for its jobs is reserved up front, and its jobs (submitted
+    from this context or tasks it starts) never get 429 half-way through the request."""
+
+    def __init__(self, batcher: Batcher, jobs: int) -> None:
+        self.batcher = batcher
+        self.reserved = jobs
+        self._token: contextvars.Token[Admission | None] | None = None
+
+    def __enter__(self) -> Admission:
+        self._token = _ADMISSION.set(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._token is not None:
+            _ADMISSION.reset(self._token)
+        self.batcher._unreserve(self)
 
 
 @dataclass(eq=False)
@@ -72,6 +97,8 @@ class Batcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self._queues: dict[str, deque[Job]] = {name: deque() for name in handlers}
+        self._reserved = 0
+        """jobs admitted requests may still submit"""
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -103,17 +130,48 @@ class Batcher:
 
     # -- submitting (event loop) ----------------------------------------------------------------
 
-    async def submit(self, stage: str, payload: Any, adapter: str | None, deadline: float) -> Any:
-        loop = asyncio.get_running_loop()
-        job = Job(stage, payload, adapter, deadline, loop.create_future(), loop)
+    def admit(self, jobs: int) -> Admission:
+        """Admit a request of up to `jobs` jobs as a unit (`with batcher.admit(n): ...`): 429 unless they
+        fit in the queue, except that an empty queue takes any request whole, however large."""
         with self._cond:
             if not self._running:
                 raise OverloadedError("the server is shutting down", retry_after=1.0)
-            depth = sum(len(q) for q in self._queues.values())
-            if depth >= self.max_queue:
-                self.metrics.rejected.inc(reason="queue_full")
-                retry = max(1.0, round(self._batch_seconds * depth / max(1, self.max_batch_size), 1))
-                raise OverloadedError(f"queue full ({depth} jobs waiting); retry later", retry_after=retry)
+            depth = self._depth()
+            if depth > 0 and depth + jobs > self.max_queue:
+                raise self._overloaded(depth)
+            self._reserved += jobs
+        return Admission(self, jobs)
+
+    def _unreserve(self, admission: Admission) -> None:
+        with self._cond:
+            self._reserved -= admission.reserved
+            admission.reserved = 0
+
+    def _depth(self) -> int:
+        """Under the lock: queued jobs plus those admitted requests may still submit."""
+        return sum(len(q) for q in self._queues.values()) + self._reserved
+
+    def _overloaded(self, depth: int) -> OverloadedError:
+        self.metrics.rejected.labels(reason="queue_full").inc()
+        retry = max(1.0, round(self._batch_seconds * depth / max(1, self.max_batch_size), 1))
+        return OverloadedError(f"queue full ({depth} jobs waiting, limit {self.max_queue}); retry later",
+                               retry_after=retry)
+
+    async def submit(self, stage: str, payload: Any, adapter: str | None, deadline: float) -> Any:
+        loop = asyncio.get_running_loop()
+        job = Job(stage, payload, adapter, deadline, loop.create_future(), loop)
+        admission = _ADMISSION.get()
+        with self._cond:
+            if not self._running:
+                raise OverloadedError("the server is shutting down", retry_after=1.0)
+            if admission is not None and admission.batcher is self:
+                if admission.reserved > 0:  # one of its reserved places becomes a queued job
+                    admission.reserved -= 1
+                    self._reserved -= 1
+            else:
+                depth = self._depth()
+                if depth >= self.max_queue:
+                    raise self._overloaded(depth)
             self._queues[stage].append(job)
             self._cond.notify()
         remaining = deadline - time.monotonic()
@@ -121,7 +179,7 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(0.0, remaining))
         except TimeoutError:
             job.future.cancel()
-            self.metrics.rejected.inc(reason="deadline")
+            self.metrics.rejected.labels(reason="deadline").inc()
             raise DeadlineExceededError(f"request deadline passed while waiting for the {stage} stage") from None
         except asyncio.CancelledError:
             job.future.cancel()  # the client went away: the model thread drops the job
@@ -169,9 +227,9 @@ class Batcher:
         alive: list[Job] = []
         for job in jobs:
             if job.abandoned:
-                self.metrics.rejected.inc(reason="cancelled")
+                self.metrics.rejected.labels(reason="cancelled").inc()
             elif job.deadline <= now:
-                self.metrics.rejected.inc(reason="deadline")
+                self.metrics.rejected.labels(reason="deadline").inc()
                 job.finish(DeadlineExceededError(f"deadline passed before the {stage} stage ran"))
             else:
                 alive.append(job)
@@ -220,10 +278,10 @@ class Batcher:
         handler = self.handlers[stage]
         modules = [leases[j.adapter].module if j.adapter is not None else None for j in jobs]
         distinct = len({j.adapter for j in jobs})
-        self.metrics.batch_size.observe(len(jobs), stage=stage)
-        self.metrics.batch_adapters.observe(distinct, stage=stage)
+        self.metrics.batch_size.labels(stage=stage).observe(len(jobs))
+        self.metrics.batch_adapters.labels(stage=stage).observe(distinct)
         if distinct > 1:
-            self.metrics.mixed_batches.inc(stage=stage)
+            self.metrics.mixed_batches.labels(stage=stage).inc()
         try:
             with torch.inference_mode():
                 results = handler(jobs, Routing.per_sample(modules, self.manager.backbone.device))

@@ -16,12 +16,14 @@ from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import ConflictError, InputError, TextTooLongError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.loading import load_backbone, local_folder
+from uniadapter_serve.model.media.budget import DecodeBudget
+from uniadapter_serve.model.media.image import load_image, probe_image
+from uniadapter_serve.model.media.video import decode_video, probe_video
 from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.batcher import Batcher
 from uniadapter_serve.service.collections.manager import CollectionManager
-from uniadapter_serve.service.media import decode_image
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus, RedisLink
 from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
@@ -83,9 +85,11 @@ class ServiceCore:
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=self.metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None)
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
+        self.metrics.decode_pixels.collect_from(lambda: [({}, float(self.decode_budget.used))])
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
-        self.redis = RedisLink(settings.redis_url)
+        self.redis = RedisLink(settings.redis_url, socket_timeout=settings.redis_timeout_s)
         self.cache = EmbeddingCache(self.redis)
         self.events = EventBus(self.redis, self._on_event)
         self.collections = CollectionManager(settings.data_root / "collections", settings.media_dir, self)
@@ -102,6 +106,7 @@ class ServiceCore:
         self.batcher.stop(drain_timeout)
         self.collections.close()
         self.events.stop()
+        self.redis.close()
 
     def _on_event(self, event: dict[str, object]) -> None:
         """Another replica changed shared state on the data volume."""
@@ -161,13 +166,28 @@ class ServiceCore:
         return text
 
     async def image_input(self, data: bytes, content_type: str | None, field: str) -> VisionInput:
-        """Decode + preprocess in a worker thread (never on the event loop or the model thread)."""
-        def work() -> VisionInput:
-            image = decode_image(data, declared_type=content_type, max_bytes=self.settings.max_image_bytes,
-                                 max_pixels=self.settings.max_image_pixels, field=field)
-            return VisionInput(image_to_tensor(image, self.image_size)[None])
+        """Decode + preprocess in a worker thread (never on the event loop or the model thread), holding
+        the image's pixels of the decode budget until it is at model size."""
+        s, size = self.settings, self.image_size
+        probe = await run_in_threadpool(probe_image, data, declared_type=content_type, max_bytes=s.max_image_bytes,
+                                        max_pixels=s.max_image_pixels, field=field, target_size=size)
 
-        return await run_in_threadpool(work)
+        def work() -> VisionInput:
+            return VisionInput(image_to_tensor(load_image(probe, size), size)[None])
+
+        async with self.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
+            return await run_in_threadpool(work)
+
+    async def video_input(self, data: bytes, num_frames: int, field: str) -> VisionInput:
+        """Sample and preprocess `num_frames` frames in a worker thread, holding the decode budget."""
+        s = self.settings
+        pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes,
+                                         max_pixels=s.max_video_pixels, field=field)
+        async with self.decode_budget.hold_async(pixels, s.decode_wait_s, field):
+            frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
+                                             max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
+                                             max_pixels=s.max_video_pixels, field=field)
+        return VisionInput(frames, video=True)
 
     async def vision(self, item: VisionInput, meta: AdapterSetMeta | None, deadline: float) -> VisionOutput:
         result: VisionOutput = await self.batcher.submit("vision", item, _ref(meta), deadline)

@@ -1,7 +1,7 @@
 """What `uniadapter serve` with no arguments serves: the shipped demo.
 
 With the backbone 'demo' and its trained weights present (model/demo/, built by
-`python -m uniadapter_serve.model.demo.build`), the service
+`python -m uniadapter_serve.adapters.demo.build`), the service
 
 - publishes the three shipped adapter sets (demo-retrieval, demo-vqa, demo-videoqa) into the
   adapters root and uses them when a request names no set (explicit `default_*_adapter` settings
@@ -16,6 +16,7 @@ changes nothing, and an interrupted start finishes the collections on the next o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -29,9 +30,9 @@ import numpy as np
 
 from uniadapter_serve.adapters.format import read_adapter_meta
 from uniadapter_serve.adapters.registry import AdapterRegistry
-from uniadapter_serve.errors import ConflictError, NotFoundError
+from uniadapter_serve.errors import ConflictError, NotFoundError, OverloadedError
 from uniadapter_serve.fileio import atomic_write
-from uniadapter_serve.model.demo.build import SET_NAMES
+from uniadapter_serve.model.demo.shipped import SET_NAMES
 from uniadapter_serve.model.demo.world import Clip, Scene, World
 from uniadapter_serve.model.loading import DEMO_DIR
 
@@ -184,13 +185,18 @@ async def ensure_collections(core: ServiceCore) -> None:
         todo = [it for it in items if it.id not in present]
         for it in todo:
             _write_media(core.settings.media_dir / it.path, it.data)
-        for start in range(0, len(todo), BATCH):
+        start = 0
+        while start < len(todo):
             chunk = todo[start:start + BATCH]
             try:
                 await core.collections.add(name, [IncomingItem(id=it.id, path=it.path, metadata=it.metadata)
                                                   for it in chunk])
             except ConflictError:  # another replica added some of them meanwhile
+                pass
+            except OverloadedError as e:  # traffic already: admitted whole once the queue has room
+                await asyncio.sleep(e.retry_after)
                 continue
+            start += BATCH
 
 
 def _write_media(path: Path, data: bytes) -> None:

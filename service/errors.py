@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from uniadapter_serve import errors as e
 from uniadapter_serve.service.bodies import validation_message
@@ -31,6 +33,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (e.AdapterFormatError, 422),
     (e.ConfigError, 422),
     (e.AdapterCapacityError, 503),
+    (e.ServerBusyError, 503),
     (e.OverloadedError, 429),
     (e.DeadlineExceededError, 504),
     (e.CheckpointError, 503),
@@ -55,7 +58,7 @@ def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: e.UniAdapterError) -> JSONResponse:
         status = status_for(exc)
         headers = None
-        if isinstance(exc, e.OverloadedError):
+        if isinstance(exc, e.OverloadedError | e.ServerBusyError):
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         elif isinstance(exc, e.AdapterCapacityError):
             headers = {"Retry-After": "1"}
@@ -80,7 +83,33 @@ def install(app: FastAPI) -> None:
             parts.append(f"{loc}: {err.get('msg')}")
         return error_response(422, "ValidationError", "; ".join(parts))
 
+    @app.exception_handler(HTTPException)
+    async def framework(request: Request, exc: HTTPException) -> JSONResponse:
+        """404 / 405 from routing, 400 from body and multipart parsing: the same error shape."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        name = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.url.path[:200]!r} (see /docs)"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path[:200]!r}; allowed: {headers['Allow']}"
+        return error_response(exc.status_code, name, detail, headers or None)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "InternalError", "internal error; see the server log")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)

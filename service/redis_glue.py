@@ -3,10 +3,15 @@ every replica learns of published adapter versions and changed collections.
 
 Without Redis (or while it is unreachable) the cache is in-process and events stay local; a
 Redis outage degrades to that with a warning in /readyz and never fails a request.
+
+No Redis call runs on the event loop: writes (cache sets, event publishes) go to a background
+thread and never delay a request; reads run in a worker thread and cost a request at most the
+socket timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -14,15 +19,28 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
+from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "uniadapter:events"
 CACHE_PREFIX = "uniadapter:emb:"
 REDIS_ERRORS = (redis.RedisError, OSError)
+MAX_PENDING_WRITES = 10_000
+"""Background writes waiting beyond this are dropped (a cache fill or an event other replicas also get
+from the data volume within seconds)."""
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class RedisLink:
@@ -36,15 +54,25 @@ class RedisLink:
         )
         self.last_error: str | None = None
         self._next_try = 0.0
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.dropped_writes = 0
+        self.loop_calls = 0
+        """calls made on an event loop thread (a bug: they stall every request while Redis is slow)"""
 
     @property
     def configured(self) -> bool:
         return self.client is not None
 
     def call(self, fn: Callable[[redis.Redis], Any]) -> Any:
-        """Run fn(client); on failure record it, back off for 2 s, and return None."""
+        """Run fn(client) in this thread; on failure record it, back off for 2 s, and return None.
+        Never call it on the event loop: use `call_async` or `write`."""
         if self.client is None or time.monotonic() < self._next_try:
             return None
+        if on_event_loop():
+            self.loop_calls += 1
+            log.error("redis call on the event loop: this stalls every request while redis is slow")
         try:
             result = fn(self.client)
         except REDIS_ERRORS as e:
@@ -57,6 +85,42 @@ class RedisLink:
             log.info("redis is back")
         self.last_error = None
         return result
+
+    async def call_async(self, fn: Callable[[redis.Redis], Any]) -> Any:
+        """`call` in a worker thread: the event loop keeps serving meanwhile."""
+        if self.client is None or time.monotonic() < self._next_try:
+            return None
+        return await run_in_threadpool(self.call, fn)
+
+    def write(self, fn: Callable[[redis.Redis], Any]) -> None:
+        """Run fn(client) on the background writer thread; returns at once (dropped when too many wait)."""
+        if self.client is None:
+            return
+        with self._pending_lock:
+            if self._pending >= MAX_PENDING_WRITES:
+                self.dropped_writes += 1
+                return
+            self._pending += 1
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="uniadapter-redis")
+
+        def run() -> None:
+            try:
+                self.call(fn)
+            finally:
+                with self._pending_lock:
+                    self._pending -= 1
+
+        try:
+            self._writer.submit(run)
+        except RuntimeError:  # shut down
+            with self._pending_lock:
+                self._pending -= 1
+
+    def close(self) -> None:
+        """Finish queued writes (each bounded by the socket timeout, or skipped while backing off)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     def status(self) -> dict[str, Any]:
         if self.client is None:
@@ -79,21 +143,28 @@ class EmbeddingCache:
     def key(adapter_ref: str, sha256: str, kind: str) -> str:
         return f"{CACHE_PREFIX}{adapter_ref}:{kind}:{sha256}"
 
-    def get(self, key: str) -> bytes | None:
+    def get_local(self, key: str) -> bytes | None:
         with self._lock:
             hit = self._local.get(key)
             if hit is not None:
                 self._local.move_to_end(key)
-                return hit
-        value = self.link.call(lambda c: c.get(key))
+            return hit
+
+    async def get(self, key: str) -> bytes | None:
+        """The in-process copy, else Redis (in a worker thread: at most its timeout)."""
+        hit = self.get_local(key)
+        if hit is not None:
+            return hit
+        value = await self.link.call_async(lambda c: c.get(key))
         if isinstance(value, bytes):
             self._remember(key, value)
             return value
         return None
 
     def set(self, key: str, value: bytes) -> None:
+        """Remember locally now; write to Redis in the background."""
         self._remember(key, value)
-        self.link.call(lambda c: c.set(key, value, ex=self.ttl_s))
+        self.link.write(lambda c: c.set(key, value, ex=self.ttl_s))
 
     def _remember(self, key: str, value: bytes) -> None:
         with self._lock:
@@ -124,8 +195,9 @@ class EventBus:
             self._thread.join(timeout=3)
 
     def publish(self, event: dict[str, Any]) -> None:
+        """Send in the background: never waits on Redis."""
         message = json.dumps({**event, "origin": self.origin})
-        self.link.call(lambda c: c.publish(CHANNEL, message))
+        self.link.write(lambda c: c.publish(CHANNEL, message))
 
     def _listen(self) -> None:
         while not self._stop.is_set():

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from uniadapter_serve.model.media.video import FRAMES_HELD
+
 MB = 1024 * 1024
 
 
@@ -28,6 +30,9 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         None, description="redis://host:port/db: shared embedding cache and events between replicas."
+    )
+    redis_timeout_s: float = Field(
+        0.5, gt=0, le=30, description="Socket timeout of Redis calls: the most a hung Redis adds to a request."
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field("auto", description="'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'float16', 'bfloat16'.")
@@ -70,6 +75,11 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="Largest top_k.")
     max_candidates: int = Field(64, ge=1, description="Most inline candidates in one /retrieve request.")
     max_items_per_request: int = Field(256, ge=1, description="Most items in one add-items request.")
+    decode_budget_mpix: float = Field(
+        100.0, gt=0, description="Megapixels all uploads being decoded may hold at once (about 8 bytes each at "
+        "peak); decodes past it wait. Must fit the largest image (MAX_IMAGE_PIXELS) and video frame x 8.",
+    )
+    decode_wait_s: float = Field(10.0, ge=0, description="Longest wait for the decode budget before 503.")
 
     # -- auth ------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")
@@ -82,11 +92,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_paths(self) -> Settings:
+        budget = self.decode_budget_pixels
+        for name, need in (("MAX_IMAGE_PIXELS", self.max_image_pixels),
+                           (f"MAX_VIDEO_PIXELS x {FRAMES_HELD}", self.max_video_pixels * FRAMES_HELD)):
+            if need > budget:
+                raise ValueError(f"DECODE_BUDGET_MPIX ({self.decode_budget_mpix:g}) is smaller than {name} "
+                                 f"({need / 1e6:g} Mpix): the largest allowed upload could never decode")
         if self.adapters_root is None:
             self.adapters_root = self.data_root / "adapters"
         if self.media_root is None:
             self.media_root = self.data_root / "media"
         return self
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        return int(self.decode_budget_mpix * 1_000_000)
 
     @property
     def adapters_dir(self) -> Path:

@@ -24,14 +24,14 @@ from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.adapters.registry import NAME_RE
-from uniadapter_serve.errors import ConflictError, InputError, NotFoundError
+from uniadapter_serve.errors import ConflictError, InputError, MediaTooLargeError, NotFoundError, OverloadedError
 from uniadapter_serve.fileio import atomic_write
+from uniadapter_serve.model.media.image import sniff_image_type
+from uniadapter_serve.model.media.video import sniff_video_type
 from uniadapter_serve.service.collections.collection import Collection, Hit
 from uniadapter_serve.service.collections.index import validate_factory
 from uniadapter_serve.service.collections.store import Item, NewItem, _GenerationChanged
-from uniadapter_serve.service.media import sniff_image_type
-from uniadapter_serve.service.stages import VisionInput, VisionOutput
-from uniadapter_serve.service.video import decode_video, sniff_video_type
+from uniadapter_serve.service.stages import VisionOutput
 
 if TYPE_CHECKING:
     from uniadapter_serve.service.core import ServiceCore
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "video", "text")
+MAX_PATH_CHARS = 1024
+REINDEX_CHUNK = 64
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/bmp": ".bmp",
               "image/webp": ".webp", "video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi"}
 
@@ -57,6 +59,8 @@ class IncomingItem:
 
 @dataclass
 class _Prepared:
+    label: str
+    """how errors name the item: items[i], with its filename when it has one"""
     external_id: str
     source: str
     sha256: str
@@ -104,15 +108,16 @@ class CollectionManager:
             with self._lock:
                 found = self._collections.get(name)
         if found is None:
-            raise NotFoundError(f"no collection named {name!r}; collections: {self.names()}")
+            raise NotFoundError(f"no collection named {name[:80]!r} (GET /collections lists them)")
         return found
 
     def create(self, name: str, kind: str, adapter: str | None, factory: str = "flat") -> Collection:
         if not NAME_RE.match(name):
-            raise InputError(f"invalid collection name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
+            raise InputError(f"invalid collection name {name[:80]!r}: 1-64 ASCII letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
-        meta = self.core.resolve_adapter(adapter, "retrieval") if adapter not in (None, "none", "bare") else None
+        meta = self.core.resolve_adapter(adapter, "retrieval")  # None: the default retrieval set
         dim = self.core.backbone.dims.embed_dim
         factory = validate_factory(factory, dim)
         with self._lock:
@@ -154,11 +159,17 @@ class CollectionManager:
     async def add(self, name: str, items: list[IncomingItem]) -> list[str]:
         """Embed and add items; all or nothing. Returns their external ids."""
         collection = self.get(name)
-        prepared = await run_in_threadpool(self._prepare_all, collection, items)
+        with self.core.batcher.admit(len(items)):
+            prepared = await run_in_threadpool(self._prepare_all, collection, items)
+            return await self._add_prepared(collection, prepared)
+
+    async def _add_prepared(self, collection: Collection, prepared: list[_Prepared]) -> list[str]:
+        name = collection.meta.name
         for _ in range(3):
             meta = collection.meta
             adapter = self.adapter_of(collection)
-            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter) for p in prepared))
+            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label)
+                                             for p in prepared))
             await run_in_threadpool(self._store_media, collection, prepared)
             news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v)
                     for p, v in zip(prepared, vectors, strict=True)]
@@ -169,7 +180,7 @@ class CollectionManager:
                 continue  # re-indexed under another version meanwhile: embed again
         else:
             raise ConflictError(f"collection {name!r} kept switching adapter versions; retry")
-        collection.sync()
+        await run_in_threadpool(collection.sync)
         self.core.events.publish({"type": "collection", "name": name})
         return [p.external_id for p in prepared]
 
@@ -182,33 +193,57 @@ class CollectionManager:
         return out
 
     def _prepare(self, kind: str, i: int, item: IncomingItem) -> _Prepared:
-        field_name = f"items[{i}]"
+        filename = item.metadata.get("filename")
+        label = f"items[{i}]" + (f" ({str(filename)[:80]})" if filename else "")
         if kind == "text":
             if item.text is None or item.data is not None or item.path is not None:
-                raise InputError(f"{field_name}: a text collection takes 'text' items")
-            text = self.core.check_text(item.text, f"{field_name}.text")
+                raise InputError(f"{label}: a text collection takes 'text' items")
+            text = self.core.check_text(item.text, f"{label}.text")
             sha = hashlib.sha256(text.encode()).hexdigest()
-            return _Prepared(item.id or sha[:16], f"text:{text}", sha, item.metadata, text)
+            return _Prepared(label, item.id or sha[:16], f"text:{text}", sha, item.metadata, text)
         if item.text is not None or (item.data is None) == (item.path is None):
-            raise InputError(f"{field_name}: give exactly one of an uploaded file and a path")
+            raise InputError(f"{label}: give exactly one of an uploaded file and a path")
         if item.path is not None:
-            path = self.resolve_media_path(item.path, field_name)
-            data = path.read_bytes()
+            path = self.resolve_media_path(item.path, f"{label}.path")
+            data = self._read_media(path, kind, f"{label}.path")
             source = f"path:{path.relative_to(self.media_root.resolve())}"
         else:
             assert item.data is not None
             data, source = item.data, "upload"
         sha = hashlib.sha256(data).hexdigest()
-        return _Prepared(item.id or sha[:16], source, sha, item.metadata, data)
+        return _Prepared(label, item.id or sha[:16], source, sha, item.metadata, data)
 
     def resolve_media_path(self, path: str, field_name: str) -> Path:
+        """A file under the media root named by a client: every failure is the client's 4xx, and no
+        server path appears in a message."""
+        shown = repr(path[:80]) + ("..." if len(path) > 80 else "")
+        if "\x00" in path:
+            raise InputError(f"{field_name}: path {shown} contains a NUL byte")
+        if len(path) > MAX_PATH_CHARS:
+            raise InputError(f"{field_name}: path of {len(path)} characters is over the limit of {MAX_PATH_CHARS}")
         root = self.media_root.resolve()
-        candidate = (root / path).resolve()
-        if not candidate.is_relative_to(root):
-            raise InputError(f"{field_name}: path {path!r} is outside the media root")
-        if not candidate.is_file():
-            raise NotFoundError(f"{field_name}: no file {path!r} under the media root")
+        try:
+            candidate = (root / path).resolve()
+            if not candidate.is_relative_to(root):
+                raise InputError(f"{field_name}: path {shown} is outside the media root")
+            found = candidate.is_file()
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise InputError(f"{field_name}: path {shown} cannot be used ({reason})") from None
+        if not found:
+            raise NotFoundError(f"{field_name}: no file {shown} under the media root")
         return candidate
+
+    def _read_media(self, path: Path, kind: str, field_name: str) -> bytes:
+        s = self.core.settings
+        limit = s.max_video_bytes if kind == "video" else s.max_image_bytes
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise MediaTooLargeError(f"{field_name}: the file has {size} bytes, over the limit of {limit} bytes")
+            return path.read_bytes()
+        except OSError as e:
+            raise InputError(f"{field_name}: the file cannot be read ({e.strerror or type(e).__name__})") from None
 
     def _store_media(self, collection: Collection, prepared: list[_Prepared]) -> None:
         """Keep uploaded media (content-addressed) so the collection can be re-embedded later."""
@@ -234,34 +269,31 @@ class CollectionManager:
     # -- embedding -------------------------------------------------------------------------------
 
     async def _embed(self, kind: str, content: bytes | str, sha256: str, adapter: AdapterSetMeta | None,
-                     ) -> np.ndarray:
+                     field: str) -> np.ndarray:
         key = self.core.cache.key(adapter.ref if adapter else "none", sha256, kind)
-        cached = self.core.cache.get(key)
+        cached = await self.core.cache.get(key)
         if cached is not None:
-            self.core.metrics.cache.inc(result="hit")
+            self.core.metrics.cache.labels(result="hit").inc()
             return np.frombuffer(cached, dtype=np.float32).copy()
-        self.core.metrics.cache.inc(result="miss")
+        self.core.metrics.cache.labels(result="miss").inc()
         deadline = self.core.deadline()
         if kind == "text":
             assert isinstance(content, str)
             vector = (await self.core.text_embedding(content, adapter, deadline)).cpu().numpy()
         else:
             assert isinstance(content, bytes)
-            vector = (await self.visual(kind, content, adapter, deadline)).embedding.cpu().numpy()
+            vector = (await self.visual(kind, content, adapter, deadline, field)).embedding.cpu().numpy()
         vector = np.ascontiguousarray(vector, np.float32)
         self.core.cache.set(key, vector.tobytes())
         return vector
 
-    async def visual(self, kind: str, data: bytes, adapter: AdapterSetMeta | None, deadline: float) -> VisionOutput:
+    async def visual(self, kind: str, data: bytes, adapter: AdapterSetMeta | None, deadline: float,
+                     field: str) -> VisionOutput:
         if kind == "image":
-            item = await self.core.image_input(data, None, "image")
+            item = await self.core.image_input(data, None, field)
         else:
-            s = self.core.settings
-            frames = adapter.config.num_frames if adapter is not None else s.num_frames
-            pixels = await run_in_threadpool(decode_video, data, num_frames=frames, size=self.core.image_size,
-                                             max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
-                                             max_pixels=s.max_video_pixels)
-            item = VisionInput(pixels, video=True)
+            frames = adapter.config.num_frames if adapter is not None else self.core.settings.num_frames
+            item = await self.core.video_input(data, frames, field)
         return await self.core.vision(item, adapter, deadline)
 
     def load_content(self, collection: Collection, item: Item) -> bytes | str:
@@ -272,7 +304,8 @@ class CollectionManager:
         if kind == "upload":
             return (collection.media_dir / rest).read_bytes()
         if kind == "path":
-            return self.resolve_media_path(rest, item.external_id).read_bytes()
+            field = f"item {item.external_id!r}"
+            return self._read_media(self.resolve_media_path(rest, field), collection.meta.kind, field)
         raise NotFoundError(f"item {item.external_id!r} has no stored media ({item.source!r})")
 
     def _contents(self, collection: Collection, items: list[Item]) -> list[bytes | str]:
@@ -306,17 +339,23 @@ class CollectionManager:
         generation = collection.meta.generation + 1
         try:
             while True:
-                batch = await run_in_threadpool(collection.store.missing, generation, 64)
+                batch = await run_in_threadpool(collection.store.missing, generation, REINDEX_CHUNK)
                 if not batch:
                     if await run_in_threadpool(collection.store.switch, generation, ref):
                         break
                     continue
                 contents = await run_in_threadpool(self._contents, collection, batch)
-                vectors = await asyncio.gather(*(self._embed(collection.meta.kind, c, it.sha256 or "", adapter)
-                                                 for c, it in zip(contents, batch, strict=True)))
+                try:
+                    with self.core.batcher.admit(len(batch)):
+                        vectors = await asyncio.gather(*(
+                            self._embed(collection.meta.kind, c, it.sha256 or "", adapter, f"item {it.external_id!r}")
+                            for c, it in zip(contents, batch, strict=True)))
+                except OverloadedError as e:  # live traffic first: re-index when there is room
+                    await asyncio.sleep(e.retry_after)
+                    continue
                 await run_in_threadpool(collection.store.put_vectors,
                                         {it.item_id: v for it, v in zip(batch, vectors, strict=True)}, generation)
-            collection.sync()
+            await run_in_threadpool(collection.sync)
             self.core.events.publish({"type": "collection", "name": name})
             log.info("collection %s re-indexed with %s", name, ref)
         except asyncio.CancelledError:

@@ -23,8 +23,6 @@ from uniadapter_serve.service.schemas import (
     VqaRequest,
     VqaResponse,
 )
-from uniadapter_serve.service.stages import VisionInput
-from uniadapter_serve.service.video import decode_video
 
 router = APIRouter(tags=["tasks"], dependencies=[ReadAuth])
 
@@ -60,9 +58,10 @@ async def vqa(request: Request, core: CoreDep) -> VqaResponse:
     meta = core.resolve_adapter(body.adapter, "vqa")
     deadline = core.deadline()
     image = media["image"][0]
-    visual = await core.vision(await core.image_input(image.data, image.content_type, "image"), meta, deadline)
-    answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
-                                max_length=body.max_answer_length, deadline=deadline)
+    with core.batcher.admit(2):  # vision + answer
+        visual = await core.vision(await core.image_input(image.data, image.content_type, "image"), meta, deadline)
+        answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
+                                    max_length=body.max_answer_length, deadline=deadline)
     return _vqa_response(answers, body.mode, meta.ref if meta else None)
 
 
@@ -78,14 +77,10 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     if meta is not None and meta.config.temporal_embedding and frames != meta.config.num_frames:
         raise InputError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
                          f"{meta.config.num_frames} frames, got {frames}")
-    video = media["video"][0]
-    s = core.settings
-    pixels = await run_in_threadpool(decode_video, video.data, num_frames=frames, size=core.image_size,
-                                     max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
-                                     max_pixels=s.max_video_pixels)
-    visual = await core.vision(VisionInput(pixels, video=True), meta, deadline)
-    answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
-                                max_length=body.max_answer_length, deadline=deadline)
+    with core.batcher.admit(2):
+        visual = await core.vision(await core.video_input(media["video"][0].data, frames, "video"), meta, deadline)
+        answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
+                                    max_length=body.max_answer_length, deadline=deadline)
     return _vqa_response(answers, body.mode, meta.ref if meta else None)
 
 
@@ -102,8 +97,17 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     has_text, has_image = body.query_text is not None, "query_image" in media
     if has_text == has_image:
         raise InputError("give exactly one of query_text and query_image")
-    if body.collection is not None:
-        return await _search_collection(core, body, media)
+    candidates = len(media.get("candidate_images", [])) + len(body.candidate_texts or [])
+    with core.batcher.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
+        if body.collection is not None:
+            return await _search_collection(core, body, media)
+        return await _rank_inline(core, body, media)
+
+
+async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str, list[Media]]) -> RetrieveResponse:
+    """Rank the request's own candidates: texts for an image query, images for a text query."""
+    s = core.settings
+    has_text = body.query_text is not None
     meta = core.resolve_adapter(body.adapter, "retrieval")
     deadline = core.deadline()
     if has_text:
@@ -183,7 +187,8 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
         async def itm(i: int) -> float:
             content = await run_in_threadpool(core.collections.load_content, collection, hits[i].item)
             assert isinstance(content, bytes)
-            visual = await core.collections.visual(cmeta.kind, content, adapter, deadline)
+            visual = await core.collections.visual(cmeta.kind, content, adapter, deadline,
+                                                   f"item {hits[i].item.external_id!r}")
             return await core.match(query, visual, adapter, deadline, text_embedding=vector)
     else:
         if "query_image" not in media:

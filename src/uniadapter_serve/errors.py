@@ -87,6 +87,14 @@ class OverloadedError(UniAdapterError):
         self.retry_after = retry_after
 
 
+class ServerBusyError(UniAdapterError):
+    """A shared resource (e.g. the decode memory budget) stayed busy; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DeadlineExceededError(UniAdapterError):
     """The request's deadline passed before its work finished."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -49,6 +50,14 @@ def test_compose_env_names_are_settings(compose):
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert (ROOT / gpu["build"]["dockerfile"]).is_file()
+
+
+def test_env_example_is_generated_from_settings():
+    spec = importlib.util.spec_from_file_location("env_example", ROOT / "scripts" / "env_example.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / ".env.example").read_text() == module.render(), "run: python scripts/env_example.py"
 
 
 def test_env_example_lists_every_setting_with_its_default():
