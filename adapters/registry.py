@@ -7,13 +7,18 @@
       vqa/                       a set folder directly under its name is one version too
         adapter_config.json
 
-`name` resolves to the newest version (by `created`), `name@version` to exactly that one.
-Publishing writes the new version into a temporary folder and renames it into place, so a
-reader never sees a half-written version.
+`name` resolves to the newest version, `name@version` to exactly that one. Newest means most
+recently published: publishing stamps the version folder with the server's time (`published.json`),
+so the `created` field a client uploads cannot reorder versions, and publishing an existing version
+again makes it the newest (a rollback). Folders with no stamp (copied in by hand) fall back to their
+`created` time. Publishing writes the new version into a temporary folder and renames it into place,
+so a reader never sees a half-written version.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import re
@@ -34,11 +39,35 @@ from uniadapter_serve.adapters.format import (
     save_adapter_set,
 )
 from uniadapter_serve.errors import AdapterError, AdapterNotFoundError, AdapterVersionNotFoundError, ConfigError
+from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.uniadapter import AdapterSetModule
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PUBLISHED_FILE = "published.json"
+
+
+def _published_record() -> bytes:
+    now = time.time_ns()
+    stamp = dt.datetime.fromtimestamp(now / 1e9, dt.timezone.utc).isoformat(timespec="microseconds")
+    return (json.dumps({"published": stamp, "published_ns": now}) + "\n").encode()
+
+
+def _read_published(folder: Path, created: str) -> tuple[int, str]:
+    """(order key in ns, ISO time) of a version: its publish stamp, else its `created` time."""
+    try:
+        record = json.loads((folder / PUBLISHED_FILE).read_text())
+        return int(record["published_ns"]), str(record["published"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        when = dt.datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return int(when.timestamp() * 1e9), created
+    except ValueError:
+        return 0, created
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -62,6 +91,7 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._versions: dict[str, list[AdapterSetMeta]] = {}
         self._errors: dict[str, str] = {}
+        self._published: dict[str, tuple[int, str]] = {}
         self._cache: dict[Path, AdapterSetMeta] = {}
         self._last_refresh = 0.0
         self.refresh_on_miss_every_s = 1.0
@@ -74,25 +104,28 @@ class AdapterRegistry:
         self._last_refresh = time.monotonic()
         versions: dict[str, list[AdapterSetMeta]] = {}
         errors: dict[str, str] = {}
+        published: dict[str, tuple[int, str]] = {}
         if self.root.is_dir():
             for config in sorted(self.root.glob(f"*/{CONFIG_FILE}")) + sorted(self.root.glob(f"*/*/{CONFIG_FILE}")):
                 folder = config.parent
                 if any(part.startswith(".") for part in folder.relative_to(self.root).parts):
                     continue  # temporary folders of an ongoing publish
+                where = str(folder.relative_to(self.root))  # messages never show server paths
                 try:
                     meta = self._read(folder)
                 except AdapterError as e:
-                    errors[str(folder)] = str(e)
+                    errors[where] = str(e).replace(str(self.root) + os.sep, "")
                     continue
                 name = folder.relative_to(self.root).parts[0]
                 if meta.name != name:
-                    errors[str(folder)] = f"set name {meta.name!r} does not match its folder {name!r}"
+                    errors[where] = f"set name {meta.name!r} does not match its folder {name!r}"
                     continue
                 versions.setdefault(name, []).append(meta)
+                published[meta.ref] = _read_published(folder, meta.created)
         for metas in versions.values():
-            metas.sort(key=lambda m: (m.created, m.version), reverse=True)
+            metas.sort(key=lambda m: (published[m.ref][0], m.version), reverse=True)
         with self._lock:
-            self._versions, self._errors = versions, errors
+            self._versions, self._errors, self._published = versions, errors, published
 
     def _read(self, folder: Path) -> AdapterSetMeta:
         cached = self._cache.get(folder)
@@ -110,6 +143,11 @@ class AdapterRegistry:
         """Newest first."""
         with self._lock:
             return list(self._versions.get(name, []))
+
+    def published(self, meta: AdapterSetMeta) -> str:
+        """When the version was (last) published here, ISO 8601; its `created` time if never stamped."""
+        with self._lock:
+            return self._published.get(meta.ref, (0, meta.created))[1]
 
     def errors(self) -> dict[str, str]:
         """Folders that look like sets but could not be read, with the reason."""
@@ -131,12 +169,9 @@ class AdapterRegistry:
             meta = self._find(name, version)
         if meta is not None:
             return meta
-        known = self.versions(name)
-        if not known:
-            raise AdapterNotFoundError(f"no adapter set named {name!r}; available: {self.names()}")
-        raise AdapterVersionNotFoundError(
-            f"adapter set {name!r} has no version {version!r}; versions: {[m.version for m in known]}"
-        )
+        if not self.versions(name):
+            raise AdapterNotFoundError(f"no adapter set named {name!r}")
+        raise AdapterVersionNotFoundError(f"adapter set {name!r} has no version {version!r}")
 
     def _find(self, name: str, version: str | None) -> AdapterSetMeta | None:
         metas = self.versions(name)
@@ -178,8 +213,10 @@ class AdapterRegistry:
         target = self.root / name / version
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
+            (staging / PUBLISHED_FILE).write_bytes(_published_record())
             os.replace(staging, target)
         else:
-            log.info("adapter set %s@%s already published", name, version)
+            log.info("adapter set %s@%s was published before: it becomes the newest again", name, version)
+            atomic_write(target / PUBLISHED_FILE, _published_record())
         self.refresh()
         return self.resolve(f"{name}@{version}")

@@ -18,6 +18,7 @@ from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from uniadapter_serve.service.routes import adapters, collections, ops, tasks
+from uniadapter_serve.service.schemas import apply_limits
 from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
+            apply_limits(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

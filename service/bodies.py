@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
+from uniadapter_serve.errors import CorruptMediaError, UnsupportedMediaTypeError
 
 M = TypeVar("M", bound=BaseModel)
 FILE_PLACEHOLDER = "(file)"
@@ -32,22 +32,35 @@ class Media:
     filename: str | None = None
 
 
+def component_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A $ref to `model` in the OpenAPI components (added there, with the models it uses, by the app)."""
+    if model not in BODY_MODELS:
+        BODY_MODELS.append(model)
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
 def body_openapi(model: type[BaseModel], media_fields: dict[str, bool],
                  example: dict[str, Any] | None = None) -> dict[str, Any]:
     """`openapi_extra` declaring JSON and multipart bodies; media_fields: name -> is a list; `example`:
     the JSON body Swagger's "Try it out" starts from."""
-    BODY_MODELS.append(model)
+    ref = component_ref(model)
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     form = copy.deepcopy(schema)
     form.pop("title", None)
+    for prop in form["properties"].values():  # a form field is omitted, never null
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        if branches:
+            prop.update(branches[0])
+        if prop.get("default", 0) is None:
+            del prop["default"]
     for name, is_list in media_fields.items():
         binary = {"type": "string", "format": "binary"}
-        form["properties"][name] = {"type": "array", "items": binary} if is_list else binary
+        form["properties"][name] = {"type": "array", "items": binary, "minItems": 1} if is_list else binary
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                "application/json": {"schema": ref,
                                      **({"example": example} if example is not None else {})},
                 "multipart/form-data": {"schema": form},
             },
@@ -55,12 +68,13 @@ def body_openapi(model: type[BaseModel], media_fields: dict[str, bool],
     }
 
 
-def _b64(value: str, field: str) -> bytes:
+def b64decode(value: str, field: str) -> bytes:
+    """Base64 (optionally a data: URL) -> bytes; undecodable media (400) when it is not base64."""
     text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InputError(f"{field}: not valid base64 ({e})") from e
+        raise CorruptMediaError(f"{field}: not valid base64 ({e})") from e
 
 
 async def parse_body(request: Request, model: type[M], media_fields: dict[str, bool],
@@ -79,7 +93,7 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
                 uploads = [u for u in form.getlist(key) if isinstance(u, UploadFile)]
                 media[key] = [Media(await u.read(), u.content_type, u.filename) for u in uploads]
                 texts = [u for u in form.getlist(key) if isinstance(u, str) and u]
-                media[key] += [Media(_b64(t, key), None) for t in texts]  # base64 typed into a text box
+                media[key] += [Media(b64decode(t, key), None) for t in texts]  # base64 typed into a text box
                 if media[key]:
                     fields[key] = [FILE_PLACEHOLDER] * len(media[key]) if media_fields[key] else FILE_PLACEHOLDER
             elif key in list_fields:
@@ -102,7 +116,7 @@ def _parse_json(body: bytes, model: type[M], media_fields: dict[str, bool]) -> t
         if value is None:
             continue
         values = value if is_list else [value]
-        media[name] = [Media(_b64(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
+        media[name] = [Media(b64decode(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
     return parsed, media
 
 

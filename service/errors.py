@@ -20,6 +20,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (e.AuthError, 401),
     (e.EmptyMediaError, 400),
     (e.CorruptMediaError, 400),
+    (e.MalformedUploadError, 400),
     (e.UnsupportedMediaTypeError, 415),
     (e.MediaTooLargeError, 413),
     (e.TextTooLongError, 422),

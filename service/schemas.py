@@ -2,21 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+
+# Patterns are declared in the schema only: the server checks the same rules itself, with messages that
+# say what is wrong ("must contain at least one word") rather than quoting a regular expression.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Adapter-set and collection names (ASCII: they are folder names on every replica's volume)."""
+ADAPTER_PATTERN = r"^(none|bare|[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9a-f]{4,64})?)$"
+BASE64_PATTERN = r"^(data:[A-Za-z0-9.+/-]+;base64,)?[A-Za-z0-9+/]+={0,2}$"
+WORD_PATTERN = r"\w"
+"""a question or query must hold at least one word (punctuation is dropped before tokenising)"""
+PATH_PATTERN = r"^(?!/)(?!(.*/)?\.\.(/|$))[^\x00]+$"
+"""relative, no '..' segment, no NUL"""
+INDEX_PATTERN = r"^(flat|HNSW(8|16|32|64)(,Flat)?|IVF[1-9][0-9]{0,5},(Flat|SQ8))$"
+
+NAME: JsonDict = {"pattern": NAME_PATTERN}
+REF: JsonDict = {"pattern": ADAPTER_PATTERN}
+BASE64: JsonDict = {"pattern": BASE64_PATTERN}
+WORD: JsonDict = {"pattern": WORD_PATTERN}
+PATH: JsonDict = {"pattern": PATH_PATTERN}
+INDEX: JsonDict = {"pattern": INDEX_PATTERN}
 
 ADAPTER_FIELD = Field(
     None, description="Adapter set: 'name' (newest version) or 'name@version'; default: the task's default set; "
-    "'none' for the bare backbone.", examples=[None],
+    "'none' for the bare backbone.", examples=[None], json_schema_extra=REF,
 )
+
+
+def _omit_not_null(schema: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """Optional fields are omitted, not sent as null: say so (the server takes null as omitted too), so
+    that `required` in the one-of rules below means "given"."""
+    for name in fields:
+        prop = schema["properties"][name]
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        if branches:
+            prop.update(branches[0])
+        prop.pop("default", None)
+
+
+def _exactly_one_of(schema: dict[str, Any], fields: tuple[str, ...]) -> None:
+    _omit_not_null(schema, fields)
+    schema["oneOf"] = [{"required": [f], "properties": {g: False for g in fields if g != f}} for f in fields]
+
+
+def _retrieve_schema(schema: dict[str, Any]) -> None:
+    """A text query ranks a collection or candidate_images; an image query a collection or candidate_texts."""
+    fields = ("query_text", "query_image", "collection", "candidate_texts", "candidate_images")
+    _omit_not_null(schema, fields)
+    schema["oneOf"] = [{"required": list(pair), "properties": {f: False for f in fields if f not in pair}}
+                       for pair in (("query_text", "collection"), ("query_text", "candidate_images"),
+                                    ("query_image", "collection"), ("query_image", "candidate_texts"))]
 
 
 class VqaRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="Base64 image (JPEG, PNG, WebP, GIF, BMP). In multipart: a file.")
-    question: str = Field(min_length=1, examples=["what colour is the circle?"])
+    image: str = Field(description="Base64 image (JPEG, PNG, WebP, GIF, BMP). In multipart: a file.",
+                       min_length=1, json_schema_extra=BASE64)
+    question: str = Field(min_length=1, json_schema_extra=WORD, examples=["what colour is the circle?"])
     mode: Literal["rank", "generate"] = Field(
         "rank", description="rank: over the set's answer list; generate: free text."
     )
@@ -28,8 +74,9 @@ class VqaRequest(BaseModel):
 class VideoQaRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    video: str = Field(description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file.")
-    question: str = Field(min_length=1, examples=["which way does the square move?"])
+    video: str = Field(description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file.",
+                       min_length=1, json_schema_extra=BASE64)
+    question: str = Field(min_length=1, json_schema_extra=WORD, examples=["which way does the square move?"])
     mode: Literal["rank", "generate"] = "rank"
     top_k: int = Field(3, ge=1, le=100)
     max_answer_length: int = Field(10, ge=1, le=30)
@@ -51,14 +98,19 @@ class VqaResponse(BaseModel):
 
 
 class RetrieveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """One query (query_text or query_image) against a collection or inline candidates of the other modality."""
 
-    query_text: str | None = Field(None, description="Text query: finds images/videos.", examples=["a red circle"])
-    query_image: str | None = Field(None, description="Base64 image query: finds texts. In multipart: a file.")
-    collection: str | None = Field(None, description="Collection to search.")
-    candidate_texts: list[str] | None = Field(None, description="Inline texts to rank for an image query.")
-    candidate_images: list[str] | None = Field(
-        None, description="Inline base64 images to rank for a text query. In multipart: files."
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_retrieve_schema)
+
+    query_text: str | None = Field(None, description="Text query: finds images/videos.", examples=["a red circle"],
+                                   min_length=1, json_schema_extra=WORD)
+    query_image: str | None = Field(None, description="Base64 image query: finds texts. In multipart: a file.",
+                                    min_length=1, json_schema_extra=BASE64)
+    collection: str | None = Field(None, description="Collection to search.", json_schema_extra=NAME)
+    candidate_texts: list[Annotated[str, Field(min_length=1, json_schema_extra=WORD)]] | None = Field(
+        None, min_length=1, description="Inline texts to rank for an image query.")
+    candidate_images: list[Annotated[str, Field(min_length=1, json_schema_extra=BASE64)]] | None = Field(
+        None, min_length=1, description="Inline base64 images to rank for a text query. In multipart: files."
     )
     top_k: int = Field(10, ge=1, description="Results returned.")
     rerank_k: int = Field(0, ge=0, description="Re-score the top rerank_k by image-text matching (ITM).")
@@ -93,7 +145,9 @@ class AdapterInfo(BaseModel):
     tunable_parameters: int
     percent_of_backbone: float
     bytes: int
-    created: str
+    created: str = Field(description="When the set was trained (from its adapter_config.json).")
+    published: str = Field(description="When this server last accepted a publish of this version; the newest "
+                           "version of a name is the most recently published one.")
     newest: bool
     resident: bool
     pinned: bool
@@ -113,23 +167,31 @@ class AdapterList(BaseModel):
 class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(examples=["shapes"])
+    name: str = Field(examples=["shapes"], json_schema_extra=NAME)
     kind: Literal["image", "video", "text"] = "image"
     adapter: str | None = Field(
         None, description="Retrieval set that embeds items and queries ('name' pins the newest version now); "
-        "default: the default retrieval set; 'none' for the bare backbone."
+        "default: the default retrieval set; 'none' for the bare backbone.", json_schema_extra=REF,
     )
-    index: str = Field("flat", description="'flat' (exact) or a FAISS factory string, e.g. 'IVF1024,Flat', 'HNSW32'.")
+    index: str = Field("flat", description="'flat' (exact), 'IVFn,Flat', 'IVFn,SQ8', 'HNSWm' (the pattern); the "
+                       "server also takes any other FAISS factory string it can build (e.g. 'IVF1024,PQ32').",
+                       json_schema_extra=INDEX)
 
 
 class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Exactly one of image, video, path (media collections) or text (text collections)."""
+
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra=lambda s: _exactly_one_of(s, ("image", "video", "path", "text")))
 
     id: str | None = Field(None, min_length=1, max_length=256, description="External id (default: content hash).")
-    image: str | None = Field(None, description="Base64 image (image collections).")
-    video: str | None = Field(None, description="Base64 video (video collections).")
-    path: str | None = Field(None, description="File under the media root, instead of uploading it.")
-    text: str | None = Field(None, description="The text (text collections).")
+    image: str | None = Field(None, description="Base64 image (image collections).", min_length=1,
+                              json_schema_extra=BASE64)
+    video: str | None = Field(None, description="Base64 video (video collections).", min_length=1,
+                              json_schema_extra=BASE64)
+    path: str | None = Field(None, description="File under the media root, instead of uploading it.", min_length=1,
+                             max_length=1024, json_schema_extra=PATH)
+    text: str | None = Field(None, description="The text (text collections).", min_length=1, json_schema_extra=WORD)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -148,7 +210,8 @@ class ItemsAdded(BaseModel):
 class ReindexRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str = Field(description="Retrieval set to re-embed with ('name' = its newest version).")
+    adapter: str = Field(description="Retrieval set to re-embed with ('name' = its newest version).",
+                         json_schema_extra=REF)
 
 
 class CollectionStats(BaseModel):
@@ -162,3 +225,37 @@ class CollectionStats(BaseModel):
     generation: int
     reindex_target: str | None
     exact_fallback: bool
+
+
+LIMITS: dict[str, dict[str, dict[str, str]]] = {
+    "VqaRequest": {"question": {"maxLength": "max_text_chars"}},
+    "VideoQaRequest": {"question": {"maxLength": "max_text_chars"}},
+    "RetrieveRequest": {"query_text": {"maxLength": "max_text_chars"}, "top_k": {"maximum": "max_top_k"},
+                        "rerank_k": {"maximum": "max_top_k"}, "candidate_images": {"maxItems": "max_candidates"},
+                        "candidate_texts": {"maxItems": "max_candidates", "items.maxLength": "max_text_chars"}},
+    "ItemsAdd": {"items": {"maxItems": "max_items_per_request"}},
+    "ItemIn": {"text": {"maxLength": "max_text_chars"}},
+}
+"""Schema constraints whose values are settings (model -> property -> keyword -> setting name)."""
+FORM_MODELS = {"/vqa": "VqaRequest", "/videoqa": "VideoQaRequest", "/retrieve": "RetrieveRequest"}
+
+
+def apply_limits(openapi: dict[str, Any], settings: Any) -> None:
+    """Write this server's limits into its OpenAPI schema (JSON bodies and their multipart forms), so
+    the schema admits exactly what the server takes."""
+    components = openapi.get("components", {}).get("schemas", {})
+    targets = [(name, components[name]) for name in LIMITS if name in components]
+    for path, name in FORM_MODELS.items():
+        form = (openapi.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+                .get("content", {}).get("multipart/form-data", {}).get("schema"))
+        if form is not None:
+            targets.append((name, form))
+    for name, schema in targets:
+        for prop, keywords in LIMITS[name].items():
+            target = schema["properties"][prop]
+            for keyword, setting in keywords.items():
+                node = target
+                *inner, key = keyword.split(".")
+                for part in inner:
+                    node = node.setdefault(part, {})
+                node[key] = getattr(settings, setting)

@@ -197,11 +197,13 @@ class CollectionManager:
         label = f"items[{i}]" + (f" ({str(filename)[:80]})" if filename else "")
         if kind == "text":
             if item.text is None or item.data is not None or item.path is not None:
-                raise InputError(f"{label}: a text collection takes 'text' items")
+                raise ConflictError(f"{label}: a text collection takes 'text' items")
             text = self.core.check_text(item.text, f"{label}.text")
             sha = hashlib.sha256(text.encode()).hexdigest()
             return _Prepared(label, item.id or sha[:16], f"text:{text}", sha, item.metadata, text)
-        if item.text is not None or (item.data is None) == (item.path is None):
+        if item.text is not None:
+            raise ConflictError(f"{label}: an {kind} collection takes files or paths, not 'text' items")
+        if (item.data is None) == (item.path is None):
             raise InputError(f"{label}: give exactly one of an uploaded file and a path")
         if item.path is not None:
             path = self.resolve_media_path(item.path, f"{label}.path")

@@ -11,7 +11,13 @@ from starlette.datastructures import UploadFile
 
 from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta, check_compatible
 from uniadapter_serve.adapters.format import read_adapter_meta as read_meta
-from uniadapter_serve.errors import ConflictError, InputError, UnsupportedMediaTypeError
+from uniadapter_serve.errors import (
+    AdapterFormatError,
+    ConflictError,
+    InputError,
+    MalformedUploadError,
+    UnsupportedMediaTypeError,
+)
 from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.routes.tasks import ERRORS
@@ -29,7 +35,8 @@ def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None) -
     return AdapterInfo(
         ref=meta.ref, name=meta.name, version=meta.version, task=meta.config.task, bottleneck=meta.config.bottleneck,
         tunable_parameters=meta.num_parameters, percent_of_backbone=round(meta.percent_of_backbone(), 3),
-        bytes=nbytes, created=meta.created, newest=newest, resident=any(r["tier"] == "device" for r in rows),
+        bytes=nbytes, created=meta.created, published=core.registry.published(meta), newest=newest,
+        resident=any(r["tier"] == "device" for r in rows),
         pinned=any(bool(r["pinned"]) for r in rows), tier=[str(r["tier"]) for r in rows],
         answer_list_size=len(meta.answer_list) if meta.answer_list is not None else None,
     )
@@ -102,7 +109,12 @@ async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
             (folder / filename).write_bytes(await upload.read())
 
         def validate_and_install() -> AdapterSetMeta:
-            meta = read_meta(folder)
+            try:
+                meta = read_meta(folder)
+            except AdapterFormatError as e:  # name the uploaded files, not the server's temporary folder
+                message = str(e).replace(str(folder / CONFIG_FILE), "config").replace(
+                    str(folder / WEIGHTS_FILE), "weights").replace(str(folder), "the upload")
+                raise MalformedUploadError(f"not a valid adapter set: {message}") from None
             if meta.name != name:
                 raise ConflictError(f"the uploaded set is named {meta.name!r} in its config, not {name!r}")
             check_compatible(meta, core.backbone)
@@ -110,4 +122,4 @@ async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
 
         meta = await run_in_threadpool(validate_and_install)
     core.events.publish({"type": "adapter", "ref": meta.ref})
-    return _info(core, meta, newest=True)
+    return _info(core, meta)

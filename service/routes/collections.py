@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 
 from fastapi import APIRouter, Request
@@ -12,6 +10,7 @@ from starlette.datastructures import UploadFile
 
 from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
 from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
+from uniadapter_serve.service.bodies import b64decode, component_ref
 from uniadapter_serve.service.collections.manager import IncomingItem
 from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import (
@@ -26,9 +25,9 @@ from uniadapter_serve.service.schemas import (
 router = APIRouter(prefix="/collections", tags=["collections"], responses=ERRORS)
 
 ITEMS_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ItemsAdd.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "application/json": {"schema": component_ref(ItemsAdd)},
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
         "ids": {"type": "array", "items": {"type": "string"}, "description": "One per file (default: hashes)."},
         "metadata": {"type": "string", "description": "JSON list of objects, one per file."},
     }}},
@@ -58,20 +57,13 @@ def drop(name: str, core: CoreDep) -> None:
     core.collections.drop(name)
 
 
-def _b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InputError(f"{field}: not valid base64 ({e})") from e
-
-
 def _from_json(items: list[ItemIn]) -> list[IncomingItem]:
     out = []
     for i, it in enumerate(items):
         media = [(k, v) for k, v in (("image", it.image), ("video", it.video)) if v is not None]
         if len(media) > 1:
             raise InputError(f"items[{i}]: give one of image and video")
-        data = _b64(media[0][1], f"items[{i}].{media[0][0]}") if media else None
+        data = b64decode(media[0][1], f"items[{i}].{media[0][0]}") if media else None
         out.append(IncomingItem(id=it.id, data=data, path=it.path, text=it.text, metadata=it.metadata))
     return out
 

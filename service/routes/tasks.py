@@ -75,7 +75,7 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     deadline = core.deadline()
     frames = body.num_frames or (meta.config.num_frames if meta is not None else core.settings.num_frames)
     if meta is not None and meta.config.temporal_embedding and frames != meta.config.num_frames:
-        raise InputError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
+        raise ConflictError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
                          f"{meta.config.num_frames} frames, got {frames}")
     with core.batcher.admit(2):
         visual = await core.vision(await core.video_input(media["video"][0].data, frames, "video"), meta, deadline)
@@ -179,7 +179,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
     k = max(body.top_k, body.rerank_k)
     if cmeta.kind in ("image", "video"):
         if body.query_text is None:
-            raise InputError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
+            raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
         query = core.check_text(body.query_text, "query_text")
         vector = await core.text_embedding(query, adapter, deadline)
         hits = await core.collections.search(collection, vector.cpu().numpy(), k)
@@ -192,7 +192,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
             return await core.match(query, visual, adapter, deadline, text_embedding=vector)
     else:
         if "query_image" not in media:
-            raise InputError(f"collection {cmeta.name!r} holds texts: query it with query_image")
+            raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image")
         q = media["query_image"][0]
         visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), adapter, deadline)
         hits = await core.collections.search(collection, visual.embedding.cpu().numpy(), k)

@@ -67,6 +67,10 @@ class CorruptMediaError(MediaError):
     """Looks like a supported type but does not decode (truncated, damaged)."""
 
 
+class MalformedUploadError(InputError):
+    """An uploaded file that is not media is malformed (e.g. an adapter set's config or weights)."""
+
+
 class TextTooLongError(InputError):
     """A question or query over the configured length."""
 

@@ -46,7 +46,7 @@ CASES = {
     "adapter of another task": (vqa_json(adapter="ret-a"), 409, "is a retrieval set"),
     "malformed JSON": (("POST", "/vqa", {"content": b'{"image": ', "headers": {"content-type": "application/json"}}),
                        400, "malformed JSON"),
-    "bad base64": (vqa_json(image="%%%not-base64%%%"), 422, "not valid base64"),
+    "bad base64": (vqa_json(image="%%%not-base64%%%"), 400, "not valid base64"),
     "unknown field": (vqa_json(colour="red"), 422, "colour"),
     "wrong type": (vqa_json(top_k="many"), 422, "top_k"),
     "negative top_k": (vqa_json(top_k=-1), 422, "top_k"),

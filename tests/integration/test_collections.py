@@ -121,58 +121,83 @@ def cache_hits(url: str) -> float:
 
 
 def test_embedding_cache_is_shared_through_redis(shared):
-    b = shared["b"]
-    before = cache_hits(b.url)
-    created = httpx.post(f"{b.url}/collections", json={"name": "copy", "kind": "image", "adapter": "ret-a"})
-    assert created.status_code == 201
-    r = httpx.post(f"{b.url}/collections/copy/items", timeout=60,
-                   json={"items": [{"id": k, "image": b64(v)} for k, v in IMAGES.items()]})
-    assert r.status_code == 201
+    a, b = shared["a"], shared["b"]
+    items = {"items": [{"id": k, "image": b64(v)} for k, v in IMAGES.items()]}
+    for server, name in ((a, "cache-a"), (b, "cache-b")):
+        created = httpx.post(f"{server.url}/collections", json={"name": name, "kind": "image", "adapter": "ret-a"})
+        assert created.status_code == 201, created.text
+        before = cache_hits(server.url)
+        assert httpx.post(f"{server.url}/collections/{name}/items", json=items, timeout=60).status_code == 201
     assert cache_hits(b.url) >= before + 8  # A embedded these with the same version: B reads them from Redis
+
+
+@pytest.fixture(scope="module")
+def errs(shared):
+    """A collection of its own for the error table, indexed with ret-a, holding img0."""
+    a = shared["a"]
+    r = httpx.post(f"{a.url}/collections", json={"name": "errs", "kind": "image", "adapter": "ret-a"})
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{a.url}/collections/errs/items", json={"items": [{"id": "img0", "image": b64(IMAGES["img0"])}]},
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    return "errs"
 
 
 @pytest.mark.parametrize(
     ("request_", "status", "message"),
     [
-        (("POST", "/retrieve", {"query_text": "red", "collection": "shapes", "adapter": "ret-b"}), 409,
+        (("POST", "/retrieve", {"query_text": "red", "collection": "errs", "adapter": "ret-b"}), 409,
          "is indexed with"),
         (("POST", "/retrieve", {"query_text": "red", "collection": "nope"}), 404, "no collection named 'nope'"),
-        (("POST", "/collections/shapes/items", {"items": [{"path": "../../etc/passwd"}]}), 422,
+        (("POST", "/collections/errs/items", {"items": [{"path": "../../etc/passwd"}]}), 422,
          "outside the media root"),
-        (("POST", "/collections/shapes/items", {"items": [{"id": "img0", "path": "inside.png"}]}), 409,
+        (("POST", "/collections/errs/items", {"items": [{"id": "img0", "path": "inside.png"}]}), 409,
          "already in collection"),
-        (("POST", "/collections/shapes/items", {"items": [{"path": "missing.png"}]}), 404, "no file"),
-        (("POST", "/collections", {"name": "shapes", "kind": "image"}), 409, "already exists"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "missing.png"}]}), 404, "no file"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "a\x00b.png"}]}), 422, "NUL byte"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "x" * 5000}]}), 422, "1024 characters"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "/".join(["d" * 255] * 3)}]}), 404, "no file"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "inside.png/x"}]}), 404, "no file"),
+        (("POST", "/collections/errs/items", {"items": [{"path": "y" * 300}]}), 422, "name too long"),
+        (("POST", "/collections", {"name": "errs", "kind": "image"}), 409, "already exists"),
         (("POST", "/collections", {"name": "bad", "kind": "image", "index": "NotAnIndex"}), 422,
          "invalid FAISS index factory"),
         (("POST", "/collections", {"name": "../x", "kind": "image"}), 422, "invalid collection name"),
-        (("POST", "/collections/shapes/reindex", {"adapter": "vqa-a"}), 409, "is a vqa set"),
+        (("POST", "/collections", {"name": "naïve", "kind": "image"}), 422, "invalid collection name"),
+        (("POST", "/collections/errs/reindex", {"adapter": "vqa-a"}), 409, "is a vqa set"),
     ],
-    ids=["version-mismatch", "unknown-collection", "outside-root", "duplicate-id", "missing-path",
-         "exists", "bad-factory", "bad-name", "wrong-task"],
+    ids=["version-mismatch", "unknown-collection", "outside-root", "duplicate-id", "missing-path", "nul-byte",
+         "long-path", "long-components", "under-a-file", "long-name", "exists", "bad-factory", "bad-name", "unicode-name",
+         "wrong-task"],
 )
-def test_collection_errors(shared, request_, status, message):
+def test_collection_errors(shared, errs, request_, status, message):
     method, path, body = request_
-    r = httpx.request(method, f"{shared['a'].url}{path}", json=body, timeout=60)
-    assert r.status_code == status, r.text
-    assert message in r.json()["detail"]
+    with httpx.Client(base_url=shared["a"].url, timeout=60) as c:  # one keep-alive connection
+        r = c.request(method, path, json=body)
+        assert r.status_code == status, r.text
+        assert message in r.json()["detail"]
+        assert str(shared["root"]) not in r.text  # no server paths in messages
+        assert c.get("/collections/errs").json()["items"] == 1  # nothing changed; the connection still works
 
 
 def test_path_items_and_reindex_switch(shared):
     a = shared["a"]
-    r = httpx.post(f"{a.url}/collections/shapes/items", json={"items": [{"id": "from-path", "path": "inside.png"}]},
-                   timeout=60)
+    r = httpx.post(f"{a.url}/collections", json={"name": "reidx", "kind": "image", "adapter": "ret-a"})
     assert r.status_code == 201, r.text
-    r = httpx.post(f"{a.url}/collections/shapes/reindex", json={"adapter": "ret-b"}, timeout=60)
+    items = [{"id": k, "image": b64(v)} for k, v in list(IMAGES.items())[:7]] + [{"id": "from-path",
+                                                                                  "path": "inside.png"}]
+    r = httpx.post(f"{a.url}/collections/reidx/items", json={"items": items}, timeout=60)
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{a.url}/collections/reidx/reindex", json={"adapter": "ret-b"}, timeout=60)
     assert r.status_code == 202 and r.json()["reindex_target"] == shared["refs"]["ret-b"]
-    search(a.url, "a red square")  # queries keep working meanwhile
+    search(a.url, "a red square", collection="reidx")  # queries keep working meanwhile
     deadline = time.monotonic() + 30
-    while httpx.get(f"{a.url}/collections/shapes").json()["adapter"] != shared["refs"]["ret-b"]:
+    while httpx.get(f"{a.url}/collections/reidx").json()["adapter"] != shared["refs"]["ret-b"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    stats = httpx.get(f"{shared['b'].url}/collections/shapes").json()
+    stats = httpx.get(f"{shared['b'].url}/collections/reidx").json()
     assert stats["generation"] == 1 and stats["items"] == stats["indexed"] == 8
-    r = httpx.post(f"{a.url}/retrieve", json={"query_text": "red", "collection": "shapes", "top_k": 2}).json()
+    r = httpx.post(f"{a.url}/retrieve", json={"query_text": "red", "collection": "reidx", "top_k": 2}).json()
     assert r["adapter"] == shared["refs"]["ret-b"]
 
 
