@@ -23,8 +23,10 @@ Tower = Literal["text_encoder", "text_decoder"]
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, L) 1/0 mask -> (B, 1, 1, L) bool for SDPA, or None when nothing is masked."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, L) 1/0 mask -> (B, 1, 1, L) bool for SDPA, or None when nothing is masked. Whether anything
+    is masked is only checked for host tensors: on a GPU the check would be a sync per forward pass
+    (callers that know every row is full pass None)."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     return attention_mask.bool()[:, None, None, :]
 

@@ -86,7 +86,10 @@ class ServiceCore:
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None)
         self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
-        self.metrics.decode_pixels.collect_from(lambda: [({}, float(self.decode_budget.used))])
+        budget = self.decode_budget
+        self.metrics.decode_pixels.collect_from(lambda: [({}, float(budget.used))])
+        self.metrics.decode_waits.collect_from(lambda: [({"outcome": "waited"}, float(budget.waited)),
+                                                        ({"outcome": "timed_out"}, float(budget.timeouts))])
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self.redis = RedisLink(settings.redis_url, socket_timeout=settings.redis_timeout_s)

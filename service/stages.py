@@ -80,15 +80,25 @@ class AnswerOutput:
     """log-likelihood of each answer"""
 
 
-def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D or 2-D rows along dim 0 -> (B, Lmax, ...) and a (B, Lmax) mask."""
-    longest = max(r.shape[0] for r in rows)
+def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-pad 1-D or 2-D rows along dim 0 -> (B, Lmax, ...) and a (B, Lmax) mask, or None when every
+    row has the same length (decided on the host from the shapes: no device sync, and attention runs
+    without a mask)."""
+    lengths = [r.shape[0] for r in rows]
+    longest = max(lengths)
     out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), value)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=rows[0].device)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return out, mask
+    if min(lengths) == longest:
+        return out, None
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return out, mask.to(rows[0].device, non_blocking=True)
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Results go back to the host once per batch, in the model thread (never a sync per row, and never
+    on the event loop): one call per handler."""
+    return [t.detach().cpu() for t in tensors]
 
 
 def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: int) -> dict[str, Handler]:
@@ -105,44 +115,51 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         tokens = backbone.encode_image(frames, frame_routing)  # (sum T, N, D)
         per_job = tokens.split(counts)
         pooled = torch.stack([t[:, 0].mean(dim=0) for t in per_job])  # (B, D)
+        # normalised in float32 (a bf16 norm is off by ~4e-3), then to the host once for the whole batch
         embeddings = F.normalize(routing.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
+        (host,) = to_host(embeddings)
         outputs: list[Any] = []
         for i, (x, t) in enumerate(zip(inputs, per_job, strict=True)):
             if not x.video:
-                outputs.append(VisionOutput(states=t[0], embedding=embeddings[i]))
+                outputs.append(VisionOutput(states=t[0], embedding=host[i]))
                 continue
             row = routing.select(torch.tensor([i], device=device))
             states = backbone.video_states(t[None], row)[0]
             frame_aware = any(r.adapter.config.frame_aware_attention for r in row.routes)
             per_frame = backbone.frame_embeddings(t[None], row)[0].float() if frame_aware else None
-            outputs.append(VisionOutput(states=states, embedding=embeddings[i], frame_embeddings=per_frame,
+            outputs.append(VisionOutput(states=states, embedding=host[i], frame_embeddings=per_frame,
                                         tokens_per_frame=t.shape[1]))
         return outputs
 
     def text(jobs: Sequence[Job], routing: Routing) -> list[Any]:
         ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        return list(backbone.text_features(ids, mask, routing).float())
+        (host,) = to_host(backbone.text_features(ids.to(device), _to(mask, device), routing))
+        return list(host)
 
     def itm(jobs: Sequence[Job], routing: Routing) -> list[Any]:
         ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
         states, states_mask = pad_stack([j.payload.states for j in jobs])
         scale = _frame_aware_scale(backbone, jobs, routing, states.shape[1])
-        logits = backbone.itm_logits(ids.to(device), mask.to(device), states, routing, states_mask=states_mask,
+        logits = backbone.itm_logits(ids.to(device), _to(mask, device), states, routing, states_mask=states_mask,
                                      key_scale=scale)
-        return [float(p) for p in logits.float().softmax(dim=-1)[:, 1]]
+        (probs,) = to_host(logits.float().softmax(dim=-1)[:, 1])
+        return probs.tolist()
 
     def answer(jobs: Sequence[Job], routing: Routing) -> list[Any]:
         inputs: list[AnswerInput] = [j.payload for j in jobs]
-        ids, mask = pad_stack([x.ids for x in inputs], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, padded = pad_stack([x.ids for x in inputs], pad_id)
+        ids = ids.to(device)
+        # the decoder needs a question mask: ones where every question has the same length
+        mask = padded.to(device, non_blocking=True) if padded is not None else torch.ones_like(ids)
         states, states_mask = pad_stack([x.states for x in inputs])
-        question = backbone.encode_multimodal(ids, mask, states, states_mask, routing)  # (B, Q, D)
+        question = backbone.encode_multimodal(ids, mask if padded is not None else None, states, states_mask,
+                                              routing)  # (B, Q, D)
         results: list[Any] = [None] * len(jobs)
         # rank jobs sharing one candidate list run together; generate jobs run together
         groups: dict[int, list[int]] = {}
         for i, x in enumerate(inputs):
             groups.setdefault(id(x.candidates) if x.mode == "rank" else -1, []).append(i)
+        outcomes: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
         for key, rows in groups.items():
             index = torch.tensor(rows, device=device)
             sub = routing.select(index)
@@ -150,20 +167,29 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
             if key == -1:
                 longest = max(inputs[i].max_length for i in rows)
                 out_ids, scores = generate_answers(backbone, q, qmask, bos_id, sep_id, pad_id, longest, sub)
-                for row, i in enumerate(rows):
-                    results[i] = AnswerOutput(None, [out_ids[row].cpu()], [float(scores[row])])
+                outcomes.append((key, rows, out_ids, scores))
             else:
                 cand = inputs[rows[0]].candidates
                 assert cand is not None
                 k = max(inputs[i].top_k for i in rows)
                 ranked = rank_answers(backbone, q, qmask, cand[0].to(device), cand[1].to(device), k, sub)
-                for row, i in enumerate(rows):
+                outcomes.append((key, rows, ranked.indices, ranked.scores))
+        hosted = to_host(*(t for _, _, a, b in outcomes for t in (a, b)))  # one transfer for every group
+        for n, (key, rows, _, _) in enumerate(outcomes):
+            first, second = hosted[2 * n], hosted[2 * n + 1]
+            for row, i in enumerate(rows):
+                if key == -1:
+                    results[i] = AnswerOutput(None, [first[row]], [float(second[row])])
+                else:
                     top = inputs[i].top_k
-                    results[i] = AnswerOutput(ranked.indices[row, :top].tolist(), None,
-                                              ranked.scores[row, :top].tolist())
+                    results[i] = AnswerOutput(first[row, :top].tolist(), None, second[row, :top].tolist())
         return results
 
     return {"vision": vision, "text": text, "itm": itm, "answer": answer}
+
+
+def _to(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if mask is None else mask.to(device, non_blocking=True)
 
 
 def _frame_aware_scale(backbone: BlipBackbone, jobs: Sequence[Job], routing: Routing,

@@ -281,10 +281,10 @@ class CollectionManager:
         deadline = self.core.deadline()
         if kind == "text":
             assert isinstance(content, str)
-            vector = (await self.core.text_embedding(content, adapter, deadline)).cpu().numpy()
+            vector = (await self.core.text_embedding(content, adapter, deadline)).numpy()
         else:
             assert isinstance(content, bytes)
-            vector = (await self.visual(kind, content, adapter, deadline, field)).embedding.cpu().numpy()
+            vector = (await self.visual(kind, content, adapter, deadline, field)).embedding.numpy()
         vector = np.ascontiguousarray(vector, np.float32)
         self.core.cache.set(key, vector.tobytes())
         return vector

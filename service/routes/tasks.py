@@ -182,7 +182,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
             raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
         query = core.check_text(body.query_text, "query_text")
         vector = await core.text_embedding(query, adapter, deadline)
-        hits = await core.collections.search(collection, vector.cpu().numpy(), k)
+        hits = await core.collections.search(collection, vector.numpy(), k)
 
         async def itm(i: int) -> float:
             content = await run_in_threadpool(core.collections.load_content, collection, hits[i].item)
@@ -195,7 +195,7 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
             raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image")
         q = media["query_image"][0]
         visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), adapter, deadline)
-        hits = await core.collections.search(collection, visual.embedding.cpu().numpy(), k)
+        hits = await core.collections.search(collection, visual.embedding.numpy(), k)
 
         async def itm(i: int) -> float:
             return await core.match(hits[i].item.source.partition(":")[2], visual, adapter, deadline)

@@ -167,8 +167,8 @@ def errs(shared):
         (("POST", "/collections/errs/reindex", {"adapter": "vqa-a"}), 409, "is a vqa set"),
     ],
     ids=["version-mismatch", "unknown-collection", "outside-root", "duplicate-id", "missing-path", "nul-byte",
-         "long-path", "long-components", "under-a-file", "long-name", "exists", "bad-factory", "bad-name", "unicode-name",
-         "wrong-task"],
+         "long-path", "long-components", "under-a-file", "long-name", "exists", "bad-factory", "bad-name",
+         "unicode-name", "wrong-task"],
 )
 def test_collection_errors(shared, errs, request_, status, message):
     method, path, body = request_

@@ -133,14 +133,12 @@ def test_restart_changes_nothing(server, demo_root, logs):
     before = {p: p.stat().st_mtime_ns for p in media}
     server.stop()
     again = start_server(demo_root, logs, backbone="demo")
-    try:
-        with httpx.Client(base_url=again.url, timeout=60) as c:
-            assert c.get(f"/collections/{demo.IMAGES}").json()["items"] == demo.NUM_IMAGES
-            assert c.get(f"/collections/{demo.VIDEOS}").json()["items"] == demo.NUM_VIDEOS
-            for name in demo.DEMO_SETS.values():
-                assert len([a for a in c.get("/adapters").json()["adapters"] if a["name"] == name]) == 1
-    finally:
-        again.stop()
+    server.url, server.process, server.log = again.url, again.process, again.log  # the module's server from now on
+    with httpx.Client(base_url=again.url, timeout=60) as c:
+        assert c.get(f"/collections/{demo.IMAGES}").json()["items"] == demo.NUM_IMAGES
+        assert c.get(f"/collections/{demo.VIDEOS}").json()["items"] == demo.NUM_VIDEOS
+        for name in demo.DEMO_SETS.values():
+            assert len([a for a in c.get("/adapters").json()["adapters"] if a["name"] == name]) == 1
     assert {p: p.stat().st_mtime_ns for p in media} == before
 
 

@@ -42,7 +42,7 @@ def test_videoqa_frame_count_and_formats(client):
         assert r.status_code == 200, (name, r.text)
     r = client.post("/videoqa", json={"video": b64(CLIPS["reds"]), "question": "what colour is it?",
                                       "adapter": "video-a", "num_frames": 3})
-    assert r.status_code == 422 and "temporal embedding for 4 frames, got 3" in r.json()["detail"]
+    assert r.status_code == 409 and "temporal embedding for 4 frames, got 3" in r.json()["detail"]
     r = client.post("/videoqa", json={"video": b64(CLIPS["reds"]), "question": "what colour is it?",
                                       "adapter": "vqa-a", "num_frames": 3})  # no temporal embedding: any T
     assert r.status_code == 200, r.text

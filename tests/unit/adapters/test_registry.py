@@ -104,3 +104,34 @@ def test_name_resolves_to_a_version_published_by_another_process(registry, backb
     assert other.resolve("a") == first  # within the staleness window: the cached view
     other.max_staleness_s = 0
     assert other.resolve("a").ref == newer.ref
+
+
+def test_newest_is_the_version_published_last_not_the_one_created_last(registry, backbone, tmp_path):
+    folder = tmp_path / "claims-old"
+    save_adapter_set(_module(backbone, 31), folder, name="a", backbone=BackboneInfo.of(backbone))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["created"] = "1999-12-31T23:59:59+00:00"  # a client cannot reorder versions by what it uploads
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    old = registry.resolve("a")
+    late = registry.publish_folder(folder)
+    assert registry.resolve("a").ref == late.ref
+    assert registry.published(late) > registry.published(old) and late.created.startswith("1999")
+    again = registry.publish_folder(old.path)  # published again: the newest once more (a rollback)
+    assert again.ref == old.ref and registry.resolve("a").ref == old.ref
+    assert [m.ref for m in registry.versions("a")] == [old.ref, late.ref]
+    assert AdapterRegistry(registry.root).resolve("a").ref == old.ref  # the order is on disk, not in memory
+
+
+def test_folders_never_published_here_are_ordered_by_created(backbone, tmp_path):
+    root = tmp_path / "root"
+    info = BackboneInfo.of(backbone)
+    for seed, created in ((1, "2030-01-01T00:00:00+00:00"), (2, "2020-01-01T00:00:00+00:00")):
+        folder = root / "hand" / f"v{seed}"
+        save_adapter_set(_module(backbone, seed), folder, name="hand", backbone=info)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        config["created"] = created
+        (folder / CONFIG_FILE).write_text(json.dumps(config))
+    registry = AdapterRegistry(root)
+    registry.refresh()
+    assert registry.resolve("hand").path.name == "v1"
+    assert registry.published(registry.resolve("hand")) == "2030-01-01T00:00:00+00:00"

@@ -22,10 +22,13 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[list[tuple[object, str | None]]] = []
         self.routes: list[int] = []
+        self.started = 0
+        """batches the model thread has taken (counted before the gate)"""
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, jobs, routing):
+        self.started += 1
         self.gate.wait(10)
         self.batches.append([(j.payload, j.adapter) for j in jobs])
         self.routes.append(len(routing.routes))
@@ -46,6 +49,14 @@ def manager(backbone, tmp_path):
         registry.publish(random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=4), seed=i), name,
                          BackboneInfo.of(backbone))
     return AdapterManager(backbone, registry, device_budget_bytes=1 << 30, cpu_budget_bytes=0, wait_timeout_s=0)
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Wait for the batcher's (or the model thread's) own state, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
 
 
 def make(manager, recorder, **kw):
@@ -113,9 +124,9 @@ def test_queue_full_answers_overloaded_with_retry_after(manager):
     async def main():
         d = time.monotonic() + 10
         first = asyncio.ensure_future(batcher.submit("s", 1, None, d))
-        await asyncio.sleep(0.2)  # taken by the model thread
+        await until(lambda: rec.started == 1, "the model thread to take the first job")
         queued = [asyncio.ensure_future(batcher.submit("s", i, None, d)) for i in (2, 3)]
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued() == 2, "two queued jobs")
         with pytest.raises(OverloadedError) as err:
             await batcher.submit("s", 4, None, d)
         rec.gate.set()
@@ -135,7 +146,7 @@ def test_deadline_passes_while_queued(manager):
 
     async def main():
         blocker = asyncio.ensure_future(batcher.submit("s", 1, None, time.monotonic() + 10))
-        await asyncio.sleep(0.1)
+        await until(lambda: rec.started == 1, "the model thread to take the blocker")
         with pytest.raises(DeadlineExceededError):
             await batcher.submit("s", 2, None, time.monotonic() + 0.1)
         rec.gate.set()
@@ -154,11 +165,11 @@ def test_cancelled_requests_are_dropped_before_compute(manager):
     async def main():
         d = time.monotonic() + 10
         blocker = asyncio.ensure_future(batcher.submit("s", 1, None, d))
-        await asyncio.sleep(0.1)
+        await until(lambda: rec.started == 1, "the model thread to take the blocker")
         gone = asyncio.ensure_future(batcher.submit("s", 99, None, d))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued() == 1, "the job to be queued")
         gone.cancel()  # what Starlette does when the client disconnects
-        await asyncio.sleep(0.05)
+        await until(gone.done, "the cancellation to land")
         rec.gate.set()
         return await blocker, await batcher.submit("s", 3, None, d)
 
@@ -204,10 +215,54 @@ def test_stop_drains_queued_work_then_refuses(manager):
     async def main():
         d = time.monotonic() + 10
         jobs = [asyncio.ensure_future(batcher.submit("s", i, None, d)) for i in range(5)]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # each task runs to its first await: all five are queued
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
         with pytest.raises(OverloadedError, match="shutting down"):
             await batcher.submit("s", 9, None, d)
         return await asyncio.gather(*jobs)
 
     assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+
+
+def test_a_request_larger_than_the_queue_is_admitted_whole_when_the_queue_is_empty(manager):
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=4, max_wait_ms=0, max_queue=2)
+
+    async def main():
+        d = time.monotonic() + 10
+        with batcher.admit(6):
+            return await asyncio.gather(*(batcher.submit("s", i, None, d) for i in range(6)))
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8, 10]
+    batcher.stop()
+
+
+def test_admission_counts_reserved_jobs_and_refuses_what_does_not_fit(manager):
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = make(manager, rec, max_batch_size=1, max_wait_ms=0, max_queue=4)
+
+    async def main():
+        d = time.monotonic() + 10
+        blocker = asyncio.ensure_future(batcher.submit("s", 1, None, d))
+        await until(lambda: rec.started == 1, "the model thread to take the blocker")
+        queued = asyncio.ensure_future(batcher.submit("s", 2, None, d))
+        await until(lambda: batcher.queued() == 1, "one queued job")
+        with pytest.raises(OverloadedError, match="limit 4"):
+            batcher.admit(4)  # 1 queued + 4 > 4, and the queue is not empty
+        admission = batcher.admit(2)  # 1 + 2 fit: two places reserved, nothing queued yet
+        other = asyncio.ensure_future(batcher.submit("s", 3, None, d))  # 1 queued + 2 reserved + 1 = 4: fits
+        await until(lambda: batcher.queued() == 2, "the other request's job")
+        with pytest.raises(OverloadedError):
+            await batcher.submit("s", 6, None, d)  # 2 queued + 2 reserved: full
+        with admission:  # the admitted request's jobs take their reserved places, never 429
+            admitted = [asyncio.ensure_future(batcher.submit("s", i, None, d)) for i in (4, 5)]
+            await asyncio.sleep(0)
+        assert batcher.queued() == 4
+        rec.gate.set()
+        return await blocker, await queued, await other, await asyncio.gather(*admitted)
+
+    assert asyncio.run(main()) == (2, 4, 6, [8, 10])
+    batcher.stop()
+    with pytest.raises(OverloadedError, match="shutting down"):
+        batcher.admit(1)
