@@ -13,6 +13,7 @@ version's module; `name` resolves to the new version for every later request.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -22,6 +23,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from uniadapter_serve.adapters.format import AdapterSetMeta, check_compatible, load_adapter_set
 from uniadapter_serve.adapters.registry import AdapterRegistry
@@ -90,6 +94,8 @@ class AdapterManager:
         self._device: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self._cpu: OrderedDict[str, _Resident] = OrderedDict()
         self._loading: dict[str, Future[None]] = {}
+        self._reserved = 0
+        """device bytes held for sets being copied to the device (off the lock)"""
         self.stats: Counter[str] = Counter()
         """device_hits, cpu_hits, disk_loads, device_evictions, cpu_evictions, unloads"""
 
@@ -223,6 +229,8 @@ class AdapterManager:
                                           meta=meta).module
             with self._lock:
                 self.stats["disk_loads"] += 1
+            if self.backbone.device.type == "cuda" and _module_bytes(cpu_module) <= self.cpu_budget:
+                pin_module(cpu_module)  # before the first copy, so that one is asynchronous too
         nbytes = _module_bytes(cpu_module)
         if nbytes > self.device_budget:
             raise AdapterCapacityError(
@@ -238,7 +246,16 @@ class AdapterManager:
                         f"within {self.wait_timeout_s} s: resident sets are in use: {self._busy()}"
                     )
                 self._room.wait(remaining)
-            device_module = self._to_device(cpu_module)
+            self._reserved += nbytes  # the room stays ours while the copy runs off the lock
+        try:
+            device_module = device_copy(cpu_module, self.backbone.device)
+        except BaseException:
+            with self._lock:
+                self._reserved -= nbytes
+                self._room.notify_all()
+            raise
+        with self._lock:
+            self._reserved -= nbytes
             self._device[meta.ref] = _Resident(meta, device_module, nbytes)
             if cpu_copy is None:
                 self._put_cpu(meta, cpu_module, nbytes)
@@ -246,6 +263,7 @@ class AdapterManager:
                 self.stats["cpu_hits"] += 1
                 if meta.ref in self._cpu:
                     self._cpu.move_to_end(meta.ref)
+            self._room.notify_all()
         log.info("adapter set %s resident on %s (%d bytes)", meta.ref, self.backbone.device, nbytes)
 
     def _busy(self) -> list[str]:
@@ -263,7 +281,7 @@ class AdapterManager:
                 f"no room for {nbytes} more bytes in the device budget of {self.device_budget}: "
                 f"pinned sets hold {pinned} bytes: {self._busy()}; unpin a set or raise the budget"
             )
-        used = sum(e.nbytes for e in self._device.values())
+        used = sum(e.nbytes for e in self._device.values()) + self._reserved
         while used + nbytes > self.device_budget:
             victim = next((ref for ref, e in self._device.items() if not e.pinned and e.leases == 0), None)
             if victim is None:
@@ -280,17 +298,7 @@ class AdapterManager:
             victim = next(iter(self._cpu))
             used -= self._cpu[victim].nbytes
             self._on_remove(self._cpu, victim, reason="evict")
-        if self.backbone.device.type == "cuda":
-            for t in [*module.parameters(), *module.buffers()]:
-                t.data = t.data.pin_memory()  # page-locked: faster, asynchronous copies to the device
         self._cpu[meta.ref] = _Resident(meta, module, nbytes)
-
-    def _to_device(self, cpu_module: AdapterSetModule) -> AdapterSetModule:
-        device = self.backbone.device
-        if device.type == "cpu":
-            return cpu_module  # one module serves both tiers; nothing is ever written to it
-        module = copy.deepcopy(cpu_module)
-        return module.to(device=device, non_blocking=True)
 
     def _on_remove(self, tier: OrderedDict[str, _Resident], ref: str, *, reason: str) -> None:
         """The one exit path from either tier (eviction and unload)."""
@@ -299,3 +307,35 @@ class AdapterManager:
         self.stats[f"{name}_{'evictions' if reason == 'evict' else 'unloads'}"] += 1
         log.info("adapter set %s left the %s tier (%s)", ref, name, reason)
         del entry
+
+
+def pin_module(module: AdapterSetModule) -> None:
+    """Page-lock a CPU module's tensors in place: copies from them to a GPU are asynchronous DMA."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if not t.is_pinned():
+            t.data = t.data.pin_memory()
+
+
+def device_copy(module: AdapterSetModule, device: torch.device) -> AdapterSetModule:
+    """The module with every tensor copied to `device` straight from the source tensors (pinned ones
+    copy asynchronously); no intermediate CPU clone. On CUDA the copies run on a side stream, which
+    is waited for before the module is returned, and every copy is marked as used by the default
+    stream (where the model thread computes), so its memory is not reused while kernels still read it.
+    The CPU device gets the module itself: one module serves both tiers, nothing is written to it."""
+    if device.type == "cpu":
+        return module
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    copies: dict[int, torch.Tensor] = {}
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for p in module.parameters():
+            copies[id(p)] = torch.nn.Parameter(p.detach().to(device, non_blocking=True), requires_grad=p.requires_grad)
+        for b in module.buffers():
+            copies[id(b)] = b.to(device, non_blocking=True)
+    if stream is not None:
+        stream.synchronize()
+        default = torch.cuda.default_stream(device)
+        for t in copies.values():
+            t.record_stream(default)
+    memo: dict[int, Any] = dict(copies)  # deepcopy takes these instead of copying the source tensors
+    return copy.deepcopy(module, memo)

@@ -39,7 +39,7 @@ def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> 
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log_path)}")
             try:
-                r = client.get("/readyz")
+                r = client.get("/readyz", params={"verbose": "true"})  # benchmarks run without keys
                 if r.status_code == 200:
                     body: dict[str, object] = r.json()
                     return body

@@ -160,7 +160,7 @@ def server_env(args: argparse.Namespace, data_root: Path, port: int) -> dict[str
     env = dict(os.environ)
     env.update({
         "UNIADAPTER_BACKBONE": args.backbone, "UNIADAPTER_PORT": str(port), "UNIADAPTER_HOST": HOST,
-        "UNIADAPTER_DATA_ROOT": str(data_root), "UNIADAPTER_DEVICE": "cpu",
+        "UNIADAPTER_DATA_ROOT": str(data_root), "UNIADAPTER_DEVICE": args.device, "UNIADAPTER_DTYPE": args.dtype,
         "UNIADAPTER_MAX_WAIT_MS": str(args.max_wait_ms), "UNIADAPTER_MAX_BATCH_SIZE": str(args.max_batch_size),
         "UNIADAPTER_MAX_QUEUE": str(args.max_queue), "UNIADAPTER_LOG_LEVEL": args.server_log_level,
         "PYTHONUNBUFFERED": "1",
@@ -474,6 +474,8 @@ def print_ratios(results: Sequence[ScenarioResult]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="demo", choices=["demo", "blip-tiny", "blip-base"])
+    p.add_argument("--device", default="cpu", help="the server's UNIADAPTER_DEVICE (cpu, cuda, cuda:N)")
+    p.add_argument("--dtype", default="auto", help="the server's UNIADAPTER_DTYPE (auto, float16, bfloat16, ...)")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=4096)

@@ -23,6 +23,7 @@ from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.collections import faiss_device
 from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus, RedisLink
@@ -95,6 +96,7 @@ class ServiceCore:
         self.redis = RedisLink(settings.redis_url, socket_timeout=settings.redis_timeout_s)
         self.cache = EmbeddingCache(self.redis)
         self.events = EventBus(self.redis, self._on_event)
+        self.faiss = faiss_device.choose(settings.faiss_device, device)
         self.collections = CollectionManager(settings.data_root / "collections", settings.media_dir, self)
         self.ready = False
 
@@ -108,6 +110,7 @@ class ServiceCore:
         self.ready = False
         self.batcher.stop(drain_timeout)
         self.collections.close()
+        self.faiss.close()
         self.events.stop()
         self.redis.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field("auto", description="'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'float16', 'bfloat16'.")
+    faiss_device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Collection indexes: 'auto' puts flat indexes on the backbone's GPU when FAISS passes "
+        "a self-test there (else the CPU, with a warning in /readyz); 'cpu'; 'gpu' (the same as auto, but a "
+        "failed self-test is logged as an error).",
+    )
     answer_list: Path | None = Field(
         None, description="JSON list of VQA candidate answers for sets without their own (default: the demo list)."
     )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from uniadapter_serve.errors import CorruptMediaError
+from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 from uniadapter_serve.service.collections.index import VectorIndex
 from uniadapter_serve.service.collections.store import CollectionMeta, Item, Store
 
@@ -30,9 +31,9 @@ class Hit:
 
 
 class Collection:
-    def __init__(self, folder: Path, *, gpu: bool = False) -> None:
+    def __init__(self, folder: Path, *, device: FaissDevice = CPU) -> None:
         self.folder = folder
-        self.gpu = gpu
+        self.device = device
         self.store = Store(folder / STORE_FILE)
         meta = self.store.meta()
         self.index = self._open_index(meta)
@@ -42,11 +43,11 @@ class Collection:
 
     @classmethod
     def create(cls, folder: Path, *, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
-               gpu: bool = False) -> Collection:
+               device: FaissDevice = CPU) -> Collection:
         folder.mkdir(parents=True, exist_ok=False)
         try:
             Store(folder / STORE_FILE).init_meta(name, kind, adapter_ref, factory, dim)
-            return cls(folder, gpu=gpu)
+            return cls(folder, device=device)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -63,14 +64,14 @@ class Collection:
         path = self.folder / SNAPSHOT_FILE
         if path.is_file():
             try:
-                index = VectorIndex.load(path, meta.dim, meta.factory, gpu=self.gpu)
+                index = VectorIndex.load(path, meta.dim, meta.factory, device=self.device)
                 if index.generation == meta.generation and index.seq <= self.store.last_seq():
                     return index
                 log.info("snapshot of %s is stale (generation %d, seq %d): rebuilding", meta.name, index.generation,
                          index.seq)
             except (CorruptMediaError, OSError, ValueError, KeyError, RuntimeError) as e:
                 log.warning("unreadable snapshot %s (%s): rebuilding from the store", path, e)
-        index = VectorIndex(meta.dim, meta.factory, gpu=self.gpu)
+        index = VectorIndex(meta.dim, meta.factory, device=self.device)
         index.generation, index.seq = meta.generation, -1  # -1: rebuild on first sync
         return index
 
@@ -92,9 +93,16 @@ class Collection:
                 self.index.remove(np.asarray(sorted(deleted), np.int64))
                 ids, vectors = self.store.vectors(added, meta.generation, meta.dim)
                 self.index.add(ids, vectors)
+            if self.index.needs_compaction:  # deletions an index cannot remove: rebuild from the store
+                log.info("compacting the index of %s (%d tombstones)", meta.name, self.index.tombstones)
+                ids, vectors = self.store.all_vectors(meta.generation, meta.dim)
+                self.index.rebuild(ids, vectors)
             self.index.seq = last
         if last - self._snapshot_seq >= SNAPSHOT_EVERY_OPS:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except Exception:  # an optimisation: the store holds the data, and a request must not fail for it
+                log.exception("snapshot of %s failed; the next start replays the op log instead", self.folder.name)
 
     def snapshot(self) -> None:
         self.index.save(self.folder / SNAPSHOT_FILE)

@@ -3,8 +3,10 @@
 `flat` (default) is `IDMap2,Flat` (exact). Any other FAISS factory string (`IVF1024,Flat`,
 `HNSW32,Flat`, `IVF4096,PQ32`) is wrapped in IDMap2; an index that needs training serves exactly
 from a flat index until enough vectors arrived, then trains on all of them and takes over.
-Indexes that cannot remove ids (HNSW) keep tombstones that searches filter out.
-FAISS is not thread-safe for add + search: one lock guards every call.
+Indexes that cannot remove ids (HNSW, GPU flat) keep tombstones that searches filter out; past
+`COMPACT_AT` of them (or a tenth of the index) the collection rebuilds the index without them.
+FAISS is not thread-safe for add + search: one lock guards every call, and calls on a GPU index all
+run on the device's one FAISS thread (`faiss_device.py`). Snapshots always serialise a CPU copy.
 """
 
 from __future__ import annotations
@@ -21,26 +23,16 @@ import numpy as np
 
 from uniadapter_serve.errors import ConfigError, CorruptMediaError
 from uniadapter_serve.fileio import atomic_write
+from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAGIC = b"UAIDX001"
 MIN_TRAIN_PER_LIST = 39
-
-
-_GPU_RESOURCES: Any = None
-
-
-def faiss_gpu_available() -> bool:
-    """True when this faiss build has GPU support and sees a device (faiss-gpu on a CUDA machine)."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _gpu_resources() -> Any:
-    global _GPU_RESOURCES
-    if _GPU_RESOURCES is None:
-        _GPU_RESOURCES = faiss.StandardGpuResources()
-    return _GPU_RESOURCES
+COMPACT_AT = 1024
+"""Tombstones that make an index due for a rebuild (also at a tenth of the index, when that is more)."""
+GPU_MAX_K = 2048
+"""FAISS GPU searches return at most this many neighbours."""
 
 
 def validate_factory(factory: str, dim: int) -> str:
@@ -77,11 +69,13 @@ def _train_size(factory: str) -> int:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, factory: str = "flat", *, gpu: bool = False) -> None:
+    def __init__(self, dim: int, factory: str = "flat", *, device: FaissDevice = CPU) -> None:
         self.dim = dim
         self.factory = validate_factory(factory, dim)
-        self.gpu = gpu and faiss_gpu_available()
+        self.device = device
         self._lock = threading.RLock()
+        self._on_gpu = False
+        """the current index is a GPU index (only flat indexes go to the GPU)"""
         self._index = self._new(self.factory)
         self._fallback = not self._index.is_trained
         if self._fallback:
@@ -91,17 +85,31 @@ class VectorIndex:
         """Highest op seq of the store that this index reflects."""
         self.generation = 0
 
+    @property
+    def gpu(self) -> bool:
+        return self._on_gpu
+
+    def _run(self, fn: Any) -> Any:
+        """A FAISS call on the current index: on the GPU's FAISS thread when it lives there."""
+        return self.device.run(fn) if self._on_gpu else fn()
+
     def _new(self, factory: str) -> Any:
+        """A new empty index (sets `_on_gpu`): flat indexes go to the GPU when the device has one."""
         if factory == "flat":
             index = faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
-            # GPU flat search; removals there become tombstones (GpuIndexFlat cannot remove ids)
-            return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index) if self.gpu else index
+            if self.device.on_gpu:
+                # GPU flat search; removals there become tombstones (GpuIndexFlat cannot remove ids)
+                self._on_gpu = True
+                return self.device.run(lambda: self.device.to_gpu(index))
+            self._on_gpu = False
+            return index
         index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         try:
             faiss.extract_index_ivf(index)  # IVF stores ids itself (IDMap over IVF would break remove_ids)
         except RuntimeError:
             index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         default_search_params(index)
+        self._on_gpu = False
         return index
 
     @property
@@ -114,30 +122,46 @@ class VectorIndex:
         with self._lock:
             return int(self._index.ntotal) - len(self._tombstones)
 
+    @property
+    def tombstones(self) -> int:
+        with self._lock:
+            return len(self._tombstones)
+
+    @property
+    def needs_compaction(self) -> bool:
+        with self._lock:
+            return len(self._tombstones) > max(COMPACT_AT, int(self._index.ntotal) // 10)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
         with self._lock:
             self._tombstones.difference_update(int(i) for i in ids)
-            self._index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+            x, xids = np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64)
+            index = self._index
+            self._run(lambda: index.add_with_ids(x, xids))
             self._maybe_train()
 
     def remove(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
             return
         with self._lock:
+            xids, index = np.asarray(ids, np.int64), self._index
             try:
-                self._index.remove_ids(np.asarray(ids, np.int64))
-            except RuntimeError:  # e.g. HNSW: cannot remove, filter at search time instead
+                self._run(lambda: index.remove_ids(xids))
+            except RuntimeError:  # e.g. HNSW or a GPU flat index: cannot remove, filter at search time instead
                 self._tombstones.update(int(i) for i in ids)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) -> scores, ids (Q, k); missing results have id -1."""
         with self._lock:
             fetch = min(int(self._index.ntotal), k + len(self._tombstones))
+            if self._on_gpu:
+                fetch = min(fetch, GPU_MAX_K)
             if fetch == 0:
                 return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-            scores, ids = self._index.search(np.ascontiguousarray(queries, np.float32), fetch)
+            x, index = np.ascontiguousarray(queries, np.float32), self._index
+            scores, ids = self._run(lambda: index.search(x, fetch))
             tombstones = set(self._tombstones)
         if tombstones:
             keep = [[j for j in range(fetch) if ids[q, j] not in tombstones][:k] for q in range(len(queries))]
@@ -158,43 +182,51 @@ class VectorIndex:
                 ps.set_index_parameter(self._index, name, value)
 
     def rebuild(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Replace the contents (used after a generation switch)."""
+        """Replace the contents (after a generation switch, or to drop tombstones)."""
         with self._lock:
             index = self._new(self.factory)
             fallback = False
+            x, xids = np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64)
             if not index.is_trained:
                 if len(ids) >= _train_size(self.factory):
-                    index.train(np.ascontiguousarray(vectors, np.float32))
+                    index.train(x)
                 else:
                     index, fallback = self._new("flat"), True
             if len(ids):
-                index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+                self._run(lambda: index.add_with_ids(x, xids))
             self._index, self._tombstones, self._fallback = index, set(), fallback
 
     def _maybe_train(self) -> None:
         if not self.exact_fallback or self._index.ntotal < _train_size(self.factory):
             return
-        flat = faiss.downcast_index(self._index.index)
+        host = self._host_copy()
+        flat = faiss.downcast_index(host.index)
         vectors = flat.reconstruct_n(0, flat.ntotal)
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        ids = faiss.vector_to_array(host.id_map).astype(np.int64)
         live = np.array([i not in self._tombstones for i in ids], dtype=bool)
         log.info("training %s on %d vectors", self.factory, int(live.sum()))
         self.rebuild(ids[live], vectors[live])
 
+    def _host_copy(self) -> Any:
+        """The current index as a CPU index (a copy when it lives on the GPU)."""
+        if not self._on_gpu:
+            return self._index
+        index = self._index
+        return self.device.run(lambda: self.device.to_cpu(index))
+
     # -- snapshots ---------------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Atomic snapshot: header (seq, generation, tombstones) + serialized index."""
+        """Atomic snapshot: header (seq, generation, tombstones) + the serialised CPU copy of the index."""
         with self._lock:
-            host = faiss.index_gpu_to_cpu(self._index) if self.gpu and self.factory == "flat" else self._index
-            blob = faiss.serialize_index(host).tobytes()
+            blob = faiss.serialize_index(self._host_copy()).tobytes()
             header = json.dumps({"seq": self.seq, "generation": self.generation, "factory": self.factory,
                                  "dim": self.dim, "tombstones": sorted(self._tombstones),
                                  "fallback": self._fallback}).encode()
         atomic_write(path, SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
 
     @classmethod
-    def load(cls, path: Path, dim: int, factory: str, *, gpu: bool = False) -> VectorIndex:
+    def load(cls, path: Path, dim: int, factory: str, *, device: FaissDevice = CPU) -> VectorIndex:
         data = path.read_bytes()
         if not data.startswith(SNAPSHOT_MAGIC):
             raise CorruptMediaError(f"{path} is not an index snapshot")
@@ -202,13 +234,16 @@ class VectorIndex:
         header = json.loads(data[16:16 + n])
         if header["dim"] != dim or header["factory"] != validate_factory(factory, dim):
             raise CorruptMediaError(f"{path} was built for another dim/factory")
-        index = cls(dim, factory, gpu=gpu)
+        index = cls(dim, factory, device=device)
         loaded = faiss.deserialize_index(np.frombuffer(data[16 + n:], dtype=np.uint8))
-        if index.gpu and factory == "flat":
-            loaded = faiss.index_cpu_to_gpu(_gpu_resources(), 0, loaded)
-        index._index = loaded
-        default_search_params(loaded)  # search parameters are not part of the serialized index
+        fallback = bool(header["fallback"])
+        flat = factory == "flat" or fallback
+        if device.on_gpu and flat:
+            loaded = device.run(lambda: device.to_gpu(loaded))
+        index._index, index._on_gpu = loaded, device.on_gpu and flat
+        if not index._on_gpu:
+            default_search_params(loaded)  # search parameters are not part of the serialised index
         index._tombstones = set(header["tombstones"])
-        index._fallback = bool(header["fallback"])
+        index._fallback = fallback
         index.seq, index.generation = int(header["seq"]), int(header["generation"])
         return index

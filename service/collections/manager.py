@@ -74,7 +74,7 @@ class CollectionManager:
         self.root = root
         self.media_root = media_root
         self.core = core
-        self.gpu = core.backbone.device.type == "cuda"
+        self.device = core.faiss
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
@@ -90,7 +90,7 @@ class CollectionManager:
                        and not p.name.startswith(".")}
             for name in sorted(on_disk - set(self._collections)):
                 try:
-                    self._collections[name] = Collection(self.root / name, gpu=self.gpu)
+                    self._collections[name] = Collection(self.root / name, device=self.device)
                 except Exception as e:
                     log.error("cannot open collection %s: %s", name, e)
             for name in sorted(set(self._collections) - on_disk):
@@ -125,7 +125,7 @@ class CollectionManager:
                 raise ConflictError(f"collection {name!r} already exists")
             collection = Collection.create(self.root / name, name=name, kind=kind,
                                            adapter_ref=meta.ref if meta else "none", factory=factory, dim=dim,
-                                           gpu=self.gpu)
+                                           device=self.device)
             self._collections[name] = collection
         self.core.events.publish({"type": "collection", "name": name})
         return collection

@@ -32,11 +32,15 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
         "batcher": "ok" if core.ready else "stopped",
         "adapters": "ok" if not core.registry.errors() else "degraded",
         "redis": "off" if not redis.get("configured") else ("ok" if redis.get("ok") else "degraded"),
+        "faiss": "degraded" if core.faiss.warning else ("gpu" if core.faiss.on_gpu else "cpu"),
     }
     warnings = []
     if states["redis"] == "degraded":
         warnings.append("redis unreachable: using the in-process embedding cache; replicas learn of changes "
                         "on their next read")
+    if core.faiss.warning:
+        warnings.append("collection indexes on the CPU: FAISS cannot run on this GPU" +
+                        (f" ({core.faiss.warning})" if verbose else " (verbose=true says why)"))
     if states["adapters"] == "degraded":
         warnings.append("some adapter-set folders cannot be read (GET /adapters lists them)")
     ready = core.ready
@@ -53,6 +57,7 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
             "decode_budget": {"capacity_pixels": core.decode_budget.capacity, "used_pixels": core.decode_budget.used,
                               "waiting": core.decode_budget.waiting},
             "collections": len(core.collections.names()),
+            "faiss": {"gpu": core.faiss.gpu, "warning": core.faiss.warning},
             "redis": redis,
         }
     return JSONResponse(body, status_code=200 if ready else 503)

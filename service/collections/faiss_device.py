@@ -1,0 +1,167 @@
+"""Where collection indexes live: the CPU, or one GPU that FAISS was shown to run on.
+
+FAISS GPU builds carry kernels for a fixed list of compute capabilities (the `faiss-gpu-cu12` wheels:
+sm_70 and sm_80, no PTX, so an H100/H200 at 9.0 fails with "no kernel image"), and a failing kernel
+aborts the process. So a GPU is used only after a self-test, one tiny search, passed on that very device
+in a subprocess: an unsupported device costs a warning in /readyz, never the server.
+
+FAISS asks for one `StandardGpuResources` per CPU thread. Every call on a GPU index runs on one worker
+thread, which owns the resources (created there, on first use): searches from the threadpool, syncs
+from request handlers and event listeners, and snapshots all queue on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any, TypeVar
+
+import faiss
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SELF_TEST = """
+import sys, numpy as np, faiss
+res = faiss.StandardGpuResources()
+cfg = faiss.GpuIndexFlatConfig()
+cfg.device = int(sys.argv[1])
+index = faiss.GpuIndexFlatIP(res, 16, cfg)
+x = np.eye(16, dtype=np.float32)
+index.add(x)
+scores, ids = index.search(x[:4], 1)
+assert ids[:, 0].tolist() == [0, 1, 2, 3], ids
+print("faiss-gpu-ok")
+"""
+SELF_TEST_TIMEOUT_S = 120.0
+
+
+def faiss_has_gpu() -> bool:
+    """This faiss build has GPU support and sees a device (it says nothing of kernels for that device)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def self_test(gpu: int, *, code: str = SELF_TEST, timeout: float = SELF_TEST_TIMEOUT_S) -> tuple[bool, str]:
+    """One tiny search on GPU `gpu`, in a subprocess (a kernel that does not exist aborts the process).
+    -> (passed, what happened)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(gpu)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"the self-test did not finish in {timeout:g} s"
+    if done.returncode == 0 and "faiss-gpu-ok" in done.stdout:
+        return True, "passed"
+    tail = (done.stderr.strip().splitlines() or [""])[-1][:300]
+    how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+    return False, f"the self-test failed ({how}): {tail}"
+
+
+class GpuWorker:
+    """One thread that runs every FAISS call on GPU indexes and owns their `StandardGpuResources`."""
+
+    def __init__(self, gpu: int) -> None:
+        self.gpu = gpu
+        self._jobs: SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = SimpleQueue()
+        self._resources: Any = None
+        self.thread = threading.Thread(target=self._loop, name=f"uniadapter-faiss-gpu{gpu}", daemon=True)
+        self.thread.start()
+
+    @property
+    def resources(self) -> Any:
+        """The GPU resources; only valid on the worker thread (created there on first use)."""
+        assert threading.current_thread() is self.thread, "GPU resources used off the FAISS worker thread"
+        if self._resources is None:
+            self._resources = faiss.StandardGpuResources()
+        return self._resources
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self.thread:
+            return fn()  # already on the worker (a call made from inside another)
+        future: Future[T] = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self.thread.join(10)
+
+
+@dataclass
+class FaissDevice:
+    """CPU (gpu None) or one GPU with its worker; `warning` says why a GPU was not used."""
+
+    gpu: int | None = None
+    warning: str | None = None
+    worker: GpuWorker | None = field(default=None, repr=False)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu is not None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run a FAISS call where it must run: on the GPU worker, or right here for the CPU."""
+        return self.worker.run(fn) if self.worker is not None else fn()
+
+    def to_gpu(self, index: Any) -> Any:
+        """A GPU copy of a CPU index (call inside `run`)."""
+        assert self.worker is not None and self.gpu is not None
+        return faiss.index_cpu_to_gpu(self.worker.resources, self.gpu, index)
+
+    def to_cpu(self, index: Any) -> Any:
+        """A CPU copy of a GPU index (call inside `run`)."""
+        return faiss.index_gpu_to_cpu(index)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+CPU = FaissDevice()
+
+
+def choose(setting: str, torch_device: Any, *, has_gpu: Callable[[], bool] = faiss_has_gpu,
+           test: Callable[[int], tuple[bool, str]] = self_test) -> FaissDevice:
+    """`setting`: auto (the backbone's GPU when FAISS passes its self-test there), cpu, or gpu (the same,
+    but a failure is logged as an error). Falls back to the CPU with a warning, never raises."""
+    if setting == "cpu" or (setting == "auto" and getattr(torch_device, "type", "cpu") != "cuda"):
+        return CPU
+    gpu = torch_device.index if getattr(torch_device, "type", "cpu") == "cuda" and torch_device.index else 0
+    if not has_gpu():
+        why = "this faiss build has no GPU support or sees no device (install the gpu extra: faiss-gpu-cu12)"
+    else:
+        ok, why = test(gpu)
+        if ok:
+            log.info("FAISS indexes on cuda:%d (self-test passed)", gpu)
+            return FaissDevice(gpu, None, GpuWorker(gpu))
+    warning = f"FAISS on the CPU: cuda:{gpu} not usable by FAISS ({why}){capability(gpu)}"
+    (log.error if setting == "gpu" else log.warning)("%s", warning)
+    return FaissDevice(None, warning)
+
+
+def capability(gpu: int) -> str:
+    try:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(gpu)
+        return f"; the device has compute capability {major}.{minor}"
+    except Exception:  # no CUDA here: nothing to add
+        return ""
