@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   scripts/dev.sh serve [uniadapter serve args]   set up .venv, then serve the embedded demo model
-#   scripts/dev.sh test  [pytest args]             set up .venv (+ redis-server), then lint, type-check, test
+#   scripts/dev.sh test  [pytest args]             set up .venv (+ redis-server, PostgreSQL), then lint, type-check, test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,14 +20,22 @@ setup() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
 }
 
-need_redis() {
-  command -v redis-server >/dev/null 2>&1 && return 0
+apt_install() {  # apt_install PACKAGE WHAT: Debian's package, when we may install it
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
   else
-    echo "redis-server is needed for the integration tests: install it (Debian: apt-get install redis-server)" >&2
+    echo "$2 is needed for the integration tests: install it (Debian: apt-get install $1)" >&2
     return 1
   fi
+}
+
+need_redis() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-server
+}
+
+need_postgres() {  # the tests run initdb/pg_ctl themselves, as a non-root user, in temporary folders
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || apt_install postgresql "PostgreSQL (initdb, pg_ctl)"
 }
 
 cmd=${1:-}
@@ -40,6 +48,7 @@ case "$cmd" in
   test)
     setup
     need_redis
+    need_postgres
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
     exec "$VENV/bin/pytest" "$@"

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from uniadapter_serve.errors import ConfigError, UniAdapterError
 
@@ -185,7 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--media-root")
     add.add_argument("--quiet", action="store_true", help="no progress bar")
     add.set_defaults(func=_cmd_index_add)
+
+    colls = sub.add_parser("collections", help="collection store tools")
+    colls_sub = colls.add_subparsers(dest="collections_command", required=True)
+    mig = colls_sub.add_parser("migrate", help="copy every SQLite collection into PostgreSQL (resumable, verified)")
+    mig.add_argument("--from", dest="source", required=True, help="DATA_ROOT holding collections/")
+    mig.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host:port/db")
+    mig.add_argument("--media-root", help="the shared media root (default: DATA_ROOT/media)")
+    mig.add_argument("--batch-size", type=int, default=500)
+    mig.add_argument("--quiet", action="store_true", help="no progress bars")
+    mig.set_defaults(func=_cmd_collections_migrate)
     return parser
+
+
+def _cmd_collections_migrate(args: argparse.Namespace) -> int:
+    from uniadapter_serve.service.collections.migrate import migrate
+
+    root = Path(args.source)
+    report = migrate(root, args.target, media_root=Path(args.media_root) if args.media_root else root / "media",
+                     batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

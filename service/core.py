@@ -24,6 +24,7 @@ from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_ans
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.batcher import Batcher
 from uniadapter_serve.service.collections import faiss_device
+from uniadapter_serve.service.collections.backends import open_backend
 from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus, RedisLink
@@ -97,7 +98,8 @@ class ServiceCore:
         self.cache = EmbeddingCache(self.redis)
         self.events = EventBus(self.redis, self._on_event)
         self.faiss = faiss_device.choose(settings.faiss_device, device)
-        self.collections = CollectionManager(settings.data_root / "collections", settings.media_dir, self)
+        self.store_backend = open_backend(settings)
+        self.collections = CollectionManager(self.store_backend, settings.media_dir, self)
         self.ready = False
 
     def start(self) -> None:
@@ -110,6 +112,7 @@ class ServiceCore:
         self.ready = False
         self.batcher.stop(drain_timeout)
         self.collections.close()
+        self.store_backend.close()
         self.faiss.close()
         self.events.stop()
         self.redis.close()

@@ -225,6 +225,8 @@ class CollectionStats(BaseModel):
     generation: int
     reindex_target: str | None
     exact_fallback: bool
+    store_available: bool = Field(True, description="False while the store (PostgreSQL) cannot be reached: "
+                                  "searches answer from this replica's memory, writes get 503.")
 
 
 LIMITS: dict[str, dict[str, dict[str, str]]] = {

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis://host:port/db: shared embedding cache and events between replicas."
     )
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:port/db: collections in PostgreSQL, shared by replicas on "
+        "several hosts (default: SQLite files under DATA_ROOT/collections, for replicas on one host).",
+    )
     redis_timeout_s: float = Field(
         0.5, gt=0, le=30, description="Socket timeout of Redis calls: the most a hung Redis adds to a request."
     )

@@ -27,3 +27,29 @@ def backbone(tiny_config: BlipConfig) -> BlipBackbone:
     model.fingerprints = fingerprint(model.state_dict())
     model.requires_grad_(False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL for the session (each test that uses it makes its own database)."""
+    from support.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request, tmp_path):
+    """A collection store backend of each kind, empty."""
+    if request.param == "sqlite":
+        from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+
+        backend = SqliteBackend(tmp_path / "collections")
+    else:
+        from uniadapter_serve.service.collections.postgres_store import PostgresBackend
+
+        url = request.getfixturevalue("pg_server").database()
+        backend = PostgresBackend(url, local_root=tmp_path / "collections", media_root=tmp_path / "media")
+    yield backend
+    backend.close()

@@ -1,11 +1,13 @@
-"""One collection on the data volume: SQLite store (truth) + FAISS index (kept in step by replaying
-the store's op log), so several processes sharing the volume see each other's writes."""
+"""One collection in this process: its store (the truth, SQLite or PostgreSQL) + a FAISS index and the item
+rows it holds, kept in step by replaying the store's op log, so every process sharing the store sees each
+other's writes. When the store cannot be reached, searches answer from what is in memory."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,10 @@ import numpy as np
 from uniadapter_serve.errors import CorruptMediaError
 from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 from uniadapter_serve.service.collections.index import VectorIndex
-from uniadapter_serve.service.collections.store import CollectionMeta, Item, Store
+from uniadapter_serve.service.collections.store import CollectionMeta, Item, Store, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "items.sqlite"
 SNAPSHOT_FILE = "index.snap"
 SNAPSHOT_EVERY_OPS = 2000
 
@@ -31,34 +32,29 @@ class Hit:
 
 
 class Collection:
-    def __init__(self, folder: Path, *, device: FaissDevice = CPU) -> None:
+    def __init__(self, store: Store, folder: Path, media_dir: Path, *, device: FaissDevice = CPU) -> None:
+        self.store = store
         self.folder = folder
+        """this process's folder: index snapshots (and, with SQLite, the store itself)"""
+        self.media_dir = media_dir
+        """uploaded media, content-addressed"""
         self.device = device
-        self.store = Store(folder / STORE_FILE)
-        meta = self.store.meta()
-        self.index = self._open_index(meta)
+        self._meta = store.meta()
+        self.name = self._meta.name
+        self._items: dict[int, Item] = {}
+        """the rows of the indexed items, so hits are answered without the store"""
         self._sync_lock = threading.Lock()
+        self.index = self._open_index(self._meta)
         self._snapshot_seq = self.index.seq
+        self.unavailable_since: float | None = None
         self.sync()
-
-    @classmethod
-    def create(cls, folder: Path, *, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
-               device: FaissDevice = CPU) -> Collection:
-        folder.mkdir(parents=True, exist_ok=False)
-        try:
-            Store(folder / STORE_FILE).init_meta(name, kind, adapter_ref, factory, dim)
-            return cls(folder, device=device)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
 
     @property
     def meta(self) -> CollectionMeta:
-        return self.store.meta()
-
-    @property
-    def media_dir(self) -> Path:
-        return self.folder / "media"
+        """From the store; the last one seen while it cannot be reached."""
+        with contextlib.suppress(StoreUnavailableError):
+            self._meta = self.store.meta()
+        return self._meta
 
     def _open_index(self, meta: CollectionMeta) -> VectorIndex:
         path = self.folder / SNAPSHOT_FILE
@@ -66,6 +62,7 @@ class Collection:
             try:
                 index = VectorIndex.load(path, meta.dim, meta.factory, device=self.device)
                 if index.generation == meta.generation and index.seq <= self.store.last_seq():
+                    self._items = {it.item_id: it for it in self.store.all_items()}
                     return index
                 log.info("snapshot of %s is stale (generation %d, seq %d): rebuilding", meta.name, index.generation,
                          index.seq)
@@ -78,56 +75,81 @@ class Collection:
     def sync(self) -> None:
         """Apply the store's ops this process has not seen (cheap when there are none)."""
         with self._sync_lock:
-            last = self.store.last_seq()
-            if last == self.index.seq:
+            if self.store.last_seq() == self.index.seq:
                 return
-            meta = self.store.meta()
+            meta = self._meta = self.store.meta()
             ops = self.store.ops_after(max(self.index.seq, 0))
             if self.index.seq < 0 or meta.generation != self.index.generation or any(o == "switch" for _, o, _ in ops):
-                ids, vectors = self.store.all_vectors(meta.generation, meta.dim)
-                self.index.rebuild(ids, vectors)
-                self.index.generation = meta.generation
+                self._rebuild(meta)
+                ops = []  # the rebuild read its own seq with the data
             else:
                 deleted = {i for _, o, i in ops if o == "delete" and i is not None}
                 added = [i for _, o, i in ops if o == "add" and i is not None and i not in deleted]
                 self.index.remove(np.asarray(sorted(deleted), np.int64))
+                for item_id in deleted:
+                    self._items.pop(item_id, None)
                 ids, vectors = self.store.vectors(added, meta.generation, meta.dim)
+                self._items.update(self.store.items(added))
                 self.index.add(ids, vectors)
-            if self.index.needs_compaction:  # deletions an index cannot remove: rebuild from the store
-                log.info("compacting the index of %s (%d tombstones)", meta.name, self.index.tombstones)
-                ids, vectors = self.store.all_vectors(meta.generation, meta.dim)
-                self.index.rebuild(ids, vectors)
-            self.index.seq = last
-        if last - self._snapshot_seq >= SNAPSHOT_EVERY_OPS:
+                if self.index.needs_compaction:  # deletions an index cannot remove: rebuild from the store
+                    log.info("compacting the index of %s (%d tombstones)", meta.name, self.index.tombstones)
+                    self._rebuild(meta)
+            if ops:  # the seq of the last op applied (the log may have grown since last_seq was read)
+                self.index.seq = ops[-1][0]
+            seq = self.index.seq
+        if seq - self._snapshot_seq >= SNAPSHOT_EVERY_OPS:
             try:
                 self.snapshot()
             except Exception:  # an optimisation: the store holds the data, and a request must not fail for it
-                log.exception("snapshot of %s failed; the next start replays the op log instead", self.folder.name)
+                log.exception("snapshot of %s failed; the next start replays the op log instead", self.name)
+
+    def _rebuild(self, meta: CollectionMeta) -> None:
+        """The index and item rows from one consistent snapshot of the store, at the seq it reflects."""
+        seq, items, ids, vectors = self.store.state(meta.generation, meta.dim)
+        self.index.rebuild(ids, vectors)
+        self.index.generation, self.index.seq = meta.generation, seq
+        self._items = {it.item_id: it for it in items}
 
     def snapshot(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.index.save(self.folder / SNAPSHOT_FILE)
         self._snapshot_seq = self.index.seq
 
+    def fresh(self) -> bool:
+        """Bring the index up to date; False (and serve what is in memory) when the store is unreachable."""
+        try:
+            self.sync()
+        except StoreUnavailableError as e:
+            if self.unavailable_since is None:
+                self.unavailable_since = time.monotonic()
+                log.warning("collection %s: the store is unavailable (%s); searching what is in memory",
+                            self.name, e)
+            return False
+        self.unavailable_since = None
+        return True
+
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         """(D,) L2-normalised query -> up to k hits, best first."""
-        self.sync()
+        self.fresh()
         scores, ids = self.index.search(query[None].astype(np.float32), k)
-        found = [int(i) for i in ids[0] if i >= 0]
-        items = self.store.items(found)
-        return [Hit(items[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=False)
-                if int(i) in items]
+        items = self._items
+        return [Hit(items[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=False) if int(i) in items]
 
     def stats(self) -> dict[str, Any]:
-        self.sync()
+        fresh = self.fresh()
         meta = self.meta
+        try:
+            count = self.store.count()
+        except StoreUnavailableError:
+            count = len(self._items)
         return {"name": meta.name, "kind": meta.kind, "adapter": meta.adapter_ref, "index": meta.factory,
-                "dim": meta.dim, "items": self.store.count(), "indexed": self.index.ntotal,
-                "generation": meta.generation, "reindex_target": meta.reindex_target,
-                "exact_fallback": self.index.exact_fallback}
+                "dim": meta.dim, "items": count, "indexed": self.index.ntotal, "generation": meta.generation,
+                "reindex_target": meta.reindex_target, "exact_fallback": self.index.exact_fallback,
+                "store_available": fresh}
 
     def close(self) -> None:
         try:
-            self.sync()
+            self.fresh()
             self.snapshot()
         finally:
             self.store.close()

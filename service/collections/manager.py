@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +29,14 @@ from uniadapter_serve.model.media.image import sniff_image_type
 from uniadapter_serve.model.media.video import sniff_video_type
 from uniadapter_serve.service.collections.collection import Collection, Hit
 from uniadapter_serve.service.collections.index import validate_factory
-from uniadapter_serve.service.collections.store import Item, NewItem, _GenerationChanged
+from uniadapter_serve.service.collections.store import (
+    GenerationChanged,
+    Item,
+    NewItem,
+    Store,
+    StoreBackend,
+    StoreUnavailableError,
+)
 from uniadapter_serve.service.stages import VisionOutput
 
 if TYPE_CHECKING:
@@ -70,31 +76,48 @@ class _Prepared:
 
 
 class CollectionManager:
-    def __init__(self, root: Path, media_root: Path, core: ServiceCore) -> None:
-        self.root = root
+    def __init__(self, backend: StoreBackend, media_root: Path, core: ServiceCore) -> None:
+        self.backend = backend
         self.media_root = media_root
         self.core = core
         self.device = core.faiss
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
-        root.mkdir(parents=True, exist_ok=True)
         self.refresh()
+        backend.listen(self.on_store_change)
 
     # -- the set of collections ----------------------------------------------------------------
 
+    def _open(self, name: str, store: Store | None = None) -> Collection:
+        b = self.backend
+        return Collection(store or b.open(name), b.local_dir(name), b.media_dir(name), device=self.device)
+
     def refresh(self) -> None:
-        """Open collections that appeared on disk (another replica), forget deleted ones."""
+        """Open collections another replica created, forget deleted ones (nothing changes while the store
+        cannot be reached)."""
+        try:
+            present = set(self.backend.names())
+        except StoreUnavailableError as e:
+            log.warning("cannot list collections: %s", e)
+            return
         with self._lock:
-            on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and (p / "items.sqlite").is_file()
-                       and not p.name.startswith(".")}
-            for name in sorted(on_disk - set(self._collections)):
+            for name in sorted(present - set(self._collections)):
                 try:
-                    self._collections[name] = Collection(self.root / name, device=self.device)
+                    self._collections[name] = self._open(name)
                 except Exception as e:
                     log.error("cannot open collection %s: %s", name, e)
-            for name in sorted(set(self._collections) - on_disk):
+            for name in sorted(set(self._collections) - present):
                 self._collections.pop(name).store.close()
+
+    def on_store_change(self, name: str) -> None:
+        """Another process changed collection `name` ("": maybe any): catch up now, not on the next read."""
+        self.refresh()
+        with self._lock:
+            targets = [self._collections[name]] if name in self._collections else (
+                list(self._collections.values()) if not name else [])
+        for collection in targets:
+            collection.fresh()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -121,23 +144,20 @@ class CollectionManager:
         dim = self.core.backbone.dims.embed_dim
         factory = validate_factory(factory, dim)
         with self._lock:
-            if name in self._collections or (self.root / name).exists():
+            if name in self._collections:
                 raise ConflictError(f"collection {name!r} already exists")
-            collection = Collection.create(self.root / name, name=name, kind=kind,
-                                           adapter_ref=meta.ref if meta else "none", factory=factory, dim=dim,
-                                           device=self.device)
-            self._collections[name] = collection
+            store = self.backend.create(name, kind, meta.ref if meta else "none", factory, dim)
+            collection = self._collections[name] = self._open(name, store)
         self.core.events.publish({"type": "collection", "name": name})
         return collection
 
     def drop(self, name: str) -> None:
         collection = self.get(name)
         with self._lock:
+            self.backend.drop(name)
             self._collections.pop(name, None)
             collection.store.close()
-            trash = self.root / f".deleted-{name}-{os.getpid()}"
-            os.replace(collection.folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(collection.folder, ignore_errors=True)  # snapshots (with SQLite, gone already)
         self.core.events.publish({"type": "collection", "name": name})
 
     def close(self) -> None:
@@ -176,7 +196,7 @@ class CollectionManager:
             try:
                 await run_in_threadpool(collection.store.add, news, meta.generation)
                 break
-            except _GenerationChanged:
+            except GenerationChanged:
                 continue  # re-indexed under another version meanwhile: embed again
         else:
             raise ConflictError(f"collection {name!r} kept switching adapter versions; retry")

@@ -1,53 +1,29 @@
-"""A collection's metadata and embeddings in SQLite (WAL): the source of truth.
+"""The collection store: the truth about collections, whatever holds it.
 
-Tables:
-  meta        one row: name, kind, adapter ref, index factory, dim, generation, reindex target
-  items       item_id, external_id (unique), source, media sha256, user metadata (JSON), created
-  embeddings  (item_id, generation) -> float32 vector
-  ops         seq, op ('add' | 'delete' | 'switch'), item_id: an ordered log, so any process can bring
-              its in-memory FAISS index up to date by replaying ops after the seq it has applied.
-Every write is one transaction; an item is acknowledged only after its transaction committed, so a
-kill -9 loses at most unacknowledged items and never leaves a half-written one.
+One interface, two backends, and nothing above this module knows which it has:
+
+- SQLite (`sqlite_store.py`, the embedded default): one file per collection on the data volume; replicas on
+  one host share the volume.
+- PostgreSQL (`postgres_store.py`, `UNIADAPTER_DATABASE_URL=postgresql://...`): replicas on many hosts share
+  one database; changes are announced with LISTEN/NOTIFY.
+
+A collection's store holds its definition (kind, adapter binding, index factory, dim, generation), its items,
+their embeddings per generation, and an ordered op log (add / delete / switch) whose seqs never go back and
+become visible in order, so every process brings its in-memory FAISS index up to date by replaying the ops
+after the seq it has applied. Every write is one transaction, acknowledged after it commits.
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from uniadapter_serve.errors import ConflictError, NotFoundError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    name TEXT NOT NULL, kind TEXT NOT NULL, adapter_ref TEXT NOT NULL, factory TEXT NOT NULL,
-    dim INTEGER NOT NULL, generation INTEGER NOT NULL, reindex_target TEXT, created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS items (
-    item_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    external_id TEXT NOT NULL UNIQUE,
-    source TEXT NOT NULL,
-    sha256 TEXT,
-    metadata TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS embeddings (
-    item_id INTEGER NOT NULL, generation INTEGER NOT NULL, vector BLOB NOT NULL,
-    PRIMARY KEY (item_id, generation)
-);
-CREATE TABLE IF NOT EXISTS ops (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, item_id INTEGER
-);
-"""
+from uniadapter_serve.errors import ServerBusyError
 
 
 @dataclass(frozen=True)
@@ -80,191 +56,131 @@ class NewItem:
     vector: np.ndarray
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
-
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: one writer at a time across threads and processes."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
-
-    # -- meta ------------------------------------------------------------------------------------
-
-    def init_meta(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO meta VALUES (1, ?, ?, ?, ?, ?, 0, NULL, ?)",
-                       (name, kind, adapter_ref, factory, dim, time.time()))
-
-    def meta(self) -> CollectionMeta:
-        row = self._db().execute(
-            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created FROM meta").fetchone()
-        if row is None:
-            raise NotFoundError(f"collection store {self.path} has no metadata")
-        return CollectionMeta(*row)
-
-    def set_reindex_target(self, ref: str | None) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE meta SET reindex_target = ?", (ref,))
-
-    # -- items -----------------------------------------------------------------------------------
-
-    def add(self, items: Sequence[NewItem], generation: int) -> list[int]:
-        """Insert items with their embeddings for `generation`, atomically; duplicate external ids
-        (in the batch or the collection) reject the whole batch."""
-        ids = [it.external_id for it in items]
-        if len(set(ids)) != len(ids):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            raise ConflictError(f"duplicate ids in the request: {dupes[:5]}")
-        with self.transaction() as db:
-            current = db.execute("SELECT generation FROM meta").fetchone()[0]
-            if current != generation:
-                raise _GenerationChanged()
-            placeholders = ",".join("?" * len(ids))
-            taken = [r[0] for r in db.execute(f"SELECT external_id FROM items WHERE external_id IN ({placeholders})",
-                                              ids)]
-            if taken:
-                raise ConflictError(f"ids already in the collection: {sorted(taken)[:5]}")
-            now = time.time()
-            out = []
-            for it in items:
-                cur = db.execute(
-                    "INSERT INTO items (external_id, source, sha256, metadata, created) VALUES (?, ?, ?, ?, ?)",
-                    (it.external_id, it.source, it.sha256, json.dumps(it.metadata), now))
-                item_id = int(cur.lastrowid or 0)
-                db.execute("INSERT INTO embeddings VALUES (?, ?, ?)",
-                           (item_id, generation, np.ascontiguousarray(it.vector, np.float32).tobytes()))
-                db.execute("INSERT INTO ops (op, item_id) VALUES ('add', ?)", (item_id,))
-                out.append(item_id)
-            return out
-
-    def delete(self, external_id: str) -> int:
-        with self.transaction() as db:
-            row = db.execute("SELECT item_id FROM items WHERE external_id = ?", (external_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no item {external_id!r}")
-            item_id = int(row[0])
-            db.execute("DELETE FROM items WHERE item_id = ?", (item_id,))
-            db.execute("DELETE FROM embeddings WHERE item_id = ?", (item_id,))
-            db.execute("INSERT INTO ops (op, item_id) VALUES ('delete', ?)", (item_id,))
-            return item_id
-
-    def items(self, item_ids: Sequence[int]) -> dict[int, Item]:
-        if not item_ids:
-            return {}
-        placeholders = ",".join("?" * len(item_ids))
-        rows = self._db().execute(
-            f"SELECT item_id, external_id, source, sha256, metadata FROM items WHERE item_id IN ({placeholders})",
-            list(item_ids))
-        return {r[0]: Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
-
-    def get(self, external_id: str) -> Item:
-        r = self._db().execute("SELECT item_id, external_id, source, sha256, metadata FROM items WHERE external_id = ?",
-                               (external_id,)).fetchone()
-        if r is None:
-            raise NotFoundError(f"no item {external_id!r}")
-        return Item(r[0], r[1], r[2], r[3], json.loads(r[4]))
-
-    def existing(self, external_ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(external_ids), 500):
-            chunk = list(external_ids[start:start + 500])
-            placeholders = ",".join("?" * len(chunk))
-            found |= {r[0] for r in self._db().execute(
-                f"SELECT external_id FROM items WHERE external_id IN ({placeholders})", chunk)}
-        return found
-
-    def count(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM items").fetchone()[0])
-
-    def last_seq(self) -> int:
-        return int(self._db().execute("SELECT coalesce(max(seq), 0) FROM ops").fetchone()[0])
-
-    def ops_after(self, seq: int) -> list[tuple[int, str, int | None]]:
-        return [(int(s), str(o), i) for s, o, i in
-                self._db().execute("SELECT seq, op, item_id FROM ops WHERE seq > ? ORDER BY seq", (seq,))]
-
-    def vectors(self, item_ids: Sequence[int], generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (ids (n,), vectors (n, dim)) for the items that still exist."""
-        found_ids: list[int] = []
-        blobs: list[bytes] = []
-        for start in range(0, len(item_ids), 500):
-            chunk = list(item_ids[start:start + 500])
-            placeholders = ",".join("?" * len(chunk))
-            for item_id, blob in self._db().execute(
-                    f"SELECT item_id, vector FROM embeddings WHERE generation = ? AND item_id IN ({placeholders})",
-                    [generation, *chunk]):
-                found_ids.append(int(item_id))
-                blobs.append(blob)
-        return _stack(found_ids, blobs, dim)
-
-    def all_vectors(self, generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._db().execute("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
-                                  (generation,)).fetchall()
-        return _stack([int(r[0]) for r in rows], [r[1] for r in rows], dim)
-
-    # -- re-indexing -----------------------------------------------------------------------------
-
-    def missing(self, generation: int, limit: int) -> list[Item]:
-        """Items without an embedding for `generation` (what a re-index still has to embed)."""
-        rows = self._db().execute(
-            "SELECT item_id, external_id, source, sha256, metadata FROM items WHERE item_id NOT IN "
-            "(SELECT item_id FROM embeddings WHERE generation = ?) ORDER BY item_id LIMIT ?", (generation, limit))
-        return [Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
-
-    def put_vectors(self, vectors: dict[int, np.ndarray], generation: int) -> None:
-        with self.transaction() as db:
-            live = {r[0] for r in db.execute(
-                f"SELECT item_id FROM items WHERE item_id IN ({','.join('?' * len(vectors))})", list(vectors))}
-            db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
-                           [(i, generation, np.ascontiguousarray(v, np.float32).tobytes())
-                            for i, v in vectors.items() if i in live])
-
-    def switch(self, generation: int, adapter_ref: str) -> bool:
-        """Make `generation` active if every item has an embedding for it; False if some are missing."""
-        with self.transaction() as db:
-            missing = db.execute("SELECT count(*) FROM items WHERE item_id NOT IN "
-                                 "(SELECT item_id FROM embeddings WHERE generation = ?)", (generation,)).fetchone()[0]
-            if missing:
-                return False
-            db.execute("UPDATE meta SET generation = ?, adapter_ref = ?, reindex_target = NULL",
-                       (generation, adapter_ref))
-            db.execute("DELETE FROM embeddings WHERE generation < ?", (generation,))
-            db.execute("INSERT INTO ops (op, item_id) VALUES ('switch', NULL)")
-            return True
+Op = tuple[int, str, int | None]
+"""(seq, 'add' | 'delete' | 'switch', item_id)"""
 
 
-class _GenerationChanged(Exception):
+class StoreUnavailableError(ServerBusyError):
+    """The store cannot be reached (PostgreSQL down): writes answer 503, reads use what is in memory."""
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message, retry_after)
+
+
+class GenerationChanged(Exception):
     """The collection switched adapter versions while an add was embedding; embed again."""
 
 
-def _stack(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
+class Store(abc.ABC):
+    """One collection's truth."""
+
+    @abc.abstractmethod
+    def meta(self) -> CollectionMeta: ...
+
+    @abc.abstractmethod
+    def set_reindex_target(self, ref: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def add(self, items: Sequence[NewItem], generation: int) -> list[int]:
+        """Insert items with their embeddings for `generation`, atomically; a duplicate external id (in the
+        batch or the collection) rejects the whole batch (ConflictError); GenerationChanged if the
+        collection is no longer at `generation`. -> item ids."""
+
+    @abc.abstractmethod
+    def delete(self, external_id: str) -> int: ...
+
+    @abc.abstractmethod
+    def items(self, item_ids: Sequence[int]) -> dict[int, Item]: ...
+
+    @abc.abstractmethod
+    def get(self, external_id: str) -> Item: ...
+
+    @abc.abstractmethod
+    def existing(self, external_ids: Sequence[str]) -> set[str]: ...
+
+    @abc.abstractmethod
+    def count(self) -> int: ...
+
+    @abc.abstractmethod
+    def last_seq(self) -> int: ...
+
+    @abc.abstractmethod
+    def ops_after(self, seq: int) -> list[Op]: ...
+
+    @abc.abstractmethod
+    def vectors(self, item_ids: Sequence[int], generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (ids (n,), vectors (n, dim)) of the items that still exist."""
+
+    @abc.abstractmethod
+    def all_vectors(self, generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def all_items(self) -> list[Item]: ...
+
+    @abc.abstractmethod
+    def state(self, generation: int, dim: int) -> tuple[int, list[Item], np.ndarray, np.ndarray]:
+        """(last op seq, every item, ids, vectors of `generation`) read in one consistent snapshot: what a
+        replica rebuilds its index from (reads made one by one could see a later write in some of them)."""
+
+    @abc.abstractmethod
+    def missing(self, generation: int, limit: int) -> list[Item]:
+        """Items without an embedding for `generation` (what a re-index still has to embed)."""
+
+    @abc.abstractmethod
+    def put_vectors(self, vectors: dict[int, np.ndarray], generation: int) -> None: ...
+
+    @abc.abstractmethod
+    def switch(self, generation: int, adapter_ref: str) -> bool:
+        """Make `generation` active if every item has an embedding for it; False if some are missing."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without per-collection resources
+        """Release what this handle holds."""
+
+
+class StoreBackend(abc.ABC):
+    """Where collections live: lists, creates, opens and drops them."""
+
+    kind: str
+
+    @abc.abstractmethod
+    def names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+        """ConflictError if the name is taken."""
+
+    @abc.abstractmethod
+    def open(self, name: str) -> Store:
+        """NotFoundError if there is no such collection."""
+
+    @abc.abstractmethod
+    def drop(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def local_dir(self, name: str) -> Path:
+        """This process's folder for the collection (index snapshots)."""
+
+    @abc.abstractmethod
+    def media_dir(self, name: str) -> Path:
+        """Where uploaded media of the collection are kept (every replica must read them)."""
+
+    def listen(self, on_change: Callable[[str], None]) -> None:  # noqa: B027 - a backend may announce nothing
+        """Call `on_change(collection name)` when another process changed it."""
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": self.kind, "ok": True}
+
+    def close(self) -> None:  # noqa: B027
+        """Stop listening and release connections."""
+
+
+def stack(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 vector blobs -> (ids (n,), vectors (n, dim))."""
     if not ids:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
     return np.asarray(ids, np.int64), vectors
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, np.float32).tobytes()

@@ -27,7 +27,9 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
     if verbose:
         require_admin(request, core)
     redis = core.redis.status()
+    store = core.store_backend.status()
     states = {
+        "store": "ok" if store.get("ok") else "degraded",
         "backbone": "ok",
         "batcher": "ok" if core.ready else "stopped",
         "adapters": "ok" if not core.registry.errors() else "degraded",
@@ -38,6 +40,9 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
     if states["redis"] == "degraded":
         warnings.append("redis unreachable: using the in-process embedding cache; replicas learn of changes "
                         "on their next read")
+    if states["store"] == "degraded":
+        warnings.append("collection store unreachable: searches answer from this replica's memory; adding, "
+                        "deleting and creating answer 503 until it is back")
     if core.faiss.warning:
         warnings.append("collection indexes on the CPU: FAISS cannot run on this GPU" +
                         (f" ({core.faiss.warning})" if verbose else " (verbose=true says why)"))
@@ -59,6 +64,7 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
             "collections": len(core.collections.names()),
             "faiss": {"gpu": core.faiss.gpu, "warning": core.faiss.warning},
             "redis": redis,
+            "store": store,
         }
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -15,8 +15,8 @@ def b64(data: bytes) -> str:
 def test_health_ready_metrics(client, admin):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready == {"status": "ready", "checks": {"backbone": "ok", "batcher": "ok", "adapters": "ok", "redis": "off",
-                                                   "faiss": "cpu"}, "warnings": []}
+    assert ready == {"status": "ready", "checks": {"store": "ok", "backbone": "ok", "batcher": "ok", "adapters": "ok",
+                                                   "redis": "off", "faiss": "cpu"}, "warnings": []}
     assert client.get("/readyz", params={"verbose": "true"}).status_code == 403  # the read key is not enough
     detail = admin.get("/readyz", params={"verbose": "true"}).json()["details"]
     assert detail["backbone"]["components"] == ["vision_model", "text_encoder", "text_decoder", "heads"]

@@ -23,11 +23,15 @@ def compose() -> dict:
 
 def test_compose_services_healthchecks_and_volumes(compose):
     services = compose["services"]
-    assert set(services) == {"api", "redis"}
-    api, redis = services["api"], services["redis"]
+    assert set(services) == {"api", "redis", "postgres"}
+    api, redis, postgres = services["api"], services["redis"], services["postgres"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    for service in (api, redis):
+    for service in (api, redis, postgres):
         assert service["healthcheck"]["test"][0] == "CMD"
+    # PostgreSQL is optional: only in its profile, and the API starts without it
+    assert postgres["profiles"] == ["postgres"] and api["depends_on"]["postgres"]["required"] is False
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert any(v.startswith("pgdata:") for v in postgres["volumes"]) and "pgdata" in compose["volumes"]
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert (ROOT / api["build"]["dockerfile"]).is_file()
     mounts = {v.split(":")[0]: v.split(":")[1] for v in api["volumes"]}

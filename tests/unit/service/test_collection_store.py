@@ -1,4 +1,4 @@
-"""Collections without a model: SQLite store + FAISS index against brute-force numpy."""
+"""Collections without a model: the store (SQLite and PostgreSQL alike) + FAISS index against brute-force numpy."""
 
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ def new(collection: Collection, vectors: np.ndarray, prefix: str = "x", start: i
     return collection.store.add(items, collection.meta.generation)
 
 
+def open_collection(backend, name: str = "c") -> Collection:
+    return Collection(backend.open(name), backend.local_dir(name), backend.media_dir(name))
+
+
 @pytest.fixture
-def coll(tmp_path):
-    return Collection.create(tmp_path / "c", name="c", kind="image", adapter_ref="none", factory="flat", dim=DIM)
+def coll(store_backend):
+    store_backend.create("c", "image", "none", "flat", DIM)
+    return open_collection(store_backend)
 
 
 def brute(vectors: np.ndarray, query: np.ndarray, k: int) -> list[int]:
@@ -57,8 +62,8 @@ def test_delete_and_duplicates(coll):
     assert coll.store.count() == 19  # the rejected batches added nothing
 
 
-def test_two_handles_on_one_folder_see_each_others_writes(coll, tmp_path):
-    other = Collection(tmp_path / "c")  # another process on the shared volume
+def test_two_handles_on_one_store_see_each_others_writes(coll, store_backend):
+    other = open_collection(store_backend)  # another process sharing the store
     x = unit(30, 5)
     new(coll, x[:10])
     assert len(other.search(x[0], 50)) == 10
@@ -68,7 +73,7 @@ def test_two_handles_on_one_folder_see_each_others_writes(coll, tmp_path):
     assert len(hits) == 29 and hits[0].item.external_id == "x12"
 
 
-def test_snapshot_reopen_and_replay(coll, tmp_path):
+def test_snapshot_reopen_and_replay(coll, store_backend):
     x = unit(50, 6)
     new(coll, x[:30])
     coll.snapshot()
@@ -76,11 +81,11 @@ def test_snapshot_reopen_and_replay(coll, tmp_path):
     coll.store.delete("x1")
     before = [(h.item.external_id, h.score) for h in coll.search(x[40], 10)]
     coll.close()
-    reopened = Collection(tmp_path / "c")
+    reopened = open_collection(store_backend)
     assert reopened.index.seq == reopened.store.last_seq()
     assert [(h.item.external_id, h.score) for h in reopened.search(x[40], 10)] == before
-    (tmp_path / "c" / SNAPSHOT_FILE).write_bytes(b"garbage")
-    rebuilt = Collection(tmp_path / "c")
+    (store_backend.local_dir("c") / SNAPSHOT_FILE).write_bytes(b"garbage")
+    rebuilt = open_collection(store_backend)
     assert [h.item.external_id for h in rebuilt.search(x[40], 10)] == [i for i, _ in before]
 
 

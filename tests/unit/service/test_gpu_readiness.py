@@ -27,6 +27,7 @@ from uniadapter_serve.service.collections import faiss_device
 from uniadapter_serve.service.collections.collection import SNAPSHOT_FILE, Collection
 from uniadapter_serve.service.collections.faiss_device import FaissDevice, GpuWorker
 from uniadapter_serve.service.collections.index import COMPACT_AT, VectorIndex
+from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
 from uniadapter_serve.service.collections.store import NewItem
 
 DIM = 16
@@ -147,8 +148,9 @@ def test_every_call_on_a_gpu_index_runs_on_the_faiss_thread(fake_gpu):
 # -- tombstones compacted -----------------------------------------------------------------------------------
 
 def compaction_case(tmp_path, device: FaissDevice, factory: str) -> Collection:
-    coll = Collection.create(tmp_path / factory.replace(",", "_"), name="c", kind="image", adapter_ref="none",
-                             factory=factory, dim=DIM, device=device)
+    backend = SqliteBackend(tmp_path / "collections")
+    backend.create("c", "image", "none", factory, DIM)
+    coll = Collection(backend.open("c"), backend.local_dir("c"), backend.media_dir("c"), device=device)
     n = COMPACT_AT + 600
     x = unit(n, 2)
     coll.store.add([NewItem(f"x{i}", "upload:x", None, {"i": i}, v) for i, v in enumerate(x)], 0)
@@ -198,7 +200,8 @@ def test_snapshots_of_gpu_indexes_are_cpu_copies_and_load_back_on_the_gpu(tmp_pa
 
 
 def test_a_failing_snapshot_never_fails_the_write_that_triggered_it(tmp_path, monkeypatch):
-    coll = Collection.create(tmp_path / "c", name="c", kind="image", adapter_ref="none", factory="flat", dim=DIM)
+    backend = SqliteBackend(tmp_path / "collections")
+    coll = Collection(backend.create("c", "image", "none", "flat", DIM), backend.local_dir("c"), backend.media_dir("c"))
     monkeypatch.setattr("uniadapter_serve.service.collections.collection.SNAPSHOT_EVERY_OPS", 5)
 
     def broken(path: Any) -> None:

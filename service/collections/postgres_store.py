@@ -1,0 +1,499 @@
+"""The collection store on PostgreSQL (psycopg 3, a connection pool), for replicas on several hosts.
+
+Tables (prefixed, so the database can be shared): `uniadapter_collections` (one row per collection:
+definition, adapter binding, generation, and `last_seq`, the op counter), `uniadapter_items`,
+`uniadapter_embeddings` (float32 bytes per item and generation: bytea, see bench/store_backends.py) and
+`uniadapter_ops` (the ordered log). A write first bumps its collection's `last_seq` (`UPDATE ... RETURNING`),
+which locks the collection's row until the transaction ends: writers to one collection queue, and their ops
+become visible in seq order, so a replica replaying "ops after seq N" never skips one. The same transaction
+sends `NOTIFY uniadapter_collections, '<name>'`, delivered to every replica's listener at commit.
+
+Schema migrations are numbered and applied at start-up under an advisory lock, so replicas starting together
+apply each exactly once. When PostgreSQL cannot be reached, calls raise `StoreUnavailableError` (503 with
+Retry-After for writes; reads keep answering from the in-memory index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from uniadapter_serve.errors import ConflictError, NotFoundError
+from uniadapter_serve.service.collections.store import (
+    CollectionMeta,
+    GenerationChanged,
+    Item,
+    NewItem,
+    Op,
+    Store,
+    StoreBackend,
+    StoreUnavailableError,
+    stack,
+    vector_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "uniadapter_collections"
+MIGRATION_LOCK = 0x756E6961  # any fixed 64-bit key: the advisory lock every replica takes to migrate
+MIGRATIONS: list[str] = [
+    # 1: the store
+    """
+    CREATE TABLE uniadapter_collections (
+        id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, adapter_ref TEXT NOT NULL,
+        factory TEXT NOT NULL, dim INTEGER NOT NULL, generation INTEGER NOT NULL DEFAULT 0, reindex_target TEXT,
+        created DOUBLE PRECISION NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE uniadapter_items (
+        item_id BIGSERIAL PRIMARY KEY,
+        collection_id BIGINT NOT NULL REFERENCES uniadapter_collections (id) ON DELETE CASCADE,
+        external_id TEXT NOT NULL, source TEXT NOT NULL, sha256 TEXT, metadata TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        UNIQUE (collection_id, external_id)
+    );
+    CREATE TABLE uniadapter_embeddings (
+        item_id BIGINT NOT NULL REFERENCES uniadapter_items (item_id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL, vector BYTEA NOT NULL,
+        PRIMARY KEY (item_id, generation)
+    );
+    CREATE TABLE uniadapter_ops (
+        collection_id BIGINT NOT NULL REFERENCES uniadapter_collections (id) ON DELETE CASCADE,
+        seq BIGINT NOT NULL, op TEXT NOT NULL, item_id BIGINT,
+        PRIMARY KEY (collection_id, seq)
+    );
+    """,
+]
+UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+BACKOFF_S = 2.0
+ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata"
+TAKEN = ("SELECT i.external_id FROM unnest(%s::text[]) AS u (external_id) JOIN uniadapter_items i "
+         "ON i.collection_id = %s::bigint AND i.external_id = u.external_id")
+"""which of these external ids a collection has: one unique-index probe per id (`= ANY(array)` let the planner
+scan every item of the collection: the cost of an add grew with the collection)"""
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(int(row[0]), row[1], row[2], row[3], json.loads(row[4]))
+
+
+class PostgresBackend(StoreBackend):
+    """Every collection in one PostgreSQL database; snapshots in this process's `local_root`, uploaded
+    media under the shared media root (`MEDIA_ROOT/.collections/NAME/`)."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str, *, local_root: Path, media_root: Path, pool_size: int = 8,
+                 timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.local_root = local_root
+        self.shared_media = media_root / ".collections"
+        self.timeout_s = timeout_s
+        self.last_error: str | None = None
+        self._down_until = 0.0
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
+                                   kwargs={"connect_timeout": max(1, int(timeout_s))}, name="uniadapter")
+        try:
+            self.pool.open(wait=True, timeout=timeout_s)
+            migrate_schema(url, timeout_s)
+        except UNAVAILABLE as e:
+            self.pool.close()
+            raise StoreUnavailableError(f"PostgreSQL at {safe_url(url)} is not reachable: {e}") from e
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; unreachable PostgreSQL -> StoreUnavailableError. After a failure, calls fail
+        at once for `BACKOFF_S` (reads then answer from memory instead of waiting on every request)."""
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}")
+        try:
+            with self.pool.connection(timeout=self.timeout_s if timeout is None else timeout) as conn:
+                yield conn
+            self.last_error = None
+        except UNAVAILABLE as e:
+            self.last_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._down_until = time.monotonic() + BACKOFF_S
+            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}") \
+                from e
+
+    def read(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """Run a read; once more at once if the pooled connection was broken (PostgreSQL restarted)."""
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}")
+        try:
+            with self.pool.connection(timeout=self.timeout_s) as conn:
+                result = fn(conn)
+            self.last_error = None
+            return result
+        except UNAVAILABLE:
+            pass
+        with self.connection(timeout=1.0) as conn:
+            return fn(conn)
+
+    # -- collections ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        rows = self.read(lambda c: c.execute("SELECT name FROM uniadapter_collections ORDER BY name").fetchall())
+        return [r[0] for r in rows]
+
+    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+        with self.connection() as conn, conn.transaction():
+            row = conn.execute(
+                "INSERT INTO uniadapter_collections (name, kind, adapter_ref, factory, dim, created) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (name, kind, adapter_ref, factory, dim, time.time())).fetchone()
+            if row is None:
+                raise ConflictError(f"collection {name!r} already exists")
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+        return PostgresStore(self, int(row[0]), name)
+
+    def open(self, name: str) -> Store:
+        row = self.read(lambda c: c.execute("SELECT id FROM uniadapter_collections WHERE name = %s",
+                                            (name,)).fetchone())
+        if row is None:
+            raise NotFoundError(f"no collection named {name!r}")
+        return PostgresStore(self, int(row[0]), name)
+
+    def drop(self, name: str) -> None:
+        with self.connection() as conn, conn.transaction():
+            row = conn.execute("DELETE FROM uniadapter_collections WHERE name = %s RETURNING id", (name,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no collection named {name!r}")
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+
+    def local_dir(self, name: str) -> Path:
+        return self.local_root / name
+
+    def media_dir(self, name: str) -> Path:
+        return self.shared_media / name
+
+    # -- change events -------------------------------------------------------------------------------
+
+    def listen(self, on_change: Callable[[str], None]) -> None:
+        """LISTEN on a connection of its own; after a reconnect, `on_change("")` (changes may have been
+        missed: check every collection)."""
+        self._listener = threading.Thread(target=self._listen, args=(on_change,), name="uniadapter-pg-listen",
+                                          daemon=True)
+        self._listener.start()
+
+    def _listen(self, on_change: Callable[[str], None]) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_s))) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if not first:
+                        log.info("collection change events from PostgreSQL are back")
+                        on_change("")
+                    first = False
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=0.5, stop_after=64):
+                            self._deliver(on_change, notify.payload)
+            except UNAVAILABLE as e:
+                if not self._stop.is_set():
+                    log.warning("collection change events from PostgreSQL lost (%s); reconnecting", e)
+                    first = False
+                    self._stop.wait(1.0)
+
+    @staticmethod
+    def _deliver(on_change: Callable[[str], None], name: str) -> None:
+        try:
+            on_change(name)
+        except Exception:
+            log.exception("handling a change of collection %s failed", name)
+
+    def status(self) -> dict[str, Any]:
+        with contextlib.suppress(StoreUnavailableError):
+            self.read(lambda c: c.execute("SELECT 1").fetchone())
+        return {"backend": self.kind, "ok": self.last_error is None, "error": self.last_error,
+                "url": safe_url(self.url)}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(5)
+        self.pool.close()
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    user, host, port, db = (info.get(k, "") for k in ("user", "host", "port", "dbname"))
+    return f"postgresql://{user}@{host}:{port or 5432}/{db}"
+
+
+def migrate_schema(url: str, timeout_s: float = 5.0) -> list[int]:
+    """Apply the migrations this database lacks, under an advisory lock; -> the versions applied now."""
+    applied_now: list[int] = []
+    with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS uniadapter_schema (version INTEGER PRIMARY KEY, "
+                         "applied DOUBLE PRECISION NOT NULL)")
+            done = {int(r[0]) for r in conn.execute("SELECT version FROM uniadapter_schema").fetchall()}
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql)
+                    conn.execute("INSERT INTO uniadapter_schema VALUES (%s, %s)", (version, time.time()))
+                applied_now.append(version)
+                log.info("collection store schema migrated to version %d", version)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    return applied_now
+
+
+class PostgresStore(Store):
+    def __init__(self, backend: PostgresBackend, collection_id: int, name: str) -> None:
+        self.backend = backend
+        self.id = collection_id
+        self.name = name
+
+    def _write(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        return self.backend.connection()
+
+    def _bump(self, conn: psycopg.Connection[Any], n: int) -> tuple[int, int]:
+        """Reserve n op seqs (locking the collection's row until commit) -> (first seq, generation)."""
+        row = conn.execute("UPDATE uniadapter_collections SET last_seq = last_seq + %s WHERE id = %s "
+                           "RETURNING last_seq, generation", (n, self.id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"collection {self.name!r} was deleted")
+        return int(row[0]) - n + 1, int(row[1])
+
+    def _notify(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.name))
+
+    # -- meta ------------------------------------------------------------------------------------------
+
+    def meta(self) -> CollectionMeta:
+        row = self.backend.read(lambda c: c.execute(
+            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created "
+            "FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone())
+        if row is None:
+            raise NotFoundError(f"collection {self.name!r} was deleted")
+        return CollectionMeta(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), row[6], float(row[7]))
+
+    def set_reindex_target(self, ref: str | None) -> None:
+        with self._write() as conn, conn.transaction():
+            conn.execute("UPDATE uniadapter_collections SET reindex_target = %s WHERE id = %s", (ref, self.id))
+
+    # -- items -------------------------------------------------------------------------------------------
+
+    def add(self, items: Sequence[NewItem], generation: int) -> list[int]:
+        ids = [it.external_id for it in items]
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise ConflictError(f"duplicate ids in the request: {dupes[:5]}")
+        with self._write() as conn, conn.transaction():
+            first, current = self._bump(conn, len(items))
+            if current != generation:
+                raise GenerationChanged()
+            taken = [r[0] for r in conn.execute(TAKEN, (ids, self.id)).fetchall()]
+            if taken:
+                raise ConflictError(f"ids already in the collection: {sorted(taken)[:5]}")
+            now = time.time()
+            item_ids = self._insert_items(conn, [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), now)
+                                                 for it in items])
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s)",
+                                [(i, generation, vector_bytes(it.vector))
+                                 for i, it in zip(item_ids, items, strict=True)])
+                cur.executemany("INSERT INTO uniadapter_ops VALUES (%s, %s, 'add', %s)",
+                                [(self.id, first + k, i) for k, i in enumerate(item_ids)])
+            self._notify(conn)
+            return item_ids
+
+    def _insert_items(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> list[int]:
+        out: list[int] = []
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO uniadapter_items (collection_id, external_id, source, sha256, metadata, "
+                            "created) VALUES (%s, %s, %s, %s, %s, %s) RETURNING item_id",
+                            [(self.id, *r) for r in rows], returning=True)
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                out.append(int(row[0]))
+                if not cur.nextset():
+                    break
+        return out
+
+    def import_items(self, rows: Sequence[tuple[Item, float, dict[int, bytes]]]) -> None:
+        """Migration: insert items as they are (with their created time and an embedding per generation),
+        each logged as an add; external ids already here are skipped (so an interrupted copy resumes)."""
+        with self._write() as conn, conn.transaction():
+            taken = {r[0] for r in conn.execute(TAKEN, ([it.external_id for it, _, _ in rows], self.id)).fetchall()}
+            todo = [r for r in rows if r[0].external_id not in taken]
+            if not todo:
+                return
+            first, _ = self._bump(conn, len(todo))
+            item_ids = self._insert_items(conn, [(it.external_id, it.source, it.sha256, json.dumps(it.metadata),
+                                                  created) for it, created, _ in todo])
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s)",
+                                [(i, gen, blob) for i, (_, _, vectors) in zip(item_ids, todo, strict=True)
+                                 for gen, blob in vectors.items()])
+                cur.executemany("INSERT INTO uniadapter_ops VALUES (%s, %s, 'add', %s)",
+                                [(self.id, first + k, i) for k, i in enumerate(item_ids)])
+            self._notify(conn)
+
+    def set_state(self, meta: CollectionMeta) -> None:
+        """Migration: the source's generation, adapter binding and creation time."""
+        with self._write() as conn, conn.transaction():
+            conn.execute("UPDATE uniadapter_collections SET generation = %s, adapter_ref = %s, reindex_target = %s, "
+                         "created = %s WHERE id = %s",
+                         (meta.generation, meta.adapter_ref, meta.reindex_target, meta.created, self.id))
+
+    def delete(self, external_id: str) -> int:
+        with self._write() as conn, conn.transaction():
+            first, _ = self._bump(conn, 1)
+            row = conn.execute("DELETE FROM uniadapter_items WHERE collection_id = %s AND external_id = %s "
+                               "RETURNING item_id", (self.id, external_id)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no item {external_id!r}")  # rolls the seq back too
+            conn.execute("INSERT INTO uniadapter_ops VALUES (%s, %s, 'delete', %s)", (self.id, first, row[0]))
+            self._notify(conn)
+            return int(row[0])
+
+    def items(self, item_ids: Sequence[int]) -> dict[int, Item]:
+        if not item_ids:
+            return {}
+        rows = self.backend.read(lambda c: c.execute(
+            "SELECT i.item_id, i.external_id, i.source, i.sha256, i.metadata FROM unnest(%s::bigint[]) AS u (item_id) "
+            "JOIN uniadapter_items i USING (item_id) WHERE i.collection_id = %s::bigint",
+            (list(item_ids), self.id)).fetchall())
+        return {int(r[0]): _item(r) for r in rows}
+
+    def get(self, external_id: str) -> Item:
+        row = self.backend.read(lambda c: c.execute(
+            f"SELECT {ITEM_COLUMNS} FROM uniadapter_items WHERE collection_id = %s AND external_id = %s",
+            (self.id, external_id)).fetchone())
+        if row is None:
+            raise NotFoundError(f"no item {external_id!r}")
+        return _item(row)
+
+    def existing(self, external_ids: Sequence[str]) -> set[str]:
+        rows = self.backend.read(lambda c: c.execute(TAKEN, (list(external_ids), self.id)).fetchall())
+        return {r[0] for r in rows}
+
+    def count(self) -> int:
+        row = self.backend.read(lambda c: c.execute(
+            "SELECT count(*) FROM uniadapter_items WHERE collection_id = %s", (self.id,)).fetchone())
+        return int(row[0])
+
+    def all_items(self) -> list[Item]:
+        rows = self.backend.read(lambda c: c.execute(
+            f"SELECT {ITEM_COLUMNS} FROM uniadapter_items WHERE collection_id = %s ORDER BY item_id",
+            (self.id,)).fetchall())
+        return [_item(r) for r in rows]
+
+    # -- the op log and vectors --------------------------------------------------------------------------
+
+    def last_seq(self) -> int:
+        row = self.backend.read(lambda c: c.execute(
+            "SELECT last_seq FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone())
+        if row is None:
+            raise NotFoundError(f"collection {self.name!r} was deleted")
+        return int(row[0])
+
+    def ops_after(self, seq: int) -> list[Op]:
+        rows = self.backend.read(lambda c: c.execute(
+            "SELECT seq, op, item_id FROM uniadapter_ops WHERE collection_id = %s AND seq > %s ORDER BY seq",
+            (self.id, seq)).fetchall())
+        return [(int(s), str(o), None if i is None else int(i)) for s, o, i in rows]
+
+    def vectors(self, item_ids: Sequence[int], generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.backend.read(lambda c: c.execute(
+            "SELECT e.item_id, e.vector FROM unnest(%s::bigint[]) AS u (item_id) "
+            "JOIN uniadapter_embeddings e ON e.item_id = u.item_id AND e.generation = %s "
+            "JOIN uniadapter_items i ON i.item_id = e.item_id WHERE i.collection_id = %s::bigint ORDER BY e.item_id",
+            (list(item_ids), generation, self.id)).fetchall())
+        return stack([int(r[0]) for r in rows], [bytes(r[1]) for r in rows], dim)
+
+    def state(self, generation: int, dim: int) -> tuple[int, list[Item], np.ndarray, np.ndarray]:
+        def read(conn: psycopg.Connection[Any]) -> tuple[int, list[Item], np.ndarray, np.ndarray]:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot for all three
+                row = conn.execute("SELECT last_seq FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"collection {self.name!r} was deleted")
+                items = [_item(r) for r in conn.execute(
+                    f"SELECT {ITEM_COLUMNS} FROM uniadapter_items WHERE collection_id = %s ORDER BY item_id",
+                    (self.id,)).fetchall()]
+                vectors = conn.execute(
+                    "SELECT e.item_id, e.vector FROM uniadapter_embeddings e JOIN uniadapter_items i USING (item_id) "
+                    "WHERE i.collection_id = %s AND e.generation = %s ORDER BY e.item_id",
+                    (self.id, generation)).fetchall()
+            ids, stacked = stack([int(r[0]) for r in vectors], [bytes(r[1]) for r in vectors], dim)
+            return int(row[0]), items, ids, stacked
+
+        result: tuple[int, list[Item], np.ndarray, np.ndarray] = self.backend.read(read)
+        return result
+
+    def all_vectors(self, generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.backend.read(lambda c: c.execute(
+            "SELECT e.item_id, e.vector FROM uniadapter_embeddings e JOIN uniadapter_items i USING (item_id) "
+            "WHERE i.collection_id = %s AND e.generation = %s ORDER BY e.item_id", (self.id, generation)).fetchall())
+        return stack([int(r[0]) for r in rows], [bytes(r[1]) for r in rows], dim)
+
+    def embeddings_of(self, item_ids: Sequence[int]) -> dict[int, dict[int, bytes]]:
+        """item id -> generation -> float32 bytes (every generation; for migration checks)."""
+        rows = self.backend.read(lambda c: c.execute(
+            "SELECT item_id, generation, vector FROM uniadapter_embeddings WHERE item_id = ANY(%s)",
+            (list(item_ids),)).fetchall())
+        out: dict[int, dict[int, bytes]] = {}
+        for item_id, generation, blob in rows:
+            out.setdefault(int(item_id), {})[int(generation)] = bytes(blob)
+        return out
+
+    # -- re-indexing ---------------------------------------------------------------------------------------
+
+    def missing(self, generation: int, limit: int) -> list[Item]:
+        rows = self.backend.read(lambda c: c.execute(
+            f"SELECT {ITEM_COLUMNS} FROM uniadapter_items i WHERE collection_id = %s AND NOT EXISTS "
+            "(SELECT 1 FROM uniadapter_embeddings e WHERE e.item_id = i.item_id AND e.generation = %s) "
+            "ORDER BY item_id LIMIT %s", (self.id, generation, limit)).fetchall())
+        return [_item(r) for r in rows]
+
+    def put_vectors(self, vectors: dict[int, np.ndarray], generation: int) -> None:
+        if not vectors:
+            return
+        with self._write() as conn, conn.transaction():
+            live = {int(r[0]) for r in conn.execute(
+                "SELECT item_id FROM uniadapter_items WHERE collection_id = %s AND item_id = ANY(%s)",
+                (self.id, list(vectors))).fetchall()}
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s) "
+                                "ON CONFLICT (item_id, generation) DO UPDATE SET vector = EXCLUDED.vector",
+                                [(i, generation, vector_bytes(v)) for i, v in vectors.items() if i in live])
+
+    def switch(self, generation: int, adapter_ref: str) -> bool:
+        with self._write() as conn, conn.transaction():
+            first, _ = self._bump(conn, 1)  # locks the row: no add slips in between the check and the switch
+            missing = conn.execute(
+                "SELECT count(*) FROM uniadapter_items i WHERE collection_id = %s AND NOT EXISTS "
+                "(SELECT 1 FROM uniadapter_embeddings e WHERE e.item_id = i.item_id AND e.generation = %s)",
+                (self.id, generation)).fetchone()
+            if missing is None or int(missing[0]):
+                raise psycopg.Rollback()  # gives the reserved seq back; leaves the block
+            conn.execute("UPDATE uniadapter_collections SET generation = %s, adapter_ref = %s, "
+                         "reindex_target = NULL WHERE id = %s", (generation, adapter_ref, self.id))
+            conn.execute("DELETE FROM uniadapter_embeddings e USING uniadapter_items i WHERE e.item_id = i.item_id "
+                         "AND i.collection_id = %s AND e.generation < %s", (self.id, generation))
+            conn.execute("INSERT INTO uniadapter_ops VALUES (%s, %s, 'switch', NULL)", (self.id, first))
+            self._notify(conn)
+            return True
+        return False
