@@ -222,6 +222,19 @@ def load_backbone(source: str | Path | BlipConfig, *, device: str | torch.device
     return model.to(device=device, dtype=dtype)
 
 
+def source_config(source: str | Path) -> BlipConfig:
+    """The config of a backbone source, without reading its weights (a process that routes requests but
+    runs no model: image size, embedding size)."""
+    if str(source) == "demo":
+        return load_config(DEMO_DIR / "config.json" if (DEMO_DIR / "config.json").is_file() else "blip-demo")
+    folder = Path(source)
+    if folder.is_dir():
+        return load_config(folder / "config.json")
+    if str(source) in bundled_configs():
+        return load_config(str(source))
+    return load_config(_download(str(source)) / "config.json")
+
+
 def _from_folder(folder: Path) -> BlipBackbone:
     config_file = folder / "config.json"
     if not config_file.is_file():

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
         service.start()
         if service.demo:
             try:
-                await demo.ensure_collections(service)
+                await demo.ensure_collections(service.collections, service.registry, settings.media_dir)
             except Exception:  # the demo is a convenience: never a reason not to serve
                 log.exception("could not create the demo collections")
         try:

@@ -37,7 +37,7 @@ from uniadapter_serve.model.demo.world import Clip, Scene, World
 from uniadapter_serve.model.loading import DEMO_DIR
 
 if TYPE_CHECKING:
-    from uniadapter_serve.service.core import ServiceCore
+    from uniadapter_serve.service.collections.manager import CollectionManager
     from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,32 +164,32 @@ def request_examples() -> dict[str, dict[str, Any]]:
     }
 
 
-async def ensure_collections(core: ServiceCore) -> None:
+async def ensure_collections(collections: CollectionManager, registry: AdapterRegistry, media_dir: Path) -> None:
     """Create demo-images / demo-videos (and their media files) where missing, bound to the shipped
     demo-retrieval version even if a newer one was published."""
     from uniadapter_serve.service.collections.manager import IncomingItem  # the manager imports the schemas
 
     retrieval = DEMO_SETS["retrieval"]
-    ref = core.registry.resolve(f"{retrieval}@{read_adapter_meta(SETS_DIR / retrieval / 'v1').version}").ref
+    ref = registry.resolve(f"{retrieval}@{read_adapter_meta(SETS_DIR / retrieval / 'v1').version}").ref
     for name, kind, make in ((IMAGES, "image", image_items), (VIDEOS, "video", video_items)):
         try:
-            collection = core.collections.get(name)
+            collection = collections.get(name)
         except NotFoundError:
             try:
-                collection = core.collections.create(name, kind, ref)
+                collection = collections.create(name, kind, ref)
                 log.info("creating the demo collection %s (%s)", name, ref)
             except ConflictError:  # another replica created it a moment ago
-                collection = core.collections.get(name)
+                collection = collections.get(name)
         items = make()
         present = collection.store.existing([it.id for it in items])
         todo = [it for it in items if it.id not in present]
         for it in todo:
-            _write_media(core.settings.media_dir / it.path, it.data)
+            _write_media(media_dir / it.path, it.data)
         start = 0
         while start < len(todo):
             chunk = todo[start:start + BATCH]
             try:
-                await core.collections.add(name, [IncomingItem(id=it.id, path=it.path, metadata=it.metadata)
+                await collections.add(name, [IncomingItem(id=it.id, path=it.path, metadata=it.metadata)
                                                   for it in chunk])
             except ConflictError:  # another replica added some of them meanwhile
                 pass

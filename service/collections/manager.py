@@ -16,7 +16,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +28,7 @@ from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import sniff_image_type
 from uniadapter_serve.model.media.video import sniff_video_type
 from uniadapter_serve.service.collections.collection import Collection, Hit
+from uniadapter_serve.service.collections.faiss_device import FaissDevice
 from uniadapter_serve.service.collections.index import validate_factory
 from uniadapter_serve.service.collections.store import (
     GenerationChanged,
@@ -37,10 +38,32 @@ from uniadapter_serve.service.collections.store import (
     StoreBackend,
     StoreUnavailableError,
 )
-from uniadapter_serve.service.stages import VisionOutput
+from uniadapter_serve.service.engine import Engine
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus
+from uniadapter_serve.service.settings import Settings
+from uniadapter_serve.service.stages import VisionInput
 
-if TYPE_CHECKING:
-    from uniadapter_serve.service.core import ServiceCore
+
+class CollectionHost(Protocol):
+    """What collections need from the service (ServiceCore has it): settings, the model engine, media
+    decoding, adapter resolution, the embedding cache, events and metrics."""
+
+    settings: Settings
+    engine: Engine
+    faiss: FaissDevice
+    cache: EmbeddingCache
+    events: EventBus
+    metrics: ServiceMetrics
+
+    def resolve_adapter(self, ref: str | None, task: str) -> AdapterSetMeta | None: ...
+
+    def check_text(self, text: str, field: str) -> str: ...
+
+    def timeout(self) -> float: ...
+
+    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None,
+                          field: str) -> VisionInput: ...
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +99,7 @@ class _Prepared:
 
 
 class CollectionManager:
-    def __init__(self, backend: StoreBackend, media_root: Path, core: ServiceCore) -> None:
+    def __init__(self, backend: StoreBackend, media_root: Path, core: CollectionHost) -> None:
         self.backend = backend
         self.media_root = media_root
         self.core = core
@@ -141,7 +164,7 @@ class CollectionManager:
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
         meta = self.core.resolve_adapter(adapter, "retrieval")  # None: the default retrieval set
-        dim = self.core.backbone.dims.embed_dim
+        dim = self.core.engine.embed_dim
         factory = validate_factory(factory, dim)
         with self._lock:
             if name in self._collections:
@@ -174,12 +197,12 @@ class CollectionManager:
 
     def adapter_of(self, collection: Collection) -> AdapterSetMeta | None:
         ref = collection.meta.adapter_ref
-        return None if ref == "none" else self.core.registry.resolve(ref)
+        return None if ref == "none" else self.core.resolve_adapter(ref, "retrieval")
 
     async def add(self, name: str, items: list[IncomingItem]) -> list[str]:
         """Embed and add items; all or nothing. Returns their external ids."""
         collection = self.get(name)
-        with self.core.batcher.admit(len(items)):
+        with self.core.engine.admit(len(items)):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
             return await self._add_prepared(collection, prepared)
 
@@ -298,25 +321,17 @@ class CollectionManager:
             self.core.metrics.cache.labels(result="hit").inc()
             return np.frombuffer(cached, dtype=np.float32).copy()
         self.core.metrics.cache.labels(result="miss").inc()
-        deadline = self.core.deadline()
+        ref, timeout = (adapter.ref if adapter else None), self.core.timeout()
         if kind == "text":
             assert isinstance(content, str)
-            vector = (await self.core.text_embedding(content, adapter, deadline)).numpy()
+            vector = (await self.core.engine.embed_text(content, ref, timeout)).numpy()
         else:
             assert isinstance(content, bytes)
-            vector = (await self.visual(kind, content, adapter, deadline, field)).embedding.numpy()
+            visual = await self.core.media_input(kind, content, adapter, field)
+            vector = (await self.core.engine.embed_visual(visual, ref, timeout)).numpy()
         vector = np.ascontiguousarray(vector, np.float32)
         self.core.cache.set(key, vector.tobytes())
         return vector
-
-    async def visual(self, kind: str, data: bytes, adapter: AdapterSetMeta | None, deadline: float,
-                     field: str) -> VisionOutput:
-        if kind == "image":
-            item = await self.core.image_input(data, None, field)
-        else:
-            frames = adapter.config.num_frames if adapter is not None else self.core.settings.num_frames
-            item = await self.core.video_input(data, frames, field)
-        return await self.core.vision(item, adapter, deadline)
 
     def load_content(self, collection: Collection, item: Item) -> bytes | str:
         """The item's media bytes (or text), for re-ranking and re-indexing."""
@@ -368,7 +383,7 @@ class CollectionManager:
                     continue
                 contents = await run_in_threadpool(self._contents, collection, batch)
                 try:
-                    with self.core.batcher.admit(len(batch)):
+                    with self.core.engine.admit(len(batch)):
                         vectors = await asyncio.gather(*(
                             self._embed(collection.meta.kind, c, it.sha256 or "", adapter, f"item {it.external_id!r}")
                             for c, it in zip(contents, batch, strict=True)))

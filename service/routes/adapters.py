@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta, check_compatible
+from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta
 from uniadapter_serve.adapters.format import read_adapter_meta as read_meta
 from uniadapter_serve.errors import (
     AdapterFormatError,
@@ -26,12 +27,14 @@ from uniadapter_serve.service.schemas import AdapterInfo, AdapterList
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=ERRORS)
 
 
-def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None) -> AdapterInfo:
-    """The listing row of one set version (`newest` looked up unless the caller knows it)."""
+def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None,
+          residency: dict[str, Any] | None = None) -> AdapterInfo:
+    """The listing row of one set version (`newest` and residency looked up unless the caller has them)."""
     if newest is None:
         newest = core.registry.resolve(meta.name).ref == meta.ref
-    rows = [r for r in core.manager.table() if r["ref"] == meta.ref]
-    nbytes = next((int(str(r["bytes"])) for r in rows), meta.num_parameters * core.backbone.dtype.itemsize)
+    residency = residency or core.engine.residency()
+    rows = [r for r in residency["rows"] if r["ref"] == meta.ref]
+    nbytes = next((int(str(r["bytes"])) for r in rows), meta.num_parameters * residency.get("itemsize", 4))
     return AdapterInfo(
         ref=meta.ref, name=meta.name, version=meta.version, task=meta.config.task, bottleneck=meta.config.bottleneck,
         tunable_parameters=meta.num_parameters, percent_of_backbone=round(meta.percent_of_backbone(), 3),
@@ -45,13 +48,14 @@ def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None) -
 @router.get("", response_model=AdapterList, dependencies=[ReadAuth], summary="Available and resident sets")
 def list_adapters(core: CoreDep) -> AdapterList:
     core.registry.refresh()
+    residency = core.engine.residency()
     infos = []
     for name in core.registry.names():
         for i, meta in enumerate(core.registry.versions(name)):
-            infos.append(_info(core, meta, newest=i == 0))
-    return AdapterList(adapters=infos, errors=core.registry.errors(), device_budget_bytes=core.manager.device_budget,
-                       device_bytes=core.manager.device_bytes(), cpu_budget_bytes=core.manager.cpu_budget,
-                       cpu_bytes=core.manager.cpu_bytes())
+            infos.append(_info(core, meta, newest=i == 0, residency=residency))
+    return AdapterList(adapters=infos, errors=core.registry.errors(), device_budget_bytes=residency["device_budget"],
+                       device_bytes=residency["device_bytes"], cpu_budget_bytes=residency["cpu_budget"],
+                       cpu_bytes=residency["cpu_bytes"])
 
 
 @router.get("/{ref}", response_model=AdapterInfo, dependencies=[ReadAuth], summary="One set (name = newest)")
@@ -62,25 +66,29 @@ def get_adapter(ref: str, core: CoreDep) -> AdapterInfo:
 
 @router.post("/{ref}/load", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Make a set resident")
 async def load(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = await run_in_threadpool(core.manager.load, ref)
+    meta = core.registry.resolve(ref)
+    await core.engine.load(meta.ref)
     return _info(core, meta)
 
 
 @router.post("/{ref}/unload", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Drop a set from memory")
-def unload(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.manager.unload(ref)
+async def unload(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = core.registry.resolve(ref)
+    await core.engine.unload(meta.ref)
     return _info(core, meta)
 
 
 @router.post("/{ref}/pin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Load and never evict")
 async def pin(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = await run_in_threadpool(core.manager.pin, ref)
+    meta = core.registry.resolve(ref)
+    await core.engine.pin(meta.ref)
     return _info(core, meta)
 
 
 @router.post("/{ref}/unpin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Allow eviction again")
-def unpin(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.manager.unpin(ref)
+async def unpin(ref: str, core: CoreDep) -> AdapterInfo:
+    meta = core.registry.resolve(ref)
+    await core.engine.unpin(meta.ref)
     return _info(core, meta)
 
 
@@ -117,7 +125,7 @@ async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
                 raise MalformedUploadError(f"not a valid adapter set: {message}") from None
             if meta.name != name:
                 raise ConflictError(f"the uploaded set is named {meta.name!r} in its config, not {name!r}")
-            check_compatible(meta, core.backbone)
+            core.engine.check_compatible(meta)
             return core.registry.publish_folder(folder, name)
 
         meta = await run_in_threadpool(validate_and_install)

@@ -31,7 +31,7 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
     states = {
         "store": "ok" if store.get("ok") else "degraded",
         "backbone": "ok",
-        "batcher": "ok" if core.ready else "stopped",
+        "engine": "ok" if core.ready and core.engine.ready else "stopped",
         "adapters": "ok" if not core.registry.errors() else "degraded",
         "redis": "off" if not redis.get("configured") else ("ok" if redis.get("ok") else "degraded"),
         "faiss": "degraded" if core.faiss.warning else ("gpu" if core.faiss.on_gpu else "cpu"),
@@ -53,12 +53,10 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
     if verbose:
         body["version"], body["torch"] = __version__, torch.__version__
         body["details"] = {
-            "backbone": {"source": core.settings.backbone, "components": list(core.backbone.components),
-                         "fingerprints": core.backbone.fingerprints, "device": str(core.backbone.device),
-                         "dtype": str(core.backbone.dtype).removeprefix("torch.")},
-            "adapters": {"available": len(core.registry.all()), "resident": core.manager.resident(),
-                         "errors": len(core.registry.errors())},
-            "queue": core.batcher.queued(),
+            "backbone": {"source": core.settings.backbone, **core.engine.describe()},
+            "adapters": {"available": len(core.registry.all()), "errors": len(core.registry.errors()),
+                         "resident": [r["ref"] for r in core.engine.residency()["rows"] if r["tier"] == "device"]},
+            "queue": core.engine.queued(),
             "decode_budget": {"capacity_pixels": core.decode_budget.capacity, "used_pixels": core.decode_budget.used,
                               "waiting": core.decode_budget.waiting},
             "collections": len(core.collections.names()),

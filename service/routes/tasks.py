@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.errors import ConflictError, InputError
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import CoreDep, ReadAuth
@@ -56,13 +56,12 @@ async def vqa(request: Request, core: CoreDep) -> VqaResponse:
     body, media = await parse_body(request, VqaRequest, VQA_MEDIA)
     core.check_text(body.question, "question")
     meta = core.resolve_adapter(body.adapter, "vqa")
-    deadline = core.deadline()
     image = media["image"][0]
-    with core.batcher.admit(2):  # vision + answer
-        visual = await core.vision(await core.image_input(image.data, image.content_type, "image"), meta, deadline)
-        answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
-                                    max_length=body.max_answer_length, deadline=deadline)
-    return _vqa_response(answers, body.mode, meta.ref if meta else None)
+    with core.engine.admit(2):  # vision + answer
+        visual = await core.image_input(image.data, image.content_type, "image")
+        answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
+                                           max_length=body.max_answer_length, timeout=core.timeout())
+    return _vqa_response(answers, body.mode, _ref(meta))
 
 
 @router.post("/videoqa", response_model=VqaResponse, responses=ERRORS,
@@ -72,16 +71,15 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
     core.check_text(body.question, "question")
     meta = core.resolve_adapter(body.adapter, "videoqa")
-    deadline = core.deadline()
     frames = body.num_frames or (meta.config.num_frames if meta is not None else core.settings.num_frames)
     if meta is not None and meta.config.temporal_embedding and frames != meta.config.num_frames:
         raise ConflictError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
-                         f"{meta.config.num_frames} frames, got {frames}")
-    with core.batcher.admit(2):
-        visual = await core.vision(await core.video_input(media["video"][0].data, frames, "video"), meta, deadline)
-        answers = await core.answer(body.question, visual.states, meta, mode=body.mode, top_k=body.top_k,
-                                    max_length=body.max_answer_length, deadline=deadline)
-    return _vqa_response(answers, body.mode, meta.ref if meta else None)
+                            f"{meta.config.num_frames} frames, got {frames}")
+    with core.engine.admit(2):
+        visual = await core.video_input(media["video"][0].data, frames, "video")
+        answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
+                                           max_length=body.max_answer_length, timeout=core.timeout())
+    return _vqa_response(answers, body.mode, _ref(meta))
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,
@@ -98,20 +96,21 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     if has_text == has_image:
         raise InputError("give exactly one of query_text and query_image")
     candidates = len(media.get("candidate_images", [])) + len(body.candidate_texts or [])
-    with core.batcher.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
+    with core.engine.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
         if body.collection is not None:
             return await _search_collection(core, body, media)
         return await _rank_inline(core, body, media)
 
 
+def _ref(meta: AdapterSetMeta | None) -> str | None:
+    return meta.ref if meta is not None else None
+
+
 async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str, list[Media]]) -> RetrieveResponse:
     """Rank the request's own candidates: texts for an image query, images for a text query."""
     s = core.settings
-    has_text = body.query_text is not None
     meta = core.resolve_adapter(body.adapter, "retrieval")
-    deadline = core.deadline()
-    if has_text:
-        assert body.query_text is not None
+    if body.query_text is not None:
         query = core.check_text(body.query_text, "query_text")
         images = media.get("candidate_images", [])
         if not images:
@@ -120,16 +119,8 @@ async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str
             raise InputError(f"candidate_images: {len(images)} is over the limit of {s.max_candidates}")
         decoded = await asyncio.gather(*(core.image_input(m.data, m.content_type, f"candidate_images[{i}]")
                                          for i, m in enumerate(images)))
-        query_emb, visuals = await asyncio.gather(
-            core.text_embedding(query, meta, deadline),
-            asyncio.gather(*(core.vision(v, meta, deadline) for v in decoded)),
-        )
-        itc = torch.stack([v.embedding for v in visuals]) @ query_emb
-        ids = [str(i) for i in range(len(images))]
+        ranking = await core.engine.rank_images(query, decoded, _ref(meta), body.rerank_k, core.timeout())
         metadata = [{"filename": m.filename} if m.filename else {} for m in images]
-
-        async def itm(i: int) -> float:
-            return await core.match(query, visuals[i], meta, deadline, text_embedding=query_emb)
     else:
         texts = body.candidate_texts or []
         if not texts:
@@ -139,25 +130,18 @@ async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str
         for i, t in enumerate(texts):
             core.check_text(t, f"candidate_texts[{i}]")
         q = media["query_image"][0]
-        visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), meta, deadline)
-        text_embs = await asyncio.gather(*(core.text_embedding(t, meta, deadline) for t in texts))
-        itc = torch.stack(text_embs) @ visual.embedding
-        ids = [str(i) for i in range(len(texts))]
+        visual = await core.image_input(q.data, q.content_type, "query_image")
+        ranking = await core.engine.rank_texts(visual, texts, _ref(meta), body.rerank_k, core.timeout())
         metadata = [{"text": t} for t in texts]
-
-        async def itm(i: int) -> float:
-            return await core.match(texts[i], visual, meta, deadline)
-
-    order = itc.argsort(descending=True).tolist()
+    itc, itm = ranking.itc, ranking.itm
+    order = sorted(range(len(itc)), key=lambda i: -itc[i])
     head = order[: max(body.top_k, body.rerank_k)]
-    itm_scores: dict[int, float] = {}
     if body.rerank_k:
         top = head[: body.rerank_k]
-        itm_scores = dict(zip(top, await asyncio.gather(*(itm(i) for i in top)), strict=True))
-        head = sorted(top, key=lambda i: -itm_scores[i]) + head[body.rerank_k:]
-    hits = [RetrieveHit(id=ids[i], score=itm_scores.get(i, float(itc[i])), itc_score=float(itc[i]),
-                        itm_score=itm_scores.get(i), metadata=metadata[i]) for i in head[: body.top_k]]
-    return RetrieveResponse(results=hits, adapter=meta.ref if meta else None, collection=body.collection)
+        head = sorted(top, key=lambda i: -itm[i]) + head[body.rerank_k:]
+    hits = [RetrieveHit(id=str(i), score=itm.get(i, itc[i]), itc_score=itc[i], itm_score=itm.get(i),
+                        metadata=metadata[i]) for i in head[: body.top_k]]
+    return RetrieveResponse(results=hits, adapter=_ref(meta), collection=body.collection)
 
 
 async def _search_collection(core: ServiceCore, body: RetrieveRequest,
@@ -175,36 +159,40 @@ async def _search_collection(core: ServiceCore, body: RetrieveRequest,
                                 f"{asked_ref}: omit 'adapter' or re-index the collection")
     if body.candidate_texts or "candidate_images" in media:
         raise InputError("give either a collection or inline candidates, not both")
-    deadline = core.deadline()
     k = max(body.top_k, body.rerank_k)
+    ref = _ref(adapter)
     if cmeta.kind in ("image", "video"):
         if body.query_text is None:
             raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
         query = core.check_text(body.query_text, "query_text")
-        vector = await core.text_embedding(query, adapter, deadline)
+        vector = await core.engine.embed_text(query, ref, core.timeout())
         hits = await core.collections.search(collection, vector.numpy(), k)
 
-        async def itm(i: int) -> float:
-            content = await run_in_threadpool(core.collections.load_content, collection, hits[i].item)
-            assert isinstance(content, bytes)
-            visual = await core.collections.visual(cmeta.kind, content, adapter, deadline,
-                                                   f"item {hits[i].item.external_id!r}")
-            return await core.match(query, visual, adapter, deadline, text_embedding=vector)
+        async def rerank(top: list[int]) -> list[float]:
+            contents = await asyncio.gather(*(run_in_threadpool(core.collections.load_content, collection,
+                                                                hits[i].item) for i in top))
+            visuals = await asyncio.gather(*(
+                core.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
+                for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
+            assert len(visuals) == len(top)  # media collections hold bytes
+            return await core.engine.match_images(query, visuals, ref, core.timeout())
     else:
         if "query_image" not in media:
             raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image")
         q = media["query_image"][0]
-        visual = await core.vision(await core.image_input(q.data, q.content_type, "query_image"), adapter, deadline)
-        hits = await core.collections.search(collection, visual.embedding.numpy(), k)
+        visual = await core.image_input(q.data, q.content_type, "query_image")
+        vector = await core.engine.embed_visual(visual, ref, core.timeout())
+        hits = await core.collections.search(collection, vector.numpy(), k)
 
-        async def itm(i: int) -> float:
-            return await core.match(hits[i].item.source.partition(":")[2], visual, adapter, deadline)
+        async def rerank(top: list[int]) -> list[float]:
+            texts = [hits[i].item.source.partition(":")[2] for i in top]
+            return await core.engine.match_texts(visual, texts, ref, core.timeout())
 
     order = list(range(len(hits)))
     itm_scores: dict[int, float] = {}
     if body.rerank_k and hits:
         top = order[: body.rerank_k]
-        itm_scores = dict(zip(top, await asyncio.gather(*(itm(i) for i in top)), strict=True))
+        itm_scores = dict(zip(top, await rerank(top), strict=True))
         order = sorted(top, key=lambda i: -itm_scores[i]) + order[body.rerank_k:]
     results = []
     for i in order[: body.top_k]:

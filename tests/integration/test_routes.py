@@ -15,7 +15,7 @@ def b64(data: bytes) -> str:
 def test_health_ready_metrics(client, admin):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready == {"status": "ready", "checks": {"store": "ok", "backbone": "ok", "batcher": "ok", "adapters": "ok",
+    assert ready == {"status": "ready", "checks": {"store": "ok", "backbone": "ok", "engine": "ok", "adapters": "ok",
                                                    "redis": "off", "faiss": "cpu"}, "warnings": []}
     assert client.get("/readyz", params={"verbose": "true"}).status_code == 403  # the read key is not enough
     detail = admin.get("/readyz", params={"verbose": "true"}).json()["details"]
