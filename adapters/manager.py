@@ -43,6 +43,8 @@ class _Resident:
     nbytes: int
     leases: int = 0
     pinned: bool = False
+    unload_when_free: bool = False
+    """unload as soon as the last lease ends (an unload asked for while batches used the set)"""
 
 
 @dataclass
@@ -112,6 +114,7 @@ class AdapterManager:
                 entry = self._device.get(meta.ref)
                 if entry is not None:
                     entry.leases += 1
+                    entry.unload_when_free = False  # wanted again
                     self._device.move_to_end(meta.ref)
                     self.stats["device_hits"] += 1
                     return Lease(meta, entry.module, self)
@@ -144,14 +147,18 @@ class AdapterManager:
                 entry.pinned = False
         return meta
 
-    def unload(self, ref: str) -> AdapterSetMeta:
-        """Drop a set from both tiers; refused while it is pinned or leased."""
+    def unload(self, ref: str, *, when_free: bool = False) -> AdapterSetMeta:
+        """Drop a set from both tiers; refused while it is pinned or leased (`when_free`: a leased set
+        leaves as its last lease ends instead)."""
         meta = self.resolve(ref)
         with self._lock:
             entry = self._device.get(meta.ref)
             if entry is not None:
                 if entry.pinned:
                     raise AdapterInUseError(f"{meta.ref} is pinned; unpin it first")
+                if entry.leases and when_free:
+                    entry.unload_when_free = True
+                    return meta
                 if entry.leases:
                     raise AdapterInUseError(f"{meta.ref} is used by {entry.leases} running batch(es)")
                 self._on_remove(self._device, meta.ref, reason="unload")
@@ -192,6 +199,8 @@ class AdapterManager:
             if entry is not None and entry.leases > 0:
                 entry.leases -= 1
                 if entry.leases == 0:
+                    if entry.unload_when_free and not entry.pinned:
+                        self._on_remove(self._device, ref, reason="unload")
                     self._room.notify_all()
 
     def _ensure_resident(self, meta: AdapterSetMeta) -> None:

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from uniadapter_serve import __version__
 from uniadapter_serve.service import demo, docs, errors
 from uniadapter_serve.service.bodies import BODY_MODELS
-from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.core import EngineFactory, ServiceCore, local_engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from uniadapter_serve.service.routes import adapters, collections, ops, tasks
@@ -32,15 +32,17 @@ set (`name@version`) that produced it.
 """
 
 
-def create_app(settings: Settings | None = None, core: ServiceCore | None = None) -> FastAPI:
-    """Build the app. The backbone loads in the lifespan (or pass a ready `core`, e.g. in tests)."""
+def create_app(settings: Settings | None = None, core: ServiceCore | None = None,
+               engine: EngineFactory = local_engine) -> FastAPI:
+    """Build the app. The engine (the backbone, in-process by default) starts in the lifespan (or pass a
+    ready `core`, e.g. in tests)."""
     settings = settings or (core.settings if core is not None else Settings())
 
     metrics = core.metrics if core is not None else ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = core if core is not None else await run_in_threadpool(ServiceCore, settings, metrics)
+        service = core if core is not None else await run_in_threadpool(ServiceCore, settings, metrics, engine)
         app.state.core = service
         service.start()
         if service.demo:

@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")
     admin_key: SecretStr | None = Field(None, description="If set, adapter/collection writes need it.")
 
+    # -- Ray Serve (service/ray_app.py) ------------------------------------------------------------
+    ray_model_replicas: int = Field(
+        1, ge=1, description="Ray: model replicas (one backbone each), when not autoscaling.")
+    ray_min_replicas: int = Field(1, ge=0, description="Ray: fewest model replicas when autoscaling.")
+    ray_max_replicas: int | None = Field(None, ge=1, description="Ray: most model replicas; set to autoscale.")
+    ray_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ray: requests in flight per model replica the autoscaler aims at.")
+    ray_model_gpus: float = Field(0.0, ge=0, description="Ray: GPUs per model replica (1 on a GPU cluster).")
+    ray_model_cpus: float = Field(1.0, ge=0, description="Ray: CPUs per model replica.")
+    ray_ingress_replicas: int = Field(1, ge=1, description="Ray: ingress replicas (HTTP, decoding, collections).")
+    ray_ingress_cpus: float = Field(1.0, ge=0, description="Ray: CPUs per ingress replica.")
+    ray_sets_per_replica: int = Field(
+        8, ge=1, description="Ray: adapter sets a model replica keeps for multiplexed routing (the adapter "
+        "budget still caps the bytes).")
+    ray_max_ongoing_requests: int = Field(64, ge=1, description="Ray: requests a replica takes at once.")
+    ray_max_queued_requests: int = Field(
+        512, ge=-1, description="Ray: requests queued for the model deployment before 429 (-1: no limit).")
+
     # -- server ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address uvicorn binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds.")

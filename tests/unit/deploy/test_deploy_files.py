@@ -119,3 +119,31 @@ def test_volume_mount_points_belong_to_the_app_user(compose, dockerfile):
     made = set(re.search(r"mkdir -p ((?:/data\S*\s*)+)&& chown -R app /data", text).group(1).split())
     mounts = {v.split(":")[1] for v in compose["services"]["api"]["volumes"]}
     assert mounts <= made
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    plain = yaml.safe_load((ROOT / "docker" / "ray" / "serve-config.yaml").read_text())
+    service = yaml.safe_load((ROOT / "docker" / "ray" / "rayservice.yaml").read_text())
+    return [("serve-config.yaml", plain), ("rayservice.yaml", yaml.safe_load(service["spec"]["serveConfigV2"]))]
+
+
+@pytest.mark.parametrize(("name", "config"), _serve_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_ray_serve_configs_name_the_builder_and_valid_settings(name, config):
+    import importlib
+
+    app = config["applications"][0]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    settings = Settings(**app["args"])  # every arg is a setting with a valid value
+    assert settings.ray_model_gpus == 1 and settings.ray_max_replicas and settings.device == "cuda"
+
+
+def test_rayservice_scales_gpu_workers_and_mounts_the_shared_volume():
+    service = yaml.safe_load((ROOT / "docker" / "ray" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+    worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"/shared", "/data"} <= {m["mountPath"] for m in container["volumeMounts"]}
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["adapters_root"].startswith("/shared") and args["media_root"].startswith("/shared")

@@ -1,0 +1,404 @@
+"""The service on Ray Serve: the same routes, schemas and errors, on many replicas and machines.
+
+    serve run uniadapter_serve.service.ray_app:build_app              # settings from UNIADAPTER_* (env)
+    serve run docker/ray/serve-config.yaml                              # the same, from a Serve config
+
+Two deployments:
+- `Ingress` (CPU): the FastAPI app (`serve.ingress`), which parses bodies, decodes media under the decode
+  budget, resolves adapter names to exact versions, owns the collections (FAISS per ingress replica, kept in
+  step with the shared store, so every replica answers a query with the same hits) and calls the model;
+- `Model` (one per GPU, or CPU): a `LocalEngine` (backbone, adapter manager, our mixed-set batcher). The
+  ingress calls it with `multiplexed_model_id` = the set's `name@version`, so Serve sends a set's requests to
+  replicas that already hold it; the replica's `@serve.multiplexed` loader makes the set resident in the
+  adapter manager and unloads it when Serve drops it (`ray_sets_per_replica`; the manager's byte budget is
+  the hard limit). Batches still mix sets inside each replica (Serve's `@serve.batch` would split them by
+  model id, so it is not used).
+
+Each model replica posts its residency table and adapter statistics to a small named actor
+(`ResidencyBoard`), from which the ingress answers `GET /adapters` and exports
+`uniadapter_adapter_events_total` summed over replicas; the replicas also export their statistics through
+Ray's metrics (as `ray_uniadapter_*`), so one Prometheus scrape of the cluster sees every replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from uniadapter_serve.adapters.format import AdapterSetMeta
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.errors import AdapterInUseError, OverloadedError, ServerBusyError, UniAdapterError
+from uniadapter_serve.model.backbone import vision_config
+from uniadapter_serve.model.loading import source_config
+from uniadapter_serve.service.engine import Engine, Ranking
+from uniadapter_serve.service.local_engine import LocalEngine
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.settings import Settings
+from uniadapter_serve.service.stages import VisionInput
+
+log = logging.getLogger(__name__)
+
+BOARD = "uniadapter-residency"
+NAMESPACE = "uniadapter"
+GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+"""a model replica went away under the request (killed, node lost, restarting)"""
+
+
+def settings_payload(settings: Settings) -> dict[str, Any]:
+    """Settings as plain values (secrets revealed) for the deployments' constructors."""
+    data = settings.model_dump()
+    for key in ("api_key", "admin_key", "database_url"):
+        secret = getattr(settings, key)
+        data[key] = secret.get_secret_value() if secret is not None else None
+    return data
+
+
+@ray.remote(num_cpus=0)
+class ResidencyBoard:
+    """What each model replica holds, and its adapter statistics, keyed by replica."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, Any]] = {}
+
+    def post(self, replica: str, table: dict[str, Any]) -> None:
+        self.tables[replica] = {**table, "posted": time.time()}
+
+    def drop(self, replica: str) -> None:
+        self.tables.pop(replica, None)
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        return dict(self.tables)
+
+
+def board() -> Any:
+    actor: Any = ResidencyBoard
+    return actor.options(name=BOARD, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+
+
+class _ResidentSet:
+    """What the multiplexed loader returns: Serve drops it (calling `__del__`) when the replica has served
+    more sets than `ray_sets_per_replica` lately; the set leaves the adapter manager with it (after its
+    running batches), so Serve's routing and the replica's memory agree."""
+
+    def __init__(self, ref: str, engine: LocalEngine) -> None:
+        self.ref, self.engine, self.gone = ref, engine, False
+
+    def __del__(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        with contextlib.suppress(AdapterInUseError, UniAdapterError):  # pinned: it stays
+            self.engine.manager.unload(self.ref, when_free=True)  # in use: as its last batch ends
+
+
+class ModelReplica:
+    """One backbone and its adapter sets; every task method runs on the multiplexed set of the request."""
+
+    async def multiplexed(self, ref: str) -> _ResidentSet:
+        """The `@serve.multiplexed` loader (defined by `model_deployment`, which knows how many to keep)."""
+        raise NotImplementedError
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        logging.getLogger("uniadapter_serve").setLevel(self.settings.log_level.upper())
+        self.registry = AdapterRegistry(self.settings.adapters_dir)
+        self.registry.refresh()
+        self.engine = LocalEngine(self.settings, self.registry, ServiceMetrics())
+        self.engine.start()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.board = board()
+        self._ray_metrics = _RayMetrics(self.replica)
+        self._stop = threading.Event()
+        self._poster = threading.Thread(target=self._post_loop, name="uniadapter-residency", daemon=True)
+        self._poster.start()
+
+    def _snapshot(self) -> dict[str, Any]:
+        table = self.engine.residency()
+        for row in table["rows"]:
+            row["replica"] = self.replica
+        return {**table, "stats": dict(self.engine.manager.stats), "queued": self.engine.queued()}
+
+    def _post_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                snapshot = self._snapshot()
+                self.board.post.remote(self.replica, snapshot)
+                self._ray_metrics.update(snapshot)
+            except Exception:  # the board restarting must not take the replica down
+                log.debug("cannot post residency", exc_info=True)
+
+    def check_health(self) -> None:
+        if not self.engine.ready:
+            raise RuntimeError("the model engine is not running")
+
+    def __del__(self) -> None:  # Serve's graceful shutdown: finish accepted work, then stop
+        self._stop.set()
+        self.engine.stop()
+        with contextlib.suppress(Exception):
+            self.board.drop.remote(self.replica)
+
+    async def _routed(self) -> str | None:
+        ref = serve.get_multiplexed_model_id()
+        if not ref:
+            return None
+        await self.multiplexed(ref)  # resident here, and Serve routes the set's next requests here
+        return ref
+
+    async def answer(self, visual: VisionInput, question: str, mode: str, top_k: int, max_length: int,
+                     timeout: float) -> list[tuple[str, float]]:
+        ref = await self._routed()
+        return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
+                                        timeout=timeout)
+
+    async def embed_text(self, text: str, timeout: float) -> Any:
+        return await self.engine.embed_text(text, await self._routed(), timeout)
+
+    async def embed_visual(self, visual: VisionInput, timeout: float) -> Any:
+        return await self.engine.embed_visual(visual, await self._routed(), timeout)
+
+    async def rank_images(self, query: str, visuals: Sequence[VisionInput], rerank_k: int, timeout: float) -> Ranking:
+        return await self.engine.rank_images(query, visuals, await self._routed(), rerank_k, timeout)
+
+    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], rerank_k: int, timeout: float) -> Ranking:
+        return await self.engine.rank_texts(visual, texts, await self._routed(), rerank_k, timeout)
+
+    async def match_images(self, query: str, visuals: Sequence[VisionInput], timeout: float) -> list[float]:
+        return await self.engine.match_images(query, visuals, await self._routed(), timeout)
+
+    async def match_texts(self, visual: VisionInput, texts: Sequence[str], timeout: float) -> list[float]:
+        return await self.engine.match_texts(visual, texts, await self._routed(), timeout)
+
+    async def residency_op(self, op: str) -> None:
+        """load / pin / unload / unpin the request's set on this replica."""
+        ref = serve.get_multiplexed_model_id()
+        if op in ("load", "pin"):
+            await self.multiplexed(ref)
+        await getattr(self.engine, op)(ref)
+
+    def check_compatible(self, meta: AdapterSetMeta) -> None:
+        self.engine.check_compatible(meta)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.engine.describe(), "replica": self.replica}
+
+
+class _RayMetrics:
+    """The replica's adapter statistics and queue through Ray's metrics (exported as ray_uniadapter_*)."""
+
+    def __init__(self, replica: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.events = Gauge("uniadapter_adapter_events_total", "Adapter manager events, per replica.",
+                            tag_keys=("event", "replica"))
+        self.queue = Gauge("uniadapter_queue_depth", "Jobs waiting for the model, per replica.",
+                           tag_keys=("replica",))
+        self.replica = replica
+
+    def update(self, snapshot: dict[str, Any]) -> None:
+        for event, value in snapshot["stats"].items():
+            self.events.set(float(value), tags={"event": event, "replica": self.replica})
+        self.queue.set(float(snapshot["queued"]), tags={"replica": self.replica})
+
+
+class RayEngine(Engine):
+    """The engine of an ingress replica: calls to the model deployment, routed by adapter set."""
+
+    def __init__(self, handle: DeploymentHandle, settings: Settings, metrics: ServiceMetrics) -> None:
+        config = source_config(settings.backbone)
+        self.image_size = int(vision_config(config).image_size)  # type: ignore[arg-type]
+        self.embed_dim = int(config.image_text_hidden_size)
+        self.handle = handle
+        self.board = board()
+        self._tables: dict[str, dict[str, Any]] = {}
+        self._ready = False
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="uniadapter-residency", daemon=True)
+        metrics.adapter_events.collect_from(lambda: [({"event": k}, v) for k, v in sorted(self.stats().items())])
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def start(self) -> None:
+        self._ready = True
+        self._reader.start()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        self._ready = False
+        self._stop.set()
+
+    def _read_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self._tables = ray.get(self.board.read.remote(), timeout=5)
+            except Exception:
+                log.debug("cannot read the residency board", exc_info=True)
+
+    async def _call(self, method: str, ref: str | None, *args: Any) -> Any:
+        """One call to a model replica that holds (or will load) `ref`; a replica that went away mid-call
+        is replaced by another once, then 503."""
+        handle = self.handle.options(method_name=method, multiplexed_model_id=ref or "")
+        for attempt in (1, 2):
+            try:
+                return await handle.remote(*args)
+            except RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, BaseException) else e
+                if isinstance(cause, GONE) and attempt == 1:
+                    continue
+                if isinstance(cause, GONE):
+                    break
+                raise cause from None
+            except GONE:
+                if attempt == 1:
+                    continue
+            except BackPressureError as e:
+                raise OverloadedError(f"every model replica is busy ({e}); retry later", retry_after=1.0) from None
+        raise ServerBusyError("a model replica went away during the request; retry", retry_after=1.0)
+
+    async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
+                     max_length: int, timeout: float) -> list[tuple[str, float]]:
+        result: list[tuple[str, float]] = await self._call("answer", ref, visual, question, mode, top_k, max_length,
+                                                           timeout)
+        return result
+
+    async def embed_text(self, text: str, ref: str | None, timeout: float) -> Any:
+        return await self._call("embed_text", ref, text, timeout)
+
+    async def embed_visual(self, visual: VisionInput, ref: str | None, timeout: float) -> Any:
+        return await self._call("embed_visual", ref, visual, timeout)
+
+    async def rank_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None, rerank_k: int,
+                          timeout: float) -> Ranking:
+        result: Ranking = await self._call("rank_images", ref, query, list(visuals), rerank_k, timeout)
+        return result
+
+    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None, rerank_k: int,
+                         timeout: float) -> Ranking:
+        result: Ranking = await self._call("rank_texts", ref, visual, list(texts), rerank_k, timeout)
+        return result
+
+    async def match_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None,
+                           timeout: float) -> list[float]:
+        result: list[float] = await self._call("match_images", ref, query, list(visuals), timeout)
+        return result
+
+    async def match_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None,
+                          timeout: float) -> list[float]:
+        result: list[float] = await self._call("match_texts", ref, visual, list(texts), timeout)
+        return result
+
+    async def load(self, ref: str) -> None:
+        await self._call("residency_op", ref, "load")
+
+    async def unload(self, ref: str) -> None:
+        await self._call("residency_op", ref, "unload")
+
+    async def pin(self, ref: str) -> None:
+        await self._call("residency_op", ref, "pin")
+
+    async def unpin(self, ref: str) -> None:
+        await self._call("residency_op", ref, "unpin")
+
+    def check_compatible(self, meta: AdapterSetMeta) -> None:
+        self.handle.options(method_name="check_compatible").remote(meta).result()
+
+    def residency(self) -> dict[str, Any]:
+        tables = list(self._tables.values())
+        return {"rows": [row for t in tables for row in t["rows"]],
+                "device_budget": sum(t["device_budget"] for t in tables),
+                "cpu_budget": sum(t["cpu_budget"] for t in tables),
+                "device_bytes": sum(t["device_bytes"] for t in tables),
+                "cpu_bytes": sum(t["cpu_bytes"] for t in tables),
+                "itemsize": max((t["itemsize"] for t in tables), default=4)}
+
+    def stats(self) -> dict[str, float]:
+        """Adapter manager statistics summed over the model replicas."""
+        total: dict[str, float] = {}
+        for table in self._tables.values():
+            for event, value in table["stats"].items():
+                total[event] = total.get(event, 0.0) + float(value)
+        return total
+
+    def queued(self) -> int:
+        return int(sum(t.get("queued", 0) for t in self._tables.values()))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model_replicas": len(self._tables)}
+
+
+# -- the application ------------------------------------------------------------------------------------
+
+def model_deployment(settings: Settings) -> Any:
+    """The model deployment: replicas, resources and autoscaling from the `ray_*` settings."""
+
+    class Model(ModelReplica):
+        @serve.multiplexed(max_num_models_per_replica=settings.ray_sets_per_replica)
+        async def multiplexed(self, ref: str) -> _ResidentSet:
+            # Serve's record that this replica serves `ref`; the model thread loads it with its first batch
+            # (only the model thread leases sets, so a load here could not make room while batches run)
+            self.registry.resolve(ref)  # unknown versions fail here, before any routing state changes
+            return _ResidentSet(ref, self.engine)
+
+    options: dict[str, Any] = {
+        "name": "Model", "max_ongoing_requests": settings.ray_max_ongoing_requests,
+        "max_queued_requests": settings.ray_max_queued_requests,
+        "ray_actor_options": {"num_cpus": settings.ray_model_cpus, "num_gpus": settings.ray_model_gpus},
+        "health_check_period_s": 5, "health_check_timeout_s": 30,
+        "graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": settings.request_timeout_s + 5,
+        "request_router_config": {
+            "request_router_class": "uniadapter_serve.service.ray_router.AdapterAffinityRouter",
+            "request_router_kwargs": {"sets_per_replica": settings.ray_sets_per_replica}},
+    }
+    if settings.ray_max_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.ray_min_replicas, "max_replicas": settings.ray_max_replicas,
+            "target_ongoing_requests": settings.ray_target_ongoing_requests}
+    else:
+        options["num_replicas"] = settings.ray_model_replicas
+    return serve.deployment(Model, **options)
+
+
+def ingress_deployment(settings: Settings) -> Any:
+    """The ingress deployment: the FastAPI app with a RayEngine, on CPU."""
+    from uniadapter_serve.service.app import create_app
+
+    def engine(s: Settings, registry: AdapterRegistry, metrics: ServiceMetrics) -> RayEngine:
+        # the app's lifespan runs as the replica starts, before the deployment's constructor: look the
+        # model deployment up by name in this application
+        handle = serve.get_deployment_handle("Model", serve.get_replica_context().app_name)
+        return RayEngine(handle, s, metrics)
+
+    app = create_app(settings, engine=engine)
+
+    @serve.ingress(app)
+    class Ingress:
+        def __init__(self, model: DeploymentHandle) -> None:
+            self.model = model  # binding it makes Serve deploy the model with the ingress
+
+        def check_health(self) -> None:
+            core = getattr(app.state, "core", None)
+            if core is not None and not core.ready:
+                raise RuntimeError("the ingress is not serving")
+
+    return serve.deployment(Ingress, name="Ingress", num_replicas=settings.ray_ingress_replicas,
+                            ray_actor_options={"num_cpus": settings.ray_ingress_cpus},
+                            max_ongoing_requests=settings.ray_max_ongoing_requests,
+                            graceful_shutdown_timeout_s=settings.request_timeout_s + 5)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """The Serve application (`serve run uniadapter_serve.service.ray_app:build_app [key=value ...]`):
+    settings from UNIADAPTER_* and `args` (lower-case setting names)."""
+    settings = Settings(**(args or {}))
+    model = model_deployment(settings).bind(settings_payload(settings))
+    return ingress_deployment(settings).bind(model)

@@ -1,0 +1,233 @@
+"""The service on Ray Serve, on a real local Ray cluster started here: the same answers as the in-process
+server, affinity of adapter sets to replicas, a model replica killed mid-traffic, and a published version
+reaching every replica. Select with `-m ray`."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from support.media import image_bytes
+from support.server import free_port, start_server
+
+from uniadapter_serve.adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BackboneInfo,
+    read_adapter_meta,
+    save_adapter_set,
+)
+from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.model.demo.shipped import ANSWERS
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.uniadapter import UniAdapterConfig
+from uniadapter_serve.service import demo
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+SETS = [f"vqa-{c}" for c in "pqrs"]
+TIMEOUT_S = 30
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def publish_sets(root: Path) -> int:
+    """Four VQA sets for the demo backbone -> the bytes of the largest set the app serves (the shipped demo
+    sets included)."""
+    backbone = load_backbone("demo")
+    registry = AdapterRegistry(root / "adapters")
+    for i, name in enumerate(SETS):
+        module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=64, kv_rank=16), seed=50 + i,
+                                std=0.05)  # as large as the shipped demo sets: the budget holds 2 of any
+        registry.publish(module, name, BackboneInfo.of(backbone), answer_list=ANSWERS)
+    shipped = [read_adapter_meta(demo.SETS_DIR / name / "v1") for name in demo.DEMO_SETS.values()]
+    return max(m.num_parameters * 4 for m in [*shipped, *map(registry.resolve, SETS)])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster and the Serve app on it: demo model, 2 model replicas whose adapter budget holds
+    2 of the four sets."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    root = tmp_path_factory.mktemp("ray-data")
+    set_bytes = publish_sets(root)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from uniadapter_serve.service.ray_app import build_app
+
+    budget_mb = 2.2 * set_bytes / 2**20  # two sets of any size; Serve's multiplexing keeps 2 per replica
+    app = build_app({"backbone": "demo", "data_root": str(root), "device": "cpu", "ray_model_replicas": 2,
+                     "ray_model_cpus": 0.5, "ray_ingress_cpus": 0.5, "ray_sets_per_replica": 2,
+                     "device_adapter_budget_mb": budget_mb, "cpu_adapter_budget_mb": 0, "torch_threads": 1,
+                     "request_timeout_s": TIMEOUT_S})
+    serve.run(app, name="uniadapter", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "root": root}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, cluster):
+    """The in-process server on the same model and sets."""
+    root = tmp_path_factory.mktemp("local-data")
+    publish_sets(root)
+    server = start_server(root, tmp_path_factory.mktemp("logs"), backbone="demo")
+    yield server.url
+    server.stop()
+
+
+def metric(url: str, name: str, labels: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{name}{labels} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def model_replicas() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in a["name"] and "#Model#" in a["name"]]
+
+
+def running_model_replicas() -> int:
+    status = serve.status().applications["uniadapter"].deployments["Model"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_the_ray_app_answers_as_the_in_process_server(cluster, local):
+    scene, clip = demo.example_image(), demo.example_video()
+    exact = [httpx.get(f"{local}/adapters/{name}").json()["ref"] for name in SETS[:2]]  # as first published
+    images = [b64(image_bytes((40 * i % 256, 200, 30 * i % 256), size=(64, 64))) for i in range(5)]
+    requests = [("/vqa", {"image": scene, "question": q, "top_k": 3})
+                for q in ("what colour is the circle?", "how many shapes are there?", "is there a square?")]
+    requests += [("/vqa", {"image": scene, "question": "what colour is it?", "adapter": ref}) for ref in exact]
+    requests += [("/vqa", {"image": scene, "question": "what shape is it?", "mode": "generate"}),
+                 ("/videoqa", {"video": clip, "question": "which way does the square move?"}),
+                 ("/retrieve", {"query_text": "a red circle", "candidate_images": images, "top_k": 5, "rerank_k": 3}),
+                 ("/retrieve", {"query_text": "a large purple circle on the left", "collection": "demo-images",
+                                "top_k": 5, "rerank_k": 2}),
+                 ("/retrieve", {"query_text": "a square moves left", "collection": "demo-videos", "top_k": 3})]
+    for path, body in requests:
+        ours = httpx.post(f"{cluster['url']}{path}", json=body, timeout=60)
+        theirs = httpx.post(f"{local}{path}", json=body, timeout=60)
+        assert ours.status_code == theirs.status_code == 200, (path, ours.text, theirs.text)
+        a, b = ours.json(), theirs.json()
+        if path == "/retrieve":
+            assert [h["id"] for h in a["results"]] == [h["id"] for h in b["results"]], body
+            for x, y in zip(a["results"], b["results"], strict=True):
+                assert abs(x["score"] - y["score"]) <= 1e-5 and abs(x["itc_score"] - y["itc_score"]) <= 1e-5
+        else:
+            assert a["answer"] == b["answer"] and a["adapter"] == b["adapter"], body
+            for x, y in zip(a["alternatives"], b["alternatives"], strict=True):
+                assert x["answer"] == y["answer"] and abs(x["score"] - y["score"]) <= 1e-5
+
+
+BAD = [
+    ("/vqa", {"json": {"image": b64(b"not an image"), "question": "q?"}}),
+    ("/vqa", {"content": b'{"image": ', "headers": {"content-type": "application/json"}}),
+    ("/vqa", {"json": {"image": b64(image_bytes()), "question": "q?", "adapter": "nope"}}),
+    ("/vqa", {"json": {"image": b64(image_bytes()), "question": "?!"}}),
+    ("/vqa", {"json": {"image": b64(image_bytes()), "question": "q?", "adapter": "demo-retrieval"}}),
+    ("/videoqa", {"json": {"video": b64(image_bytes()), "question": "q?"}}),
+    ("/retrieve", {"json": {"query_text": "red"}}),
+    ("/retrieve", {"json": {"query_text": "red", "collection": "no-such"}}),
+    ("/collections/demo-images/items", {"json": {"items": [{"path": "../x"}]}}),
+    ("/adapters/nope/publish", {"files": {"config": ("c", b"{"), "weights": ("w", b"x")}}),
+]
+
+
+def test_bad_input_gets_the_same_status_and_error_on_both(cluster, local):
+    for path, kwargs in BAD:
+        ours = httpx.post(f"{cluster['url']}{path}", timeout=60, **kwargs)
+        theirs = httpx.post(f"{local}{path}", timeout=60, **kwargs)
+        assert ours.status_code == theirs.status_code and ours.status_code < 500, (path, ours.text, theirs.text)
+        assert ours.json()["error"] == theirs.json()["error"], (path, ours.text, theirs.text)
+
+
+def test_sets_stay_on_the_replicas_that_hold_them(cluster):
+    url = cluster["url"]
+    scene = b64(image_bytes())
+    before = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}')
+    order = [name for name in SETS for _ in range(200)]
+    random.Random(7).shuffle(order)
+
+    def ask(name: str) -> int:
+        return httpx.post(f"{url}/vqa", json={"image": scene, "question": "what colour?", "adapter": name},
+                          timeout=TIMEOUT_S + 10).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(ask, order))
+    assert codes == [200] * len(order)
+    deadline = time.monotonic() + 10  # replicas post their statistics every 0.5 s: wait until they agree
+    loads = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}') - before
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}') - before
+        if now == loads:
+            break
+        loads = now
+    assert loads <= 8, f"{loads} cold loads for 4 sets over 2 replicas that hold 2 each"
+
+
+def test_a_published_version_reaches_every_replica(cluster, tmp_path):
+    url = cluster["url"]
+    backbone = load_backbone("demo")
+    module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=64, kv_rank=16), seed=999,
+                            std=0.05)
+    version = save_adapter_set(module, tmp_path / "new", name=SETS[0], backbone=BackboneInfo.of(backbone),
+                               answer_list=ANSWERS)
+    files = {"config": (CONFIG_FILE, (tmp_path / "new" / CONFIG_FILE).read_bytes()),
+             "weights": (WEIGHTS_FILE, (tmp_path / "new" / WEIGHTS_FILE).read_bytes())}
+    r = httpx.post(f"{url}/adapters/{SETS[0]}/publish", files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    scene = b64(image_bytes())
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/vqa", timeout=60, json={
+            "image": scene, "question": "what colour?", "adapter": SETS[0]}).json()["adapter"], range(20)))
+    assert set(replies) == {f"{SETS[0]}@{version}"}
+
+
+def test_a_model_replica_killed_mid_traffic(cluster):
+    url = cluster["url"]
+    scene = b64(image_bytes())
+    victims = model_replicas()
+    assert len(victims) == 2
+    results: list[tuple[int, str | None, float]] = []
+
+    def ask(i: int) -> None:
+        started = time.monotonic()
+        try:
+            r = httpx.post(f"{url}/vqa", json={"image": scene, "question": f"what colour {i}?",
+                                               "adapter": SETS[i % 4]}, timeout=TIMEOUT_S + 10)
+            results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - started))
+        except httpx.HTTPError as e:
+            results.append((0, type(e).__name__, time.monotonic() - started))
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, i) for i in range(120)]
+        while len(results) < 10:
+            time.sleep(0.01)
+        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+        for f in futures:
+            f.result()
+    bad = [r for r in results if not (r[0] == 200 or (r[0] == 503 and r[1] is not None))]
+    assert not bad, bad  # every request answered, or a clear 503 with Retry-After
+    assert max(t for _, _, t in results) < TIMEOUT_S + 5  # none hung past the deadline
+    deadline = time.monotonic() + 120
+    while running_model_replicas() < 2 or victims[0] in model_replicas():
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    r = httpx.post(f"{url}/vqa", json={"image": scene, "question": "what colour?", "adapter": SETS[1]}, timeout=60)
+    assert r.status_code == 200
