@@ -147,43 +147,49 @@ class ModelReplica:
         with contextlib.suppress(Exception):
             self.board.drop.remote(self.replica)
 
-    async def _routed(self) -> str | None:
-        ref = serve.get_multiplexed_model_id()
-        if not ref:
-            return None
-        await self.multiplexed(ref)  # resident here, and Serve routes the set's next requests here
+    async def _routed(self, ref: str | None) -> str | None:
+        """The request's set: the multiplexed id Serve routed it by (registered with Serve's record of this
+        replica), or, with `ray_router: none`, the one the call names."""
+        routed = serve.get_multiplexed_model_id()
+        if routed:
+            await self.multiplexed(routed)
+            return routed
         return ref
 
     async def answer(self, visual: VisionInput, question: str, mode: str, top_k: int, max_length: int,
-                     timeout: float) -> list[tuple[str, float]]:
-        ref = await self._routed()
+                     timeout: float, ref: str | None = None) -> list[tuple[str, float]]:
+        ref = await self._routed(ref)
         return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
                                         timeout=timeout)
 
-    async def embed_text(self, text: str, timeout: float) -> Any:
-        return await self.engine.embed_text(text, await self._routed(), timeout)
+    async def embed_text(self, text: str, timeout: float, ref: str | None = None) -> Any:
+        return await self.engine.embed_text(text, await self._routed(ref), timeout)
 
-    async def embed_visual(self, visual: VisionInput, timeout: float) -> Any:
-        return await self.engine.embed_visual(visual, await self._routed(), timeout)
+    async def embed_visual(self, visual: VisionInput, timeout: float, ref: str | None = None) -> Any:
+        return await self.engine.embed_visual(visual, await self._routed(ref), timeout)
 
-    async def rank_images(self, query: str, visuals: Sequence[VisionInput], rerank_k: int, timeout: float) -> Ranking:
-        return await self.engine.rank_images(query, visuals, await self._routed(), rerank_k, timeout)
+    async def rank_images(self, query: str, visuals: Sequence[VisionInput], rerank_k: int, timeout: float,
+                          ref: str | None = None) -> Ranking:
+        return await self.engine.rank_images(query, visuals, await self._routed(ref), rerank_k, timeout)
 
-    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], rerank_k: int, timeout: float) -> Ranking:
-        return await self.engine.rank_texts(visual, texts, await self._routed(), rerank_k, timeout)
+    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], rerank_k: int, timeout: float,
+                         ref: str | None = None) -> Ranking:
+        return await self.engine.rank_texts(visual, texts, await self._routed(ref), rerank_k, timeout)
 
-    async def match_images(self, query: str, visuals: Sequence[VisionInput], timeout: float) -> list[float]:
-        return await self.engine.match_images(query, visuals, await self._routed(), timeout)
+    async def match_images(self, query: str, visuals: Sequence[VisionInput], timeout: float,
+                           ref: str | None = None) -> list[float]:
+        return await self.engine.match_images(query, visuals, await self._routed(ref), timeout)
 
-    async def match_texts(self, visual: VisionInput, texts: Sequence[str], timeout: float) -> list[float]:
-        return await self.engine.match_texts(visual, texts, await self._routed(), timeout)
+    async def match_texts(self, visual: VisionInput, texts: Sequence[str], timeout: float,
+                          ref: str | None = None) -> list[float]:
+        return await self.engine.match_texts(visual, texts, await self._routed(ref), timeout)
 
-    async def residency_op(self, op: str) -> None:
+    async def residency_op(self, op: str, ref: str | None = None) -> None:
         """load / pin / unload / unpin the request's set on this replica."""
-        ref = serve.get_multiplexed_model_id()
-        if op in ("load", "pin"):
-            await self.multiplexed(ref)
-        await getattr(self.engine, op)(ref)
+        routed = serve.get_multiplexed_model_id()
+        if routed and op in ("load", "pin"):
+            await self.multiplexed(routed)
+        await getattr(self.engine, op)(routed or ref)
 
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         self.engine.check_compatible(meta)
@@ -218,6 +224,8 @@ class RayEngine(Engine):
         self.image_size = int(vision_config(config).image_size)  # type: ignore[arg-type]
         self.embed_dim = int(config.image_text_hidden_size)
         self.handle = handle
+        self.multiplexed = settings.ray_router != "none"
+        """route by set (multiplexed model ids); `ray_router: none` routes every call at random (benchmarks)"""
         self.board = board()
         self._tables: dict[str, dict[str, Any]] = {}
         self._ready = False
@@ -247,10 +255,11 @@ class RayEngine(Engine):
     async def _call(self, method: str, ref: str | None, *args: Any) -> Any:
         """One call to a model replica that holds (or will load) `ref`; a replica that went away mid-call
         is replaced by another once, then 503."""
-        handle = self.handle.options(method_name=method, multiplexed_model_id=ref or "")
+        routed = ref if ref and self.multiplexed else ""
+        handle = self.handle.options(method_name=method, multiplexed_model_id=routed)
         for attempt in (1, 2):
             try:
-                return await handle.remote(*args)
+                return await handle.remote(*args, ref=ref)
             except RayTaskError as e:
                 cause = e.cause if isinstance(e.cause, BaseException) else e
                 if isinstance(cause, GONE) and attempt == 1:
@@ -312,6 +321,7 @@ class RayEngine(Engine):
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         self.handle.options(method_name="check_compatible").remote(meta).result()
 
+
     def residency(self) -> dict[str, Any]:
         tables = list(self._tables.values())
         return {"rows": [row for t in tables for row in t["rows"]],
@@ -355,10 +365,11 @@ def model_deployment(settings: Settings) -> Any:
         "ray_actor_options": {"num_cpus": settings.ray_model_cpus, "num_gpus": settings.ray_model_gpus},
         "health_check_period_s": 5, "health_check_timeout_s": 30,
         "graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": settings.request_timeout_s + 5,
-        "request_router_config": {
-            "request_router_class": "uniadapter_serve.service.ray_router.AdapterAffinityRouter",
-            "request_router_kwargs": {"sets_per_replica": settings.ray_sets_per_replica}},
     }
+    if settings.ray_router == "affinity":
+        options["request_router_config"] = {
+            "request_router_class": "uniadapter_serve.service.ray_router.AdapterAffinityRouter",
+            "request_router_kwargs": {"sets_per_replica": settings.ray_sets_per_replica}}
     if settings.ray_max_replicas is not None:
         options["autoscaling_config"] = {
             "min_replicas": settings.ray_min_replicas, "max_replicas": settings.ray_max_replicas,

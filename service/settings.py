@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     ray_sets_per_replica: int = Field(
         8, ge=1, description="Ray: adapter sets a model replica keeps for multiplexed routing (the adapter "
         "budget still caps the bytes).")
+    ray_router: Literal["affinity", "serve", "none"] = Field(
+        "affinity", description="Ray: how model calls find a replica: 'affinity' (a set goes where it is resident; "
+        "new sets spread at once), 'serve' (Serve's own multiplexed routing), 'none' (any replica: benchmarks).")
     ray_max_ongoing_requests: int = Field(64, ge=1, description="Ray: requests a replica takes at once.")
     ray_max_queued_requests: int = Field(
         512, ge=-1, description="Ray: requests queued for the model deployment before 429 (-1: no limit).")
