@@ -16,7 +16,7 @@ from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
 
 from uniadapter_serve.errors import InputError
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.text import TextDecoder, TextModel
+from uniadapter_serve.model.text import DecoderCache, TextDecoder, TextModel
 from uniadapter_serve.model.uniadapter import BackboneDims
 from uniadapter_serve.model.vision import VisionModel
 
@@ -189,12 +189,13 @@ class BlipBackbone(nn.Module):
     # -- answer decoder -------------------------------------------------------------------------
 
     def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       question_states: torch.Tensor, question_mask: torch.Tensor | None,
-                       routing: Routing | None = None) -> torch.Tensor:
-        """(B, L) answer prefix, (B, Q, D) question states -> (B, L, V) next-token logits."""
+                       question_states: torch.Tensor | None, question_mask: torch.Tensor | None,
+                       routing: Routing | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
+        """(B, L) answer prefix, (B, Q, D) question states -> (B, L, V) next-token logits. With a `cache`,
+        input_ids are the tokens after those it holds (see `DecoderCache`)."""
         if self.text_decoder is None:
             raise InputError("this backbone has no answer decoder (load a VQA checkpoint for VQA)")
-        return self.text_decoder(input_ids, attention_mask, question_states, question_mask, routing)
+        return self.text_decoder(input_ids, attention_mask, question_states, question_mask, routing, cache)
 
 
 def _count(module: nn.Module | None) -> int:

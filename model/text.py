@@ -8,6 +8,7 @@ multimodal (cross-attention to image tokens or, in the decoder, to question stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -31,12 +32,47 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
-def causal_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
-    """(B, 1, L, L) bool: causal and, if given, key padding."""
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+def causal_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device,
+                offset: int = 0) -> torch.Tensor:
+    """(B, 1, L, offset + L) bool: token i (at position offset + i) sees positions <= offset + i and, if given,
+    not the padded ones (attention_mask covers all offset + L positions)."""
+    causal = torch.ones(length, offset + length, dtype=torch.bool, device=device).tril(diagonal=offset)[None, None]
     if attention_mask is None:
         return causal
     return causal & attention_mask.bool()[:, None, None, :]
+
+
+@dataclass
+class LayerCache:
+    cross_k: torch.Tensor
+    """(B', H, Q, hd) cross-attention keys of the question states (the set's K/V delta included)"""
+    cross_v: torch.Tensor
+    self_k: torch.Tensor | None = None
+    """(B, H, t, hd) self-attention keys of the tokens decoded so far"""
+    self_v: torch.Tensor | None = None
+
+
+@dataclass
+class DecoderCache:
+    """What incremental decoding keeps: per layer, the question's cross-attention K/V, computed once per
+    request, and the self-attention K/V of past tokens. The cross K/V may serve B = B' * g rows (g
+    candidate answers per question): they are broadcast across each group, never copied."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    states_mask: torch.Tensor | None = None
+    """(B', 1, 1, Q) bool key mask of the question states"""
+    length: int = 0
+    """tokens decoded so far"""
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the past self-attention K/V of these rows (beam search: each beam's source beam), in order."""
+        for c in self.layers:
+            if c.self_k is not None and c.self_v is not None:
+                c.self_k, c.self_v = c.self_k.index_select(0, rows), c.self_v.index_select(0, rows)
+
+    def cross_only(self) -> DecoderCache:
+        """The same question, no tokens: to score other token sequences against it."""
+        return DecoderCache([LayerCache(c.cross_k, c.cross_v) for c in self.layers], self.states_mask, 0)
 
 
 class TextEmbeddings(nn.Module):
@@ -52,12 +88,12 @@ class TextEmbeddings(nn.Module):
             "position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         L = input_ids.shape[1]
-        if self.position_embeddings.num_embeddings < L:
-            raise ValueError(f"text of {L} tokens exceeds max_position_embeddings "
+        if self.position_embeddings.num_embeddings < offset + L:
+            raise ValueError(f"text of {offset + L} tokens exceeds max_position_embeddings "
                              f"{self.position_embeddings.num_embeddings}")
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :L])
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, offset:offset + L])
         return self.dropout(self.LayerNorm(x))
 
 
@@ -72,24 +108,44 @@ class TextSelfAttention(nn.Module):
         self.key = nn.Linear(kv_in, d)
         self.value = nn.Linear(kv_in, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
-                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_scale: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        src = x if states is None else states
-        H, hd = self.num_heads, D // self.num_heads
+    def keys_values(self, src: torch.Tensor, kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    key_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, E) -> keys, values (B, H, N, hd)."""
+        B = src.shape[0]
+        H = self.num_heads
         k, v = self.key(src), self.value(src)  # (B, N, D)
         if kv_delta is not None:
             # UniAdapter K/V low-rank deltas (the same delta in every cross-attention layer).
             k, v = k + kv_delta[0], v + kv_delta[1]
-        q = self.query(x).view(B, L, H, hd).transpose(1, 2)
-        k = k.view(B, -1, H, hd).transpose(1, 2)  # (B, H, N, hd)
+        hd = k.shape[-1] // H
+        k = k.view(B, -1, H, hd).transpose(1, 2)
         v = v.view(B, -1, H, hd).transpose(1, 2)
         if key_scale is not None:  # frame-aware attention: (B, N) weights on the keys
             k = k * key_scale[:, None, :, None].to(k.dtype)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries of x (B, L, D) against k, v (B', H, N, hd). B' < B: each group of B / B' consecutive rows
+        shares one row's keys (candidate answers of one question), broadcast, not copied."""
+        B, L, D = x.shape
+        H, hd = self.num_heads, D // self.num_heads
+        q = self.query(x).view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
         p = self.dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
+        if k.shape[0] == B:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
+        else:
+            groups = k.shape[0]
+            q5 = q.reshape(groups, B // groups, H, L, hd)
+            m5 = mask[:, None] if mask is not None else None
+            ctx = F.scaled_dot_product_attention(q5, k[:, None], v[:, None], attn_mask=m5, dropout_p=p).reshape(
+                B, H, L, hd)
         return ctx.transpose(1, 2).reshape(B, L, D)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,
+                kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = self.keys_values(x if states is None else states, kv_delta, key_scale)
+        return self.attend(x, k, v, mask)
 
 
 class TextSelfOutput(nn.Module):
@@ -162,15 +218,27 @@ class TextLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
                 states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
                 kv_delta: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_scale: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.attention(x, mask)
+                key_scale: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is None:
+            attn = self.attention(x, mask)
+        else:  # incremental: this step's keys/values join the past ones
+            sa = self.attention.self
+            k, v = sa.keys_values(x)
+            if cache.self_k is not None and cache.self_v is not None:
+                k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
+            cache.self_k, cache.self_v = k, v
+            attn = self.attention.output(sa.attend(x, k, v, mask), x)
         # Text-only mode: textual adapter after the FFN. Multimodal mode: the same textual
         # adapter as "query residual" on the self-attention output.
         delta_text = routing.delta(attn, self._textual)
-        if states is None:
+        if states is None and cache is None:
             out = self.output(self.intermediate(attn), attn)
             return out if delta_text is None else out + delta_text
-        cross = self.crossattention(attn, states_mask, states, kv_delta, key_scale)
+        if cache is not None:
+            ca = self.crossattention.self
+            cross = self.crossattention.output(ca.attend(attn, cache.cross_k, cache.cross_v, states_mask), attn)
+        else:
+            cross = self.crossattention(attn, states_mask, states, kv_delta, key_scale)
         delta_cross = routing.delta(cross, self._cross_modal)
         out = self.output(self.intermediate(cross), cross)
         if delta_text is not None:
@@ -188,9 +256,10 @@ class TextEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing,
                 states: torch.Tensor | None, states_mask: torch.Tensor | None,
                 kv_delta: tuple[torch.Tensor, torch.Tensor] | None,
-                key_scale: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask, routing, states, states_mask, kv_delta, key_scale)
+                key_scale: torch.Tensor | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, routing, states, states_mask, kv_delta, key_scale,
+                      cache.layers[i] if cache is not None else None)
         return x
 
 
@@ -214,22 +283,37 @@ class TextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 states: torch.Tensor | None = None, states_mask: torch.Tensor | None = None,
                 routing: Routing | None = None, causal: bool = False,
-                key_scale: torch.Tensor | None = None) -> torch.Tensor:
+                key_scale: torch.Tensor | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
         # input_ids: (B, L); states: (B, N, E); key_scale: (B, N) -> (B, L, D)
+        # with `cache`: input_ids are the next L tokens after cache.length; attention_mask covers all of them
         routing = routing or Routing.none(input_ids.shape[0])
-        x = self.embeddings(input_ids)
+        offset = cache.length if cache is not None else 0
+        x = self.embeddings(input_ids, offset)
         mask: torch.Tensor | None
         if causal:
-            mask = causal_mask(attention_mask, input_ids.shape[1], input_ids.device)
+            mask = causal_mask(attention_mask, input_ids.shape[1], input_ids.device, offset)
+            if cache is not None and input_ids.shape[1] == 1 and attention_mask is None:
+                mask = None  # one new token sees every past one
         else:
             mask = padding_mask(attention_mask)
         kv_delta = None
-        if states is not None:
+        if states is not None and (cache is None or not cache.layers):
             both = routing.delta(states, self._kv)
             if both is not None:
                 dk, dv = both.chunk(2, dim=-1)
                 kv_delta = (dk, dv)
-        return self.encoder(x, mask, routing, states, padding_mask(states_mask), kv_delta, key_scale)
+        if cache is not None and not cache.layers:  # the question's cross K/V, once per request
+            if states is None:
+                raise ValueError("the first decoding step needs the question states")
+            layers: list[TextLayer] = list(self.encoder.layer)  # type: ignore[arg-type]
+            cache.layers = [LayerCache(*layer.crossattention.self.keys_values(states, kv_delta, key_scale))
+                            for layer in layers]
+            cache.states_mask = padding_mask(states_mask)
+        states_key_mask = cache.states_mask if cache is not None else padding_mask(states_mask)
+        out = self.encoder(x, mask, routing, states, states_key_mask, kv_delta, key_scale, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return out
 
 
 class PredictionHeadTransform(nn.Module):
@@ -266,9 +350,10 @@ class TextDecoder(nn.Module):
         self.bert = TextModel(config, tower="text_decoder")
         self.cls = LMHead(config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, states: torch.Tensor,
-                states_mask: torch.Tensor | None, routing: Routing | None = None) -> torch.Tensor:
-        """-> (B, L, V) next-token logits."""
-        h = self.bert(input_ids, attention_mask, states, states_mask, routing, causal=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, states: torch.Tensor | None,
+                states_mask: torch.Tensor | None, routing: Routing | None = None,
+                cache: DecoderCache | None = None) -> torch.Tensor:
+        """-> (B, L, V) next-token logits (with `cache`: of the L new tokens)."""
+        h = self.bert(input_ids, attention_mask, states, states_mask, routing, causal=True, cache=cache)
         h = self.cls.predictions.transform(h)
         return F.linear(h, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)

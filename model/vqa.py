@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.text import DecoderCache
 
 
 def answer_log_likelihood(backbone: BlipBackbone, question_states: torch.Tensor, question_mask: torch.Tensor,
@@ -23,10 +24,7 @@ def answer_log_likelihood(backbone: BlipBackbone, question_states: torch.Tensor,
     question_states: (B, Q, D); answer_ids/mask: (B, L) starting with BOS -> (B,)
     """
     logits = backbone.decoder_logits(answer_ids, answer_mask, question_states, question_mask, routing)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
-    target = answer_ids[:, 1:]
-    token_logp = logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L-1)
-    return (token_logp * answer_mask[:, 1:].to(token_logp.dtype)).sum(dim=1)
+    return _sequence_log_likelihood(logits, answer_ids, answer_mask)
 
 
 @dataclass
@@ -44,48 +42,148 @@ def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question
     """BLIP's `rank` mode: the first-token probabilities pick the top-k candidates, which are
     then scored in full; returns them best first.
 
-    candidate_ids/mask: (C, L), each starting with BOS and ending with SEP.
+    candidate_ids/mask: (C, L), each starting with BOS and ending with SEP. The question's cross-attention
+    K/V are computed once, by the first-token pass, and shared by its k candidates (broadcast, not copied
+    k times), which are scored in one pass.
     """
     B = question_states.shape[0]
     C = candidate_ids.shape[0]
     k = max(1, min(k, C))
     routing = routing or Routing.none(B)
+    cache = DecoderCache()
     bos = candidate_ids[:1, :1].expand(B, 1)
-    first_logits = backbone.decoder_logits(bos, None, question_states, question_mask, routing)[:, 0]
+    first_logits = backbone.decoder_logits(bos, None, question_states, question_mask, routing, cache)[:, 0]
     first_logp = F.log_softmax(first_logits.float(), dim=-1)  # (B, V)
     first_scores = first_logp.index_select(1, candidate_ids[:, 1])  # (B, C)
     top = first_scores.topk(k, dim=1).indices  # (B, k)
-    ids = candidate_ids[top.flatten()]  # (B*k, L)
+    ids = candidate_ids[top.flatten()]  # (B*k, L), grouped by question
     mask = candidate_mask[top.flatten()]
-    states = question_states.repeat_interleave(k, dim=0)
-    qmask = question_mask.repeat_interleave(k, dim=0)
-    scores = answer_log_likelihood(backbone, states, qmask, ids, mask, routing.repeat_interleave(k)).view(B, k)
+    logits = backbone.decoder_logits(ids, mask, None, None, routing.repeat_interleave(k), cache.cross_only())
+    scores = _sequence_log_likelihood(logits, ids, mask).view(B, k)
     order = scores.argsort(dim=1, descending=True)
     return RankedAnswers(indices=top.gather(1, order), scores=scores.gather(1, order))
+
+
+def _sequence_log_likelihood(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits of sequences ids (B, L) starting with BOS -> (B,) sum of log p of tokens 2..L."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_logp * mask[:, 1:].to(token_logp.dtype)).sum(dim=1)
 
 
 @torch.no_grad()
 def generate_answers(backbone: BlipBackbone, question_states: torch.Tensor, question_mask: torch.Tensor,
                      bos_token_id: int, eos_token_id: int, pad_token_id: int, max_length: int = 10,
                      routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding, batched: -> (ids (B, <=max_length+1) with BOS first, log-likelihood (B,)).
-
-    Answers are short (<= 10 tokens), so each step re-runs the decoder over the prefix
-    instead of keeping a KV cache.
-    """
+    """Greedy decoding, batched, with a KV cache (each step feeds one token; the question's cross K/V are
+    computed once): -> (ids (B, <=max_length+1) with BOS first, log-likelihood (B,))."""
     B = question_states.shape[0]
     routing = routing or Routing.none(B)
     ids = torch.full((B, 1), bos_token_id, dtype=torch.long, device=question_states.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     total = torch.zeros(B, dtype=torch.float32, device=ids.device)
+    cache = DecoderCache()
+    step: torch.Tensor = ids
     for _ in range(max_length):
-        logits = backbone.decoder_logits(ids, None, question_states, question_mask, routing)[:, -1]
+        logits = backbone.decoder_logits(step, None, question_states if not cache.layers else None, question_mask,
+                                         routing, cache)[:, -1]
         logp = F.log_softmax(logits.float(), dim=-1)
         best_logp, nxt = logp.max(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         total = total + torch.where(done, torch.zeros_like(best_logp), best_logp)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
+        step = nxt[:, None]
         done = done | (nxt == eos_token_id)
         if bool(done.all()):
             break
     return ids, total
+
+
+@dataclass
+class BeamAnswers:
+    ids: torch.Tensor
+    """(B, num_beams, L) finished hypotheses, best first, BOS first, pad after EOS"""
+    scores: torch.Tensor
+    """(B, num_beams) log-likelihood of each (the sum over its tokens, without the length penalty)"""
+
+
+@torch.no_grad()
+def beam_search_answers(backbone: BlipBackbone, question_states: torch.Tensor, question_mask: torch.Tensor,
+                        bos_token_id: int, eos_token_id: int, pad_token_id: int, num_beams: int = 3,
+                        max_length: int = 10, routing: Routing | None = None,
+                        length_penalty: float = 1.0) -> BeamAnswers:
+    """Beam search as BLIP and UniAdapter decode VQA answers (3 beams), with transformers' rules (its
+    `generate(num_beams=...)` defaults: 2 x num_beams continuations kept per step, a hypothesis ranked by
+    its log-likelihood / generated-length ** length_penalty, and the same stopping heuristic), so the same
+    weights give the same answers. `max_length` counts generated tokens (EOS included).
+
+    Batched: B questions x num_beams rows through the KV-cached decoder; the question's cross-attention K/V
+    are computed once per question and broadcast across its beams.
+    """
+    B, nb = question_states.shape[0], num_beams
+    device = question_states.device
+    routing = routing or Routing.none(B)
+    beam_routing = routing.repeat_interleave(nb)
+    total_len = 1 + max_length
+    neg = -1.0e9
+    keep = 2 * nb  # continuations kept per question: enough that nb stay open after some end
+    running = torch.full((B, nb, total_len), pad_token_id, dtype=torch.long, device=device)
+    running[:, :, 0] = bos_token_id
+    running_scores = torch.zeros(B, nb, device=device)
+    running_scores[:, 1:] = neg  # the beams start identical: only the first one expands at step 1
+    finished = running.clone()
+    finished_scores = torch.full((B, nb), neg, device=device)
+    finished_lengths = torch.ones(B, nb, dtype=torch.long, device=device)
+    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    top_nb = torch.arange(keep, device=device) < nb
+    group_base = (torch.arange(B, device=device) * nb)[:, None]
+    # step 1 on the B questions alone (every beam starts from the same BOS): it also computes the question's
+    # cross-attention K/V, with the set's K/V deltas, once; the beams then share them
+    cache = DecoderCache()
+    first = backbone.decoder_logits(running[:, 0, :1], None, question_states, question_mask, routing, cache)
+    cache.reorder(torch.arange(B, device=device).repeat_interleave(nb))
+    logits = first[:, -1].repeat_interleave(nb, dim=0)
+    for cur_len in range(1, total_len):
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B*nb, V)
+        V = logp.shape[-1]
+        acc = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        top_scores, top_index = acc.topk(keep, dim=1)  # (B, keep)
+        source, token = top_index // V, top_index % V
+        candidates = running.gather(1, source[:, :, None].expand(B, keep, total_len)).clone()
+        candidates[:, :, cur_len] = token
+        ends = (token == eos_token_id) | (cur_len + 1 >= total_len)
+        # the best nb continuations that did not end stay open
+        open_scores = top_scores + ends.float() * neg
+        next_open = open_scores.topk(nb, dim=1).indices  # (B, nb)
+        running = candidates.gather(1, next_open[:, :, None].expand(B, nb, total_len))
+        running_scores = open_scores.gather(1, next_open)
+        # the ended ones among the top nb join the finished hypotheses if they beat them
+        gen_len = cur_len
+        ranked = top_scores / (gen_len ** length_penalty)
+        ranked = ranked + (~improvable).float() * neg + (~(ends & top_nb)).float() * neg
+        merged_ids = torch.cat([finished, candidates], dim=1)
+        merged_scores = torch.cat([finished_scores, ranked], dim=1)
+        merged_lengths = torch.cat([finished_lengths, torch.full_like(ranked, gen_len, dtype=torch.long)], dim=1)
+        merged_finished = torch.cat([is_finished, ends & top_nb], dim=1)
+        best = merged_scores.topk(nb, dim=1).indices
+        finished = merged_ids.gather(1, best[:, :, None].expand(B, nb, total_len))
+        finished_scores = merged_scores.gather(1, best)
+        finished_lengths = merged_lengths.gather(1, best)
+        is_finished = merged_finished.gather(1, best)
+        # the decoder continues each open beam from its source beam's past K/V
+        cache.reorder((group_base + source.gather(1, next_open)).flatten())
+        # can an open beam still beat the worst finished one? (transformers' heuristic, early_stopping=False)
+        best_possible = running_scores[:, :1] / (cur_len ** length_penalty)
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, neg)
+        improvable = improvable & (best_possible > worst).any(dim=1, keepdim=True)
+        if not bool(improvable.any()) or bool(ends.all()):
+            break
+        step = running[:, :, cur_len].reshape(B * nb, 1)
+        logits = backbone.decoder_logits(step, None, None, None, beam_routing, cache)[:, -1]
+    longest = int(finished_lengths.max())
+    ids = finished[:, :, : 1 + longest]
+    after_eos = torch.arange(1 + longest, device=device)[None, None, :] > finished_lengths[:, :, None]
+    ids = ids.masked_fill(after_eos, pad_token_id)
+    scores = finished_scores * finished_lengths.float() ** length_penalty
+    return BeamAnswers(ids=ids, scores=scores)

@@ -9,7 +9,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionA
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import backbone_from_state_dict, load_backbone
 from uniadapter_serve.model.testing import random_batch, randomize_
-from uniadapter_serve.model.vqa import answer_log_likelihood, generate_answers
+from uniadapter_serve.model.vqa import answer_log_likelihood, beam_search_answers, generate_answers
 
 TOL = 1e-5
 
@@ -125,3 +125,42 @@ def test_vqa_greedy_generation_matches_transformers(hf_vqa, ours_vqa, tiny_confi
     ids, _ = generate_answers(ours_vqa, q, qmask, tc.bos_token_id, eos_token_id=-1, pad_token_id=tc.pad_token_id,
                               max_length=6)
     assert torch.equal(ids, ref)
+
+
+@pytest.mark.parametrize("eos", ["sep", "frequent"])
+@torch.no_grad()
+def test_vqa_beam_search_matches_transformers(hf_vqa, ours_vqa, tiny_config, eos):
+    """3 beams, as BLIP and UniAdapter answer: the same hypotheses as transformers' generate(num_beams=3)."""
+    b = random_batch(ours_vqa, 4, seed=8)
+    tc = tiny_config.text_config
+    q = ours_vqa.encode_multimodal(b.input_ids, b.attention_mask, ours_vqa.encode_image(b.pixel_values))
+    qmask = torch.ones(q.shape[:2], dtype=torch.long)
+    if eos == "frequent":  # a token the decoder likes, so that beams end early and at different lengths
+        greedy, _ = generate_answers(ours_vqa, q, qmask, tc.bos_token_id, -1, tc.pad_token_id, max_length=4)
+        eos_id = int(greedy[:, 1:].flatten().mode().values)
+        hf_vqa.config.text_config.sep_token_id = eos_id
+    else:
+        eos_id = tc.sep_token_id
+    ref = hf_vqa.generate(input_ids=b.input_ids, pixel_values=b.pixel_values, attention_mask=b.attention_mask,
+                          num_beams=3, do_sample=False, max_new_tokens=7)
+    out = beam_search_answers(ours_vqa, q, qmask, tc.bos_token_id, eos_id, tc.pad_token_id, num_beams=3,
+                              max_length=7)
+    assert out.ids.shape[:2] == (4, 3)
+    ended = 0
+    for row in range(4):
+        ours, theirs = out.ids[row, 0].tolist(), ref[row].tolist()
+        if eos_id in theirs:  # transformers pads after EOS with EOS; compare up to it
+            theirs = theirs[: theirs.index(eos_id) + 1]
+            ended += 1
+        assert ours[: len(theirs)] == theirs
+        assert all(t == tc.pad_token_id for t in ours[len(theirs):])
+    if eos == "frequent":
+        assert ended > 0
+    # hypotheses best first, scored by their own log-likelihood
+    lengths = (out.ids[:, :, 1:] != tc.pad_token_id).sum(-1).clamp(min=1).float()
+    assert (out.scores[:, :-1] / lengths[:, :-1] >= out.scores[:, 1:] / lengths[:, 1:] - 1e-5).all()
+    mask = (out.ids != tc.pad_token_id).long()
+    for row in range(4):
+        ll = answer_log_likelihood(ours_vqa, q[row:row + 1].expand(3, -1, -1), qmask[row:row + 1].expand(3, -1),
+                                   out.ids[row], mask[row])
+        assert (ll - out.scores[row]).abs().max() <= 1e-4
