@@ -58,8 +58,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float) -> list[tuple[str, float]]:
-        """VQA / VideoQA: answers best first, with their log-likelihoods."""
+                     max_length: int, timeout: float, num_beams: int = 1) -> list[tuple[str, float]]:
+        """VQA / VideoQA: answers best first, with their log-likelihoods (generate mode: greedy, or beam search
+        with `num_beams`, the other finished beams as alternatives)."""
 
     @abc.abstractmethod
     async def embed_text(self, text: str, ref: str | None, timeout: float) -> torch.Tensor:

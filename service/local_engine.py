@@ -154,15 +154,17 @@ class LocalEngine(Engine):
     # -- tasks ---------------------------------------------------------------------------------------------
 
     async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float) -> list[tuple[str, float]]:
+                     max_length: int, timeout: float, num_beams: int = 1) -> list[tuple[str, float]]:
         deadline = time.monotonic() + timeout
         meta = self._meta(ref)
         out = await self._vision(visual, ref, deadline)
         ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
         answers = self.answers_for(meta)
-        payload = AnswerInput(ids[0], mask[0], out.states, mode="rank" if mode == "rank" else "generate",
-                              top_k=min(top_k, len(answers.answers)), candidates=answers.tensors,
-                              max_length=max_length)
+        rank = mode == "rank"
+        payload = AnswerInput(ids[0], mask[0], out.states, mode="rank" if rank else "generate",
+                              top_k=min(top_k, len(answers.answers)) if rank else min(top_k, num_beams),
+                              candidates=answers.tensors,
+                              max_length=max_length, num_beams=num_beams)
         result: AnswerOutput = await self.batcher.submit("answer", payload, ref, deadline)
         if result.indices is not None:
             return [(answers.answers[i], s) for i, s in zip(result.indices, result.scores, strict=True)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
 # Patterns are declared in the schema only: the server checks the same rules itself, with messages that
@@ -57,6 +57,17 @@ def _retrieve_schema(schema: dict[str, Any]) -> None:
                                     ("query_image", "collection"), ("query_image", "candidate_texts"))]
 
 
+NUM_BEAMS_FIELD = Field(1, ge=1, le=8, description=(
+    "Generate mode: beam search width (BLIP and UniAdapter answer with 3; 1 = greedy). The other finished "
+    "beams come back as alternatives (up to top_k)."))
+
+
+def _check_beams(body: Any) -> Any:
+    if body.num_beams > 1 and body.mode != "generate":
+        raise ValueError(f"num_beams={body.num_beams} applies to mode 'generate' (mode is {body.mode!r})")
+    return body
+
+
 class VqaRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,7 +79,12 @@ class VqaRequest(BaseModel):
     )
     top_k: int = Field(3, ge=1, le=100, description="Answers returned (best first).")
     max_answer_length: int = Field(10, ge=1, le=30, description="Tokens, generate mode.")
+    num_beams: int = NUM_BEAMS_FIELD
     adapter: str | None = ADAPTER_FIELD
+
+    @model_validator(mode="after")
+    def _beams_need_generate(self) -> VqaRequest:
+        return _check_beams(self)
 
 
 class VideoQaRequest(BaseModel):
@@ -80,8 +96,13 @@ class VideoQaRequest(BaseModel):
     mode: Literal["rank", "generate"] = "rank"
     top_k: int = Field(3, ge=1, le=100)
     max_answer_length: int = Field(10, ge=1, le=30)
+    num_beams: int = NUM_BEAMS_FIELD
     num_frames: int | None = Field(None, ge=1, le=64, description="Frames sampled uniformly (default: the set's).")
     adapter: str | None = ADAPTER_FIELD
+
+    @model_validator(mode="after")
+    def _beams_need_generate(self) -> VideoQaRequest:
+        return _check_beams(self)
 
 
 class AnswerItem(BaseModel):

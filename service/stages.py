@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.vqa import generate_answers, rank_answers
+from uniadapter_serve.model.vqa import beam_search_answers, generate_answers, rank_answers
 from uniadapter_serve.service.batcher import Handler, Job
 
 
@@ -68,6 +68,8 @@ class AnswerInput:
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None
     """(C, A) answer ids and mask for rank mode ([DEC] first)"""
     max_length: int = 10
+    num_beams: int = 1
+    """generate mode: 1 = greedy, else beam search"""
 
 
 @dataclass
@@ -75,7 +77,7 @@ class AnswerOutput:
     indices: list[int] | None
     """rank mode: candidate indices, best first"""
     tokens: list[torch.Tensor] | None
-    """generate mode: the answer's ids ([DEC] first)"""
+    """generate mode: the answers' ids ([DEC] first), best first (one, or one per beam)"""
     scores: list[float]
     """log-likelihood of each answer"""
 
@@ -155,18 +157,24 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         question = backbone.encode_multimodal(ids, mask if padded is not None else None, states, states_mask,
                                               routing)  # (B, Q, D)
         results: list[Any] = [None] * len(jobs)
-        # rank jobs sharing one candidate list run together; generate jobs run together
-        groups: dict[int, list[int]] = {}
+        # rank jobs sharing one candidate list run together; generate jobs of one beam width run together
+        groups: dict[tuple[str, int], list[int]] = {}
         for i, x in enumerate(inputs):
-            groups.setdefault(id(x.candidates) if x.mode == "rank" else -1, []).append(i)
-        outcomes: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
+            key = ("rank", id(x.candidates)) if x.mode == "rank" else ("generate", x.num_beams)
+            groups.setdefault(key, []).append(i)
+        outcomes: list[tuple[tuple[str, int], list[int], torch.Tensor, torch.Tensor]] = []
         for key, rows in groups.items():
             index = torch.tensor(rows, device=device)
             sub = routing.select(index)
             q, qmask = question.index_select(0, index), mask.index_select(0, index)
-            if key == -1:
+            if key[0] == "generate":
                 longest = max(inputs[i].max_length for i in rows)
-                out_ids, scores = generate_answers(backbone, q, qmask, bos_id, sep_id, pad_id, longest, sub)
+                if key[1] == 1:
+                    out_ids, scores = generate_answers(backbone, q, qmask, bos_id, sep_id, pad_id, longest, sub)
+                    out_ids, scores = out_ids[:, None], scores[:, None]  # (B, 1, L), (B, 1)
+                else:
+                    beams = beam_search_answers(backbone, q, qmask, bos_id, sep_id, pad_id, key[1], longest, sub)
+                    out_ids, scores = beams.ids, beams.scores
                 outcomes.append((key, rows, out_ids, scores))
             else:
                 cand = inputs[rows[0]].candidates
@@ -178,10 +186,10 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         for n, (key, rows, _, _) in enumerate(outcomes):
             first, second = hosted[2 * n], hosted[2 * n + 1]
             for row, i in enumerate(rows):
-                if key == -1:
-                    results[i] = AnswerOutput(None, [first[row]], [float(second[row])])
+                top = inputs[i].top_k
+                if key[0] == "generate":
+                    results[i] = AnswerOutput(None, list(first[row, :top]), second[row, :top].tolist())
                 else:
-                    top = inputs[i].top_k
                     results[i] = AnswerOutput(first[row, :top].tolist(), None, second[row, :top].tolist())
         return results
 

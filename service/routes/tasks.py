@@ -60,7 +60,8 @@ async def vqa(request: Request, core: CoreDep) -> VqaResponse:
     with core.engine.admit(2):  # vision + answer
         visual = await core.image_input(image.data, image.content_type, "image")
         answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
-                                           max_length=body.max_answer_length, timeout=core.timeout())
+                                           max_length=body.max_answer_length, timeout=core.timeout(),
+                                           num_beams=body.num_beams)
     return _vqa_response(answers, body.mode, _ref(meta))
 
 
@@ -78,7 +79,8 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
     with core.engine.admit(2):
         visual = await core.video_input(media["video"][0].data, frames, "video")
         answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
-                                           max_length=body.max_answer_length, timeout=core.timeout())
+                                           max_length=body.max_answer_length, timeout=core.timeout(),
+                                           num_beams=body.num_beams)
     return _vqa_response(answers, body.mode, _ref(meta))
 
 

@@ -33,3 +33,21 @@ def test_two_sets_in_one_batch_match_each_alone(client):
         for x, y in zip(mixed["alternatives"], solo["alternatives"], strict=True):
             assert abs(x["score"] - y["score"]) <= 1e-4
     assert alone[0]["score"] != alone[1]["score"]  # the two sets really differ
+
+
+def test_rank_greedy_and_beams_in_one_batch_match_each_alone(client):
+    png = base64.b64encode(image_bytes((200, 40, 10))).decode()
+    base = {"image": png, "question": "what colour is the square?", "top_k": 3}
+    requests = [base | {"adapter": "vqa-a"},
+                base | {"adapter": "vqa-b", "mode": "generate", "max_answer_length": 4},
+                base | {"adapter": "vqa-a", "mode": "generate", "num_beams": 3, "max_answer_length": 5}]
+    alone = [client.post("/vqa", json=r).json() for r in requests]
+    before = mixed_batches(client, "answer")
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda r: client.post("/vqa", json=r).json(), requests))
+    assert mixed_batches(client, "answer") >= before + 1
+    for solo, mixed in zip(alone, together, strict=True):
+        assert [a["answer"] for a in mixed["alternatives"]] == [a["answer"] for a in solo["alternatives"]]
+        for x, y in zip(mixed["alternatives"], solo["alternatives"], strict=True):
+            assert abs(x["score"] - y["score"]) <= 1e-4
+    assert [len(x["alternatives"]) for x in alone] == [3, 1, 3]

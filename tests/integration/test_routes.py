@@ -51,6 +51,20 @@ def test_vqa_generate_and_bare_backbone(client):
     assert bare.status_code == 200 and bare.json()["adapter"] is None
 
 
+def test_vqa_beam_search(client):
+    body = {"image": b64(image_bytes(fmt="JPEG")), "question": "what is it?", "mode": "generate",
+            "adapter": "vqa-b", "max_answer_length": 5}
+    greedy = client.post("/vqa", json=body | {"top_k": 3})
+    beams = client.post("/vqa", json=body | {"num_beams": 3, "top_k": 3})
+    assert greedy.status_code == 200 and beams.status_code == 200, beams.text
+    assert len(greedy.json()["alternatives"]) == 1  # greedy decoding has one answer
+    alternatives = beams.json()["alternatives"]
+    assert len(alternatives) == 3 and alternatives[0]["answer"] == beams.json()["answer"]
+    assert len(client.post("/vqa", json=body | {"num_beams": 3, "top_k": 2}).json()["alternatives"]) == 2
+    wrong = client.post("/vqa", json=body | {"mode": "rank", "num_beams": 3})
+    assert wrong.status_code == 422 and "num_beams" in wrong.json()["detail"]
+
+
 def test_different_sets_answer_differently(client):
     png = b64(image_bytes())
     scores = {}
