@@ -62,6 +62,12 @@ NUM_BEAMS_FIELD = Field(1, ge=1, le=8, description=(
     "beams come back as alternatives (up to top_k)."))
 
 
+def _beams_schema(schema: dict[str, Any]) -> None:
+    """num_beams > 1 only with mode 'generate', said in the schema too (clients and fuzzers read it)."""
+    schema["anyOf"] = [{"properties": {"num_beams": {"maximum": 1}}},
+                       {"required": ["mode"], "properties": {"mode": {"const": "generate"}}}]
+
+
 def _check_beams(body: Any) -> Any:
     if body.num_beams > 1 and body.mode != "generate":
         raise ValueError(f"num_beams={body.num_beams} applies to mode 'generate' (mode is {body.mode!r})")
@@ -69,7 +75,7 @@ def _check_beams(body: Any) -> Any:
 
 
 class VqaRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_beams_schema)
 
     image: str = Field(description="Base64 image (JPEG, PNG, WebP, GIF, BMP). In multipart: a file.",
                        min_length=1, json_schema_extra=BASE64)
@@ -88,7 +94,7 @@ class VqaRequest(BaseModel):
 
 
 class VideoQaRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_beams_schema)
 
     video: str = Field(description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file.",
                        min_length=1, json_schema_extra=BASE64)
