@@ -27,6 +27,8 @@ from uniadapter_serve.adapters.manager import AdapterManager, Lease
 from uniadapter_serve.errors import AdapterCapacityError, DeadlineExceededError, OverloadedError, UniAdapterError
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.timing import RequestTiming
+from uniadapter_serve.service.timing import current as timing_current
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ class Job:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    timing: RequestTiming | None = field(default_factory=timing_current)
+    """the submitting request's timing (queue and compute spans are recorded into it)"""
+    started: float | None = None
+    """when its batch started computing (after leasing its sets)"""
+    ended: float | None = None
 
     def finish(self, result: Any) -> None:
         def settle() -> None:
@@ -184,6 +191,20 @@ class Batcher:
         except asyncio.CancelledError:
             job.future.cancel()  # the client went away: the model thread drops the job
             raise
+        finally:
+            self._record(job)
+
+    @staticmethod
+    def _record(job: Job) -> None:
+        """The job's queue and compute spans into its request's timing (on the event loop, once it is settled
+        or given up)."""
+        if job.timing is None:
+            return
+        started, ended = job.started, job.ended  # written by the model thread before it settles the future
+        now = time.monotonic()
+        job.timing.add("queue", job.enqueued, started if started is not None else now)
+        if started is not None:
+            job.timing.add("compute", started, ended if ended is not None else now)
 
     # -- the model thread ------------------------------------------------------------------------
 
@@ -282,11 +303,17 @@ class Batcher:
         self.metrics.batch_adapters.labels(stage=stage).observe(distinct)
         if distinct > 1:
             self.metrics.mixed_batches.labels(stage=stage).inc()
+        started = time.monotonic()
+        queue_wait = self.metrics.stage_queue.labels(stage=stage)
+        for job in jobs:
+            job.started = started
+            queue_wait.observe(started - job.enqueued)
         try:
             with torch.inference_mode():
                 results = handler(jobs, Routing.per_sample(modules, self.manager.backbone.device))
         except Exception as e:
             if len(jobs) == 1:
+                self._done(stage, jobs, started)
                 jobs[0].finish(e)
                 return
             log.warning("batch of %d %s jobs raised %r; re-running one by one", len(jobs), stage, e)
@@ -296,7 +323,16 @@ class Batcher:
                         result = handler([job], Routing.single(module, 1))[0]
                 except Exception as single:
                     result = single
+                job.ended = time.monotonic()
                 job.finish(result)
+            self.metrics.stage_compute.labels(stage=stage).observe(time.monotonic() - started)
             return
+        self._done(stage, jobs, started)
         for job, result in zip(jobs, results, strict=True):
             job.finish(result)
+
+    def _done(self, stage: str, jobs: list[Job], started: float) -> None:
+        ended = time.monotonic()
+        self.metrics.stage_compute.labels(stage=stage).observe(ended - started)
+        for job in jobs:
+            job.ended = ended

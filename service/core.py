@@ -18,7 +18,7 @@ from uniadapter_serve.model.media.image import load_image, probe_image
 from uniadapter_serve.model.media.video import decode_video, probe_video
 from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.model.tokenizer import clean_text
-from uniadapter_serve.service import demo
+from uniadapter_serve.service import demo, timing
 from uniadapter_serve.service.collections import faiss_device
 from uniadapter_serve.service.collections.backends import open_backend
 from uniadapter_serve.service.collections.manager import CollectionManager
@@ -129,24 +129,27 @@ class ServiceCore:
         """Decode + preprocess in a worker thread (never on the event loop or the model thread), holding
         the image's pixels of the decode budget until it is at model size."""
         s, size = self.settings, self.image_size
-        probe = await run_in_threadpool(probe_image, data, declared_type=content_type, max_bytes=s.max_image_bytes,
-                                        max_pixels=s.max_image_pixels, field=field, target_size=size)
+        with timing.span("decode"):
+            probe = await run_in_threadpool(probe_image, data, declared_type=content_type,
+                                            max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, field=field,
+                                            target_size=size)
 
-        def work() -> VisionInput:
-            return VisionInput(image_to_tensor(load_image(probe, size), size)[None])
+            def work() -> VisionInput:
+                return VisionInput(image_to_tensor(load_image(probe, size), size)[None])
 
-        async with self.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
-            return await run_in_threadpool(work)
+            async with self.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
+                return await run_in_threadpool(work)
 
     async def video_input(self, data: bytes, num_frames: int, field: str) -> VisionInput:
         """Sample and preprocess `num_frames` frames in a worker thread, holding the decode budget."""
         s = self.settings
-        pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes,
-                                         max_pixels=s.max_video_pixels, field=field)
-        async with self.decode_budget.hold_async(pixels, s.decode_wait_s, field):
-            frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
-                                             max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
+        with timing.span("decode"):
+            pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes,
                                              max_pixels=s.max_video_pixels, field=field)
+            async with self.decode_budget.hold_async(pixels, s.decode_wait_s, field):
+                frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
+                                                 max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
+                                                 max_pixels=s.max_video_pixels, field=field)
         return VisionInput(frames, video=True)
 
     async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str) -> VisionInput:

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COMPUTE_BUCKETS = (0.001, 0.0025, *LATENCY_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 Samples = Callable[[], Iterable[tuple[dict[str, str], float]]]
@@ -60,6 +61,16 @@ class ServiceMetrics:
         self.mixed_batches = Counter("uniadapter_mixed_batches",
                                      "Batches that carried samples of more than one adapter set.", ["stage"],
                                      registry=r)
+        self.stage_compute = Histogram("uniadapter_stage_compute_seconds",
+                                       "Model compute time per executed batch, by stage.", ["stage"],
+                                       buckets=COMPUTE_BUCKETS, registry=r)
+        self.stage_queue = Histogram("uniadapter_stage_queue_seconds",
+                                     "Time a job waited for its batch to run (adapter leases included), by stage.",
+                                     ["stage"], buckets=COMPUTE_BUCKETS, registry=r)
+        self.request_phase = Histogram("uniadapter_request_phase_seconds",
+                                       "Where requests' time goes, by route and phase (decode, queue, compute, "
+                                       "replica; the same split as the Server-Timing header).", ["route", "phase"],
+                                       buckets=COMPUTE_BUCKETS, registry=r)
         self.rejected = Counter("uniadapter_rejected", "Jobs not run, by reason (queue_full, deadline, cancelled).",
                                 ["reason"], registry=r)
         self.adapter_events = self._callback(

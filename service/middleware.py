@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from uniadapter_serve.service import timing
 from uniadapter_serve.service.metrics import ServiceMetrics
 
 
@@ -71,7 +72,8 @@ PROBES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 class MetricsMiddleware:
-    """Counts requests and observes latency per route template (not per raw path)."""
+    """Counts requests and observes latency per route template (not per raw path); times each request's
+    phases (see `timing`) into a `Server-Timing` header and `uniadapter_request_phase_seconds`."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -84,21 +86,29 @@ class MetricsMiddleware:
         started = time.monotonic()
         status = {"code": 500}
 
+        probe = scope.get("path") in PROBES
+
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if not probe:
+                    value = request_timing.header(time.monotonic() - started)
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"server-timing", value.encode())]}
             await send(message)
 
-        probe = scope.get("path") in PROBES
         if not probe:
             self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, tracking_send)
-        finally:
-            if not probe:
-                self.metrics.in_flight.dec()
-            route: Any = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            if path != "/metrics":
-                self.metrics.requests.labels(route=path, status=str(status["code"])).inc()
-                self.metrics.latency.labels(route=path).observe(time.monotonic() - started)
+        with timing.request_scope() as request_timing:
+            try:
+                await self.app(scope, receive, tracking_send)
+            finally:
+                if not probe:
+                    self.metrics.in_flight.dec()
+                route: Any = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                if path != "/metrics":
+                    self.metrics.requests.labels(route=path, status=str(status["code"])).inc()
+                    self.metrics.latency.labels(route=path).observe(time.monotonic() - started)
+                    for phase, seconds in request_timing.durations().items():
+                        self.metrics.request_phase.labels(route=path, phase=phase).observe(seconds)

@@ -40,6 +40,7 @@ from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import AdapterInUseError, OverloadedError, ServerBusyError, UniAdapterError
 from uniadapter_serve.model.backbone import vision_config
 from uniadapter_serve.model.loading import source_config
+from uniadapter_serve.service import timing
 from uniadapter_serve.service.engine import Engine, Ranking
 from uniadapter_serve.service.local_engine import LocalEngine
 from uniadapter_serve.service.metrics import ServiceMetrics
@@ -255,6 +256,10 @@ class RayEngine(Engine):
     async def _call(self, method: str, ref: str | None, *args: Any) -> Any:
         """One call to a model replica that holds (or will load) `ref`; a replica that went away mid-call
         is replaced by another once, then 503."""
+        with timing.span("replica"):
+            return await self._call_replica(method, ref, *args)
+
+    async def _call_replica(self, method: str, ref: str | None, *args: Any) -> Any:
         routed = ref if ref and self.multiplexed else ""
         handle = self.handle.options(method_name=method, multiplexed_model_id=routed)
         for attempt in (1, 2):

@@ -134,3 +134,36 @@ def test_openapi_declares_both_encodings_and_swagger_loads(client):
     assert docs.status_code == 200 and "swagger-ui" in docs.text and "/docs-static/swagger-ui-bundle.js" in docs.text
     js = client.get("/docs-static/swagger-ui-bundle.js")
     assert js.status_code == 200 and len(js.content) > 100_000  # served locally, no CDN
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
+            if got == want:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_server_timing_and_phase_metrics(client):
+    before = client.get("/metrics").text
+    r = client.post("/vqa", json={"image": b64(image_bytes()), "question": "what colour is the square?",
+                                  "adapter": "vqa-a"})
+    assert r.status_code == 200
+    phases = {}
+    for part in r.headers["server-timing"].split(","):
+        name, dur = part.strip().split(";dur=")
+        phases[name] = float(dur)
+    assert set(phases) == {"decode", "queue", "compute", "total"}
+    assert phases["compute"] > 0 and phases["decode"] > 0
+    assert all(phases[p] <= phases["total"] for p in ("decode", "queue", "compute"))
+    assert phases["decode"] + phases["compute"] <= phases["total"]  # they never overlap in one /vqa
+    after = client.get("/metrics").text
+    for stage in ("vision", "answer"):  # one batch per stage at least
+        name = "uniadapter_stage_compute_seconds_count"
+        assert _metric(after, name, stage=stage) >= _metric(before, name, stage=stage) + 1
+    for phase in ("decode", "queue", "compute"):
+        name = "uniadapter_request_phase_seconds_count"
+        assert _metric(after, name, route="/vqa", phase=phase) == _metric(before, name, route="/vqa", phase=phase) + 1
+    assert "server-timing" not in client.get("/healthz").headers
