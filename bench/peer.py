@@ -1,0 +1,292 @@
+"""This service against the server a user would write instead: FastAPI around transformers'
+`BlipForQuestionAnswering` (one model, each request alone in FastAPI's thread pool, `model.generate`), on
+the same weights and the same torch thread count.
+
+Both servers run as subprocesses on 127.0.0.1. For each thread count (`--threads 1,2`) both are started with
+that many torch intra-op threads, then driven with `POST /vqa` (generate mode, greedy) by C concurrent clients
+(`--clients 1,4,32`), in interleaved rounds whose order rotates (machine drift falls on both alike): each
+round gives every variant `--seconds` of back-to-back requests. Variants: the plain server, this service on the
+bare backbone, and (on the demo model) this service with its VQA set. Printed per thread count and C:
+throughput and p50 latency of each, the paired ratios project / plain (median over rounds, with the spread),
+and at the end each server's resident memory (RSS now and peak).
+
+Both decode their answers greedily with a KV cache; the answers are compared too (the plain server keeps
+transformers' [CLS] at the question's start where BLIP puts [ENC], so they may differ on real weights).
+
+    .venv/bin/python bench/peer.py                              # the demo model
+    .venv/bin/python bench/peer.py --backbone blip-base --clients 1,4 --seconds 8   # random BLIP-base weights
+    .venv/bin/python bench/peer.py --device cuda --dtype bfloat16 --backbone blip-base   # the GPU machine
+
+`plain` runs the plain server itself (what the benchmark starts): `python bench/peer.py plain --folder F --port P`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from benchkit import HOST, free_port, half_iqr, percentile, stop_process, wait_ready
+from PIL import Image, ImageDraw
+from pydantic import BaseModel
+
+QUESTION = "what colour is the circle?"
+
+
+# -- the plain server ------------------------------------------------------------------------------------------
+
+class PlainBody(BaseModel):
+    image: str
+    question: str
+    max_answer_length: int = 10
+
+
+def plain_server(folder: Path, port: int, threads: int, device: str, dtype: str) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import AutoTokenizer, BlipForQuestionAnswering, BlipImageProcessorPil
+
+    torch.set_num_threads(threads)
+    torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16,
+                   "bfloat16": torch.bfloat16}[dtype]
+    model = BlipForQuestionAnswering.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    size = model.config.vision_config.image_size
+    processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    app = FastAPI()
+
+    @app.get("/readyz")
+    def ready() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.post("/vqa")
+    def vqa(body: PlainBody) -> dict[str, Any]:
+        image = Image.open(io.BytesIO(base64.b64decode(body.image))).convert("RGB")
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"].to(device, model.dtype)
+        text = tokenizer(body.question, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            out = model.generate(pixel_values=pixels, input_ids=text["input_ids"],
+                                 attention_mask=text["attention_mask"], max_new_tokens=body.max_answer_length)
+        return {"answer": tokenizer.decode(out[0, 1:], skip_special_tokens=True)}  # [DEC] first
+
+    uvicorn.run(app, host=HOST, port=port, log_level="warning")
+
+
+# -- starting both ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    pid: int
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@contextmanager
+def started(name: str, argv: list[str], env: dict[str, str], port: int, work: Path):
+    log_path = work / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://{HOST}:{port}"
+            wait_ready(proc, url, log_path)
+            yield Server(name, url, proc.pid)
+        finally:
+            stop_process(proc)
+
+
+def backbone_folder(args: argparse.Namespace, work: Path) -> Path:
+    """The weights both servers load: the shipped demo model, or random BLIP-base weights in a folder."""
+    from uniadapter_serve.model.demo.shipped import DEMO_ROOT
+
+    demo = Path(DEMO_ROOT) / "backbone"
+    if args.backbone == "demo":
+        return demo
+    import shutil
+
+    import torch
+    from transformers import BlipForQuestionAnswering
+
+    from uniadapter_serve.model.loading import load_config
+
+    folder = work / args.backbone
+    torch.manual_seed(0)
+    model = BlipForQuestionAnswering(load_config(args.backbone))  # random weights; no download here
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "answer_list.json"):
+        shutil.copy(demo / f, folder / f)  # the demo's small vocabulary: its ids fit any BLIP vocabulary
+    return folder
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+
+def scene(size: int = 256) -> str:
+    img = Image.new("RGB", (size, size), (30, 30, 30))
+    ImageDraw.Draw(img).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 40, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class Sample:
+    throughput: float
+    latencies: list[float]
+    errors: int
+    answers: set[str]
+
+
+async def drive(url: str, body: dict[str, Any], clients: int, seconds: float) -> Sample:
+    latencies: list[float] = []
+    answers: set[str] = set()
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=120.0,
+                                 limits=httpx.Limits(max_connections=clients)) as client:
+        end = time.monotonic() + seconds
+
+        async def one_client() -> None:
+            nonlocal errors
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                try:
+                    r = await client.post("/vqa", json=body)
+                except httpx.TransportError:
+                    errors += 1
+                    continue
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                latencies.append(time.monotonic() - t0)
+                answers.add(r.json()["answer"])
+
+        started_at = time.monotonic()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        elapsed = time.monotonic() - started_at
+    return Sample(len(latencies) / elapsed, latencies, errors, answers)
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def ratio_line(label: str, ours: list[float], plain: list[float], higher_is_better: bool) -> str:
+    ratios = [a / b for a, b in zip(ours, plain, strict=True) if b > 0]
+    if not ratios:
+        return f"  {label}: n/a"
+    median = statistics.median(ratios)
+    return f"  {label}: {median:.2f}x ± {half_iqr(ratios):.2f} ({'higher' if higher_is_better else 'lower'} is better)"
+
+
+def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path) -> list[str]:
+    lines = [f"\n## torch threads = {threads}"]
+    with ExitStack() as stack:
+        port_ours, port_plain = free_port(), free_port()
+        env = thread_env(threads)
+        ours_env = env | {
+            "UNIADAPTER_BACKBONE": "demo" if args.backbone == "demo" else str(folder),
+            "UNIADAPTER_PORT": str(port_ours), "UNIADAPTER_HOST": HOST,
+            "UNIADAPTER_DATA_ROOT": str(work / f"data-{threads}"), "UNIADAPTER_DEVICE": args.device,
+            "UNIADAPTER_DTYPE": args.dtype, "UNIADAPTER_TORCH_THREADS": str(threads),
+            "UNIADAPTER_MAX_WAIT_MS": str(args.max_wait_ms), "UNIADAPTER_LOG_LEVEL": "warning",
+            "UNIADAPTER_MAX_QUEUE": "4096",
+        }
+        ours = stack.enter_context(started(f"ours-{threads}", [sys.executable, "-m", "uniadapter_serve.service.cli",
+                                                               "serve"], ours_env, port_ours, work))
+        plain = stack.enter_context(started(
+            f"plain-{threads}", [sys.executable, __file__, "plain", "--folder", str(folder), "--port",
+                                 str(port_plain), "--threads", str(threads), "--device", args.device,
+                                 "--dtype", args.dtype], env, port_plain, work))
+        body = {"image": scene(), "question": QUESTION, "max_answer_length": args.max_answer_length}
+        variants: dict[str, tuple[str, dict[str, Any]]] = {
+            "plain": (plain.url, body),
+            "ours-bare": (ours.url, body | {"mode": "generate", "adapter": "none"}),
+        }
+        if args.backbone == "demo":
+            variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
+        for url, b in variants.values():  # warm-up: first calls, lazy loads
+            asyncio.run(drive(url, b, 1, args.warmup_seconds))
+        for clients in args.clients:
+            results: dict[str, list[Sample]] = {name: [] for name in variants}
+            names = list(variants)
+            for r in range(args.rounds):
+                for k in range(len(names)):
+                    name = names[(k + r) % len(names)]
+                    url, b = variants[name]
+                    results[name].append(asyncio.run(drive(url, b, clients, args.seconds)))
+            lines.append(f"\n### {clients} client(s)")
+            for name, samples in results.items():
+                tput = [s.throughput for s in samples]
+                lat = [x for s in samples for x in s.latencies]
+                errs = sum(s.errors for s in samples)
+                answers = sorted(set().union(*(s.answers for s in samples)))
+                p50 = percentile(lat, 50) * 1000
+                lines.append(f"  {name:10s} {statistics.median(tput):8.1f} req/s   p50 {p50:7.1f}"
+                             f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   errors {errs}   answers {answers[:3]}")
+            plain_t = [s.throughput for s in results["plain"]]
+            plain_p50 = [percentile(s.latencies, 50) for s in results["plain"]]
+            for name in names[1:]:
+                lines.append(ratio_line(f"{name} / plain throughput", [s.throughput for s in results[name]],
+                                        plain_t, True))
+                lines.append(ratio_line(f"{name} / plain p50 latency",
+                                        [percentile(s.latencies, 50) for s in results[name]], plain_p50, False))
+        for server in (ours, plain):
+            now, peak = rss_mb(server.pid)
+            lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    plain = sub.add_parser("plain", help="run the plain transformers server")
+    plain.add_argument("--folder", type=Path, required=True)
+    plain.add_argument("--port", type=int, required=True)
+    plain.add_argument("--threads", type=int, default=1)
+    plain.add_argument("--device", default="cpu")
+    plain.add_argument("--dtype", default="auto")
+    p.add_argument("--backbone", default="demo", choices=["demo", "blip-base"])
+    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 32])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="per variant per round")
+    p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument("--max-answer-length", type=int, default=10)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args()
+    if args.command == "plain":
+        plain_server(args.folder, args.port, args.threads, args.device, args.dtype)
+        return
+    print(f"# peer benchmark: {args.backbone}, device {args.device}, dtype {args.dtype}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="peer-bench-") as tmp:
+        work = Path(tmp)
+        folder = backbone_folder(args, work)
+        for threads in args.threads:
+            for line in run_threads(args, folder, threads, work):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
