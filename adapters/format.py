@@ -215,12 +215,16 @@ def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
         answers = info.get("answer_list")
         if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
             raise ValueError("answer_list must be a list of strings")
+        extra = dict(data.get("extra") or {})
+        rank_k = extra.get("rank_k")
+        if rank_k is not None and (not isinstance(rank_k, int) or isinstance(rank_k, bool) or rank_k < 1):
+            raise ValueError(f"extra.rank_k must be a positive integer, got {rank_k!r}")
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
         raise AdapterFormatError(f"{folder}: invalid field: {e}") from e
     meta = AdapterSetMeta(
         path=folder, name=name, config=config, backbone=backbone, created=str(data.get("created", "")),
         version=hashlib.sha256(blob).hexdigest()[:VERSION_DIGITS], shapes=shapes, answer_list=answers,
-        extra=dict(data.get("extra") or {}), file_key=key,
+        extra=extra, file_key=key,
     )
     return meta, blob
 

@@ -7,6 +7,7 @@ and a `Routing` for the batch, so one call can serve questions for different ada
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ def answer_log_likelihood(backbone: BlipBackbone, question_states: torch.Tensor,
     return _sequence_log_likelihood(logits, answer_ids, answer_mask)
 
 
+RankScore = Literal["likelihood", "blip"]
+
+
 @dataclass
 class RankedAnswers:
     indices: torch.Tensor
@@ -38,9 +42,12 @@ class RankedAnswers:
 @torch.no_grad()
 def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question_mask: torch.Tensor,
                  candidate_ids: torch.Tensor, candidate_mask: torch.Tensor, k: int,
-                 routing: Routing | None = None) -> RankedAnswers:
-    """BLIP's `rank` mode: the first-token probabilities pick the top-k candidates, which are
-    then scored in full; returns them best first.
+                 routing: Routing | None = None, score: RankScore = "likelihood") -> RankedAnswers:
+    """BLIP's `rank` mode: the first-token probabilities pick the top-k candidates (BLIP and UniAdapter use
+    k = 128), which are then scored in full; returns them best first.
+
+    score: "likelihood", the answer's log-likelihood; "blip", BLIP's own ranking score, the negative
+    label-smoothed (0.1) cross-entropy summed over the answer's tokens.
 
     candidate_ids/mask: (C, L), each starting with BOS and ending with SEP. The question's cross-attention
     K/V are computed once, by the first-token pass, and shared by its k candidates (broadcast, not copied
@@ -59,9 +66,26 @@ def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question
     ids = candidate_ids[top.flatten()]  # (B*k, L), grouped by question
     mask = candidate_mask[top.flatten()]
     logits = backbone.decoder_logits(ids, mask, None, None, routing.repeat_interleave(k), cache.cross_only())
-    scores = _sequence_log_likelihood(logits, ids, mask).view(B, k)
+    if score == "blip":
+        scores = _blip_rank_score(logits, ids, mask).view(B, k)
+    else:
+        scores = _sequence_log_likelihood(logits, ids, mask).view(B, k)
     order = scores.argsort(dim=1, descending=True)
     return RankedAnswers(indices=top.gather(1, order), scores=scores.gather(1, order))
+
+
+BLIP_LABEL_SMOOTHING = 0.1
+"""BLIP's text decoder trains and ranks with label-smoothed cross-entropy"""
+
+
+def _blip_rank_score(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BLIP's rank score: minus the label-smoothed cross-entropy of tokens 2..L, summed per sequence;
+    smoothing eps gives (1 - eps) * log p(token) + eps * mean over the vocabulary of log p."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    eps = BLIP_LABEL_SMOOTHING
+    per_token = (1 - eps) * token_logp + eps * logp.mean(dim=-1)
+    return (per_token * mask[:, 1:].to(per_token.dtype)).sum(dim=1)
 
 
 def _sequence_log_likelihood(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

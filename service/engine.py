@@ -58,9 +58,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1) -> list[tuple[str, float]]:
-        """VQA / VideoQA: answers best first, with their log-likelihoods (generate mode: greedy, or beam search
-        with `num_beams`, the other finished beams as alternatives)."""
+                     max_length: int, timeout: float, num_beams: int = 1,
+                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
+        """VQA / VideoQA: answers best first, with their scores (rank mode: log-likelihoods or BLIP's rank score
+        per `rank_score`; generate mode: log-likelihoods, greedy or beam search with `num_beams`, the other
+        finished beams as alternatives)."""
 
     @abc.abstractmethod
     async def embed_text(self, text: str, ref: str | None, timeout: float) -> torch.Tensor:

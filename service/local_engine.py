@@ -119,6 +119,11 @@ class LocalEngine(Engine):
             cached = self._answer_lists[meta.ref] = self._answer_list(meta.answer_list)
         return cached
 
+    def rank_k(self, meta: AdapterSetMeta | None) -> int:
+        """Candidates scored in full in rank mode: the set's `extra.rank_k`, else the RANK_K setting."""
+        own = meta.extra.get("rank_k") if meta is not None else None
+        return own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else self.settings.rank_k
+
     def _default_answer_strings(self) -> list[str]:
         if self.settings.answer_list is not None:
             return load_answer_list(self.settings.answer_list)
@@ -154,16 +159,19 @@ class LocalEngine(Engine):
     # -- tasks ---------------------------------------------------------------------------------------------
 
     async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1) -> list[tuple[str, float]]:
+                     max_length: int, timeout: float, num_beams: int = 1,
+                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
         deadline = time.monotonic() + timeout
         meta = self._meta(ref)
         out = await self._vision(visual, ref, deadline)
         ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
         answers = self.answers_for(meta)
         rank = mode == "rank"
+        size = len(answers.answers)
         payload = AnswerInput(ids[0], mask[0], out.states, mode="rank" if rank else "generate",
-                              top_k=min(top_k, len(answers.answers)) if rank else min(top_k, num_beams),
-                              candidates=answers.tensors,
+                              top_k=min(top_k, size) if rank else min(top_k, num_beams),
+                              candidates=answers.tensors, rank_k=min(max(top_k, self.rank_k(meta)), size),
+                              rank_score="blip" if rank_score == "blip" else "likelihood",
                               max_length=max_length, num_beams=num_beams)
         result: AnswerOutput = await self.batcher.submit("answer", payload, ref, deadline)
         if result.indices is not None:

@@ -158,10 +158,11 @@ class ModelReplica:
         return ref
 
     async def answer(self, visual: VisionInput, question: str, mode: str, top_k: int, max_length: int,
-                     timeout: float, num_beams: int = 1, ref: str | None = None) -> list[tuple[str, float]]:
+                     timeout: float, num_beams: int = 1, rank_score: str = "likelihood",
+                     ref: str | None = None) -> list[tuple[str, float]]:
         ref = await self._routed(ref)
         return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
-                                        timeout=timeout, num_beams=num_beams)
+                                        timeout=timeout, num_beams=num_beams, rank_score=rank_score)
 
     async def embed_text(self, text: str, timeout: float, ref: str | None = None) -> Any:
         return await self.engine.embed_text(text, await self._routed(ref), timeout)
@@ -280,9 +281,10 @@ class RayEngine(Engine):
         raise ServerBusyError("a model replica went away during the request; retry", retry_after=1.0)
 
     async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1) -> list[tuple[str, float]]:
+                     max_length: int, timeout: float, num_beams: int = 1,
+                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
         result: list[tuple[str, float]] = await self._call("answer", ref, visual, question, mode, top_k, max_length,
-                                                           timeout, num_beams)
+                                                           timeout, num_beams, rank_score)
         return result
 
     async def embed_text(self, text: str, ref: str | None, timeout: float) -> Any:

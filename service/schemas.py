@@ -57,6 +57,10 @@ def _retrieve_schema(schema: dict[str, Any]) -> None:
                                     ("query_image", "collection"), ("query_image", "candidate_texts"))]
 
 
+RANK_SCORE_FIELD: Any = Field("likelihood", description=(
+    "Rank mode: how candidates are scored; likelihood: the answer's log-likelihood; blip: BLIP's and UniAdapter's "
+    "ranking score (minus the label-smoothed cross-entropy), as their papers evaluate."))
+
 NUM_BEAMS_FIELD = Field(1, ge=1, le=8, description=(
     "Generate mode: beam search width (BLIP and UniAdapter answer with 3; 1 = greedy). The other finished "
     "beams come back as alternatives (up to top_k)."))
@@ -86,6 +90,7 @@ class VqaRequest(BaseModel):
     top_k: int = Field(3, ge=1, le=100, description="Answers returned (best first).")
     max_answer_length: int = Field(10, ge=1, le=30, description="Tokens, generate mode.")
     num_beams: int = NUM_BEAMS_FIELD
+    rank_score: Literal["likelihood", "blip"] = RANK_SCORE_FIELD
     adapter: str | None = ADAPTER_FIELD
 
     @model_validator(mode="after")
@@ -103,6 +108,7 @@ class VideoQaRequest(BaseModel):
     top_k: int = Field(3, ge=1, le=100)
     max_answer_length: int = Field(10, ge=1, le=30)
     num_beams: int = NUM_BEAMS_FIELD
+    rank_score: Literal["likelihood", "blip"] = RANK_SCORE_FIELD
     num_frames: int | None = Field(None, ge=1, le=64, description="Frames sampled uniformly (default: the set's).")
     adapter: str | None = ADAPTER_FIELD
 

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
     )
+    rank_k: int = Field(128, ge=1, le=4096, description=(
+        "VQA rank mode: candidates from the answer list scored in full after the first-token pruning (BLIP and "
+        "UniAdapter's k_test = 128; capped by the list). A set's `extra.rank_k` overrides it."))
     max_queue: int = Field(512, ge=1, description="Jobs waiting over all stages before 429.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-request deadline (504 after it).")
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.vqa import beam_search_answers, generate_answers, rank_answers
+from uniadapter_serve.model.vqa import RankScore, beam_search_answers, generate_answers, rank_answers
 from uniadapter_serve.service.batcher import Handler, Job
 
 
@@ -67,6 +67,9 @@ class AnswerInput:
     top_k: int
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None
     """(C, A) answer ids and mask for rank mode ([DEC] first)"""
+    rank_k: int = 1
+    """rank mode: candidates kept by the first-token pruning and scored in full (>= top_k)"""
+    rank_score: RankScore = "likelihood"
     max_length: int = 10
     num_beams: int = 1
     """generate mode: 1 = greedy, else beam search"""
@@ -158,11 +161,13 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
                                               routing)  # (B, Q, D)
         results: list[Any] = [None] * len(jobs)
         # rank jobs sharing one candidate list run together; generate jobs of one beam width run together
-        groups: dict[tuple[str, int], list[int]] = {}
+        # (rank jobs also need the same k and score: a job's answers never depend on its batch)
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, x in enumerate(inputs):
-            key = ("rank", id(x.candidates)) if x.mode == "rank" else ("generate", x.num_beams)
+            key = (("rank", id(x.candidates), x.rank_k, x.rank_score) if x.mode == "rank"
+                   else ("generate", x.num_beams))
             groups.setdefault(key, []).append(i)
-        outcomes: list[tuple[tuple[str, int], list[int], torch.Tensor, torch.Tensor]] = []
+        outcomes: list[tuple[tuple[Any, ...], list[int], torch.Tensor, torch.Tensor]] = []
         for key, rows in groups.items():
             index = torch.tensor(rows, device=device)
             sub = routing.select(index)
@@ -179,8 +184,9 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
             else:
                 cand = inputs[rows[0]].candidates
                 assert cand is not None
-                k = max(inputs[i].top_k for i in rows)
-                ranked = rank_answers(backbone, q, qmask, cand[0].to(device), cand[1].to(device), k, sub)
+                x = inputs[rows[0]]
+                ranked = rank_answers(backbone, q, qmask, cand[0].to(device), cand[1].to(device),
+                                      max(x.rank_k, x.top_k), sub, score=x.rank_score)
                 outcomes.append((key, rows, ranked.indices, ranked.scores))
         hosted = to_host(*(t for _, _, a, b in outcomes for t in (a, b)))  # one transfer for every group
         for n, (key, rows, _, _) in enumerate(outcomes):

@@ -61,7 +61,7 @@ async def vqa(request: Request, core: CoreDep) -> VqaResponse:
         visual = await core.image_input(image.data, image.content_type, "image")
         answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
                                            max_length=body.max_answer_length, timeout=core.timeout(),
-                                           num_beams=body.num_beams)
+                                           num_beams=body.num_beams, rank_score=body.rank_score)
     return _vqa_response(answers, body.mode, _ref(meta))
 
 
@@ -80,7 +80,7 @@ async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
         visual = await core.video_input(media["video"][0].data, frames, "video")
         answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
                                            max_length=body.max_answer_length, timeout=core.timeout(),
-                                           num_beams=body.num_beams)
+                                           num_beams=body.num_beams, rank_score=body.rank_score)
     return _vqa_response(answers, body.mode, _ref(meta))
 
 

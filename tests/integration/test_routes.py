@@ -42,6 +42,26 @@ def test_vqa_json_and_multipart_agree(client, refs):
     assert abs(m.json()["score"] - body["score"]) < 1e-4
 
 
+def test_vqa_rank_scores_k_candidates_whatever_top_k(client):
+    """Rank mode prunes to k = RANK_K (128, capped by the list) by the first token, not to top_k: asking for
+    fewer answers returns the head of the same ranking; rank_score=blip ranks by BLIP's score."""
+    png = b64(image_bytes((30, 200, 90)))
+    body = {"image": png, "question": "what colour is the square?", "adapter": "vqa-a"}
+    every = client.post("/vqa", json=body | {"top_k": len(ANSWERS)}).json()["alternatives"]
+    assert len(every) == len(ANSWERS) and {a["answer"] for a in every} == set(ANSWERS)
+    for top_k in (1, 2, 4):
+        head = client.post("/vqa", json=body | {"top_k": top_k}).json()["alternatives"]
+        assert [a["answer"] for a in head] == [a["answer"] for a in every[:top_k]]
+        assert all(abs(x["score"] - y["score"]) <= 1e-4 for x, y in zip(head, every, strict=False))
+    blip = client.post("/vqa", json=body | {"top_k": len(ANSWERS), "rank_score": "blip"}).json()["alternatives"]
+    assert {a["answer"] for a in blip} == set(ANSWERS)
+    likelihood = {a["answer"]: a["score"] for a in every}
+    assert all(abs(b["score"] - likelihood[b["answer"]]) > 1e-3 for b in blip)  # another score
+    assert [b["score"] for b in blip] == sorted((b["score"] for b in blip), reverse=True)
+    bad = client.post("/vqa", json=body | {"rank_score": "loss"})
+    assert bad.status_code == 422 and "rank_score" in bad.json()["detail"]
+
+
 def test_vqa_generate_and_bare_backbone(client):
     r = client.post("/vqa", json={"image": b64(image_bytes(fmt="JPEG")), "question": "what is it?",
                                   "mode": "generate", "adapter": "vqa-b", "max_answer_length": 4})

@@ -130,9 +130,11 @@ def test_vqa_set_needs_a_decoder(backbone, saved, tiny_config):
         (lambda d: _edit(d, lambda c: c["adapter"].update(color="red")), "color"),
         (lambda d: _edit(d, lambda c: c["adapter"].update(task="captioning")), "task"),
         (lambda d: _edit(d, lambda c: c.pop("backbone")), "backbone"),
+        (lambda d: _edit(d, lambda c: c.update(extra={"rank_k": 0})), "extra.rank_k"),
+        (lambda d: _edit(d, lambda c: c.update(extra={"rank_k": "128"})), "extra.rank_k"),
     ],
     ids=["truncated-8", "truncated-data", "bad-header", "empty", "no-weights", "no-config", "bad-json",
-         "not-object", "format-version", "unknown-field", "bad-task", "no-backbone"],
+         "not-object", "format-version", "unknown-field", "bad-task", "no-backbone", "rank-k-zero", "rank-k-text"],
 )
 def test_damaged_sets_give_clear_errors(backbone, saved, damage, message):
     _, folder, _ = saved

@@ -1,0 +1,83 @@
+"""The answer stage's rank mode: k candidates survive the first-token pruning whatever top_k is, and a job's
+answers never depend on the jobs it is batched with (other k, other score, generate jobs)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.testing import random_batch
+from uniadapter_serve.model.vqa import answer_log_likelihood
+from uniadapter_serve.service.stages import AnswerInput, make_handlers
+
+BOS, SEP, PAD = 2, 3, 0
+C = 30
+
+
+@pytest.fixture
+def setup(backbone, tiny_config):
+    """The answer handler, two questions' (ids, mask, vision states) and a list of C candidate answers."""
+    handler = make_handlers(backbone, bos_id=BOS, sep_id=SEP, pad_id=PAD)["answer"]
+    batch = random_batch(backbone, 2, seed=21, text_len=7)
+    with torch.no_grad():
+        states = backbone.encode_image(batch.pixel_values)
+    gen = torch.Generator().manual_seed(22)
+    cand = torch.randint(4, tiny_config.text_config.vocab_size, (C, 5), generator=gen)
+    cand[:, 0] = BOS
+    mask = torch.ones_like(cand)
+    for c in range(C):
+        n = 3 + c % 3
+        cand[c, n - 1], cand[c, n:], mask[c, n:] = SEP, PAD, 0
+    # as the tokenizer gives one question: no padding (the stage masks the padding it adds when batching)
+    questions = [(batch.input_ids[i], torch.ones_like(batch.input_ids[i]), states[i:i + 1]) for i in range(2)]
+    return handler, questions, (cand, mask)
+
+
+def run(handler, inputs):
+    return handler([SimpleNamespace(payload=x) for x in inputs], Routing.none(len(inputs)))
+
+
+def rank(question, candidates, top_k, rank_k, score="likelihood"):
+    ids, mask, states = question
+    return AnswerInput(ids, mask, states, mode="rank", top_k=top_k, candidates=candidates, rank_k=rank_k,
+                       rank_score=score)
+
+
+@torch.no_grad()
+def full_scores(backbone, question, candidates):
+    """Every candidate's log-likelihood, no pruning."""
+    ids, mask, states = question
+    q = backbone.encode_multimodal(ids[None], mask[None], states)
+    qmask = mask.new_ones(q.shape[:2])
+    first = F.log_softmax(backbone.decoder_logits(torch.full((1, 1), BOS), None, q, qmask)[0, 0], -1)
+    full = answer_log_likelihood(backbone, q.expand(C, -1, -1), qmask.expand(C, -1), *candidates)
+    return full, first.index_select(0, candidates[0][:, 1])
+
+
+def test_rank_k_candidates_are_scored_whatever_top_k(backbone, setup):
+    handler, questions, candidates = setup
+    for question in questions:
+        full, first = full_scores(backbone, question, candidates)
+        out = run(handler, [rank(question, candidates, top_k=3, rank_k=C)])[0]
+        assert out.indices == full.topk(3).indices.tolist()
+        assert torch.allclose(torch.tensor(out.scores), full.topk(3).values, atol=1e-4)
+        pruned = run(handler, [rank(question, candidates, top_k=1, rank_k=1)])[0]
+        assert pruned.indices == [int(first.argmax())]  # k = 1: the first token alone decides
+
+
+def test_a_rank_job_answers_the_same_in_any_batch(setup):
+    handler, questions, candidates = setup
+    q0, q1 = questions
+    gen = AnswerInput(q1[0], q1[1], q1[2], mode="generate", top_k=1, max_length=4)
+    jobs = [rank(q0, candidates, 3, 4), rank(q0, candidates, 3, C), rank(q1, candidates, 5, C, "blip"),
+            rank(q1, candidates, 5, C), gen]
+    together = run(handler, jobs)
+    for job, mixed in zip(jobs, together, strict=True):
+        alone = run(handler, [job])[0]
+        assert mixed.indices == alone.indices
+        assert torch.allclose(torch.tensor(mixed.scores), torch.tensor(alone.scores), atol=1e-4)
+    assert together[2].scores != together[3].scores  # BLIP's score is not the log-likelihood
