@@ -133,12 +133,14 @@ class TextSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if k.shape[0] == B:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, hd)
-        else:
+        else:  # the g rows of a group are more queries against the same keys: (groups, H, g*L, hd)
             groups = k.shape[0]
-            q5 = q.reshape(groups, B // groups, H, L, hd)
-            m5 = mask[:, None] if mask is not None else None
-            ctx = F.scaled_dot_product_attention(q5, k[:, None], v[:, None], attn_mask=m5, dropout_p=p).reshape(
-                B, H, L, hd)
+            g = B // groups
+            qg = q.reshape(groups, g, H, L, hd).transpose(1, 2).reshape(groups, H, g * L, hd)
+            if mask is not None and mask.shape[-2] != 1:
+                raise ValueError("grouped keys take a key mask only (one row per group)")
+            ctx = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=p)
+            ctx = ctx.reshape(groups, H, g, L, hd).transpose(1, 2).reshape(B, H, L, hd)
         return ctx.transpose(1, 2).reshape(B, L, D)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor | None = None,

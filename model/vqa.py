@@ -65,11 +65,7 @@ def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question
     top = first_scores.topk(k, dim=1).indices  # (B, k)
     ids = candidate_ids[top.flatten()]  # (B*k, L), grouped by question
     mask = candidate_mask[top.flatten()]
-    logits = backbone.decoder_logits(ids, mask, None, None, routing.repeat_interleave(k), cache.cross_only())
-    if score == "blip":
-        scores = _blip_rank_score(logits, ids, mask).view(B, k)
-    else:
-        scores = _sequence_log_likelihood(logits, ids, mask).view(B, k)
+    scores = _score_prefix_tree(backbone, cache, first_logp, routing, ids, mask, score).view(B, k)
     order = scores.argsort(dim=1, descending=True)
     return RankedAnswers(indices=top.gather(1, order), scores=scores.gather(1, order))
 
@@ -93,6 +89,62 @@ def _sequence_log_likelihood(logits: torch.Tensor, ids: torch.Tensor, mask: torc
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (token_logp * mask[:, 1:].to(token_logp.dtype)).sum(dim=1)
+
+def _score_prefix_tree(backbone: BlipBackbone, cache: DecoderCache, first_logp: torch.Tensor, routing: Routing,
+                       ids: torch.Tensor, mask: torch.Tensor, score: RankScore) -> torch.Tensor:
+    """Score B questions' candidates (ids/mask (B*k, L), [DEC] first, grouped by question) one token position
+    at a time over their prefix tree: a prefix that several candidates share runs through the decoder once,
+    with the past self-attention K/V in `cache` (after the first pass, which scored position 1 already:
+    `first_logp` (B, V)). -> (B*k,) scores.
+
+    Candidates pruned by their first token share it by construction, so the tree is narrow: 128 answers of
+    1-3 tokens cost about as many decoder tokens as they have distinct prefixes, not 128 x L."""
+    B = first_logp.shape[0]
+    N, L = ids.shape
+    device = ids.device
+    question = torch.arange(B, device=device).repeat_interleave(N // B)
+    weight = mask.to(first_logp.dtype)
+
+    def term(node_logp: torch.Tensor, node: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        picked = node_logp[node, token]
+        if score == "blip":  # label smoothing spreads eps of the target over the vocabulary
+            eps = BLIP_LABEL_SMOOTHING
+            return (1 - eps) * picked + eps * node_logp.mean(dim=-1)[node]
+        return picked
+
+    vocab = first_logp.shape[1]
+    total = term(first_logp, question, ids[:, 1]) * weight[:, 1]
+    question_of_row = torch.arange(B, device=device)
+    node = question  # each candidate's current prefix, as a row of the cache (the first pass: one per question)
+    for j in range(2, L):
+        need = mask[:, j].bool()
+        wanted = need.nonzero().flatten()
+        if wanted.numel() == 0:
+            break
+        # the distinct prefixes that must predict token j: (parent prefix's row, token j-1), one number each;
+        # parent rows are laid out by question, so sorted prefixes are too
+        keys, inverse = torch.unique(node[wanted] * vocab + ids[wanted, j - 1], return_inverse=True)
+        parent, last = keys // vocab, keys % vocab
+        owner_of = question_of_row[parent]
+        # rows laid out g per question (the cross-attention K/V are broadcast per question); a question with
+        # fewer prefixes repeats its last one, one with none borrows any (their outputs are never read)
+        counts = torch.bincount(owner_of, minlength=B)
+        g = int(counts.max())
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(g, device=device).repeat(B)
+        owner = torch.arange(B, device=device).repeat_interleave(g)
+        source = (starts[owner] + torch.minimum(slot, (counts[owner] - 1).clamp(min=0))).clamp(max=len(keys) - 1)
+        cache.reorder(parent[source])
+        logits = backbone.decoder_logits(last[source, None], None, None, None, routing.repeat_interleave(g),
+                                         cache)[:, 0]
+        row_of_prefix = owner_of * g + (torch.arange(len(keys), device=device) - starts[owner_of])
+        question_of_row = owner
+        node = torch.zeros_like(node)  # candidates that ended point at row 0; their step is masked out
+        node[wanted] = row_of_prefix[inverse]
+        step = term(F.log_softmax(logits.float(), dim=-1), node, ids[:, j])
+        total = total + torch.where(need, step * weight[:, j], torch.zeros_like(step))
+    return total
+
 
 
 @torch.no_grad()
