@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.testing import random_adapter, random_batch
-from uniadapter_serve.model.text import TextSelfAttention
+from uniadapter_serve.model.text import DecoderCache, TextSelfAttention
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
 from uniadapter_serve.model.vqa import (
+    BLIP_LABEL_SMOOTHING,
+    _score_prefix_tree,
     answer_log_likelihood,
     beam_search_answers,
     generate_answers,
@@ -132,3 +134,33 @@ def test_one_beam_is_greedy(backbone, question):
     beam = beam_search_answers(backbone, q, qmask, BOS, EOS, PAD, num_beams=1, max_length=6, routing=routing)
     assert torch.equal(beam.ids[:, 0], ids)
     assert (beam.scores[:, 0] - scores).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("score", ["likelihood", "blip"])
+def test_prefix_tree_scores_ragged_candidates_as_the_full_pass(backbone, question, score):
+    """The prefix tree, with questions whose candidates end at different depths (one question's all end
+    after one token, while others' share prefixes and go on): each candidate's score is the one a full pass
+    over its own tokens gives."""
+    q, qmask, routing = question
+    B, k = q.shape[0], 4
+    rows = []
+    for b in range(B):
+        if b == 1:  # every answer one token long
+            rows += [[BOS, 10 + c, EOS, PAD, PAD] for c in range(k)]
+        else:  # shared prefixes of different depths
+            rows += [[BOS, 7, EOS, PAD, PAD], [BOS, 7, 8, EOS, PAD], [BOS, 7, 8, 9, EOS], [BOS, 11 + b, 8, 9, EOS]]
+    ids = torch.tensor(rows)
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        cache = DecoderCache()
+        first = backbone.decoder_logits(ids[::k, :1], None, q, qmask, routing, cache)[:, 0]
+        got = _score_prefix_tree(backbone, cache, F.log_softmax(first.float(), -1), routing, ids, mask, score)
+        logits = backbone.decoder_logits(ids, mask, q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
+                                         routing.repeat_interleave(k))
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if score == "blip":
+        eps = BLIP_LABEL_SMOOTHING
+        picked = (1 - eps) * picked + eps * logp.mean(-1)
+    want = (picked * mask[:, 1:]).sum(1)
+    assert (got - want).abs().max() <= 1e-4
