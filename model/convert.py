@@ -14,7 +14,11 @@ renamed to transformers' BLIP layout and written as a backbone folder (`config.j
     visual_encoder.blocks.i.mlp.fc1/fc2.* -> vision_model.encoder.layers.i.mlp.fc1/fc2.*
     visual_encoder.norm.*                 -> vision_model.post_layernorm.*
     text_encoder.*, text_decoder.*, vision_proj.*, text_proj.*, itm_head.*: unchanged
-Dropped: momentum towers (`*_m.*`), `temp`, the queues, `position_ids`, pooler weights.
+
+Dropped on purpose (`BLIP_DROPS`, each with its reason; any other key is an error naming it): the
+ITC temperature `temp`; the ITC queues `image_queue`, `text_queue`, `idx_queue` and their write
+pointer (`ptr_queue` in retrieval models, `queue_ptr` in pre-training's `model_base.pth`); the
+momentum towers (`*_m.*`); `position_ids` buffers; BERT pooler weights.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,27 @@ from uniadapter_serve.errors import CheckpointError
 from uniadapter_serve.model.backbone import COMPONENTS
 from uniadapter_serve.model.loading import backbone_from_state_dict, component_of, load_config, read_safetensors
 
-DROP_EXACT = {"temp", "image_queue", "text_queue", "idx_queue", "ptr_queue"}
+
+@dataclass(frozen=True)
+class DropRule:
+    """Keys matching `pattern` (a regex, searched) are left out of the conversion, for `reason`."""
+
+    pattern: str
+    reason: str
+
+    def matches(self, key: str) -> bool:
+        return re.search(self.pattern, key) is not None
+
+
+BLIP_DROPS: tuple[DropRule, ...] = (
+    DropRule(r"^temp$", "ITC temperature (training only)"),
+    DropRule(r"^(image|text)_queue$", "ITC momentum feature queue (training only)"),
+    DropRule(r"^idx_queue$", "ITC image-id queue for id-aware positives (retrieval training only)"),
+    DropRule(r"^(ptr_queue|queue_ptr)$", "ITC queue write pointer (ptr_queue in retrieval, queue_ptr in pre-training)"),
+    DropRule(r"^[^.]+_m\.", "momentum tower (*_m): the EMA copy used for distillation in training"),
+    DropRule(r"(^|\.)position_ids$", "position-id buffer, rebuilt from the config"),
+    DropRule(r"\.pooler\.", "BERT pooler, unused by BLIP's tasks"),
+)
 VISION_RULES: tuple[tuple[str, str], ...] = (
     (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
     (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
@@ -59,8 +85,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of a `.pth` checkpoint: weights only (no pickle code), memory-mapped."""
+@dataclass
+class Checkpoint:
+    """What a `.pth` training checkpoint holds that a conversion reads."""
+
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+    """The training config saved beside the weights (UniAdapter and BLIP save `config`), if any."""
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The state dict (and config, if saved) of a `.pth` checkpoint: weights only (no pickle code), memory-mapped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -76,16 +111,25 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (looked at 'model', 'state_dict', the top level)")
-    return state
+    config = obj.get("config") if state is not obj else None
+    if config is not None and not (isinstance(config, dict) and all(isinstance(k, str) for k in config)):
+        raise CheckpointError(f"{path}: its 'config' entry is a {type(config).__name__}, not a dict of named options")
+    return Checkpoint(state, config)
 
 
-def is_momentum(key: str) -> bool:
-    return key.split(".", 1)[0].endswith("_m")
+def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a `.pth` checkpoint (see `load_checkpoint`)."""
+    return load_checkpoint(path).state
+
+
+def drop_reason(key: str, rules: tuple[DropRule, ...] = BLIP_DROPS) -> str | None:
+    """Why `key` is left out of a conversion, or None if it is not."""
+    return next((rule.reason for rule in rules if rule.matches(key)), None)
 
 
 def rename_blip_key(key: str) -> str | None:
-    """Original BLIP name -> transformers name; None for keys that are dropped."""
-    if key in DROP_EXACT or is_momentum(key) or key.endswith("position_ids") or ".pooler." in key:
+    """Original BLIP name -> transformers name; None for keys that are dropped or match no rule."""
+    if drop_reason(key) is not None:
         return None
     for pattern, target in VISION_RULES:
         if re.match(pattern, key):
@@ -95,23 +139,30 @@ def rename_blip_key(key: str) -> str | None:
     return None
 
 
-def convert_blip_state(state: Mapping[str, torch.Tensor], *, ignore: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Rename every key; keys that are neither mapped, dropped nor in `ignore` are an error listing them."""
-    ignored = set(ignore)
+def convert_blip_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename every key -> (transformers-named state, {dropped key: reason}). A key that is neither
+    renamed nor in `BLIP_DROPS` is an error listing it."""
     out: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
     unknown = []
     for key, tensor in state.items():
-        if key in ignored:
+        reason = drop_reason(key)
+        if reason is not None:
+            dropped[key] = reason
             continue
         new = rename_blip_key(key)
         if new is None:
-            if not (key in DROP_EXACT or is_momentum(key) or key.endswith("position_ids") or ".pooler." in key):
-                unknown.append(key)
+            unknown.append(key)
             continue
         out[new] = tensor
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys match no BLIP rule: {sorted(unknown)[:10]}")
-    return out
+    return out, dropped
+
+
+def count_reasons(dropped: Mapping[str, str]) -> dict[str, int]:
+    """{dropped key: reason} -> {reason: how many keys} (for conversion reports)."""
+    return dict(Counter(dropped.values()))
 
 
 def infer_config(state: Mapping[str, torch.Tensor], *, vision_heads: int | None = None,
@@ -170,9 +221,10 @@ def write_backbone(folder: str | Path, config: BlipConfig, state: Mapping[str, t
 def convert_blip_pth(source: str | Path, target: str | Path, *, vision_heads: int | None = None,
                      text_heads: int | None = None) -> dict[str, Any]:
     """Original BLIP `.pth` -> backbone folder."""
-    state = convert_blip_state(load_pth(source))
+    state, dropped = convert_blip_state(load_pth(source))
     config = infer_config(state, vision_heads=vision_heads, text_heads=text_heads)
-    return write_backbone(target, config, state, {"source": str(source), "source_sha256": sha256_file(Path(source))})
+    return write_backbone(target, config, state, {"source": str(source), "source_sha256": sha256_file(Path(source)),
+                                                  "dropped": count_reasons(dropped)})
 
 
 def merge_backbones(sources: list[str | Path], target: str | Path) -> dict[str, Any]:
