@@ -211,8 +211,17 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
             "UNIADAPTER_MAX_WAIT_MS": str(args.max_wait_ms), "UNIADAPTER_LOG_LEVEL": "warning",
             "UNIADAPTER_MAX_QUEUE": "4096",
         }
-        ours = stack.enter_context(started(f"ours-{threads}", [sys.executable, "-m", "uniadapter_serve.service.cli",
-                                                               "serve"], ours_env, port_ours, work))
+        serve = [sys.executable, "-m", "uniadapter_serve.service.cli", "serve"]
+        ours = stack.enter_context(started(f"ours-{threads}", serve, ours_env, port_ours, work))
+        workers = None
+        if args.workers > 1:  # the same cores as more model threads, each with fewer intra-op threads
+            port_workers = free_port()
+            each = max(1, threads // args.workers)
+            workers_env = ours_env | thread_env(each) | {
+                "UNIADAPTER_PORT": str(port_workers), "UNIADAPTER_DATA_ROOT": str(work / f"data-w-{threads}"),
+                "UNIADAPTER_MODEL_WORKERS": str(args.workers), "UNIADAPTER_TORCH_THREADS": str(each)}
+            workers = stack.enter_context(started(f"ours-{args.workers}w-{threads}", serve, workers_env,
+                                                  port_workers, work))
         plain = stack.enter_context(started(
             f"plain-{threads}", [sys.executable, __file__, "plain", "--folder", str(folder), "--port",
                                  str(port_plain), "--threads", str(threads), "--device", args.device,
@@ -224,6 +233,8 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         }
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
+        if workers is not None:
+            variants[f"ours-{args.workers}w"] = (workers.url, body | {"mode": "generate", "adapter": "none"})
         for url, b in variants.values():  # warm-up: first calls, lazy loads
             asyncio.run(drive(url, b, 1, args.warmup_seconds))
         for clients in args.clients:
@@ -250,7 +261,7 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                                         plain_t, True))
                 lines.append(ratio_line(f"{name} / plain p50 latency",
                                         [percentile(s.latencies, 50) for s in results[name]], plain_p50, False))
-        for server in (ours, plain):
+        for server in (ours, plain, *([workers] if workers is not None else [])):
             now, peak = rss_mb(server.pid)
             lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
     return lines
@@ -273,6 +284,8 @@ def main() -> None:
     p.add_argument("--warmup-seconds", type=float, default=2.0)
     p.add_argument("--max-answer-length", type=int, default=10)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="also run the service with this many model workers (MODEL_WORKERS), threads / workers each")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()

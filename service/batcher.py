@@ -95,8 +95,10 @@ class Job:
 class Batcher:
     def __init__(self, manager: AdapterManager, handlers: dict[str, Handler], *, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
-                 stage_batch_sizes: dict[str, int] | None = None) -> None:
+                 stage_batch_sizes: dict[str, int] | None = None, workers: int = 1) -> None:
         self.manager = manager
+        self.workers = workers
+        """model threads taking batches from the same queues (each runs one batch at a time)"""
         self.handlers = handlers
         self.max_batch_size = max_batch_size
         self.stage_batch_sizes = stage_batch_sizes or {}
@@ -108,7 +110,7 @@ class Batcher:
         """jobs admitted requests may still submit"""
         self._cond = threading.Condition()
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._batch_seconds = 0.05  # running estimate, for Retry-After
         metrics.queue_depth.collect_from(self._depths)
 
@@ -119,8 +121,10 @@ class Batcher:
 
     def start(self) -> None:
         self._running = True
-        self._thread = threading.Thread(target=self._loop, name="uniadapter-model", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"uniadapter-model-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking work; finish what is queued (up to `drain_timeout`), then end the thread."""
@@ -128,8 +132,8 @@ class Batcher:
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def queued(self) -> int:
         with self._cond:

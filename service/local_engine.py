@@ -64,7 +64,8 @@ class LocalEngine(Engine):
             self.backbone, registry,
             device_budget_bytes=int(settings.device_adapter_budget_mb * MB),
             cpu_budget_bytes=int(settings.cpu_adapter_budget_mb * MB),
-            wait_timeout_s=0.0,  # only the model thread leases; it defers sets that find no room
+            # one model thread defers sets that find no room; several wait a little for each other's leases
+            wait_timeout_s=0.0 if settings.model_workers == 1 else 2.0,
         )
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
@@ -73,7 +74,7 @@ class LocalEngine(Engine):
         self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
-                               if settings.max_vision_batch_size else None)
+                               if settings.max_vision_batch_size else None, workers=settings.model_workers)
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self._ready = False

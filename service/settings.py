@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_vision_batch_size: int | None = Field(
         None, ge=1, le=1024, description="Cap on jobs per vision batch (CPUs gain little past ~8-12 images)."
     )
+    model_workers: int = Field(1, ge=1, le=16, description=(
+        "Model threads, each running one batch at a time from the same queues (CPU: with TORCH_THREADS = cores / "
+        "workers, several small batches at once can beat one batch on every core; GPU: keep 1)."))
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
     )

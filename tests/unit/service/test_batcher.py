@@ -266,3 +266,36 @@ def test_admission_counts_reserved_jobs_and_refuses_what_does_not_fit(manager):
     batcher.stop()
     with pytest.raises(OverloadedError, match="shutting down"):
         batcher.admit(1)
+
+
+def test_model_workers_run_batches_side_by_side(manager):
+    """MODEL_WORKERS = 2: while one batch is held in compute, the other worker takes the next batch (leasing
+    its own set) and finishes it."""
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def handler(jobs, routing):
+        inside.release()
+        if jobs[0].payload == "hold":
+            assert release.wait(10)
+        return [j.payload for j in jobs]
+
+    a, b = refs(manager)
+    batcher = Batcher(manager, {"s": handler}, metrics=ServiceMetrics(), max_batch_size=1, max_wait_ms=0,
+                      max_queue=64, workers=2)
+    batcher.start()
+
+    async def main():
+        held = asyncio.ensure_future(batcher.submit("s", "hold", a, time.monotonic() + 20))
+        await until(lambda: inside.acquire(blocking=False), "the first batch in compute")
+        other = asyncio.ensure_future(batcher.submit("s", "next", b, time.monotonic() + 20))
+        await until(other.done, "the second batch, on the other worker")
+        assert not held.done()
+        release.set()
+        return await held, await other
+
+    try:
+        assert asyncio.run(main()) == ("hold", "next")
+    finally:
+        release.set()
+        batcher.stop()
