@@ -83,7 +83,7 @@ def test_budget_serves_waiters_first_come_first_served():
         order.append(name)
         budget.release(pixels)
 
-    big = threading.Thread(target=take, args=("big", 90))
+    big = threading.Thread(target=take, args=("big", 95))  # big and small never fit together: a strict order
     big.start()
     wait_for(lambda: budget.waiting == 1)
     small = threading.Thread(target=take, args=("small", 10))  # would fit now, but the big one waits ahead
