@@ -17,7 +17,7 @@ from uniadapter_serve.service.bodies import BODY_MODELS
 from uniadapter_serve.service.core import EngineFactory, ServiceCore, local_engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from uniadapter_serve.service.routes import adapters, collections, ops, tasks
+from uniadapter_serve.service.routes import adapters, collections, items, ops, tasks, web
 from uniadapter_serve.service.schemas import apply_limits
 from uniadapter_serve.service.settings import Settings
 
@@ -61,7 +61,10 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
     app.include_router(tasks.router)
     app.include_router(adapters.router)
     app.include_router(collections.router)
+    app.include_router(items.router)
     app.include_router(ops.router)
+    app.include_router(web.router)
+    app.mount("/static", web.static_files(), name="static")
     errors.install(app)
 
     def openapi() -> dict[str, Any]:

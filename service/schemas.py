@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.config import JsonDict
 
 # Patterns are declared in the schema only: the server checks the same rules itself, with messages that
@@ -49,12 +50,14 @@ def _exactly_one_of(schema: dict[str, Any], fields: tuple[str, ...]) -> None:
 
 
 def _retrieve_schema(schema: dict[str, Any]) -> None:
-    """A text query ranks a collection or candidate_images; an image query a collection or candidate_texts."""
-    fields = ("query_text", "query_image", "collection", "candidate_texts", "candidate_images")
-    _omit_not_null(schema, fields)
+    """A text query ranks a collection or candidate_images; an image query a collection or candidate_texts; a
+    video query a collection."""
+    fields = ("query_text", "query_image", "query_video", "collection", "candidate_texts", "candidate_images")
+    _omit_not_null(schema, (*fields, "filter"))
     schema["oneOf"] = [{"required": list(pair), "properties": {f: False for f in fields if f not in pair}}
                        for pair in (("query_text", "collection"), ("query_text", "candidate_images"),
-                                    ("query_image", "collection"), ("query_image", "candidate_texts"))]
+                                    ("query_image", "collection"), ("query_image", "candidate_texts"),
+                                    ("query_video", "collection"))]
 
 
 RANK_SCORE_FIELD: Any = Field("likelihood", description=(
@@ -130,6 +133,22 @@ class VqaResponse(BaseModel):
     adapter: str | None = Field(description="Exact adapter set (name@version) that produced the answer; null = bare.")
 
 
+MetadataValue = str | int | float | bool
+
+
+class RetrieveFilter(BaseModel):
+    """Every condition given must hold (AND)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption_contains: str | None = Field(
+        None, min_length=1, description="Case-insensitive substring of the item's metadata 'caption' (of the text, "
+        "for text items).", examples=["circle"])
+    metadata: dict[str, MetadataValue] | None = Field(
+        None, description="Equality on metadata keys: a number matches a number of the same value, a string the "
+        "same string, a boolean the same boolean.", examples=[{"source": "demo"}])
+
+
 class RetrieveRequest(BaseModel):
     """One query (query_text or query_image) against a collection or inline candidates of the other modality."""
 
@@ -145,9 +164,26 @@ class RetrieveRequest(BaseModel):
     candidate_images: list[Annotated[str, Field(min_length=1, json_schema_extra=BASE64)]] | None = Field(
         None, min_length=1, description="Inline base64 images to rank for a text query. In multipart: files."
     )
+    query_video: str | None = Field(None, description="Base64 video query: finds images or videos (ITC vision "
+                                    "embeddings), or texts, of a collection. In multipart: a file.",
+                                    min_length=1, json_schema_extra=BASE64)
+    filter: RetrieveFilter | None = Field(None, description="Only hits whose metadata pass (applied inside the "
+                                          "search: top_k hits come back whenever that many items pass).")
     top_k: int = Field(10, ge=1, description="Results returned.")
-    rerank_k: int = Field(0, ge=0, description="Re-score the top rerank_k by image-text matching (ITM).")
+    rerank_k: int = Field(0, ge=0, description="Re-score the top rerank_k by image-text matching (ITM); text <-> "
+                          "image/video only (ignored when query and hits are both images or videos).")
     adapter: str | None = ADAPTER_FIELD
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter_from_form(cls, value: Any) -> Any:
+        """In multipart forms the filter comes as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"not valid JSON ({e})") from e
+        return value
 
 
 class RetrieveHit(BaseModel):
@@ -156,12 +192,36 @@ class RetrieveHit(BaseModel):
     itc_score: float
     itm_score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    media_url: str | None = Field(None, description="The hit's media, relative to the server (collection images "
+                                  "and videos; null for texts and inline candidates).")
+    thumbnail_url: str | None = Field(None, description="Its thumbnail (add ?size=N to choose another side).")
 
 
 class RetrieveResponse(BaseModel):
     results: list[RetrieveHit]
     adapter: str | None
     collection: str | None = None
+
+
+class ItemInfo(BaseModel):
+    id: str
+    kind: Literal["image", "video", "text"]
+    metadata: dict[str, Any]
+    size: int = Field(description="Bytes of the media (characters of the text, for text items).")
+    content_type: str | None = Field(description="Of the media; null for text items.")
+    sha256: str | None
+    added: float = Field(description="When the item was added (seconds since the epoch, UTC).")
+    adapter: str = Field(description="The adapter version its embedding was made with (the collection's; 'none' = "
+                         "bare backbone).")
+    text: str | None = Field(None, description="The text, for text items.")
+    media_url: str | None = None
+    thumbnail_url: str | None = None
+
+
+class ItemPage(BaseModel):
+    collection: str
+    items: list[ItemInfo]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null at the end.")
 
 
 class ErrorResponse(BaseModel):
@@ -265,6 +325,7 @@ class CollectionStats(BaseModel):
 LIMITS: dict[str, dict[str, dict[str, str]]] = {
     "VqaRequest": {"question": {"maxLength": "max_text_chars"}},
     "VideoQaRequest": {"question": {"maxLength": "max_text_chars"}},
+    "RetrieveFilter": {"caption_contains": {"maxLength": "max_text_chars"}},
     "RetrieveRequest": {"query_text": {"maxLength": "max_text_chars"}, "top_k": {"maximum": "max_top_k"},
                         "rerank_k": {"maximum": "max_top_k"}, "candidate_images": {"maxItems": "max_candidates"},
                         "candidate_texts": {"maxItems": "max_candidates", "items.maxLength": "max_text_chars"}},

@@ -5,16 +5,18 @@ other's writes. When the store cannot be reached, searches answer from what is i
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from uniadapter_serve.errors import CorruptMediaError
+from uniadapter_serve.errors import CorruptMediaError, NotFoundError
 from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 from uniadapter_serve.service.collections.index import VectorIndex
 from uniadapter_serve.service.collections.store import CollectionMeta, Item, Store, StoreUnavailableError
@@ -128,12 +130,36 @@ class Collection:
         self.unavailable_since = None
         return True
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """(D,) L2-normalised query -> up to k hits, best first."""
+    def search(self, query: np.ndarray, k: int, keep: Callable[[Item], bool] | None = None) -> list[Hit]:
+        """(D,) L2-normalised query -> up to k hits, best first; with `keep`, only among the items it accepts
+        (applied inside the index search, so k hits come back whenever k items pass)."""
         self.fresh()
-        scores, ids = self.index.search(query[None].astype(np.float32), k)
         items = self._items
+        if keep is None:
+            scores, ids = self.index.search(query[None].astype(np.float32), k)
+        else:
+            allowed = np.asarray([i for i, it in list(items.items()) if keep(it)], np.int64)
+            scores, ids = self.index.search_allowed(query[None].astype(np.float32), k, allowed)
         return [Hit(items[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=False) if int(i) in items]
+
+    def page(self, after: int, limit: int) -> tuple[list[Item], int | None]:
+        """Indexed items in the order they were added, those with an item id above `after` -> (up to `limit`
+        items, the cursor of the next page or None at the end)."""
+        self.fresh()
+        items = self._items
+        ids = heapq.nsmallest(limit + 1, (i for i in list(items) if i > after))
+        rows = [items[i] for i in ids[:limit] if i in items]
+        return rows, (ids[limit - 1] if len(ids) > limit else None)
+
+    def find(self, external_id: str) -> Item:
+        """One item by its external id (NotFoundError); from memory while the store cannot be reached."""
+        try:
+            return self.store.get(external_id)
+        except StoreUnavailableError:
+            for it in list(self._items.values()):
+                if it.external_id == external_id:
+                    return it
+            raise NotFoundError(f"no item {external_id[:80]!r} in collection {self.name!r}") from None
 
     def stats(self) -> dict[str, Any]:
         fresh = self.fresh()

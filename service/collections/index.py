@@ -33,6 +33,8 @@ COMPACT_AT = 1024
 """Tombstones that make an index due for a rebuild (also at a tenth of the index, when that is more)."""
 GPU_MAX_K = 2048
 """FAISS GPU searches return at most this many neighbours."""
+FILTER_MAX_FETCH = 16384
+"""A filtered search on an index that takes no id selector over-fetches up to this many neighbours."""
 
 
 def validate_factory(factory: str, dim: int) -> str:
@@ -173,6 +175,37 @@ class VectorIndex:
                 out_i[q, : len(cols)] = ids[q, cols]
             return out_s, out_i
         return scores[:, :k], ids[:, :k]
+
+    def search_allowed(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1, D) -> scores, ids (1, <= k) among the `allowed` ids only. On a CPU flat index (the default) FAISS
+        skips every other id inside the search (an id selector): exact, and k hits whenever k are allowed.
+        Other indexes (IVF, HNSW, GPU) over-fetch, doubling up to FILTER_MAX_FETCH neighbours, and keep the
+        allowed ones: past that bound a very selective filter may return fewer than k."""
+        if len(allowed) == 0 or k == 0:
+            return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+        with self._lock:
+            flat_cpu = not self._on_gpu and (self.factory == "flat" or self._fallback)
+            if flat_cpu:
+                keep = np.asarray([i for i in allowed.tolist() if i not in self._tombstones], np.int64)
+                n = min(k, len(keep))
+                if n == 0:
+                    return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+                selector = faiss.IDSelectorBatch(keep)
+                params = faiss.SearchParameters()
+                params.sel = selector  # `selector` stays referenced until the search returns
+                scores, ids = self._index.search(np.ascontiguousarray(query, np.float32), n, params=params)
+                found = ids[0] >= 0
+                return scores[:, found], ids[:, found]
+            total = int(self._index.ntotal)
+        wanted = set(allowed.tolist())
+        fetch = min(total, max(4 * k, 64))
+        bound = min(total, GPU_MAX_K if self._on_gpu else FILTER_MAX_FETCH)
+        while True:
+            scores, ids = self.search(query, fetch)
+            cols = [j for j in range(ids.shape[1]) if int(ids[0, j]) in wanted][:k]
+            if len(cols) >= k or fetch >= bound:
+                return scores[:, cols], ids[:, cols]
+            fetch = min(bound, fetch * 2)
 
     def set_search_params(self, **params: Any) -> None:
         """e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)."""

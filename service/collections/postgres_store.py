@@ -75,7 +75,7 @@ MIGRATIONS: list[str] = [
 ]
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 BACKOFF_S = 2.0
-ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata"
+ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
 TAKEN = ("SELECT i.external_id FROM unnest(%s::text[]) AS u (external_id) JOIN uniadapter_items i "
          "ON i.collection_id = %s::bigint AND i.external_id = u.external_id")
 """which of these external ids a collection has: one unique-index probe per id (`= ANY(array)` let the planner
@@ -83,7 +83,7 @@ scan every item of the collection: the cost of an add grew with the collection)"
 
 
 def _item(row: Sequence[Any]) -> Item:
-    return Item(int(row[0]), row[1], row[2], row[3], json.loads(row[4]))
+    return Item(int(row[0]), row[1], row[2], row[3], json.loads(row[4]), float(row[5]))
 
 
 class PostgresBackend(StoreBackend):

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from uniadapter_serve.service.collections.store import (
 log = logging.getLogger(__name__)
 
 STORE_FILE = "items.sqlite"
+ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -64,6 +66,10 @@ CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, item_id INTEGER
 );
 """
+
+
+def _item(r: Sequence[Any]) -> Item:
+    return Item(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]))
 
 
 class SqliteStore(Store):
@@ -165,16 +171,16 @@ class SqliteStore(Store):
             return {}
         placeholders = ",".join("?" * len(item_ids))
         rows = self._db().execute(
-            f"SELECT item_id, external_id, source, sha256, metadata FROM items WHERE item_id IN ({placeholders})",
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id IN ({placeholders})",
             list(item_ids))
-        return {r[0]: Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+        return {r[0]: _item(r) for r in rows}
 
     def get(self, external_id: str) -> Item:
-        r = self._db().execute("SELECT item_id, external_id, source, sha256, metadata FROM items WHERE external_id = ?",
+        r = self._db().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE external_id = ?",
                                (external_id,)).fetchone()
         if r is None:
             raise NotFoundError(f"no item {external_id!r}")
-        return Item(r[0], r[1], r[2], r[3], json.loads(r[4]))
+        return _item(r)
 
     def existing(self, external_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -221,8 +227,8 @@ class SqliteStore(Store):
         db.execute("BEGIN")  # a read transaction: one WAL snapshot for all three reads
         try:
             seq = int(db.execute("SELECT coalesce(max(seq), 0) FROM ops").fetchone()[0])
-            items = [Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in db.execute(
-                "SELECT item_id, external_id, source, sha256, metadata FROM items ORDER BY item_id")]
+            items = [_item(r) for r in db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")]
             rows = db.execute("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
                               (generation,)).fetchall()
         finally:
@@ -245,14 +251,14 @@ class SqliteStore(Store):
         return out
 
     def all_items(self) -> list[Item]:
-        rows = self._db().execute("SELECT item_id, external_id, source, sha256, metadata FROM items ORDER BY item_id")
-        return [Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        rows = self._db().execute(f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")
+        return [_item(r) for r in rows]
 
     def missing(self, generation: int, limit: int) -> list[Item]:
         rows = self._db().execute(
-            "SELECT item_id, external_id, source, sha256, metadata FROM items WHERE item_id NOT IN "
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id NOT IN "
             "(SELECT item_id FROM embeddings WHERE generation = ?) ORDER BY item_id LIMIT ?", (generation, limit))
-        return [Item(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return [_item(r) for r in rows]
 
     def put_vectors(self, vectors: dict[int, np.ndarray], generation: int) -> None:
         with self.transaction() as db:

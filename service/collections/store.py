@@ -45,6 +45,8 @@ class Item:
     source: str
     sha256: str | None
     metadata: dict[str, Any]
+    created: float = 0.0
+    """when the item was added (seconds since the epoch)"""
 
 
 @dataclass(frozen=True)

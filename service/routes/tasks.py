@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.errors import ConflictError, InputError
@@ -13,6 +12,7 @@ from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import CoreDep, ReadAuth
 from uniadapter_serve.service.bodies import Media, body_openapi, parse_body
 from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.routes.search import check_length, passes, search_collection
 from uniadapter_serve.service.schemas import (
     AnswerItem,
     ErrorResponse,
@@ -40,7 +40,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 EXAMPLES = demo.request_examples()
 VQA_MEDIA = {"image": False}
 VIDEOQA_MEDIA = {"video": False}
-RETRIEVE_MEDIA = {"query_image": False, "candidate_images": True}
+RETRIEVE_MEDIA = {"query_image": False, "query_video": False, "candidate_images": True}
 
 
 def _vqa_response(answers: list[tuple[str, float]], mode: str, adapter: str | None) -> VqaResponse:
@@ -94,13 +94,16 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
         raise InputError(f"top_k: {body.top_k} is over the limit of {s.max_top_k}")
     if body.rerank_k > s.max_top_k:
         raise InputError(f"rerank_k: {body.rerank_k} is over the limit of {s.max_top_k}")
-    has_text, has_image = body.query_text is not None, "query_image" in media
-    if has_text == has_image:
-        raise InputError("give exactly one of query_text and query_image")
+    if sum((body.query_text is not None, "query_image" in media, "query_video" in media)) != 1:
+        raise InputError("give exactly one of query_text, query_image and query_video")
+    if body.filter is not None and body.filter.caption_contains is not None:
+        check_length(body.filter.caption_contains, "filter.caption_contains", s.max_text_chars)
     candidates = len(media.get("candidate_images", [])) + len(body.candidate_texts or [])
     with core.engine.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
         if body.collection is not None:
-            return await _search_collection(core, body, media)
+            return await search_collection(core, body, media)
+        if "query_video" in media:
+            raise InputError("a video query needs a collection")
         return await _rank_inline(core, body, media)
 
 
@@ -136,7 +139,8 @@ async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str
         ranking = await core.engine.rank_texts(visual, texts, _ref(meta), body.rerank_k, core.timeout())
         metadata = [{"text": t} for t in texts]
     itc, itm = ranking.itc, ranking.itm
-    order = sorted(range(len(itc)), key=lambda i: -itc[i])
+    order = [i for i in sorted(range(len(itc)), key=lambda i: -itc[i])
+             if body.filter is None or passes(body.filter, metadata[i], metadata[i].get("text"))]
     head = order[: max(body.top_k, body.rerank_k)]
     if body.rerank_k:
         top = head[: body.rerank_k]
@@ -144,65 +148,3 @@ async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str
     hits = [RetrieveHit(id=str(i), score=itm.get(i, itc[i]), itc_score=itc[i], itm_score=itm.get(i),
                         metadata=metadata[i]) for i in head[: body.top_k]]
     return RetrieveResponse(results=hits, adapter=_ref(meta), collection=body.collection)
-
-
-async def _search_collection(core: ServiceCore, body: RetrieveRequest,
-                             media: dict[str, list[Media]]) -> RetrieveResponse:
-    """Search a collection with the adapter version that built it; optional ITM re-rank."""
-    assert body.collection is not None
-    collection = core.collections.get(body.collection)
-    cmeta = collection.meta
-    adapter = core.collections.adapter_of(collection)
-    if body.adapter is not None:
-        asked = core.resolve_adapter(body.adapter, "retrieval")
-        asked_ref = asked.ref if asked else "none"
-        if asked_ref != cmeta.adapter_ref:
-            raise ConflictError(f"collection {cmeta.name!r} is indexed with {cmeta.adapter_ref}; the query names "
-                                f"{asked_ref}: omit 'adapter' or re-index the collection")
-    if body.candidate_texts or "candidate_images" in media:
-        raise InputError("give either a collection or inline candidates, not both")
-    k = max(body.top_k, body.rerank_k)
-    ref = _ref(adapter)
-    if cmeta.kind in ("image", "video"):
-        if body.query_text is None:
-            raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: query it with query_text")
-        query = core.check_text(body.query_text, "query_text")
-        vector = await core.engine.embed_text(query, ref, core.timeout())
-        hits = await core.collections.search(collection, vector.numpy(), k)
-
-        async def rerank(top: list[int]) -> list[float]:
-            contents = await asyncio.gather(*(run_in_threadpool(core.collections.load_content, collection,
-                                                                hits[i].item) for i in top))
-            visuals = await asyncio.gather(*(
-                core.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
-                for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
-            assert len(visuals) == len(top)  # media collections hold bytes
-            return await core.engine.match_images(query, visuals, ref, core.timeout())
-    else:
-        if "query_image" not in media:
-            raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image")
-        q = media["query_image"][0]
-        visual = await core.image_input(q.data, q.content_type, "query_image")
-        vector = await core.engine.embed_visual(visual, ref, core.timeout())
-        hits = await core.collections.search(collection, vector.numpy(), k)
-
-        async def rerank(top: list[int]) -> list[float]:
-            texts = [hits[i].item.source.partition(":")[2] for i in top]
-            return await core.engine.match_texts(visual, texts, ref, core.timeout())
-
-    order = list(range(len(hits)))
-    itm_scores: dict[int, float] = {}
-    if body.rerank_k and hits:
-        top = order[: body.rerank_k]
-        itm_scores = dict(zip(top, await rerank(top), strict=True))
-        order = sorted(top, key=lambda i: -itm_scores[i]) + order[body.rerank_k:]
-    results = []
-    for i in order[: body.top_k]:
-        item = hits[i].item
-        metadata = dict(item.metadata)
-        if cmeta.kind == "text":
-            metadata.setdefault("text", item.source.partition(":")[2])
-        results.append(RetrieveHit(id=item.external_id, score=itm_scores.get(i, hits[i].score),
-                                   itc_score=hits[i].score, itm_score=itm_scores.get(i), metadata=metadata))
-    return RetrieveResponse(results=results, adapter=None if cmeta.adapter_ref == "none" else cmeta.adapter_ref,
-                            collection=cmeta.name)

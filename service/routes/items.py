@@ -1,0 +1,167 @@
+"""What a collection holds, to look at: its items (cursor pages), one item, its media (ETag, Cache-Control, HTTP
+ranges) and its thumbnails (bounded sizes, cached). Read key as for search."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from uniadapter_serve.errors import InputError, NotFoundError
+from uniadapter_serve.model.media.image import probe_image
+from uniadapter_serve.model.media.video import probe_video
+from uniadapter_serve.service.auth import CoreDep, ReadAuth
+from uniadapter_serve.service.collections import media
+from uniadapter_serve.service.collections.collection import Collection
+from uniadapter_serve.service.collections.store import Item
+from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.errors import error_response
+from uniadapter_serve.service.routes.search import item_text, item_urls
+from uniadapter_serve.service.routes.tasks import ERRORS
+from uniadapter_serve.service.schemas import ItemInfo, ItemPage
+
+router = APIRouter(prefix="/collections", tags=["items"], dependencies=[ReadAuth], responses=ERRORS)
+
+CACHE_CONTROL = "private, max-age=3600"
+"""Media are content-addressed (the ETag is their sha256); private: they may sit behind a read key."""
+CHUNK = 256 * 1024
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+MEDIA_TYPES = {t: BINARY for t in ("image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp", "video/mp4",
+                                   "video/webm", "video/x-msvideo", "application/octet-stream")}
+MEDIA_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "The stored bytes, with their content type", "content": MEDIA_TYPES},
+    206: {"description": "The requested byte range (Range: bytes=first-last)", "content": MEDIA_TYPES},
+    304: {"description": "Not modified (If-None-Match matched the ETag)"},
+    416: {"description": "The range starts past the end of the file", "content": {"application/json": {}}},
+}
+THUMB_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "A JPEG, its longer side at most `size`", "content": {"image/jpeg": BINARY}},
+    304: {"description": "Not modified (If-None-Match matched the ETag)"},
+}
+ItemId = Annotated[str, "an item's external id; may hold '/'"]
+
+
+def info(collection: Collection, item: Item, media_root: Path) -> ItemInfo:
+    meta = collection.meta
+    if meta.kind == "text":
+        text = item_text(item) or ""
+        return ItemInfo(id=item.external_id, kind="text", metadata=item.metadata, size=len(text), content_type=None,
+                        sha256=item.sha256, added=item.created, adapter=meta.adapter_ref, text=text)
+    found = media.locate(collection, item, media_root)
+    media_url, thumbnail_url = item_urls(meta.name, item.external_id)
+    return ItemInfo(id=item.external_id, kind="video" if meta.kind == "video" else "image", metadata=item.metadata,
+                    size=found.size, content_type=found.content_type, sha256=item.sha256, added=item.created,
+                    adapter=meta.adapter_ref, media_url=media_url, thumbnail_url=thumbnail_url)
+
+
+def _row(core: ServiceCore, collection: Collection, item: Item) -> ItemInfo:
+    try:
+        return info(collection, item, core.settings.media_dir)
+    except NotFoundError:  # a listing shows an item whose file went missing, without its media
+        return ItemInfo(id=item.external_id, kind="image" if collection.meta.kind == "image" else "video",
+                        metadata=item.metadata, size=0, content_type=None, sha256=item.sha256, added=item.created,
+                        adapter=collection.meta.adapter_ref)
+
+
+@router.get("/{name}/items", response_model=ItemPage, summary="A page of a collection's items, in the order added")
+def list_items(name: str, core: CoreDep,
+               limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 50,
+               cursor: Annotated[int, Query(ge=0, le=2**62, description="`next_cursor` of the previous page; 0 "
+                                            "for the first.")] = 0) -> ItemPage:
+    collection = core.collections.get(name)
+    rows, next_cursor = collection.page(cursor, limit)
+    return ItemPage(collection=collection.name, items=[_row(core, collection, it) for it in rows],
+                    next_cursor=next_cursor)
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    given = request.headers.get("if-none-match")
+    return given is not None and (given.strip() == "*" or etag in [t.strip() for t in given.split(",")])
+
+
+def _chunks(path: Path, first: int, last: int) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        f.seek(first)
+        left = last - first + 1
+        while left > 0:
+            data = f.read(min(CHUNK, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+
+
+@router.get("/{name}/items/{item_id:path}/media", responses=MEDIA_RESPONSES, response_class=Response,
+            summary="The item's stored bytes (HTTP range requests: Range: bytes=first-last)")
+def item_media(name: str, item_id: ItemId, request: Request, core: CoreDep) -> Response:
+    collection = core.collections.get(name)
+    found = media.locate(collection, collection.find(item_id), core.settings.media_dir)
+    headers = {"ETag": found.etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
+    if _not_modified(request, found.etag):
+        return Response(status_code=304, headers=headers)
+    try:
+        span = media.parse_range(request.headers.get("range"), found.size)
+    except media.RangeNotSatisfiable:
+        return error_response(416, "RangeNotSatisfiable", f"range {request.headers.get('range', '')[:80]!r}: the "
+                              f"file has {found.size} bytes", {**headers, "Content-Range": f"bytes */{found.size}"})
+    if span is None:
+        return StreamingResponse(_chunks(found.path, 0, found.size - 1), media_type=found.content_type,
+                                 headers={**headers, "Content-Length": str(found.size)})
+    first, last = span
+    return StreamingResponse(_chunks(found.path, first, last), status_code=206, media_type=found.content_type,
+                             headers={**headers, "Content-Range": f"bytes {first}-{last}/{found.size}",
+                                      "Content-Length": str(last - first + 1)})
+
+
+@router.get("/{name}/items/{item_id:path}/thumbnail", responses=THUMB_RESPONSES, response_class=Response,
+            summary="A JPEG thumbnail of the item (a video's first sampled frame); cached")
+async def item_thumbnail(name: str, item_id: ItemId, request: Request, core: CoreDep,
+                         size: Annotated[int, Query(description="Longer side in pixels (never enlarged): one of "
+                                                    f"{list(media.THUMB_SIZES)}.",
+                                                    json_schema_extra={"enum": list(media.THUMB_SIZES)})] = 256,
+                         ) -> Response:
+    if size not in media.THUMB_SIZES:
+        raise InputError(f"size: {size} is not one of {list(media.THUMB_SIZES)}")
+    collection = core.collections.get(name)
+    item = await run_in_threadpool(collection.find, item_id)
+    found = await run_in_threadpool(media.locate, collection, item, core.settings.media_dir)
+    kind = collection.meta.kind
+    adapter = core.collections.adapter_of(collection) if kind == "video" else None
+    frames = adapter.config.num_frames if adapter is not None else core.settings.num_frames
+    etag = f'"{item.sha256 or item.item_id}-{size}' + (f'-{frames}f"' if kind == "video" else '"')
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if _not_modified(request, etag):
+        return Response(status_code=304, headers=headers)
+    cache = media.thumb_path(collection, item, size, frames)
+    jpeg = await run_in_threadpool(media.cached_thumbnail, cache)
+    if jpeg is None:
+        jpeg = await _make_thumbnail(core, kind, found.path, int(size), frames, f"item {item.external_id[:80]!r}")
+        await run_in_threadpool(media.store_thumbnail, cache, jpeg)
+    return Response(jpeg, media_type="image/jpeg", headers=headers)
+
+
+async def _make_thumbnail(core: ServiceCore, kind: str, path: Path, size: int, frames: int, field: str) -> bytes:
+    """Decode under the decode budget, like any upload (a stored file may be as large as the limits allow)."""
+    s = core.settings
+    data = await run_in_threadpool(path.read_bytes)
+    if kind == "image":
+        probe = await run_in_threadpool(probe_image, data, declared_type=None, max_bytes=s.max_image_bytes,
+                                        max_pixels=s.max_image_pixels, field=field, target_size=size)
+        async with core.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
+            return await run_in_threadpool(media.image_thumbnail, probe, size)
+    pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes, max_pixels=s.max_video_pixels,
+                                     field=field)
+    async with core.decode_budget.hold_async(pixels, s.decode_wait_s, field):
+        return await run_in_threadpool(media.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
+                                       max_seconds=s.max_video_seconds, max_pixels=s.max_video_pixels, field=field)
+
+
+@router.get("/{name}/items/{item_id:path}", response_model=ItemInfo,
+            summary="One item: metadata, kind, size, when added, the adapter version it was embedded with")
+def get_item(name: str, item_id: ItemId, core: CoreDep) -> ItemInfo:
+    collection = core.collections.get(name)
+    return info(collection, collection.find(item_id), core.settings.media_dir)

@@ -1,0 +1,120 @@
+"""/retrieve over a collection: a text, image or video query, metadata filters applied inside the index search,
+optional ITM re-rank, and the URLs of each hit's media and thumbnail."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote
+
+from starlette.concurrency import run_in_threadpool
+
+from uniadapter_serve.errors import ConflictError, InputError, TextTooLongError
+from uniadapter_serve.service.bodies import Media
+from uniadapter_serve.service.collections.store import Item
+from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.schemas import RetrieveFilter, RetrieveHit, RetrieveRequest, RetrieveResponse
+from uniadapter_serve.service.stages import VisionInput
+
+
+def check_length(text: str, field: str, limit: int) -> None:
+    if len(text) > limit:
+        raise TextTooLongError(f"{field}: {len(text)} characters is over the limit of {limit}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality without Python's True == 1: booleans match booleans, numbers numbers, strings strings."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def passes(f: RetrieveFilter, metadata: dict[str, Any], text: str | None) -> bool:
+    """Whether a hit with this metadata (and text, for text items) passes every condition of the filter."""
+    if f.caption_contains is not None:
+        caption = metadata.get("caption", text)
+        if not isinstance(caption, str) or f.caption_contains.casefold() not in caption.casefold():
+            return False
+    return all(key in metadata and _same(metadata[key], want) for key, want in (f.metadata or {}).items())
+
+
+def item_text(item: Item) -> str | None:
+    kind, _, rest = item.source.partition(":")
+    return rest if kind == "text" else None
+
+
+def item_urls(collection: str, item_id: str) -> tuple[str, str]:
+    """Relative URLs of an item's media and thumbnail (ids are quoted whole: they may hold '/')."""
+    base = f"/collections/{quote(collection, safe='')}/items/{quote(item_id, safe='')}"
+    return f"{base}/media", f"{base}/thumbnail"
+
+
+async def search_collection(core: ServiceCore, body: RetrieveRequest,
+                            media: dict[str, list[Media]]) -> RetrieveResponse:
+    """Search a collection with the adapter version that built it; optional ITM re-rank (text <-> visual)."""
+    assert body.collection is not None
+    collection = core.collections.get(body.collection)
+    cmeta = collection.meta
+    adapter = core.collections.adapter_of(collection)
+    if body.adapter is not None:
+        asked = core.resolve_adapter(body.adapter, "retrieval")
+        asked_ref = asked.ref if asked else "none"
+        if asked_ref != cmeta.adapter_ref:
+            raise ConflictError(f"collection {cmeta.name!r} is indexed with {cmeta.adapter_ref}; the query names "
+                                f"{asked_ref}: omit 'adapter' or re-index the collection")
+    if body.candidate_texts or "candidate_images" in media:
+        raise InputError("give either a collection or inline candidates, not both")
+    k = max(body.top_k, body.rerank_k)
+    ref = adapter.ref if adapter is not None else None
+    f = body.filter
+    keep = None if f is None else (lambda it: passes(f, it.metadata, item_text(it)))
+    visual: VisionInput | None = None
+    if body.query_text is not None:
+        if cmeta.kind == "text":
+            raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image or query_video")
+        query = core.check_text(body.query_text, "query_text")
+        vector = await core.engine.embed_text(query, ref, core.timeout())
+    else:
+        if "query_image" in media:
+            q = media["query_image"][0]
+            visual = await core.image_input(q.data, q.content_type, "query_image")
+        else:
+            visual = await core.media_input("video", media["query_video"][0].data, adapter, "query_video")
+        vector = await core.engine.embed_visual(visual, ref, core.timeout())
+    hits = await run_in_threadpool(collection.search, vector.numpy(), k, keep)
+
+    async def rerank(top: list[int]) -> list[float]:
+        if visual is not None:  # an image or video query: the hits are texts
+            texts = [item_text(hits[i].item) or "" for i in top]
+            return await core.engine.match_texts(visual, texts, ref, core.timeout())
+        contents = await asyncio.gather(*(run_in_threadpool(core.collections.load_content, collection,
+                                                            hits[i].item) for i in top))
+        visuals = await asyncio.gather(*(
+            core.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
+            for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
+        assert len(visuals) == len(top)  # media collections hold bytes
+        return await core.engine.match_images(body.query_text or "", visuals, ref, core.timeout())
+
+    order = list(range(len(hits)))
+    itm_scores: dict[int, float] = {}
+    crosses_modality = (visual is None) != (cmeta.kind == "text")
+    if body.rerank_k and hits and crosses_modality:
+        top = order[: body.rerank_k]
+        itm_scores = dict(zip(top, await rerank(top), strict=True))
+        order = sorted(top, key=lambda i: -itm_scores[i]) + order[body.rerank_k:]
+    results = []
+    for i in order[: body.top_k]:
+        item = hits[i].item
+        metadata = dict(item.metadata)
+        media_url = thumbnail_url = None
+        if cmeta.kind == "text":
+            metadata.setdefault("text", item_text(item))
+        else:
+            media_url, thumbnail_url = item_urls(cmeta.name, item.external_id)
+        results.append(RetrieveHit(id=item.external_id, score=itm_scores.get(i, hits[i].score),
+                                   itc_score=hits[i].score, itm_score=itm_scores.get(i), metadata=metadata,
+                                   media_url=media_url, thumbnail_url=thumbnail_url))
+    return RetrieveResponse(results=results, adapter=None if cmeta.adapter_ref == "none" else cmeta.adapter_ref,
+                            collection=cmeta.name)
