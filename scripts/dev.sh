@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   scripts/dev.sh serve [uniadapter serve args]   set up .venv, then serve the embedded demo model
-#   scripts/dev.sh test  [pytest args]             set up .venv (+ redis-server, PostgreSQL), then lint, type-check, test
+#   scripts/dev.sh test  [pytest args]             set up .venv (+ redis-server, PostgreSQL, chromium), then lint, type-check, test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,12 +17,14 @@ setup() {
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
   fi
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  # playwright drives Debian's chromium (need_browser): never let it download a browser of its own
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
 }
 
 apt_install() {  # apt_install PACKAGE WHAT: Debian's package, when we may install it
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+    # shellcheck disable=SC2086 # APT_FLAGS: optional extra flags, word-split on purpose
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${APT_FLAGS:-} "$1" >/dev/null
   else
     echo "$2 is needed for the integration tests: install it (Debian: apt-get install $1)" >&2
     return 1
@@ -31,6 +33,11 @@ apt_install() {  # apt_install PACKAGE WHAT: Debian's package, when we may insta
 
 need_redis() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-server
+}
+
+need_browser() {  # tests/integration/test_web.py: Debian's headless chromium, driven by Playwright (no browser download)
+  [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 \
+    || APT_FLAGS=--no-install-recommends apt_install chromium "Chromium (the web page tests)"
 }
 
 need_postgres() {  # the tests run initdb/pg_ctl themselves, as a non-root user, in temporary folders
@@ -49,6 +56,7 @@ case "$cmd" in
     setup
     need_redis
     need_postgres
+    need_browser
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
     exec "$VENV/bin/pytest" "$@"
