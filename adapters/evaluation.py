@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from uniadapter_serve.adapters.datasets import QA, ImageText, vqa_accuracy
+from uniadapter_serve.adapters.datasets import QA, ImageText
 from uniadapter_serve.adapters.training import visual
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.routing import Routing
@@ -81,7 +81,8 @@ def _recall(t2i: torch.Tensor, match: torch.Tensor, ks: tuple[int, ...], prefix:
 @torch.inference_mode()
 def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Sequence[QA], answers: list[str],
                     adapter: AdapterSetModule | None = None, batch_size: int = 32, num_frames: int = 8) -> float:
-    """Accuracy of rank-mode answers over `answers` (VQA v2 soft accuracy; exact match for demo data)."""
+    """Mean accuracy of rank-mode answers over `answers`: the official VQA v2 accuracy for questions with
+    human answers (`QA.humans` > 0), exact match otherwise (demo, MSRVTT-QA); see `QA.accuracy`."""
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     cand_ids, cand_mask = tokenizer.encode_answers(answers)
     cand_ids, cand_mask = cand_ids.to(backbone.device), cand_mask.to(backbone.device)
@@ -95,5 +96,5 @@ def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Seque
         question = backbone.encode_multimodal(ids, mask, states, None, r)
         ranked = rank_answers(backbone, question, mask, cand_ids, cand_mask, k=min(8, len(answers)), routing=r)
         for q, best in zip(chunk, ranked.indices[:, 0].tolist(), strict=True):
-            total += vqa_accuracy(answers[best], q.answers)
+            total += q.accuracy(answers[best])
     return total / max(1, len(qas))
