@@ -16,7 +16,7 @@ from uniadapter_serve.adapters.datasets import (
     read_msrvtt_qa,
     read_vqa_v2,
 )
-from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
+from uniadapter_serve.adapters.evaluation import K_TEST, answer_accuracy, retrieval_recall
 from uniadapter_serve.adapters.format import BackboneInfo, load_adapter_set, save_adapter_set
 from uniadapter_serve.adapters.training import TrainConfig, train
 from uniadapter_serve.errors import ConfigError
@@ -28,9 +28,11 @@ from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 
 def load_data(task: str, split: str, *, data: str, n: int, image_size: int, seed: int,
               annotations: str | None = None, questions: str | None = None,
-              media_root: str | None = None, num_frames: int = 8) -> list[Any]:
+              media_root: str | None = None, num_frames: int = 8, video_list: str | None = None) -> list[Any]:
     """`data`: 'demo' (the generated world), 'karpathy' (COCO/Flickr JSON), 'vqa2' (VQA v2 JSON),
-    'msrvtt' (MSRVTT captions JSON) or 'msrvtt-qa' (MSRVTT-QA JSON); real data reads media under `media_root`."""
+    'msrvtt' (MSRVTT captions: the release JSON, the 1k-A test file as JSON lines / JSON list / CSV; with
+    `video_list`, a 9k/7k train list, those videos only) or 'msrvtt-qa' (MSRVTT-QA JSON); real data reads
+    media under `media_root`."""
     if data == "demo":
         world = World(seed=seed, image_size=image_size)
         if task == "retrieval":
@@ -50,8 +52,8 @@ def load_data(task: str, split: str, *, data: str, n: int, image_size: int, seed
         return read_vqa_v2(questions, annotations, media_root)[:n]
     if data == "msrvtt" and task == "retrieval":
         if annotations is None:
-            raise ConfigError("--annotations (the MSRVTT JSON) is needed")
-        return read_msrvtt(annotations, media_root, split=split)[:n]
+            raise ConfigError("--annotations (the MSRVTT captions file) is needed")
+        return read_msrvtt(annotations, media_root, split=split, video_list=video_list)[:n]
     if data == "msrvtt-qa" and task == "videoqa":
         if questions is None:
             raise ConfigError("--questions (the MSRVTT-QA JSON of this split) is needed")
@@ -66,7 +68,7 @@ def run_train(args: Any) -> dict[str, Any]:
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     items = load_data(args.task, "train", data=args.data, n=args.examples, image_size=size, seed=args.seed,
                       annotations=args.annotations, questions=args.questions, media_root=args.media_root,
-                      num_frames=args.num_frames)
+                      num_frames=args.num_frames, video_list=getattr(args, "video_list", None))
     cfg = TrainConfig(task=args.task, mode=args.mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       bottleneck=args.bottleneck, kv_rank=args.kv_rank, num_frames=args.num_frames, seed=args.seed,
                       temporal=args.data == "msrvtt")
@@ -94,10 +96,12 @@ def run_eval(args: Any) -> dict[str, Any]:
     frames = loaded.meta.config.num_frames if loaded else args.num_frames
     items = load_data(args.task, args.split, data=args.data, n=args.examples, image_size=size, seed=args.seed,
                       annotations=args.annotations, questions=args.questions, media_root=args.media_root,
-                      num_frames=frames)
+                      num_frames=frames, video_list=getattr(args, "video_list", None))
     report: dict[str, Any] = {"task": args.task, "adapter": loaded.meta.ref if loaded else None, "examples": len(items)}
     if args.task == "retrieval":
-        report.update(retrieval_recall(backbone, tokenizer, items, adapter, num_frames=frames))
+        # the paper's protocol: every caption, ITM over the ITC top K_TEST (the ITC-only figures come with it)
+        report["captions"] = sum(len(it.captions) for it in items)
+        report.update(retrieval_recall(backbone, tokenizer, items, adapter, num_frames=frames, rerank_k=K_TEST))
     else:
         answers = (loaded.meta.answer_list if loaded and loaded.meta.answer_list else
                    sorted({a for q in items for a in q.answers}))
