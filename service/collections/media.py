@@ -78,12 +78,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable
         return max(0, size - n), size - 1
     first = int(m.group(1))
-    last = int(m.group(2)) if m.group(2) else size - 1
-    if last < first:
+    if m.group(2) and int(m.group(2)) < first:
         return None
     if first >= size:
         raise RangeNotSatisfiable
-    return first, min(last, size - 1)
+    return first, min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
 
 
 def read_range(path: Path, first: int, last: int) -> bytes:
