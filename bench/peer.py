@@ -214,12 +214,11 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         serve = [sys.executable, "-m", "uniadapter_serve.service.cli", "serve"]
         ours = stack.enter_context(started(f"ours-{threads}", serve, ours_env, port_ours, work))
         workers = None
-        if args.workers > 1:  # the same cores as more model threads, each with fewer intra-op threads
+        if args.workers > 1:  # the same cores as more model threads (a batch alone gets every thread)
             port_workers = free_port()
-            each = max(1, threads // args.workers)
-            workers_env = ours_env | thread_env(each) | {
+            workers_env = ours_env | {
                 "UNIADAPTER_PORT": str(port_workers), "UNIADAPTER_DATA_ROOT": str(work / f"data-w-{threads}"),
-                "UNIADAPTER_MODEL_WORKERS": str(args.workers), "UNIADAPTER_TORCH_THREADS": str(each)}
+                "UNIADAPTER_MODEL_WORKERS": str(args.workers)}
             workers = stack.enter_context(started(f"ours-{args.workers}w-{threads}", serve, workers_env,
                                                   port_workers, work))
         plain = stack.enter_context(started(
@@ -285,7 +284,7 @@ def main() -> None:
     p.add_argument("--max-answer-length", type=int, default=10)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1,
-                   help="also run the service with this many model workers (MODEL_WORKERS), threads / workers each")
+                   help="also run the service with this many model workers (MODEL_WORKERS) sharing the threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()

@@ -95,10 +95,15 @@ class Job:
 class Batcher:
     def __init__(self, manager: AdapterManager, handlers: dict[str, Handler], *, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
-                 stage_batch_sizes: dict[str, int] | None = None, workers: int = 1) -> None:
+                 stage_batch_sizes: dict[str, int] | None = None, workers: int = 1,
+                 threads: int | None = None) -> None:
         self.manager = manager
         self.workers = workers
         """model threads taking batches from the same queues (each runs one batch at a time)"""
+        self.threads = threads
+        """intra-op threads in all: with several workers, a batch that runs alone gets them all, one that runs
+        beside others an equal share (torch's thread count is per calling thread)"""
+        self._busy = 0
         self.handlers = handlers
         self.max_batch_size = max_batch_size
         self.stage_batch_sizes = stage_batch_sizes or {}
@@ -134,6 +139,12 @@ class Batcher:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def busy_workers(self) -> int:
+        """Model threads computing a batch now."""
+        with self._cond:
+            return self._busy
 
     def queued(self) -> int:
         with self._cond:
@@ -220,6 +231,7 @@ class Batcher:
             stage, jobs = batch
             started = time.monotonic()
             try:
+                self._size_threads()
                 self._run(stage, jobs)
             except BaseException as e:  # never let the model thread die
                 log.exception("batch of %d %s jobs failed", len(jobs), stage)
@@ -228,6 +240,19 @@ class Batcher:
             finally:
                 elapsed = time.monotonic() - started
                 self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+                with self._cond:
+                    self._busy -= 1
+
+    def _size_threads(self) -> None:
+        """This worker's intra-op threads for its next batch: all of them when it runs alone, its share when
+        other workers are computing too."""
+        if self.workers == 1 or self.threads is None:
+            return
+        with self._cond:
+            busy = self._busy
+        want = self.threads if busy <= 1 else max(1, self.threads // min(busy, self.workers))
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _next_batch(self) -> tuple[str, list[Job]] | None:
         with self._cond:
@@ -245,6 +270,7 @@ class Batcher:
                 if len(queue) < limit and wait > 0 and self._running:
                     self._cond.wait(wait)
                     continue
+                self._busy += 1
                 return stage, [queue.popleft() for _ in range(min(limit, len(queue)))]
 
     def _run(self, stage: str, jobs: list[Job]) -> None:

@@ -74,7 +74,8 @@ class LocalEngine(Engine):
         self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
-                               if settings.max_vision_batch_size else None, workers=settings.model_workers)
+                               if settings.max_vision_batch_size else None, workers=settings.model_workers,
+                               threads=torch.get_num_threads())
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self._ready = False

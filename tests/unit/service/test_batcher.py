@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.errors import AdapterNotFoundError, DeadlineExceededError, OverloadedError
@@ -270,11 +271,13 @@ def test_admission_counts_reserved_jobs_and_refuses_what_does_not_fit(manager):
 
 def test_model_workers_run_batches_side_by_side(manager):
     """MODEL_WORKERS = 2: while one batch is held in compute, the other worker takes the next batch (leasing
-    its own set) and finishes it."""
+    its own set) and finishes it; a batch alone gets every intra-op thread, one beside another its share."""
     release = threading.Event()
     inside = threading.Semaphore(0)
+    threads: dict[str, int] = {}
 
     def handler(jobs, routing):
+        threads[jobs[0].payload] = torch.get_num_threads()
         inside.release()
         if jobs[0].payload == "hold":
             assert release.wait(10)
@@ -282,7 +285,7 @@ def test_model_workers_run_batches_side_by_side(manager):
 
     a, b = refs(manager)
     batcher = Batcher(manager, {"s": handler}, metrics=ServiceMetrics(), max_batch_size=1, max_wait_ms=0,
-                      max_queue=64, workers=2)
+                      max_queue=64, workers=2, threads=2)
     batcher.start()
 
     async def main():
@@ -292,10 +295,14 @@ def test_model_workers_run_batches_side_by_side(manager):
         await until(other.done, "the second batch, on the other worker")
         assert not held.done()
         release.set()
-        return await held, await other
+        results = await held, await other
+        await until(lambda: batcher.busy_workers == 0, "both workers idle")
+        await batcher.submit("s", "later", None, time.monotonic() + 20)
+        return results
 
     try:
         assert asyncio.run(main()) == ("hold", "next")
+        assert threads == {"hold": 2, "next": 1, "later": 2}
     finally:
         release.set()
         batcher.stop()
