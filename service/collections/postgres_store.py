@@ -372,7 +372,8 @@ class PostgresStore(Store):
         if not item_ids:
             return {}
         rows = self.backend.read(lambda c: c.execute(
-            "SELECT i.item_id, i.external_id, i.source, i.sha256, i.metadata FROM unnest(%s::bigint[]) AS u (item_id) "
+            "SELECT i.item_id, i.external_id, i.source, i.sha256, i.metadata, i.created "
+            "FROM unnest(%s::bigint[]) AS u (item_id) "
             "JOIN uniadapter_items i USING (item_id) WHERE i.collection_id = %s::bigint",
             (list(item_ids), self.id)).fetchall())
         return {int(r[0]): _item(r) for r in rows}
