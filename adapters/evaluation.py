@@ -15,6 +15,8 @@ from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text
 from uniadapter_serve.model.uniadapter import AdapterSetModule
 from uniadapter_serve.model.vqa import rank_answers
 
+RANK_K = 128
+"""VQA answers kept by the first-token pruning and scored in full, ranked by BLIP's score (BLIP's k_test)"""
 K_TEST = 256
 """ITC candidates re-ranked by ITM per query in UniAdapter's COCO config (its Flickr config: 128)"""
 ITC_WEIGHT = 0.0
@@ -119,7 +121,8 @@ def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Seque
         ids, mask = tokenizer.encode([clean_text(q.question, 50) for q in chunk], mode="multimodal")
         ids, mask = ids.to(backbone.device), mask.to(backbone.device)
         question = backbone.encode_multimodal(ids, mask, states, None, r)
-        ranked = rank_answers(backbone, question, mask, cand_ids, cand_mask, k=min(8, len(answers)), routing=r)
+        ranked = rank_answers(backbone, question, mask, cand_ids, cand_mask, k=min(RANK_K, len(answers)),
+                              routing=r, score="blip")
         for q, best in zip(chunk, ranked.indices[:, 0].tolist(), strict=True):
             total += q.accuracy(answers[best])
     return total / max(1, len(qas))

@@ -102,8 +102,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="demo", help="backbone source (default: demo)")
     p.add_argument("--data", default="demo", choices=["demo", "karpathy", "vqa2", "msrvtt", "msrvtt-qa"],
                    help="demo world, COCO/Flickr Karpathy JSON, VQA v2 JSON, MSRVTT captions or MSRVTT-QA JSON")
-    p.add_argument("--annotations", help="Karpathy JSON, VQA v2 annotations JSON, or MSRVTT JSON")
+    p.add_argument("--annotations", help="Karpathy JSON, VQA v2 annotations JSON, or MSRVTT: the release JSON, "
+                   "BLIP-style JSON lines (clip_name, caption), a JSON list of {video, caption}, or the 1k-A test CSV")
     p.add_argument("--questions", help="VQA v2 questions JSON, or MSRVTT-QA JSON")
+    p.add_argument("--video-list", help="MSRVTT: the videos to keep (MSRVTT_train.9k.csv / .7k.csv, "
+                   "train_list_jsfusion.txt), e.g. the 1k-A split's 9k training videos")
     p.add_argument("--media-root", help="folder the annotation file's images or videos are under")
     p.add_argument("--examples", type=int, default=2000, help="demo: scenes/clips to generate; real: cap")
     p.add_argument("--num-frames", type=int, default=8)

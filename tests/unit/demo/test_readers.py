@@ -12,7 +12,6 @@ from uniadapter_serve.adapters.datasets import (
     read_msrvtt,
     read_msrvtt_qa,
     read_vqa_v2,
-    vqa_accuracy,
 )
 from uniadapter_serve.errors import InputError
 
@@ -54,9 +53,9 @@ def test_vqa_v2(tmp_path):
     qas = read_vqa_v2(tmp_path / "q.json", tmp_path / "a.json", "/coco/val2014")
     assert qas[0].media == "/coco/val2014/COCO_val2014_000000000042.jpg"
     assert qas[0].best == "black" and qas[1].best == "2"
-    assert vqa_accuracy("black", qas[0].answers) == 1.0
-    assert vqa_accuracy("gray", qas[0].answers) == 1.0  # 3 humans: full credit
-    assert vqa_accuracy("Two", qas[1].answers) == 1.0 and vqa_accuracy("white", qas[0].answers) == 0.0
+    assert qas[0].accuracy("black") == 1.0
+    assert qas[0].accuracy("gray") == pytest.approx(0.9)  # 3 of 10 humans: VQA v2's leave-one-out average
+    assert qas[1].accuracy("Two") == 1.0 and qas[0].accuracy("white") == 0.0
     answers["annotations"][1]["answers"][3] = {"text": "two"}
     (tmp_path / "a.json").write_text(json.dumps(answers, indent=1))
     with pytest.raises(InputError, match=r"a\.json:\d+: each answer needs an 'answer' field"):

@@ -88,16 +88,16 @@ def test_evaluation_ranges(setup):
 
 
 def test_itm_rerank_matches_a_pair_by_pair_reference(setup):
-    """BLIP's protocol: ITC top-k re-scored by ITM logit + ITC similarity, checked against scoring every
-    (text, image) pair one at a time."""
+    """ITC top-k re-scored by ITM logit + itc_weight x ITC similarity (the paper's protocol is weight 0, ITM
+    alone; weight 1 checks the combination too), against scoring every (text, image) pair one at a time."""
     from uniadapter_serve.adapters.training import visual
     from uniadapter_serve.model.routing import Routing
     from uniadapter_serve.model.tokenizer import clean_text
 
     backbone, tok, world = setup
     items = demo_images(world, "val", 8)
-    got = retrieval_recall(backbone, tok, items, ks=(1, 5), rerank_k=8)
-    assert retrieval_recall(backbone, tok, items, ks=(1,), rerank_k=1)["itm_t2i_r@1"] == got["t2i_r@1"]
+    got = retrieval_recall(backbone, tok, items, ks=(1, 5), rerank_k=8, itc_weight=1.0)
+    assert retrieval_recall(backbone, tok, items, ks=(1,), rerank_k=1, itc_weight=1.0)["itm_t2i_r@1"] == got["t2i_r@1"]
     size = backbone.config.vision_config.image_size
     with torch.inference_mode():
         feats, states = visual(backbone, [it.image for it in items], Routing.none(8), size)
