@@ -96,13 +96,15 @@ class Batcher:
     def __init__(self, manager: AdapterManager, handlers: dict[str, Handler], *, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
                  stage_batch_sizes: dict[str, int] | None = None, workers: int = 1,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, parallel: Callable[[str, list[Any]], bool] | None = None) -> None:
         self.manager = manager
         self.workers = workers
         """model threads taking batches from the same queues (each runs one batch at a time)"""
         self.threads = threads
         """intra-op threads in all: with several workers, a batch that runs alone gets them all, one that runs
         beside others an equal share (torch's thread count is per calling thread)"""
+        self.parallel = parallel
+        """(stage, payloads) -> whether the batch has the work to split across threads (else it runs on one)"""
         self._busy = 0
         self.handlers = handlers
         self.max_batch_size = max_batch_size
@@ -231,7 +233,7 @@ class Batcher:
             stage, jobs = batch
             started = time.monotonic()
             try:
-                self._size_threads()
+                self._size_threads(stage, jobs)
                 self._run(stage, jobs)
             except BaseException as e:  # never let the model thread die
                 log.exception("batch of %d %s jobs failed", len(jobs), stage)
@@ -243,14 +245,17 @@ class Batcher:
                 with self._cond:
                     self._busy -= 1
 
-    def _size_threads(self) -> None:
-        """This worker's intra-op threads for its next batch: all of them when it runs alone, its share when
-        other workers are computing too."""
-        if self.workers == 1 or self.threads is None:
+    def _size_threads(self, stage: str, jobs: list[Job]) -> None:
+        """This worker's intra-op threads for its next batch: one for a batch too small to split (thread
+        overhead would outweigh the split); else all of them when it runs alone, its share when other workers
+        are computing too."""
+        if self.threads is None:
             return
         with self._cond:
             busy = self._busy
         want = self.threads if busy <= 1 else max(1, self.threads // min(busy, self.workers))
+        if want > 1 and self.parallel is not None and not self.parallel(stage, [j.payload for j in jobs]):
+            want = 1
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 

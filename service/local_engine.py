@@ -32,6 +32,7 @@ from uniadapter_serve.service.stages import (
     VisionInput,
     VisionOutput,
     make_handlers,
+    step_macs,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class LocalEngine(Engine):
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=settings.model_workers,
-                               threads=torch.get_num_threads())
+                               threads=torch.get_num_threads(), parallel=self._parallel)
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self._ready = False
@@ -120,6 +121,9 @@ class LocalEngine(Engine):
         if cached is None:
             cached = self._answer_lists[meta.ref] = self._answer_list(meta.answer_list)
         return cached
+
+    def _parallel(self, stage: str, payloads: list[Any]) -> bool:
+        return step_macs(self.backbone.config, stage, payloads) >= self.settings.parallel_min_mmacs * 1e6
 
     def rank_k(self, meta: AdapterSetMeta | None) -> int:
         """Candidates scored in full in rank mode: the set's `extra.rank_k`, else the RANK_K setting."""

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     model_workers: int = Field(1, ge=1, le=16, description=(
         "Model threads, each running one batch at a time from the same queues (CPU: with TORCH_THREADS = cores / "
         "workers, several small batches at once can beat one batch on every core; GPU: keep 1)."))
+    parallel_min_mmacs: float = Field(64.0, ge=0, description=(
+        "CPU: a batch whose forward step does fewer million multiply-adds runs on one intra-op thread (splitting "
+        "small matmuls costs more than it saves: the demo model's decoding is 1.1-1.35x slower on 2 threads); "
+        "0 = always all threads."))
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
     )

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from transformers import BlipConfig
 
-from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.vqa import RankScore, beam_search_answers, generate_answers, rank_answers
 from uniadapter_serve.service.batcher import Handler, Job
@@ -83,6 +84,22 @@ class AnswerOutput:
     """generate mode: the answers' ids ([DEC] first), best first (one, or one per beam)"""
     scores: list[float]
     """log-likelihood of each answer"""
+
+
+def step_macs(config: BlipConfig, stage: str, payloads: Sequence[Any]) -> float:
+    """Multiply-adds of one forward step of a batch of `payloads` (a whole pass for the encoders, one
+    decoding step for answers): how much one op of it has to split across intra-op threads."""
+    if stage == "vision":
+        vc = vision_config(config)
+        patches = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1  # type: ignore[arg-type]
+        rows = sum(int(p.pixels.shape[0]) * patches for p in payloads)
+        return rows * 12.0 * vc.hidden_size ** 2 * vc.num_hidden_layers
+    tc = text_config(config)
+    layer = 12.0 * tc.hidden_size ** 2 * tc.num_hidden_layers
+    if stage == "answer":  # decoding steps dominate: one row per beam, about k rows (its prefix tree) for rank
+        rows = sum(p.rank_k if p.mode == "rank" else p.num_beams for p in payloads)
+        return rows * (layer * 4 / 3 + tc.vocab_size * tc.hidden_size)
+    return sum(int(p.ids.shape[0]) for p in payloads) * layer * (4 / 3 if stage == "itm" else 1)
 
 
 def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -306,3 +306,29 @@ def test_model_workers_run_batches_side_by_side(manager):
     finally:
         release.set()
         batcher.stop()
+
+
+def test_batches_too_small_to_split_run_on_one_thread(manager):
+    """threads sized to the batch: one the `parallel` rule finds too small runs on one intra-op thread, the
+    next large one on all of them again (the model thread's own setting, not the process's)."""
+    seen: list[tuple[str, int]] = []
+
+    def handler(jobs, routing):
+        seen.append((jobs[0].payload, torch.get_num_threads()))
+        return [j.payload for j in jobs]
+
+    batcher = Batcher(manager, {"s": handler}, metrics=ServiceMetrics(), max_batch_size=1, max_wait_ms=0,
+                      max_queue=64, threads=2, parallel=lambda stage, payloads: payloads[0] != "small")
+    batcher.start()
+    main_threads = torch.get_num_threads()
+
+    async def main():
+        for payload in ("big", "small", "big"):
+            await batcher.submit("s", payload, None, time.monotonic() + 20)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert seen == [("big", 2), ("small", 1), ("big", 2)]
+    assert torch.get_num_threads() == main_threads
