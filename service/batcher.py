@@ -246,15 +246,18 @@ class Batcher:
                     self._busy -= 1
 
     def _size_threads(self, stage: str, jobs: list[Job]) -> None:
-        """This worker's intra-op threads for its next batch: one for a batch too small to split (thread
-        overhead would outweigh the split); else all of them when it runs alone, its share when other workers
-        are computing too."""
+        """This worker's intra-op threads for its next batch. One when more work is already queued (under load
+        the cores are busy with other requests' decoding and HTTP, and batching is the parallelism that pays)
+        or when the batch is too small to split (thread overhead would outweigh the split); else all of them
+        when it runs alone, its share when other workers are computing too (the latency of a lone request)."""
         if self.threads is None:
             return
         with self._cond:
             busy = self._busy
+            waiting = sum(len(q) for q in self._queues.values())
         want = self.threads if busy <= 1 else max(1, self.threads // min(busy, self.workers))
-        if want > 1 and self.parallel is not None and not self.parallel(stage, [j.payload for j in jobs]):
+        if want > 1 and (waiting > 0 or (self.parallel is not None
+                                         and not self.parallel(stage, [j.payload for j in jobs]))):
             want = 1
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)

@@ -332,3 +332,35 @@ def test_batches_too_small_to_split_run_on_one_thread(manager):
         batcher.stop()
     assert seen == [("big", 2), ("small", 1), ("big", 2)]
     assert torch.get_num_threads() == main_threads
+
+
+def test_under_load_batches_run_on_one_thread_and_a_lone_one_on_all(manager):
+    """With more work queued behind a batch, it runs on one intra-op thread (the other cores serve other
+    requests); the last one, with nothing behind it, gets every thread back."""
+    seen: list[tuple[str, int]] = []
+    release = threading.Event()
+
+    def handler(jobs, routing):
+        if jobs[0].payload == "hold":
+            assert release.wait(10)
+        seen.append((jobs[0].payload, torch.get_num_threads()))
+        return [j.payload for j in jobs]
+
+    batcher = Batcher(manager, {"s": handler}, metrics=ServiceMetrics(), max_batch_size=1, max_wait_ms=0,
+                      max_queue=64, threads=2)
+    batcher.start()
+
+    async def main():
+        held = asyncio.ensure_future(batcher.submit("s", "hold", None, time.monotonic() + 20))
+        await until(lambda: batcher.busy_workers == 1, "the first batch in compute")
+        rest = [asyncio.ensure_future(batcher.submit("s", p, None, time.monotonic() + 20)) for p in ("a", "b")]
+        await until(lambda: batcher.queued() == 2, "two jobs queued behind it")
+        release.set()
+        await asyncio.gather(held, *rest)
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        batcher.stop()
+    assert seen == [("hold", 2), ("a", 1), ("b", 2)]
