@@ -74,6 +74,8 @@ class Job:
     started: float | None = None
     """when its batch started computing (after leasing its sets)"""
     ended: float | None = None
+    admission: Admission | None = None
+    """the admitted request it belongs to (None: submitted outside one)"""
 
     def finish(self, result: Any) -> None:
         def settle() -> None:
@@ -115,6 +117,8 @@ class Batcher:
         self._queues: dict[str, deque[Job]] = {name: deque() for name in handlers}
         self._reserved = 0
         """jobs admitted requests may still submit"""
+        self._active: set[Admission] = set()
+        """requests admitted and not finished"""
         self._cond = threading.Condition()
         self._running = False
         self._threads: list[threading.Thread] = []
@@ -164,12 +168,16 @@ class Batcher:
             if depth > 0 and depth + jobs > self.max_queue:
                 raise self._overloaded(depth)
             self._reserved += jobs
-        return Admission(self, jobs)
+            admission = Admission(self, jobs)
+            self._active.add(admission)
+        return admission
 
     def _unreserve(self, admission: Admission) -> None:
         with self._cond:
             self._reserved -= admission.reserved
             admission.reserved = 0
+            self._active.discard(admission)
+            self._cond.notify_all()  # a batch waiting for company may have none left to wait for
 
     def _depth(self) -> int:
         """Under the lock: queued jobs plus those admitted requests may still submit."""
@@ -189,6 +197,7 @@ class Batcher:
             if not self._running:
                 raise OverloadedError("the server is shutting down", retry_after=1.0)
             if admission is not None and admission.batcher is self:
+                job.admission = admission
                 if admission.reserved > 0:  # one of its reserved places becomes a queued job
                     admission.reserved -= 1
                     self._reserved -= 1
@@ -275,11 +284,20 @@ class Batcher:
                 queue = self._queues[stage]
                 limit = self.stage_batch_sizes.get(stage, self.max_batch_size)
                 wait = queue[0].enqueued + self.max_wait - time.monotonic()
-                if len(queue) < limit and wait > 0 and self._running:
+                if len(queue) < limit and wait > 0 and self._running and not self._alone(queue):
                     self._cond.wait(wait)
                     continue
                 self._busy += 1
                 return stage, [queue.popleft() for _ in range(min(limit, len(queue)))]
+
+    def _alone(self, queue: deque[Job]) -> bool:
+        """Under the lock: no other request could join this batch by waiting. Every job in it belongs to an
+        admitted request, and every admitted request has a job queued (here, or in a stage that cannot run
+        while this one waits): a lone request does not wait MAX_WAIT_MS at each stage for company."""
+        if not self._active or any(j.admission is None for j in queue):
+            return False
+        queued = {j.admission for q in self._queues.values() for j in q}
+        return self._active <= queued
 
     def _run(self, stage: str, jobs: list[Job]) -> None:
         now = time.monotonic()

@@ -364,3 +364,31 @@ def test_under_load_batches_run_on_one_thread_and_a_lone_one_on_all(manager):
         release.set()
         batcher.stop()
     assert seen == [("hold", 2), ("a", 1), ("b", 2)]
+
+
+def test_a_lone_request_does_not_wait_for_company_but_waits_for_an_admitted_one(manager):
+    """MAX_WAIT_MS is long here: a batch closes at once when every admitted request already has its job
+    queued, and waits while another admitted request has yet to submit (it then joins the same batch)."""
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=8, max_wait_ms=30_000)
+
+    async def lone():
+        with batcher.admit(1):
+            return await batcher.submit("s", 1, None, time.monotonic() + 20)
+
+    async def pair():
+        first = batcher.admit(1)
+        second = batcher.admit(1)
+        with first:
+            a = asyncio.ensure_future(batcher.submit("s", 2, None, time.monotonic() + 20))
+            await until(lambda: batcher.queued() == 1, "the first job queued")
+            with second:  # admitted before the first job's batch closed: it waits for this one
+                b = await batcher.submit("s", 3, None, time.monotonic() + 20)
+            return await a, b
+
+    try:
+        assert asyncio.run(asyncio.wait_for(lone(), 10)) == 2  # not after 30 s
+        assert asyncio.run(asyncio.wait_for(pair(), 10)) == (4, 6)
+    finally:
+        batcher.stop()
+    assert [len(b) for b in rec.batches] == [1, 2]
