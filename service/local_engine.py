@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -142,8 +143,10 @@ class LocalEngine(Engine):
 
     # -- stage steps -------------------------------------------------------------------------------------
 
-    async def _vision(self, item: VisionInput, ref: str | None, deadline: float) -> VisionOutput:
-        result: VisionOutput = await self.batcher.submit("vision", item, ref, deadline)
+    async def _vision(self, item: VisionInput, ref: str | None, deadline: float,
+                      embed: bool = True) -> VisionOutput:
+        payload = item if item.embed == embed else dataclasses.replace(item, embed=embed)
+        result: VisionOutput = await self.batcher.submit("vision", payload, ref, deadline)
         return result
 
     async def _text(self, text: str, ref: str | None, deadline: float) -> torch.Tensor:
@@ -169,7 +172,7 @@ class LocalEngine(Engine):
                      rank_score: str = "likelihood") -> list[tuple[str, float]]:
         deadline = time.monotonic() + timeout
         meta = self._meta(ref)
-        out = await self._vision(visual, ref, deadline)
+        out = await self._vision(visual, ref, deadline, embed=False)
         ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
         answers = self.answers_for(meta)
         rank = mode == "rank"
@@ -189,14 +192,14 @@ class LocalEngine(Engine):
         return await self._text(text, ref, time.monotonic() + timeout)
 
     async def embed_visual(self, visual: VisionInput, ref: str | None, timeout: float) -> torch.Tensor:
-        return (await self._vision(visual, ref, time.monotonic() + timeout)).embedding
+        return _embedding(await self._vision(visual, ref, time.monotonic() + timeout))
 
     async def rank_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None, rerank_k: int,
                           timeout: float) -> Ranking:
         deadline = time.monotonic() + timeout
         query_emb, outs = await asyncio.gather(
             self._text(query, ref, deadline), asyncio.gather(*(self._vision(v, ref, deadline) for v in visuals)))
-        itc = (torch.stack([o.embedding for o in outs]) @ query_emb).tolist()
+        itc = (torch.stack([_embedding(o) for o in outs]) @ query_emb).tolist()
         top = sorted(range(len(itc)), key=lambda i: -itc[i])[:rerank_k]
         scores = await asyncio.gather(*(self._match(query, outs[i], ref, deadline, text_embedding=query_emb)
                                         for i in top))
@@ -207,7 +210,7 @@ class LocalEngine(Engine):
         deadline = time.monotonic() + timeout
         out, embs = await asyncio.gather(self._vision(visual, ref, deadline),
                                          asyncio.gather(*(self._text(t, ref, deadline) for t in texts)))
-        itc = (torch.stack(embs) @ out.embedding).tolist()
+        itc = (torch.stack(embs) @ _embedding(out)).tolist()
         top = sorted(range(len(itc)), key=lambda i: -itc[i])[:rerank_k]
         scores = await asyncio.gather(*(self._match(texts[i], out, ref, deadline) for i in top))
         return Ranking(itc, dict(zip(top, scores, strict=True)))
@@ -250,3 +253,9 @@ class LocalEngine(Engine):
         return {"rows": m.table(), "device_budget": m.device_budget, "cpu_budget": m.cpu_budget,
                 "device_bytes": m.device_bytes(), "cpu_bytes": m.cpu_bytes(),
                 "itemsize": self.backbone.dtype.itemsize}
+
+
+def _embedding(out: VisionOutput) -> torch.Tensor:
+    """The ITC embedding of a vision job submitted with embed=True."""
+    assert out.embedding is not None
+    return out.embedding

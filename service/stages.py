@@ -25,14 +25,17 @@ class VisionInput:
     pixels: torch.Tensor
     """(T, 3, S, S): one frame for an image, T frames for a video."""
     video: bool = False
+    embed: bool = True
+    """compute the ITC embedding (retrieval); answering needs only the states, and a VQA checkpoint has no
+    projection head to compute it with"""
 
 
 @dataclass
 class VisionOutput:
     states: torch.Tensor
     """(N, D) image tokens or (T*N, D) concatenated frame tokens (+ temporal embedding)."""
-    embedding: torch.Tensor
-    """(E,) L2-normalised ITC embedding (image; mean of frame [CLS] for a video)."""
+    embedding: torch.Tensor | None
+    """(E,) L2-normalised ITC embedding (image; mean of frame [CLS] for a video); None unless asked for."""
     frame_embeddings: torch.Tensor | None = None
     """(T, E) per-frame ITC embeddings, for sets with frame-aware attention (video only)."""
     tokens_per_frame: int = 0
@@ -136,10 +139,15 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
         frame_routing = _expand(routing, counts, device)
         tokens = backbone.encode_image(frames, frame_routing)  # (sum T, N, D)
         per_job = tokens.split(counts)
-        pooled = torch.stack([t[:, 0].mean(dim=0) for t in per_job])  # (B, D)
-        # normalised in float32 (a bf16 norm is off by ~4e-3), then to the host once for the whole batch
-        embeddings = F.normalize(routing.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
-        (host,) = to_host(embeddings)
+        wanted = [i for i, x in enumerate(inputs) if x.embed]
+        host: list[torch.Tensor | None] = [None] * len(inputs)
+        if wanted:
+            pooled = torch.stack([per_job[i][:, 0].mean(dim=0) for i in wanted])  # (B', D)
+            rows = routing if len(wanted) == len(inputs) else routing.select(torch.tensor(wanted, device=device))
+            # normalised in float32 (a bf16 norm is off by ~4e-3), then to the host once for the whole batch
+            embeddings = F.normalize(rows.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
+            for i, e in zip(wanted, to_host(embeddings)[0], strict=True):
+                host[i] = e
         outputs: list[Any] = []
         for i, (x, t) in enumerate(zip(inputs, per_job, strict=True)):
             if not x.video:
@@ -148,7 +156,7 @@ def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: i
             row = routing.select(torch.tensor([i], device=device))
             states = backbone.video_states(t[None], row)[0]
             frame_aware = any(r.adapter.config.frame_aware_attention for r in row.routes)
-            per_frame = backbone.frame_embeddings(t[None], row)[0].float() if frame_aware else None
+            per_frame = backbone.frame_embeddings(t[None], row)[0].float() if frame_aware and x.embed else None
             outputs.append(VisionOutput(states=states, embedding=host[i], frame_embeddings=per_frame,
                                         tokens_per_frame=t.shape[1]))
         return outputs

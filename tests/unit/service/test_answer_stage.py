@@ -81,3 +81,29 @@ def test_a_rank_job_answers_the_same_in_any_batch(setup):
         assert mixed.indices == alone.indices
         assert torch.allclose(torch.tensor(mixed.scores), torch.tensor(alone.scores), atol=1e-4)
     assert together[2].scores != together[3].scores  # BLIP's score is not the log-likelihood
+
+
+def test_a_vqa_checkpoint_without_itc_heads_answers(tiny_config):
+    """A VQA checkpoint (transformers' BlipForQuestionAnswering, BLIP's model_vqa) has no projection heads:
+    answering asks the vision stage for states only, in the same batch as a job that wants the embedding
+    (which fails alone, naming the missing head)."""
+    from transformers import BlipForQuestionAnswering
+
+    from uniadapter_serve.model.loading import backbone_from_state_dict
+    from uniadapter_serve.service.stages import VisionInput
+
+    torch.manual_seed(0)
+    vqa = backbone_from_state_dict(tiny_config, BlipForQuestionAnswering(tiny_config).state_dict()).eval()
+    assert vqa.vision_proj is None
+    handlers = make_handlers(vqa, bos_id=BOS, sep_id=SEP, pad_id=PAD)
+    pixels = torch.randn(1, 3, tiny_config.vision_config.image_size, tiny_config.vision_config.image_size)
+    with torch.inference_mode():
+        (out,) = handlers["vision"]([SimpleNamespace(payload=VisionInput(pixels, embed=False))], Routing.none(1))
+        assert out.embedding is None and out.states.shape[0] > 1
+        ids = torch.tensor([BOS + 1, 7, 8, 9])
+        (answer,) = run(handlers["answer"], [AnswerInput(ids, torch.ones_like(ids), out.states,
+                                                         mode="generate", top_k=1, max_length=3)])
+        assert answer.tokens and answer.tokens[0][0] == BOS
+        with pytest.raises(Exception, match="vision_proj"):
+            handlers["vision"]([SimpleNamespace(payload=VisionInput(pixels, embed=False)),
+                                SimpleNamespace(payload=VisionInput(pixels))], Routing.none(2))
