@@ -57,6 +57,7 @@ class LocalEngine(Engine):
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
+        workers = settings.model_workers or (1 if self.device.type == "cuda" else 2)
         dtype = resolve_dtype(settings.dtype, self.device)
         self.backbone: BlipBackbone = load_backbone(settings.backbone, device=self.device, dtype=dtype)
         self.tokenizer: BlipTokenizer = load_tokenizer(settings.backbone, self.backbone.config)
@@ -67,7 +68,7 @@ class LocalEngine(Engine):
             device_budget_bytes=int(settings.device_adapter_budget_mb * MB),
             cpu_budget_bytes=int(settings.cpu_adapter_budget_mb * MB),
             # one model thread defers sets that find no room; several wait a little for each other's leases
-            wait_timeout_s=0.0 if settings.model_workers == 1 else 2.0,
+            wait_timeout_s=0.0 if workers == 1 else 2.0,
         )
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
@@ -76,7 +77,7 @@ class LocalEngine(Engine):
         self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
-                               if settings.max_vision_batch_size else None, workers=settings.model_workers,
+                               if settings.max_vision_batch_size else None, workers=workers,
                                threads=torch.get_num_threads(), parallel=self._parallel)
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}

@@ -68,9 +68,11 @@ class Settings(BaseSettings):
     max_vision_batch_size: int | None = Field(
         None, ge=1, le=1024, description="Cap on jobs per vision batch (CPUs gain little past ~8-12 images)."
     )
-    model_workers: int = Field(1, ge=1, le=16, description=(
-        "Model threads, each running one batch at a time from the same queues (CPU: with TORCH_THREADS = cores / "
-        "workers, several small batches at once can beat one batch on every core; GPU: keep 1)."))
+    model_workers: int | None = Field(None, ge=1, le=16, description=(
+        "Model threads, each running one batch at a time from the same queues; a batch alone gets every intra-op "
+        "thread, batches side by side share them (default: 2 on the CPU, where a second batch overlaps the "
+        "first's Python-bound steps and, with large models, uses the cores one intra-op thread leaves idle; "
+        "1 on a GPU)."))
     parallel_min_mmacs: float = Field(64.0, ge=0, description=(
         "CPU: a batch whose forward step does fewer million multiply-adds runs on one intra-op thread (splitting "
         "small matmuls costs more than it saves: the demo model's decoding is 1.1-1.35x slower on 2 threads); "
