@@ -102,6 +102,8 @@ class PostgresBackend(StoreBackend):
         self._down_until = 0.0
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self.listening = threading.Event()
+        """set while the LISTEN connection is up (changes from other replicas reach this one)"""
         self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
                                    kwargs={"connect_timeout": max(1, int(timeout_s))}, name="uniadapter")
         try:
@@ -195,6 +197,7 @@ class PostgresBackend(StoreBackend):
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_s))) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
                     if not first:
                         log.info("collection change events from PostgreSQL are back")
                         on_change("")
@@ -203,10 +206,12 @@ class PostgresBackend(StoreBackend):
                         for notify in conn.notifies(timeout=0.5, stop_after=64):
                             self._deliver(on_change, notify.payload)
             except UNAVAILABLE as e:
+                self.listening.clear()
                 if not self._stop.is_set():
                     log.warning("collection change events from PostgreSQL lost (%s); reconnecting", e)
                     first = False
                     self._stop.wait(1.0)
+        self.listening.clear()
 
     @staticmethod
     def _deliver(on_change: Callable[[str], None], name: str) -> None:

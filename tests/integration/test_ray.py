@@ -89,13 +89,6 @@ def local(tmp_path_factory, cluster):
     server.stop()
 
 
-def metric(url: str, name: str, labels: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def model_replicas() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if "SERVE_REPLICA" in a["name"] and "#Model#" in a["name"]]
@@ -168,28 +161,29 @@ def test_sets_stay_on_the_replicas_that_hold_them(cluster):
                           timeout=TIMEOUT_S + 10).status_code
 
     assert [ask(name) for name in SETS * 2] == [200] * 8
-    settled(url)
-    before = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}')
+    before = disk_loads_posted_after(time.time())
     order = [name for name in SETS for _ in range(200)]
     random.Random(7).shuffle(order)
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(ask, order))
     assert codes == [200] * len(order)
-    loads = settled(url) - before
+    loads = disk_loads_posted_after(time.time()) - before
     assert loads <= 1, f"{loads} cold loads of 4 placed sets over 2 replicas that hold 2 each"
 
 
-def settled(url: str) -> float:
-    """Disk loads once the replicas' statistics (posted every 0.5 s) stop changing."""
-    deadline = time.monotonic() + 10
-    loads = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}')
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = metric(url, "uniadapter_adapter_events_total", '{event="disk_loads"}')
-        if now == loads:
-            break
-        loads = now
-    return loads
+def disk_loads_posted_after(moment: float, timeout: float = 15.0) -> float:
+    """Disk loads over the running model replicas, from the residency board, once each has posted its
+    statistics after `moment` (they post every 0.5 s)."""
+    from uniadapter_serve.service.ray_app import board
+
+    deadline = time.monotonic() + timeout
+    while True:
+        tables = ray.get(board().read.remote(), timeout=10)
+        fresh = [t for t in tables.values() if t["posted"] > moment]
+        if len(fresh) >= running_model_replicas():
+            return sum(float(t["stats"].get("disk_loads", 0)) for t in fresh)
+        assert time.monotonic() < deadline, f"{len(fresh)} replicas posted statistics after the moment"
+        time.sleep(0.1)
 
 
 def test_a_published_version_reaches_every_replica(cluster, tmp_path):
@@ -228,7 +222,9 @@ def test_a_model_replica_killed_mid_traffic(cluster):
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(ask, i) for i in range(120)]
-        while len(results) < 10:
+        deadline = time.monotonic() + 120
+        while len(results) < 10:  # traffic is flowing before the kill
+            assert time.monotonic() < deadline, "no traffic flowed"
             time.sleep(0.01)
         ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
         for f in futures:

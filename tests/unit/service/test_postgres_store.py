@@ -88,8 +88,7 @@ def test_changes_are_announced_to_every_replica(pg_server, tmp_path):
     a, b = backend(url, tmp_path, "a"), backend(url, tmp_path, "b")
     heard: list[str] = []
     b.listen(heard.append)
-    wait_for(lambda: b._listener is not None and b._listener.is_alive(), "the listener")
-    time.sleep(0.2)  # LISTEN is issued right after the thread connects; give it that round trip
+    assert b.listening.wait(10), "the listener never issued LISTEN"
     store = a.create("c", "image", "none", "flat", DIM)
     store.add([NewItem("x", "upload:x", None, {}, unit(1, 2)[0])], 0)
     wait_for(lambda: heard.count("c") >= 2, "the create and the add to reach the other replica")
