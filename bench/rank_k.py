@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 import torch
 from benchkit import half_iqr, rotating_rounds
 
-from uniadapter_serve.model.backbone import BlipBackbone, text_config
+from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import DEMO_DIR, load_backbone, random_backbone
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.testing import random_batch
+from uniadapter_serve.model.testing import random_answer_list, random_batch
 from uniadapter_serve.model.vqa import answer_log_likelihood, rank_answers
 
 ANSWERS = 3128
@@ -48,16 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def answer_list(backbone: BlipBackbone, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, 5) ids [DEC] t1..tn [SEP] pad..., n in 1..3, and their mask."""
-    tc = text_config(backbone.config)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, tc.vocab_size, (ANSWERS, 5), generator=gen)
-    ids[:, 0] = tc.bos_token_id
-    mask = torch.ones_like(ids)
-    lengths = torch.randint(1, 4, (ANSWERS,), generator=gen)
-    for c, n in enumerate(lengths.tolist()):
-        ids[c, n + 1], ids[c, n + 2:], mask[c, n + 2:] = tc.sep_token_id, tc.pad_token_id or 0, 0
-    return ids, mask
+    """(C, 5) ids [DEC] t1..tn [SEP] pad..., n random in 1..3, and their mask."""
+    return random_answer_list(backbone.config, ANSWERS, seed, random_lengths=True)
 
 
 def copied_rank(backbone: BlipBackbone, q: torch.Tensor, qmask: torch.Tensor, cand: torch.Tensor,

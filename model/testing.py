@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import BlipConfig
 
 from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
 from uniadapter_serve.model.uniadapter import AdapterSetModule, UniAdapterConfig
@@ -67,3 +68,20 @@ def random_batch(backbone: BlipBackbone, batch_size: int, seed: int, text_len: i
         answers[i, keep:] = tc.pad_token_id or 0
     device = backbone.device
     return Batch(pixels.to(device), ids.to(device), mask.to(device), answers.to(device), amask.to(device))
+
+
+def random_answer_list(config: BlipConfig, count: int, seed: int, random_lengths: bool = False,
+                       width: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, width) answer ids `[DEC] t1..tn [SEP] pad...` with n in 1..3 (cycling with the row, or random)
+    and their mask, as `BlipTokenizer.encode_answers` gives them: a candidate list for rank mode."""
+    tc = text_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, tc.vocab_size, (count, width), generator=gen)
+    bos, sep, pad = int(tc.bos_token_id or 1), int(tc.sep_token_id or 2), int(tc.pad_token_id or 0)
+    ids[:, 0] = bos
+    mask = torch.ones_like(ids)
+    lengths = torch.randint(1, 4, (count,), generator=gen).tolist() if random_lengths else [
+        1 + c % 3 for c in range(count)]
+    for c, n in enumerate(lengths):
+        ids[c, n + 1], ids[c, n + 2:], mask[c, n + 2:] = sep, pad, 0
+    return ids, mask

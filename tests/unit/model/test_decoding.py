@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.testing import random_adapter, random_batch
+from uniadapter_serve.model.testing import random_adapter, random_answer_list, random_batch
 from uniadapter_serve.model.text import DecoderCache, TextSelfAttention
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
 from uniadapter_serve.model.vqa import (
@@ -82,14 +82,7 @@ def test_rank_shares_question_kv_and_scores_as_the_copying_path(backbone, questi
     """k candidates per question: the question K/V are broadcast, not repeated; the scores are the ones the
     repeat-the-states path gave, candidates of different lengths included."""
     q, qmask, routing = question
-    gen = torch.Generator().manual_seed(5)
-    C = 12
-    cand = torch.randint(4, tiny_config.text_config.vocab_size, (C, 5), generator=gen)
-    cand[:, 0] = BOS
-    cmask = torch.ones_like(cand)
-    for c in range(C):
-        n = 3 + c % 3
-        cand[c, n - 1], cand[c, n:], cmask[c, n:] = EOS, PAD, 0
+    cand, cmask = random_answer_list(tiny_config, 12, seed=5)
     k = 7
     ranked = rank_answers(backbone, q, qmask, cand, cmask, k, routing)
     B = q.shape[0]

@@ -8,7 +8,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionA
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import backbone_from_state_dict, load_backbone
-from uniadapter_serve.model.testing import random_batch, randomize_
+from uniadapter_serve.model.testing import random_answer_list, random_batch, randomize_
 from uniadapter_serve.model.vqa import answer_log_likelihood, beam_search_answers, generate_answers, rank_answers
 
 TOL = 1e-5
@@ -171,17 +171,10 @@ def test_vqa_blip_rank_score_matches_transformers_smoothed_loss(hf_vqa, ours_vqa
     """score="blip" is BLIP's rank score: minus the decoder's label-smoothed (0.1) loss summed per answer,
     as transformers' BlipTextLMHeadModel computes it with reduction="none" (pads ignored)."""
     b = random_batch(ours_vqa, 2, seed=9)
-    tc = tiny_config.text_config
     q = ours_vqa.encode_multimodal(b.input_ids, b.attention_mask, ours_vqa.encode_image(b.pixel_values))
     qmask = torch.ones(q.shape[:2], dtype=torch.long)
-    gen = torch.Generator().manual_seed(10)
     C = 6
-    cand = torch.randint(4, tc.vocab_size, (C, 5), generator=gen)
-    cand[:, 0] = tc.bos_token_id
-    cmask = torch.ones_like(cand)
-    for c in range(C):  # answers of 1 to 3 tokens, then SEP and padding
-        n = 3 + c % 3
-        cand[c, n - 1], cand[c, n:], cmask[c, n:] = tc.sep_token_id, tc.pad_token_id, 0
+    cand, cmask = random_answer_list(tiny_config, C, seed=10)  # answers of 1 to 3 tokens, SEP, padding
     ranked = rank_answers(ours_vqa, q, qmask, cand, cmask, C, score="blip")
     likelihood = rank_answers(ours_vqa, q, qmask, cand, cmask, C)
     hf_vqa.text_decoder.label_smoothing = 0.1

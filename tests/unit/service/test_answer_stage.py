@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.testing import random_batch
+from uniadapter_serve.model.testing import random_answer_list, random_batch
 from uniadapter_serve.model.vqa import answer_log_likelihood
 from uniadapter_serve.service.stages import AnswerInput, make_handlers
 
@@ -25,13 +25,7 @@ def setup(backbone, tiny_config):
     batch = random_batch(backbone, 2, seed=21, text_len=7)
     with torch.no_grad():
         states = backbone.encode_image(batch.pixel_values)
-    gen = torch.Generator().manual_seed(22)
-    cand = torch.randint(4, tiny_config.text_config.vocab_size, (C, 5), generator=gen)
-    cand[:, 0] = BOS
-    mask = torch.ones_like(cand)
-    for c in range(C):
-        n = 3 + c % 3
-        cand[c, n - 1], cand[c, n:], mask[c, n:] = SEP, PAD, 0
+    cand, mask = random_answer_list(tiny_config, C, seed=22)
     # as the tokenizer gives one question: no padding (the stage masks the padding it adds when batching)
     questions = [(batch.input_ids[i], torch.ones_like(batch.input_ids[i]), states[i:i + 1]) for i in range(2)]
     return handler, questions, (cand, mask)
