@@ -292,8 +292,9 @@ class Batcher:
 
     def _alone(self, queue: deque[Job]) -> bool:
         """Under the lock: no other request could join this batch by waiting. Every job in it belongs to an
-        admitted request, and every admitted request has a job queued (here, or in a stage that cannot run
-        while this one waits): a lone request does not wait MAX_WAIT_MS at each stage for company."""
+        admitted request, and every admitted request has a job queued (here, or in another stage, which must
+        run before that request has anything for this one): a lone request does not wait MAX_WAIT_MS at each
+        stage for company."""
         if not self._active or any(j.admission is None for j in queue):
             return False
         queued = {j.admission for q in self._queues.values() for j in q}

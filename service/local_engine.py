@@ -128,9 +128,10 @@ class LocalEngine(Engine):
         return step_macs(self.backbone.config, stage, payloads) >= self.settings.parallel_min_mmacs * 1e6
 
     def rank_k(self, meta: AdapterSetMeta | None) -> int:
-        """Candidates scored in full in rank mode: the set's `extra.rank_k`, else the RANK_K setting."""
+        """Candidates scored in full in rank mode: the set's `extra.rank_k` (checked when the set is read),
+        else the RANK_K setting."""
         own = meta.extra.get("rank_k") if meta is not None else None
-        return own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else self.settings.rank_k
+        return int(own) if own is not None else self.settings.rank_k
 
     def _default_answer_strings(self) -> list[str]:
         if self.settings.answer_list is not None:
