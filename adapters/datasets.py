@@ -32,6 +32,9 @@ class ImageText:
     captions: list[str]
     key: str = ""
     """identity of the scene: images with equal keys satisfy each other's captions"""
+    group: str = ""
+    """items of one group are each other's hard negatives (demo: a family of scenes with the same shapes and
+    colours); training draws them into the same batch (`_sample`)"""
 
 
 @dataclass
@@ -63,12 +66,15 @@ class QA:
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 
 
-def demo_images(world: World, split: str, n: int) -> list[ImageText]:
+def demo_images(world: World, split: str, n: int, *, pretraining: bool = False) -> list[ImageText]:
+    """Scenes with their retrieval captions (size, side, relation), or with the pre-training captions
+    (shapes and colours only); grouped by family."""
     start = SPLIT_OFFSETS[split]
     out = []
     for i in range(start, start + n):
         scene = world.scene(i)
-        out.append(ImageText(np.asarray(world.render(scene)), [scene.caption()], key=scene.caption()))
+        caption = scene.pretrain_caption() if pretraining else scene.caption()
+        out.append(ImageText(np.asarray(world.render(scene)), [caption], key=caption, group=f"family-{scene.family}"))
     return out
 
 

@@ -184,15 +184,16 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     schedule = warmup_cosine(optimizer, cfg.steps, warmup=50)
     trained: nn.Module = model if adapter is None else adapter
     start = _resume(checkpoint_dir, trained, optimizer, schedule)
+    sample = _Sampler(data)
     for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
-        _sample(data, rng, cfg.batch_size)
+        sample(rng, cfg.batch_size)
     step_fn = _retrieval_step if cfg.task == "retrieval" else _answer_step
     losses: list[float] = []
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     started = time.monotonic()
     with tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"{cfg.task}/{cfg.mode}") as bar:
         for step in range(start, cfg.steps):
-            batch = _sample(data, rng, cfg.batch_size)
+            batch = sample(rng, cfg.batch_size)
             routing = Routing.single(adapter, len(batch))
             loss = step_fn(model, tokenizer, batch, routing, size, cfg)
             losses.append(optimize(loss, optimizer, schedule, params))
@@ -209,15 +210,35 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     return TrainResult(model, adapter, losses, sum(p.numel() for p in params))
 
 
-def _sample(data: Sequence[Any], rng: random.Random, n: int) -> list[Any]:
-    """n items, each with the caption it trains on (retrieval) fixed by the same generator."""
-    batch = []
-    for _ in range(n):
-        item = data[rng.randrange(len(data))]
-        if isinstance(item, ImageText):
-            item = ImageText(item.image, [rng.choice(item.captions)], item.key)
-        batch.append(item)
-    return batch
+class _Sampler:
+    """Random training batches. An item with a `group` (ImageText.group) brings one other member of its group
+    into the batch, so the in-batch negatives of ITC and ITM include the items hardest to tell apart (the
+    demo: scenes with the same shapes and colours in another layout); data without groups samples plainly."""
+
+    def __init__(self, data: Sequence[Any]) -> None:
+        self.data = data
+        self.groups: dict[str, list[int]] = {}
+        for i, item in enumerate(data):
+            if getattr(item, "group", ""):
+                self.groups.setdefault(item.group, []).append(i)
+
+    def __call__(self, rng: random.Random, n: int) -> list[Any]:
+        """n items, each with the caption it trains on (retrieval) fixed by the same generator."""
+        picked: list[int] = []
+        while len(picked) < n:
+            i = rng.randrange(len(self.data))
+            picked.append(i)
+            members = self.groups.get(getattr(self.data[i], "group", ""), [])
+            if len(members) > 1 and len(picked) < n:
+                j = members[rng.randrange(len(members) - 1)]
+                picked.append(j if j != i else members[-1])
+        batch = []
+        for i in picked:
+            item = self.data[i]
+            if isinstance(item, ImageText):
+                item = ImageText(item.image, [rng.choice(item.captions)], item.key, item.group)
+            batch.append(item)
+        return batch
 
 
 def _retrieval_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], routing: Routing, size: int,

@@ -84,7 +84,7 @@ class DemoItem:
 
 @cache
 def _world() -> World:
-    return World(seed=0, image_size=64)
+    return World(seed=0)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -96,7 +96,7 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def mp4(frames: list[np.ndarray], fps: int = FPS) -> bytes:
-    """H.264 (4:2:0, so browsers play it) at near-lossless quality: a 64 px frame has no detail to spare."""
+    """H.264 (4:2:0, so browsers play it) at near-lossless quality: a 96 px frame has no detail to spare."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "4", "preset": "medium"})

@@ -4,8 +4,9 @@ comparison in miniature (heads only / UniAdapter / full fine-tuning), and write 
 
     python -m uniadapter_serve.adapters.demo.build --seed 0
 
-Stages can run separately (`--stage pretrain|adapters|baselines`, `--tasks ...`); each merges its
-rows into `results.json`, and a new backbone discards the sets and rows trained on the old one.
+Stages can run separately (`--stage pretrain|adapters|baselines`, `--tasks ...`, `--modes ...`), also side by
+side in several processes (one thread each: OMP_NUM_THREADS=1); each run merges its row into `results.json`,
+and a new backbone discards the sets and rows trained on the old one.
 
 Step counts (not wall time) define the run, so the same seed gives the same weights (up to float-reduction
 order across thread counts); the learning-rate schedules decay over exactly those steps, and an interrupted
@@ -42,11 +43,12 @@ log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "vqa", "videoqa")
 RERANK_K = 16
-DEMO_ITC_WEIGHT = 1.0
-"""the shipped table's re-ranking, ITM logit + ITC similarity, kept so every row of it (the baselines are not
-shipped, so cannot be re-scored) is on one protocol; the paper's is ITM alone (evaluation.ITC_WEIGHT)"""
-"""retrieval is scored as BLIP evaluates it: ITC top-k re-ranked by ITM (and by ITC alone)"""
-TASK_STEPS = {"retrieval": 2000, "vqa": 6000, "videoqa": 2000}
+"""retrieval is scored by the paper's protocol: each query's ITC top-k re-ranked by the ITM logit alone (and
+by ITC alone)"""
+TASK_STEPS = {"retrieval": 1500, "vqa": 3000, "videoqa": 1200}
+"""per run: the UniAdapter set and both baselines get the same steps"""
+VIDEO_FRAMES = 4
+"""frames per VideoQA clip (a move or a colour change reads from 4)"""
 
 
 def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:
@@ -59,11 +61,11 @@ def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:
 
 def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: World) -> dict[str, float]:
     if task == "retrieval":
-        return retrieval_recall(backbone, tok, demo_images(world, "test", 500), adapter, rerank_k=RERANK_K,
-                                itc_weight=DEMO_ITC_WEIGHT)
+        return retrieval_recall(backbone, tok, demo_images(world, "test", 500), adapter, rerank_k=RERANK_K)
     if task == "vqa":
         return {"accuracy": answer_accuracy(backbone, tok, demo_vqa(world, "test", 150), ANSWERS, adapter)}
-    return {"accuracy": answer_accuracy(backbone, tok, demo_videoqa(world, "test", 100), ANSWERS, adapter)}
+    return {"accuracy": answer_accuracy(backbone, tok, demo_videoqa(world, "test", 100, VIDEO_FRAMES), ANSWERS,
+                                        adapter, num_frames=VIDEO_FRAMES)}
 
 
 def read_results(out: Path) -> dict[str, Any]:
@@ -72,13 +74,22 @@ def read_results(out: Path) -> dict[str, Any]:
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out / "results.json")
+
+
+def write_row(out: Path, task: str, mode: str, row: dict[str, Any]) -> None:
+    """Merge one row into results.json as it is on disk now (stages of other tasks may run side by side)."""
+    results = read_results(out)
+    results["tasks"].setdefault(task, {})[mode] = row
+    write_results(out, results)
 
 
 def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> None:
     started = time.monotonic()
-    model, losses = pretrain(demo_images(world, "train", 20_000), tok, steps=args.pretrain_steps, batch_size=64,
-                             seed=args.seed)
+    model, losses = pretrain(demo_images(world, "train", 20_000, pretraining=True), tok, steps=args.pretrain_steps,
+                             batch_size=64, seed=args.seed)
     tail = losses[-20:]
     log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
              losses[0], sum(tail) / len(tail))
@@ -93,17 +104,14 @@ def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> 
 def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes: list[str]) -> None:
     backbone = load_backbone(args.out / "backbone")
     unchanged = freeze_check(backbone)
-    results = read_results(args.out)
     for task in args.tasks:
         data: list[Any] = (demo_images(world, "train", 20_000) if task == "retrieval" else
                            demo_vqa(world, "train", 8_000) if task == "vqa" else
-                           demo_videoqa(world, "train", 3_000))
-        rows = results["tasks"].setdefault(task, {})
+                           demo_videoqa(world, "train", 3_000, VIDEO_FRAMES))
         for mode in modes:
-            steps = (args.task_steps or TASK_STEPS[task]) if mode == "uniadapter" else args.baseline_steps
-            cfg = TrainConfig(task=task, mode=mode, steps=steps, batch_size=32,
+            cfg = TrainConfig(task=task, mode=mode, steps=args.task_steps or TASK_STEPS[task], batch_size=32,
                               lr=1e-3 if mode != "full" else 2e-4, bottleneck=args.bottleneck, kv_rank=16,
-                              checkpoint_every=50, seed=args.seed)
+                              num_frames=VIDEO_FRAMES if task == "videoqa" else 8, checkpoint_every=50, seed=args.seed)
             with_time = time.monotonic()
             result = train(backbone, tok, data, cfg, progress=True,
                            checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}")
@@ -113,13 +121,13 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
                         ("vision_model", "text_encoder", "text_decoder")))
             # full fine-tuning trains every parameter the task uses (the copy's unused parts get no gradient)
             tunable = base if mode == "full" else result.tunable_parameters
-            rows[mode] = {"metrics": metrics, "tunable_parameters": tunable,
-                          "percent": round(100 * tunable / base, 2), "steps": cfg.steps,
-                          **({"resumed_at": cfg.steps - len(result.losses)} if len(result.losses) < cfg.steps else {}),
-                          "loss_first": round(result.losses[0], 4),
-                          "loss_last": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
-                          "seconds": round(time.monotonic() - with_time)}
-            log.info("%s/%s: %s", task, mode, rows[mode])
+            row = {"metrics": metrics, "tunable_parameters": tunable,
+                   "percent": round(100 * tunable / base, 2), "steps": cfg.steps,
+                   **({"resumed_at": cfg.steps - len(result.losses)} if len(result.losses) < cfg.steps else {}),
+                   "loss_first": round(result.losses[0], 4),
+                   "loss_last": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
+                   "seconds": round(time.monotonic() - with_time)}
+            log.info("%s/%s: %s", task, mode, row)
             if mode == "uniadapter":
                 assert result.adapter is not None
                 folder = args.out / "adapters" / SET_NAMES[task]
@@ -129,7 +137,7 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
                                  answer_list=None if task == "retrieval" else ANSWERS,
                                  extra={"trained_on": "demo world", "metrics": metrics, "seed": args.seed,
                                         "steps": len(result.losses)})
-            write_results(args.out, results)
+            write_row(args.out, task, mode, row)
             shutil.rmtree(args.out / ".checkpoints" / f"{task}-{mode}", ignore_errors=True)
     assert unchanged(), "training changed the shared backbone"
 
@@ -164,22 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("all", "pretrain", "adapters", "baselines"), default="all",
                         help="all = pretrain, then the adapter sets, then the baselines")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--pretrain-steps", type=int, default=3500)
-    parser.add_argument("--task-steps", type=int, help=f"per UniAdapter set (default: {TASK_STEPS})")
-    parser.add_argument("--baseline-steps", type=int, default=600, help="per baseline run")
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODE_LABELS), default=list(MODE_LABELS),
+                        help="train only these runs of the stages chosen (e.g. split the baselines between processes)")
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--task-steps", type=int, help=f"per run, set and baselines alike (default: {TASK_STEPS})")
     parser.add_argument("--bottleneck", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    world = World(seed=args.seed, image_size=64)
+    world = World(seed=args.seed)
     tok = BlipTokenizer.demo(512)
     started = time.monotonic()
     if args.stage in ("all", "pretrain"):
         run_pretrain(args, world, tok)
-    if args.stage in ("all", "adapters"):
+    if args.stage in ("all", "adapters") and "uniadapter" in args.modes:
         train_sets(args, world, tok, ["uniadapter"])
     if args.stage in ("all", "baselines"):
-        train_sets(args, world, tok, ["heads", "full"])
+        train_sets(args, world, tok, [m for m in ("heads", "full") if m in args.modes])
     log.info("done in %.0f s", time.monotonic() - started)
     return 0
 

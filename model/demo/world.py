@@ -1,7 +1,14 @@
 """The demo world: seeded scenes of coloured shapes and short clips of moving shapes, each with
 captions and question/answer pairs. Small enough to learn on two CPU cores, rich enough to need
-vision, language and their fusion: colour, shape, count, position, pairwise relations, direction of
-motion and what changed.
+vision, language and their fusion: colour, shape, count, position, size, pairwise relations, direction
+of motion and what changed.
+
+Pre-training and the downstream tasks see different things, as in the paper's setting: pre-training
+captions name the shapes and colours only (`Scene.pretrain_caption`), while retrieval captions
+(`Scene.caption`) name sizes, sides and left/right relations, which the backbone never learnt to read or
+say. Scenes come in families of `FAMILY_SIZE` consecutive indices that share their shapes and colours
+and differ in layout, so a held-out gallery holds several scenes a shapes-and-colours reading cannot
+tell apart.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "gray"
                                                 "black": (25, 25, 25)}
 NUMBERS = ("zero", "one", "two", "three", "four")
 DIRECTIONS = ("left", "right", "up", "down")
+FAMILY_SIZE = 8
+"""consecutive scene indices that share their shapes and colours (and differ in sizes, sides, backgrounds)"""
 
 
 @dataclass(frozen=True)
@@ -49,15 +58,23 @@ class Shape:
 @dataclass
 class Scene:
     shapes: list[Shape]
+    """in the family's order (not left to right)"""
     background: str
+    family: int = 0
 
     def caption(self) -> str:
+        """What retrieval asks for: size and side of a lone shape, the left/right relation of two."""
         if len(self.shapes) == 1:
             s = self.shapes[0]
             return f"a {s.size} {s.phrase()} on the {s.horizontal}"
         a, b = self.shapes[0], self.shapes[1]
         relation = "left of" if a.x < b.x else "right of"
         return f"a {a.phrase()} {relation} a {b.phrase()}"
+
+    def pretrain_caption(self) -> str:
+        """What pre-training reads: the shapes and colours, nothing of layout or size (the family's order
+        says nothing of where each shape is)."""
+        return " and ".join(f"a {s.phrase()}" for s in self.shapes)
 
     def questions(self) -> list[tuple[str, str]]:
         qa: list[tuple[str, str]] = [("how many shapes are there", NUMBERS[len(self.shapes)])]
@@ -111,7 +128,7 @@ class Clip:
 class World:
     """All randomness comes from one seed, so a data set is reproducible from (seed, index)."""
 
-    def __init__(self, seed: int = 0, image_size: int = 64, max_shapes: int = 2) -> None:
+    def __init__(self, seed: int = 0, image_size: int = 96, max_shapes: int = 2) -> None:
         self.seed = seed
         self.size = image_size
         self.max_shapes = max_shapes
@@ -119,27 +136,29 @@ class World:
     def _rng(self, kind: str, index: int) -> random.Random:
         return random.Random(f"{self.seed}:{kind}:{index}")
 
-    def _shape(self, rng: random.Random, taken: list[Shape], slot: int, slots: int) -> Shape:
-        """A shape in vertical band `slot` of `slots` (so shapes never overlap and left/right is clear),
-        with a shape and colour no other shape in the scene has."""
+    def _place(self, rng: random.Random, shape: str, color: str, slot: int, slots: int) -> Shape:
+        """`shape` in vertical band `slot` of `slots` (so shapes never overlap and left/right is clear)."""
         size = rng.choice(SIZES)
         r = 0.13 if size == "small" else 0.2
         lo, hi = slot / slots + r, (slot + 1) / slots - r
         x = rng.uniform(lo, hi) if lo < hi else (slot + 0.5) / slots
         y = rng.uniform(r, 1 - r)
-        shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in taken}])
-        color = rng.choice([c for c in COLORS if c not in {o.color for o in taken}])
         return Shape(shape, color, size, x, y)
 
     def scene(self, index: int, num_shapes: int | None = None) -> Scene:
+        """Scene `index`: its family (index // FAMILY_SIZE) draws how many shapes and which shapes and colours
+        (each shape and colour at most once); the index itself draws the layout, sizes and background."""
+        family = index // FAMILY_SIZE
+        family_rng = self._rng("family", family)
+        n = num_shapes or family_rng.randint(1, self.max_shapes)
+        kinds = family_rng.sample(SHAPES, n)
+        colors = family_rng.sample(list(COLORS), n)
         rng = self._rng("scene", index)
-        n = num_shapes or rng.randint(1, self.max_shapes)
         slots = list(range(n))
         rng.shuffle(slots)
-        shapes: list[Shape] = []
-        for slot in slots:
-            shapes.append(self._shape(rng, shapes, slot, n))
-        return Scene(shapes, rng.choice(list(BACKGROUNDS)))
+        shapes = [self._place(rng, kind, color, slot, n)
+                  for kind, color, slot in zip(kinds, colors, slots, strict=True)]
+        return Scene(shapes, rng.choice(list(BACKGROUNDS)), family)
 
     def clip(self, index: int, num_frames: int = 8) -> Clip:
         rng = self._rng("clip", index)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
+from uniadapter_serve.adapters.datasets import ImageText, demo_images, demo_vqa
 from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
 from uniadapter_serve.errors import ConfigError
@@ -113,3 +113,22 @@ def test_itm_rerank_matches_a_pair_by_pair_reference(setup):
         t2i = np.mean([any(keys[j] == keys[t] for j in score[t].topk(k).indices.tolist()) for t in range(8)])
         i2t = np.mean([any(keys[t] == keys[i] for t in score[:, i].topk(k).indices.tolist()) for i in range(8)])
         assert got[f"itm_t2i_r@{k}"] == pytest.approx(t2i) and got[f"itm_i2t_r@{k}"] == pytest.approx(i2t)
+
+
+def test_batches_hold_family_members_as_hard_negatives(setup):
+    """Grouped items bring a member of their group into the batch (scenes that differ only in layout are
+    each other's in-batch negatives); ungrouped data samples plainly and reproducibly."""
+    import random
+
+    from uniadapter_serve.adapters.training import _Sampler
+
+    _, _, world = setup
+    data = demo_images(world, "train", 400)
+    batch = _Sampler(data)(random.Random(0), 32)
+    groups = [it.group for it in batch]
+    assert len(batch) == 32 and all(groups.count(g) >= 2 for g in groups)
+    assert len({g for g in groups}) >= 12
+    plain = [ImageText(it.image, it.captions, it.key) for it in data]
+    first, again = _Sampler(plain)(random.Random(0), 32), _Sampler(plain)(random.Random(0), 32)
+    assert [it.key for it in first] == [it.key for it in again]
+    assert len({it.key for it in first}) > 24  # no pairing: 32 random draws of 400

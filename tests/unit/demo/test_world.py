@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from uniadapter_serve.model.demo.world import COLORS, NUMBERS, SHAPES, World
+from uniadapter_serve.model.demo.world import COLORS, FAMILY_SIZE, NUMBERS, SHAPES, World
 
 
 def test_seeded_and_reproducible():
@@ -54,3 +54,37 @@ def test_clips_move_or_change():
             assert moved[str(clip.direction)]
         else:
             assert first.color != last.color and last.color == clip.new_color
+
+
+LAYOUT_WORDS = {"left", "right", "small", "large", "of", "on"}
+
+
+def test_families_share_shapes_and_colours_and_differ_in_layout():
+    """A family is what a shapes-and-colours reading cannot tell apart: same shapes and colours in every
+    member, and retrieval captions that tell members apart."""
+    world = World(seed=0)
+    mixed = 0
+    for family in range(30):
+        scenes = [world.scene(family * FAMILY_SIZE + k) for k in range(FAMILY_SIZE)]
+        assert {s.family for s in scenes} == {family}
+        assert len({tuple(s.phrase() for s in scene.shapes) for scene in scenes}) == 1
+        assert len({scene.pretrain_caption() for scene in scenes}) == 1
+        mixed += len({scene.caption() for scene in scenes}) > 1
+    assert mixed >= 28  # a family of 8 whose members all read the same is rare
+
+
+def test_pretraining_captions_name_shapes_and_colours_only():
+    world = World(seed=0)
+    for i in range(300):
+        scene = world.scene(i)
+        words = set(scene.pretrain_caption().split())
+        assert not words & LAYOUT_WORDS, scene.pretrain_caption()
+        assert {s.shape for s in scene.shapes} | {s.color for s in scene.shapes} <= words
+        assert words & LAYOUT_WORDS <= set(scene.caption().split())
+        caption = scene.caption().split()
+        if len(scene.shapes) == 1:  # a lone shape: its size and side
+            s = scene.shapes[0]
+            assert s.size in caption and s.horizontal == caption[-1]
+        else:  # two: the first named is left of the second, or right of it, as drawn
+            a, b = scene.shapes
+            assert ("left" if a.x < b.x else "right") in caption
