@@ -56,12 +56,15 @@ class TrainConfig:
     temporal: bool = False
     """retrieval on video: temporal embedding + frame-aware attention (UniAdapter's MSRVTT setting)"""
     checkpoint_every: int = 200
+    group_draw: int = 2
+    """items of a group (`ImageText.group`) drawn into a batch together: each draw brings group_draw - 1 other
+    members as hard negatives (1: plain sampling)"""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("steps, batch_size and lr must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.group_draw < 1:
+            raise ConfigError("steps, batch_size, lr and group_draw must be positive")
 
 
 DECODER_HEAD = "text_decoder.cls.predictions."
@@ -184,7 +187,7 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     schedule = warmup_cosine(optimizer, cfg.steps, warmup=50)
     trained: nn.Module = model if adapter is None else adapter
     start = _resume(checkpoint_dir, trained, optimizer, schedule)
-    sample = _Sampler(data)
+    sample = _Sampler(data, cfg.group_draw)
     for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
         sample(rng, cfg.batch_size)
     step_fn = _retrieval_step if cfg.task == "retrieval" else _answer_step
@@ -211,12 +214,13 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
 
 
 class _Sampler:
-    """Random training batches. An item with a `group` (ImageText.group) brings one other member of its group
-    into the batch, so the in-batch negatives of ITC and ITM include the items hardest to tell apart (the
-    demo: scenes with the same shapes and colours in another layout); data without groups samples plainly."""
+    """Random training batches. An item with a `group` (ImageText.group) brings `per_group` - 1 other members of
+    its group into the batch, so the in-batch negatives of ITC and ITM include the items hardest to tell apart
+    (the demo: scenes with the same shapes and colours in another layout); data without groups samples plainly."""
 
-    def __init__(self, data: Sequence[Any]) -> None:
+    def __init__(self, data: Sequence[Any], per_group: int = 2) -> None:
         self.data = data
+        self.per_group = per_group
         self.groups: dict[str, list[int]] = {}
         for i, item in enumerate(data):
             if getattr(item, "group", ""):
@@ -228,10 +232,10 @@ class _Sampler:
         while len(picked) < n:
             i = rng.randrange(len(self.data))
             picked.append(i)
-            members = self.groups.get(getattr(self.data[i], "group", ""), [])
-            if len(members) > 1 and len(picked) < n:
-                j = members[rng.randrange(len(members) - 1)]
-                picked.append(j if j != i else members[-1])
+            others = [j for j in self.groups.get(getattr(self.data[i], "group", ""), []) if j != i]
+            wanted = min(self.per_group - 1, len(others), n - len(picked))
+            if wanted > 0:
+                picked += rng.sample(others, wanted)
         batch = []
         for i in picked:
             item = self.data[i]

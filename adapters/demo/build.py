@@ -45,8 +45,10 @@ TASKS = ("retrieval", "vqa", "videoqa")
 RERANK_K = 16
 """retrieval is scored by the paper's protocol: each query's ITC top-k re-ranked by the ITM logit alone (and
 by ITC alone)"""
-TASK_STEPS = {"retrieval": 1500, "vqa": 3000, "videoqa": 1200}
+TASK_STEPS = {"retrieval": 2000, "vqa": 3000, "videoqa": 1200}
 """per run: the UniAdapter set and both baselines get the same steps"""
+GROUP_DRAW = 4
+"""retrieval batches of 8 families x 4 scenes: each scene has 3 in-batch negatives that differ only in layout"""
 VIDEO_FRAMES = 4
 """frames per VideoQA clip (a move or a colour change reads from 4)"""
 
@@ -111,7 +113,8 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
         for mode in modes:
             cfg = TrainConfig(task=task, mode=mode, steps=args.task_steps or TASK_STEPS[task], batch_size=32,
                               lr=1e-3 if mode != "full" else 2e-4, bottleneck=args.bottleneck, kv_rank=16,
-                              num_frames=VIDEO_FRAMES if task == "videoqa" else 8, checkpoint_every=50, seed=args.seed)
+                              num_frames=VIDEO_FRAMES if task == "videoqa" else 8, group_draw=GROUP_DRAW,
+                              checkpoint_every=50, seed=args.seed)
             with_time = time.monotonic()
             result = train(backbone, tok, data, cfg, progress=True,
                            checkpoint_dir=args.out / ".checkpoints" / f"{task}-{mode}")

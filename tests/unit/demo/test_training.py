@@ -124,10 +124,12 @@ def test_batches_hold_family_members_as_hard_negatives(setup):
 
     _, _, world = setup
     data = demo_images(world, "train", 400)
-    batch = _Sampler(data)(random.Random(0), 32)
-    groups = [it.group for it in batch]
-    assert len(batch) == 32 and all(groups.count(g) >= 2 for g in groups)
-    assert len({g for g in groups}) >= 12
+    for per_group in (2, 4):
+        batch = _Sampler(data, per_group)(random.Random(0), 32)
+        groups = [it.group for it in batch]
+        assert len(batch) == 32 and all(groups.count(g) >= per_group for g in groups)
+        assert len({g for g in groups}) >= 32 // per_group - 4
+        assert len({id(it.image) for it in batch if it.group == groups[0]}) >= per_group  # other members
     plain = [ImageText(it.image, it.captions, it.key) for it in data]
     first, again = _Sampler(plain)(random.Random(0), 32), _Sampler(plain)(random.Random(0), 32)
     assert [it.key for it in first] == [it.key for it in again]
