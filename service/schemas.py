@@ -106,7 +106,7 @@ class VideoQaRequest(BaseModel):
 
     video: str = Field(description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file.",
                        min_length=1, json_schema_extra=BASE64)
-    question: str = Field(min_length=1, json_schema_extra=WORD, examples=["which way does the square move?"])
+    question: str = Field(min_length=1, json_schema_extra=WORD, examples=["what colour does the square become?"])
     mode: Literal["rank", "generate"] = "rank"
     top_k: int = Field(3, ge=1, le=100)
     max_answer_length: int = Field(10, ge=1, le=30)

@@ -86,10 +86,10 @@ def test_vqa_over_http_answers_as_the_offline_evaluation_does(client):
     assert sum(http) / len(http) > 0.5  # far above chance (1/21)
 
 
-def test_swagger_videoqa_example_answers_the_direction(client):
+def test_swagger_videoqa_example_answers_the_new_colour(client):
     r = client.post("/videoqa", json=_example(client, "/videoqa"))
     assert r.status_code == 200, r.text
-    assert r.json()["answer"] == demo.example_clip().direction
+    assert r.json()["answer"] == demo.example_clip().new_color
     assert r.json()["adapter"].startswith("demo-videoqa@")
 
 

