@@ -38,7 +38,7 @@ def test_bundled_configs_build_random_backbones():
 
 def test_demo_source_is_the_shipped_backbone():
     model = load_backbone("demo")
-    assert model.config.vision_config.image_size == 64
+    assert (model.config.vision_config.image_size, model.config.vision_config.patch_size) == (96, 12)
     assert local_folder("demo") == DEMO_DIR
     assert model.fingerprints == load_backbone(DEMO_DIR).fingerprints != load_backbone("blip-demo").fingerprints
 
