@@ -22,6 +22,7 @@ Ray's metrics (as `ray_uniadapter_*`), so one Prometheus scrape of the cluster s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -66,19 +67,35 @@ def settings_payload(settings: Settings) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0)
 class ResidencyBoard:
-    """What each model replica holds, and its adapter statistics, keyed by replica."""
+    """What each model replica holds, and its adapter statistics, keyed by replica (an async actor: a reader
+    may wait for fresh posts without holding up the posters)."""
 
     def __init__(self) -> None:
         self.tables: dict[str, dict[str, Any]] = {}
+        self.changed = asyncio.Condition()
 
-    def post(self, replica: str, table: dict[str, Any]) -> None:
-        self.tables[replica] = {**table, "posted": time.time()}
+    async def post(self, replica: str, table: dict[str, Any]) -> None:
+        async with self.changed:
+            self.tables[replica] = {**table, "posted": time.time()}
+            self.changed.notify_all()
 
-    def drop(self, replica: str) -> None:
+    async def drop(self, replica: str) -> None:
         self.tables.pop(replica, None)
 
-    def read(self) -> dict[str, dict[str, Any]]:
+    async def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.tables)
+
+    async def read_posted_after(self, moment: float, replicas: int, timeout: float) -> dict[str, dict[str, Any]]:
+        """The tables posted after `moment` (a time.time()), once `replicas` of them are, or at `timeout` seconds
+        whatever there is."""
+
+        def fresh() -> dict[str, dict[str, Any]]:
+            return {k: t for k, t in self.tables.items() if t["posted"] > moment}
+
+        async with self.changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: len(fresh()) >= replicas), timeout)
+            return fresh()
 
 
 def board() -> Any:

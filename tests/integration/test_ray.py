@@ -173,17 +173,13 @@ def test_sets_stay_on_the_replicas_that_hold_them(cluster):
 
 def disk_loads_posted_after(moment: float, timeout: float = 15.0) -> float:
     """Disk loads over the running model replicas, from the residency board, once each has posted its
-    statistics after `moment` (they post every 0.5 s)."""
+    statistics after `moment` (they post every 0.5 s; the board answers when they have)."""
     from uniadapter_serve.service.ray_app import board
 
-    deadline = time.monotonic() + timeout
-    while True:
-        tables = ray.get(board().read.remote(), timeout=10)
-        fresh = [t for t in tables.values() if t["posted"] > moment]
-        if len(fresh) >= running_model_replicas():
-            return sum(float(t["stats"].get("disk_loads", 0)) for t in fresh)
-        assert time.monotonic() < deadline, f"{len(fresh)} replicas posted statistics after the moment"
-        time.sleep(0.1)
+    replicas = running_model_replicas()
+    tables = ray.get(board().read_posted_after.remote(moment, replicas, timeout), timeout=timeout + 10)
+    assert len(tables) >= replicas, f"{len(tables)} of {replicas} replicas posted statistics after the moment"
+    return sum(float(t["stats"].get("disk_loads", 0)) for t in tables.values())
 
 
 def test_a_published_version_reaches_every_replica(cluster, tmp_path):
