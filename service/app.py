@@ -13,12 +13,14 @@ from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve import __version__
 from uniadapter_serve.service import demo, docs, errors
+from uniadapter_serve.service.auth import AuthMiddleware, log_key_settings
 from uniadapter_serve.service.bodies import BODY_MODELS
 from uniadapter_serve.service.core import EngineFactory, ServiceCore, local_engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from uniadapter_serve.service.routes import adapters, collections, items, ops, tasks, web
 from uniadapter_serve.service.schemas import apply_limits
+from uniadapter_serve.service.security import SecurityHeadersMiddleware
 from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,12 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Starlette: the middleware added LAST runs FIRST. From the outside in: metrics (every answer counted),
+    # security headers (on every answer, auth refusals included), auth (keys, Origin/Host: from the headers,
+    # before any body byte is read), then body limits. Body-reading middleware goes above the AuthMiddleware line.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AuthMiddleware, routes=app.router.routes, settings=settings)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    log_key_settings(settings)
     return app

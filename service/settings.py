@@ -105,7 +105,13 @@ class Settings(BaseSettings):
 
     # -- auth ------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")
-    admin_key: SecretStr | None = Field(None, description="If set, adapter/collection writes need it.")
+    admin_key: SecretStr | None = Field(None, description=(
+        "If set, adapter/collection writes need it. With API_KEY set and no ADMIN_KEY, every write is refused "
+        "(403): auth fails closed."))
+    allowed_hosts: str = Field("localhost,127.0.0.1,[::1]", description=(
+        "Comma-separated host names (no ports; HOST is added unless 0.0.0.0/::) that routes no key protects "
+        "accept in Host and Origin: with no keys, a page on another origin or a DNS-rebinding one gets 403. "
+        "'*' turns the check off."))
 
     # -- Ray Serve (service/ray_app.py) ------------------------------------------------------------
     ray_model_replicas: int = Field(

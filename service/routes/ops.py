@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from uniadapter_serve import __version__
-from uniadapter_serve.service.auth import CoreDep, require_admin
+from uniadapter_serve.service.auth import CoreDep, admin_when, require_admin
 
 router = APIRouter(tags=["ops"])
 
@@ -21,6 +21,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Ready to serve: backbone loaded, batcher running (503 while not)")
+@admin_when("verbose")  # the auth middleware asks for the admin key before the route runs
 def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONResponse:
     """Without `verbose`: the status and the name of each check with its state, nothing more (no paths,
     hosts or versions: probes run without keys). `verbose=true` adds every detail and needs the admin key."""
