@@ -168,7 +168,7 @@ def request_examples() -> dict[str, dict[str, Any]]:
 async def ensure_collections(collections: CollectionManager, registry: AdapterRegistry, media_dir: Path) -> None:
     """Create demo-images / demo-videos (and their media files) where missing, bound to the shipped
     demo-retrieval version even if a newer one was published."""
-    from uniadapter_serve.service.collections.manager import IncomingItem  # the manager imports the schemas
+    from uniadapter_serve.service.collections.ingest import IncomingItem  # the manager imports the schemas
 
     retrieval = DEMO_SETS["retrieval"]
     ref = registry.resolve(f"{retrieval}@{read_adapter_meta(SETS_DIR / retrieval / 'v1').version}").ref

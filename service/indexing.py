@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from uniadapter_serve.errors import InputError, NotFoundError
-from uniadapter_serve.service.collections.manager import IncomingItem
+from uniadapter_serve.service.collections.ingest import IncomingItem
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.settings import Settings
 

@@ -296,6 +296,8 @@ class ItemsAdd(BaseModel):
 
 class ItemsAdded(BaseModel):
     collection: str
+    uid: str = Field(description="The identity of the collection the items were committed to (a collection "
+                     "deleted and created again under its name has another).")
     ids: list[str]
     items: int
 
@@ -309,6 +311,8 @@ class ReindexRequest(BaseModel):
 
 class CollectionStats(BaseModel):
     name: str
+    uid: str = Field(description="The collection's identity: one deleted and created again under this name has "
+                     "another.")
     kind: str
     adapter: str
     index: str

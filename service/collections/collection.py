@@ -9,7 +9,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,13 @@ import numpy as np
 from uniadapter_serve.errors import CorruptMediaError, NotFoundError
 from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 from uniadapter_serve.service.collections.index import VectorIndex
-from uniadapter_serve.service.collections.store import CollectionMeta, Item, Store, StoreUnavailableError
+from uniadapter_serve.service.collections.store import (
+    CollectionGone,
+    CollectionMeta,
+    Item,
+    Store,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,10 @@ class Collection:
         self.device = device
         self._meta = store.meta()
         self.name = self._meta.name
+        self.uid = self._meta.uid
+        """this collection's identity; another made later under the same name has another"""
+        self.gone = False
+        """set once the store said the collection was deleted: the manager forgets this handle"""
         self._items: dict[int, Item] = {}
         """the rows of the indexed items, so hits are answered without the store"""
         self._sync_lock = threading.Lock()
@@ -54,29 +64,39 @@ class Collection:
     @property
     def meta(self) -> CollectionMeta:
         """From the store; the last one seen while it cannot be reached."""
-        with contextlib.suppress(StoreUnavailableError):
+        with contextlib.suppress(StoreUnavailableError), self._noting_gone():
             self._meta = self.store.meta()
         return self._meta
+
+    @contextlib.contextmanager
+    def _noting_gone(self) -> Iterator[None]:
+        try:
+            yield
+        except CollectionGone:
+            self.gone = True
+            raise
 
     def _open_index(self, meta: CollectionMeta) -> VectorIndex:
         path = self.folder / SNAPSHOT_FILE
         if path.is_file():
             try:
                 index = VectorIndex.load(path, meta.dim, meta.factory, device=self.device)
-                if index.generation == meta.generation and index.seq <= self.store.last_seq():
+                if (index.owner == _owner(meta) and index.generation == meta.generation
+                        and index.seq <= self.store.last_seq()):
                     self._items = {it.item_id: it for it in self.store.all_items()}
                     return index
-                log.info("snapshot of %s is stale (generation %d, seq %d): rebuilding", meta.name, index.generation,
-                         index.seq)
+                log.info("snapshot of %s is not this collection's or stale (owner %r, generation %d, seq %d): "
+                         "rebuilding", meta.name, index.owner, index.generation, index.seq)
             except (CorruptMediaError, OSError, ValueError, KeyError, RuntimeError) as e:
                 log.warning("unreadable snapshot %s (%s): rebuilding from the store", path, e)
         index = VectorIndex(meta.dim, meta.factory, device=self.device)
-        index.generation, index.seq = meta.generation, -1  # -1: rebuild on first sync
+        index.generation, index.seq, index.owner = meta.generation, -1, _owner(meta)  # -1: rebuild on first sync
         return index
 
     def sync(self) -> None:
-        """Apply the store's ops this process has not seen (cheap when there are none)."""
-        with self._sync_lock:
+        """Apply the store's ops this process has not seen (cheap when there are none); CollectionGone once the
+        collection was deleted."""
+        with self._sync_lock, self._noting_gone():
             if self.store.last_seq() == self.index.seq:
                 return
             meta = self._meta = self.store.meta()
@@ -109,10 +129,12 @@ class Collection:
         """The index and item rows from one consistent snapshot of the store, at the seq it reflects."""
         seq, items, ids, vectors = self.store.state(meta.generation, meta.dim)
         self.index.rebuild(ids, vectors)
-        self.index.generation, self.index.seq = meta.generation, seq
+        self.index.generation, self.index.seq, self.index.owner = meta.generation, seq, _owner(meta)
         self._items = {it.item_id: it for it in items}
 
     def snapshot(self) -> None:
+        if self.gone:  # its folder is gone with it: never make it again
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index.save(self.folder / SNAPSHOT_FILE)
         self._snapshot_seq = self.index.seq
@@ -153,6 +175,7 @@ class Collection:
 
     def find(self, external_id: str) -> Item:
         """One item by its external id (NotFoundError); from memory while the store cannot be reached."""
+        self.fresh()  # a collection deleted by another replica answers 404, not its old items
         try:
             return self.store.get(external_id)
         except StoreUnavailableError:
@@ -168,14 +191,28 @@ class Collection:
             count = self.store.count()
         except StoreUnavailableError:
             count = len(self._items)
-        return {"name": meta.name, "kind": meta.kind, "adapter": meta.adapter_ref, "index": meta.factory,
-                "dim": meta.dim, "items": count, "indexed": self.index.ntotal, "generation": meta.generation,
+        return {"name": meta.name, "uid": self.uid, "kind": meta.kind, "adapter": meta.adapter_ref,
+                "index": meta.factory, "dim": meta.dim, "items": count, "indexed": self.index.ntotal,
+                "generation": meta.generation,
                 "reindex_target": meta.reindex_target, "exact_fallback": self.index.exact_fallback,
                 "store_available": fresh}
 
     def close(self) -> None:
+        """Snapshot (when it still exists) and release the store's connections and files."""
         try:
             self.fresh()
             self.snapshot()
+        except CollectionGone:
+            pass
         finally:
             self.store.close()
+
+    def discard(self) -> None:
+        """Forget a deleted collection: release its files (no snapshot of what no longer exists)."""
+        self.gone = True
+        self.store.close()
+
+
+def _owner(meta: CollectionMeta) -> str:
+    """What an index of this collection at this generation is made of: the collection's uid and adapter version."""
+    return f"{meta.uid}/{meta.adapter_ref}"

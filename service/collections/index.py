@@ -86,6 +86,9 @@ class VectorIndex:
         self.seq = 0
         """Highest op seq of the store that this index reflects."""
         self.generation = 0
+        self.owner = ""
+        """what the index was built from: the collection's uid and adapter version (a snapshot is used only by
+        the same collection, never by another that has its name or another version's vectors)"""
 
     @property
     def gpu(self) -> bool:
@@ -253,7 +256,8 @@ class VectorIndex:
         """Atomic snapshot: header (seq, generation, tombstones) + the serialised CPU copy of the index."""
         with self._lock:
             blob = faiss.serialize_index(self._host_copy()).tobytes()
-            header = json.dumps({"seq": self.seq, "generation": self.generation, "factory": self.factory,
+            header = json.dumps({"seq": self.seq, "generation": self.generation, "owner": self.owner,
+                                 "factory": self.factory,
                                  "dim": self.dim, "tombstones": sorted(self._tombstones),
                                  "fallback": self._fallback}).encode()
         atomic_write(path, SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
@@ -279,4 +283,5 @@ class VectorIndex:
         index._tombstones = set(header["tombstones"])
         index._fallback = fallback
         index.seq, index.generation = int(header["seq"]), int(header["generation"])
+        index.owner = str(header.get("owner", ""))  # snapshots from before identities: none (rebuilt)
         return index

@@ -10,11 +10,10 @@ cache (adapter version, media sha256).
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
-import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,14 +22,21 @@ from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.adapters.registry import NAME_RE
-from uniadapter_serve.errors import ConflictError, InputError, MediaTooLargeError, NotFoundError, OverloadedError
-from uniadapter_serve.fileio import atomic_write
-from uniadapter_serve.model.media.image import sniff_image_type
-from uniadapter_serve.model.media.video import sniff_video_type
+from uniadapter_serve.errors import ConflictError, InputError, NotFoundError, OverloadedError
+from uniadapter_serve.service.collections.cleanup import (
+    ORPHAN_GRACE_S,
+    ServingLock,
+    Swept,
+    remove_orphan_media,
+    remove_temp,
+)
 from uniadapter_serve.service.collections.collection import Collection, Hit
 from uniadapter_serve.service.collections.faiss_device import FaissDevice
 from uniadapter_serve.service.collections.index import validate_factory
+from uniadapter_serve.service.collections.ingest import IncomingItem, MediaFiles, Prepared
+from uniadapter_serve.service.collections.media import THUMB_DIR
 from uniadapter_serve.service.collections.store import (
+    CollectionGone,
     GenerationChanged,
     Item,
     NewItem,
@@ -68,47 +74,67 @@ class CollectionHost(Protocol):
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "video", "text")
-MAX_PATH_CHARS = 1024
 REINDEX_CHUNK = 64
-EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/bmp": ".bmp",
-              "image/webp": ".webp", "video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi"}
+WATCH_EVERY_S = 5.0
+"""How often collections deleted or made by other processes are noticed when no event says so (SQLite replicas
+on one volume have no events without Redis): a deleted one's files are released within this."""
 
 
-@dataclass
-class IncomingItem:
-    """One item to add: media bytes, a path under the media root, or a text (text collections)."""
-
-    id: str | None = None
-    data: bytes | None = None
-    content_type: str | None = None
-    path: str | None = None
-    text: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Prepared:
-    label: str
-    """how errors name the item: items[i], with its filename when it has one"""
-    external_id: str
-    source: str
-    sha256: str
-    metadata: dict[str, Any]
-    content: bytes | str
-    """media bytes or text"""
+@dataclass(frozen=True)
+class Added:
+    uid: str
+    """the identity of the collection they were committed to"""
+    ids: list[str]
+    """the external ids of the items added"""
+    count: int
+    """items in the collection right after"""
 
 
 class CollectionManager:
     def __init__(self, backend: StoreBackend, media_root: Path, core: CollectionHost) -> None:
         self.backend = backend
         self.media_root = media_root
+        self.files = MediaFiles(media_root, core.settings)
         self.core = core
         self.device = core.faiss
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
+        self._serving = ServingLock(backend.local_root)
+        alone = self._serving.alone()
         self.refresh()
+        self.sweep(0.0 if alone and backend.kind == "sqlite" else ORPHAN_GRACE_S)
         backend.listen(self.on_store_change)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="uniadapter-collections-watch", daemon=True)
+        self._watcher.start()
+
+    def sweep(self, min_age_s: float) -> Swept:
+        """Remove what crashes left (files older than `min_age_s`): media no committed item references, temp
+        files, collection folders half made or half deleted."""
+        swept = Swept()
+        try:
+            with self._lock:
+                collections = list(self._collections.items())
+            swept += self.backend.remove_leftovers({name for name, _ in collections}, min_age_s)
+            for _, collection in collections:
+                sources = [it.source for it in collection.store.all_items()]
+                swept += remove_orphan_media(collection.media_dir, sources, min_age_s)
+                swept.temp += remove_temp([collection.folder, collection.folder / THUMB_DIR], min_age_s)
+        except (StoreUnavailableError, CollectionGone, OSError) as e:
+            log.warning("clean-up of the collections' files stopped: %s", e)
+        if swept.media or swept.temp or swept.folders:
+            log.info("removed %d orphan media files, %d temp files and %d leftover folders", swept.media,
+                     swept.temp, swept.folders)
+        return swept
+
+    def _watch(self) -> None:
+        """Notice deletes and creates made by other processes even when no event says so."""
+        while not self._stop.wait(WATCH_EVERY_S):
+            try:
+                self.on_store_change("")
+            except Exception:  # never let the watcher die; the next round tries again
+                log.exception("checking the collections failed")
 
     # -- the set of collections ----------------------------------------------------------------
 
@@ -117,21 +143,34 @@ class CollectionManager:
         return Collection(store or b.open(name), b.local_dir(name), b.media_dir(name), device=self.device)
 
     def refresh(self) -> None:
-        """Open collections another replica created, forget deleted ones (nothing changes while the store
-        cannot be reached)."""
+        """Match the open collections with the store's, by identity: open collections another replica created,
+        forget deleted ones, and replace a handle whose name now belongs to another collection (deleted and
+        created again). Nothing changes while the store cannot be reached."""
         try:
-            present = set(self.backend.names())
+            present = self.backend.identities()
         except StoreUnavailableError as e:
             log.warning("cannot list collections: %s", e)
             return
         with self._lock:
-            for name in sorted(present - set(self._collections)):
+            for name, collection in list(self._collections.items()):
+                if collection.gone or present.get(name) != collection.uid:
+                    self._forget(name, collection)
+            for name in sorted(set(present) - set(self._collections)):
                 try:
                     self._collections[name] = self._open(name)
+                except CollectionGone:
+                    continue  # deleted again meanwhile
                 except Exception as e:
                     log.error("cannot open collection %s: %s", name, e)
-            for name in sorted(set(self._collections) - present):
-                self._collections.pop(name).store.close()
+
+    def _forget(self, name: str, collection: Collection) -> None:
+        """Under the lock: drop a deleted collection's handle and release its files."""
+        if self._collections.get(name) is collection:
+            del self._collections[name]
+        task = self._reindex_tasks.pop(name, None)
+        if task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        collection.discard()
 
     def on_store_change(self, name: str) -> None:
         """Another process changed collection `name` ("": maybe any): catch up now, not on the next read."""
@@ -140,7 +179,8 @@ class CollectionManager:
             targets = [self._collections[name]] if name in self._collections else (
                 list(self._collections.values()) if not name else [])
         for collection in targets:
-            collection.fresh()
+            with contextlib.suppress(CollectionGone):
+                collection.fresh()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -149,7 +189,7 @@ class CollectionManager:
     def get(self, name: str) -> Collection:
         with self._lock:
             found = self._collections.get(name)
-        if found is None:
+        if found is None or found.gone:
             self.refresh()
             with self._lock:
                 found = self._collections.get(name)
@@ -157,8 +197,19 @@ class CollectionManager:
             raise NotFoundError(f"no collection named {name[:80]!r} (GET /collections lists them)")
         return found
 
+    def all_stats(self) -> list[dict[str, Any]]:
+        """Stats of every collection; one deleted meanwhile is left out (a listing never fails for one)."""
+        self.refresh()
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.get(name).stats())
+            except NotFoundError:
+                continue
+        return out
+
     def create(self, name: str, kind: str, adapter: str | None, factory: str = "flat") -> Collection:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise InputError(f"invalid collection name {name[:80]!r}: 1-64 ASCII letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         if kind not in KINDS:
@@ -166,6 +217,7 @@ class CollectionManager:
         meta = self.core.resolve_adapter(adapter, "retrieval")  # None: the default retrieval set
         dim = self.core.engine.embed_dim
         factory = validate_factory(factory, dim)
+        self.refresh()  # a name deleted elsewhere is free, whatever handle this process still had
         with self._lock:
             if name in self._collections:
                 raise ConflictError(f"collection {name!r} already exists")
@@ -175,15 +227,21 @@ class CollectionManager:
         return collection
 
     def drop(self, name: str) -> None:
+        """Delete the collection: writes through any handle of it fail from now on (404), in every replica;
+        its files and snapshots go, and the name is free at once."""
         collection = self.get(name)
         with self._lock:
-            self.backend.drop(name)
-            self._collections.pop(name, None)
-            collection.store.close()
-            shutil.rmtree(collection.folder, ignore_errors=True)  # snapshots (with SQLite, gone already)
+            try:
+                self.backend.drop(name, collection.uid)
+            except CollectionGone:
+                self._forget(name, collection)
+                raise NotFoundError(f"no collection named {name[:80]!r} (deleted meanwhile)") from None
+            self._forget(name, collection)
         self.core.events.publish({"type": "collection", "name": name})
 
     def close(self) -> None:
+        self._stop.set()
+        self._watcher.join(WATCH_EVERY_S + 5)
         for task in self._reindex_tasks.values():
             task.cancel()
         with self._lock:
@@ -192,6 +250,7 @@ class CollectionManager:
                     collection.close()
                 except Exception:
                     log.exception("closing collection %s", collection.folder.name)
+        self._serving.close()
 
     # -- items -----------------------------------------------------------------------------------
 
@@ -199,21 +258,27 @@ class CollectionManager:
         ref = collection.meta.adapter_ref
         return None if ref == "none" else self.core.resolve_adapter(ref, "retrieval")
 
-    async def add(self, name: str, items: list[IncomingItem]) -> list[str]:
-        """Embed and add items; all or nothing. Returns their external ids."""
+    async def add(self, name: str, items: list[IncomingItem]) -> Added:
+        """Embed and add items; all or nothing. Acknowledged (returned) only once committed to this very
+        collection: one deleted meanwhile answers 404 and keeps nothing."""
         collection = self.get(name)
         with self.core.engine.admit(len(items)):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
-            return await self._add_prepared(collection, prepared)
+            ids = await self._add_prepared(collection, prepared)
+        try:
+            count = await run_in_threadpool(collection.store.count)
+        except (CollectionGone, StoreUnavailableError):  # committed before a delete / an outage: still added
+            count = collection.index.ntotal
+        return Added(collection.uid, ids, count)
 
-    async def _add_prepared(self, collection: Collection, prepared: list[_Prepared]) -> list[str]:
+    async def _add_prepared(self, collection: Collection, prepared: list[Prepared]) -> list[str]:
         name = collection.meta.name
         for _ in range(3):
             meta = collection.meta
             adapter = self.adapter_of(collection)
             vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label)
                                              for p in prepared))
-            await run_in_threadpool(self._store_media, collection, prepared)
+            await run_in_threadpool(self.files.store, collection, prepared)
             news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v)
                     for p, v in zip(prepared, vectors, strict=True)]
             try:
@@ -223,93 +288,32 @@ class CollectionManager:
                 continue  # re-indexed under another version meanwhile: embed again
         else:
             raise ConflictError(f"collection {name!r} kept switching adapter versions; retry")
-        await run_in_threadpool(collection.sync)
-        self.core.events.publish({"type": "collection", "name": name})
+        await run_in_threadpool(self._after_write, collection)
         return [p.external_id for p in prepared]
 
-    def _prepare_all(self, collection: Collection, items: list[IncomingItem]) -> list[_Prepared]:
+    def _after_write(self, collection: Collection) -> None:
+        """A write committed: index it here and tell the other replicas. A delete that came right after it
+        does not make the write fail (it was acknowledged by the store first)."""
+        with contextlib.suppress(CollectionGone):
+            collection.sync()
+        self.core.events.publish({"type": "collection", "name": collection.name})
+
+    def _prepare_all(self, collection: Collection, items: list[IncomingItem]) -> list[Prepared]:
         kind = collection.meta.kind
-        out = [self._prepare(kind, i, it) for i, it in enumerate(items)]
+        out = [self.files.prepare(kind, i, it, self.core.check_text) for i, it in enumerate(items)]
         taken = collection.store.existing([p.external_id for p in out])
         if taken:
             raise ConflictError(f"ids already in collection {collection.meta.name!r}: {sorted(taken)[:5]}")
         return out
 
-    def _prepare(self, kind: str, i: int, item: IncomingItem) -> _Prepared:
-        filename = item.metadata.get("filename")
-        label = f"items[{i}]" + (f" ({str(filename)[:80]})" if filename else "")
-        if kind == "text":
-            if item.text is None or item.data is not None or item.path is not None:
-                raise ConflictError(f"{label}: a text collection takes 'text' items")
-            text = self.core.check_text(item.text, f"{label}.text")
-            sha = hashlib.sha256(text.encode()).hexdigest()
-            return _Prepared(label, item.id or sha[:16], f"text:{text}", sha, item.metadata, text)
-        if item.text is not None:
-            raise ConflictError(f"{label}: an {kind} collection takes files or paths, not 'text' items")
-        if (item.data is None) == (item.path is None):
-            raise InputError(f"{label}: give exactly one of an uploaded file and a path")
-        if item.path is not None:
-            path = self.resolve_media_path(item.path, f"{label}.path")
-            data = self._read_media(path, kind, f"{label}.path")
-            source = f"path:{path.relative_to(self.media_root.resolve())}"
-        else:
-            assert item.data is not None
-            data, source = item.data, "upload"
-        sha = hashlib.sha256(data).hexdigest()
-        return _Prepared(label, item.id or sha[:16], source, sha, item.metadata, data)
-
     def resolve_media_path(self, path: str, field_name: str) -> Path:
-        """A file under the media root named by a client: every failure is the client's 4xx, and no
-        server path appears in a message."""
-        shown = repr(path[:80]) + ("..." if len(path) > 80 else "")
-        if "\x00" in path:
-            raise InputError(f"{field_name}: path {shown} contains a NUL byte")
-        if len(path) > MAX_PATH_CHARS:
-            raise InputError(f"{field_name}: path of {len(path)} characters is over the limit of {MAX_PATH_CHARS}")
-        root = self.media_root.resolve()
-        try:
-            candidate = (root / path).resolve()
-            if not candidate.is_relative_to(root):
-                raise InputError(f"{field_name}: path {shown} is outside the media root")
-            found = candidate.is_file()
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "strerror", None) or type(e).__name__
-            raise InputError(f"{field_name}: path {shown} cannot be used ({reason})") from None
-        if not found:
-            raise NotFoundError(f"{field_name}: no file {shown} under the media root")
-        return candidate
-
-    def _read_media(self, path: Path, kind: str, field_name: str) -> bytes:
-        s = self.core.settings
-        limit = s.max_video_bytes if kind == "video" else s.max_image_bytes
-        try:
-            size = path.stat().st_size
-            if size > limit:
-                raise MediaTooLargeError(f"{field_name}: the file has {size} bytes, over the limit of {limit} bytes")
-            return path.read_bytes()
-        except OSError as e:
-            raise InputError(f"{field_name}: the file cannot be read ({e.strerror or type(e).__name__})") from None
-
-    def _store_media(self, collection: Collection, prepared: list[_Prepared]) -> None:
-        """Keep uploaded media (content-addressed) so the collection can be re-embedded later."""
-        for p in prepared:
-            if not p.source.startswith("upload"):
-                continue
-            assert isinstance(p.content, bytes)
-            mime = sniff_image_type(p.content) or sniff_video_type(p.content) or ""
-            target = collection.media_dir / f"{p.sha256}{EXTENSIONS.get(mime, '.bin')}"
-            if target.exists():
-                p.source = f"upload:{target.name}"
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, p.content)
-            p.source = f"upload:{target.name}"
+        """A file under the media root named by a client (every failure is the client's 4xx)."""
+        return self.files.resolve(path, field_name)
 
     def delete_item(self, name: str, external_id: str) -> None:
         collection = self.get(name)
         collection.store.delete(external_id)
-        collection.sync()
-        self.core.events.publish({"type": "collection", "name": name})
+        self._after_write(collection)
 
     # -- embedding -------------------------------------------------------------------------------
 
@@ -335,15 +339,7 @@ class CollectionManager:
 
     def load_content(self, collection: Collection, item: Item) -> bytes | str:
         """The item's media bytes (or text), for re-ranking and re-indexing."""
-        kind, _, rest = item.source.partition(":")
-        if kind == "text":
-            return rest
-        if kind == "upload":
-            return (collection.media_dir / rest).read_bytes()
-        if kind == "path":
-            field = f"item {item.external_id!r}"
-            return self._read_media(self.resolve_media_path(rest, field), collection.meta.kind, field)
-        raise NotFoundError(f"item {item.external_id!r} has no stored media ({item.source!r})")
+        return self.files.load(collection, item)
 
     def _contents(self, collection: Collection, items: list[Item]) -> list[bytes | str]:
         return [self.load_content(collection, it) for it in items]
@@ -392,11 +388,13 @@ class CollectionManager:
                     continue
                 await run_in_threadpool(collection.store.put_vectors,
                                         {it.item_id: v for it, v in zip(batch, vectors, strict=True)}, generation)
-            await run_in_threadpool(collection.sync)
-            self.core.events.publish({"type": "collection", "name": name})
+            await run_in_threadpool(self._after_write, collection)
             log.info("collection %s re-indexed with %s", name, ref)
         except asyncio.CancelledError:
             raise
+        except CollectionGone:
+            log.info("collection %s was deleted while re-indexing to %s", name, ref)
         except Exception:
             log.exception("re-indexing %s to %s failed", name, ref)
-            collection.store.set_reindex_target(None)
+            with contextlib.suppress(Exception):
+                collection.store.set_reindex_target(None)

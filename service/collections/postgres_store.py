@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,9 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from uniadapter_serve.errors import ConflictError, NotFoundError
+from uniadapter_serve.service.collections.cleanup import Swept, remove_dead_media_dirs
 from uniadapter_serve.service.collections.store import (
+    CollectionGone,
     CollectionMeta,
     GenerationChanged,
     Item,
@@ -71,6 +74,10 @@ MIGRATIONS: list[str] = [
         seq BIGINT NOT NULL, op TEXT NOT NULL, item_id BIGINT,
         PRIMARY KEY (collection_id, seq)
     );
+    """,
+    # 2: collection identities (a name deleted and created again is another collection)
+    """
+    ALTER TABLE uniadapter_collections ADD COLUMN uid TEXT NOT NULL DEFAULT gen_random_uuid()::text;
     """,
 ]
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -151,6 +158,10 @@ class PostgresBackend(StoreBackend):
         rows = self.read(lambda c: c.execute("SELECT name FROM uniadapter_collections ORDER BY name").fetchall())
         return [r[0] for r in rows]
 
+    def identities(self) -> dict[str, str]:
+        rows = self.read(lambda c: c.execute("SELECT name, uid FROM uniadapter_collections").fetchall())
+        return {r[0]: r[1] for r in rows}
+
     def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
         with self.connection() as conn, conn.transaction():
             row = conn.execute(
@@ -169,12 +180,16 @@ class PostgresBackend(StoreBackend):
             raise NotFoundError(f"no collection named {name!r}")
         return PostgresStore(self, int(row[0]), name)
 
-    def drop(self, name: str) -> None:
+    def drop(self, name: str, uid: str | None = None) -> None:
         with self.connection() as conn, conn.transaction():
-            row = conn.execute("DELETE FROM uniadapter_collections WHERE name = %s RETURNING id", (name,)).fetchone()
+            row = conn.execute("DELETE FROM uniadapter_collections WHERE name = %s AND (%s::text IS NULL OR uid = %s) "
+                               "RETURNING id", (name, uid, uid)).fetchone()
             if row is None:
+                if uid is not None:
+                    raise CollectionGone(name)
                 raise NotFoundError(f"no collection named {name!r}")
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+        shutil.rmtree(self.local_dir(name), ignore_errors=True)  # this replica's snapshots (others: on notice)
 
     def local_dir(self, name: str) -> Path:
         return self.local_root / name
@@ -219,6 +234,10 @@ class PostgresBackend(StoreBackend):
             on_change(name)
         except Exception:
             log.exception("handling a change of collection %s failed", name)
+
+    def remove_leftovers(self, live: set[str], min_age_s: float) -> Swept:
+        """Shared media folders of collections that were deleted (their files older than `min_age_s`)."""
+        return remove_dead_media_dirs(self.shared_media, live, min_age_s)
 
     def status(self) -> dict[str, Any]:
         with contextlib.suppress(StoreUnavailableError):
@@ -276,7 +295,7 @@ class PostgresStore(Store):
         row = conn.execute("UPDATE uniadapter_collections SET last_seq = last_seq + %s WHERE id = %s "
                            "RETURNING last_seq, generation", (n, self.id)).fetchone()
         if row is None:
-            raise NotFoundError(f"collection {self.name!r} was deleted")
+            raise CollectionGone(self.name)
         return int(row[0]) - n + 1, int(row[1])
 
     def _notify(self, conn: psycopg.Connection[Any]) -> None:
@@ -286,15 +305,19 @@ class PostgresStore(Store):
 
     def meta(self) -> CollectionMeta:
         row = self.backend.read(lambda c: c.execute(
-            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created "
+            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid "
             "FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone())
         if row is None:
-            raise NotFoundError(f"collection {self.name!r} was deleted")
-        return CollectionMeta(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), row[6], float(row[7]))
+            raise CollectionGone(self.name)
+        return CollectionMeta(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), row[6], float(row[7]),
+                              row[8])
 
     def set_reindex_target(self, ref: str | None) -> None:
         with self._write() as conn, conn.transaction():
-            conn.execute("UPDATE uniadapter_collections SET reindex_target = %s WHERE id = %s", (ref, self.id))
+            row = conn.execute("UPDATE uniadapter_collections SET reindex_target = %s WHERE id = %s RETURNING id",
+                               (ref, self.id)).fetchone()
+            if row is None:
+                raise CollectionGone(self.name)
 
     # -- items -------------------------------------------------------------------------------------------
 
@@ -412,7 +435,7 @@ class PostgresStore(Store):
         row = self.backend.read(lambda c: c.execute(
             "SELECT last_seq FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone())
         if row is None:
-            raise NotFoundError(f"collection {self.name!r} was deleted")
+            raise CollectionGone(self.name)
         return int(row[0])
 
     def ops_after(self, seq: int) -> list[Op]:
@@ -435,7 +458,7 @@ class PostgresStore(Store):
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot for all three
                 row = conn.execute("SELECT last_seq FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone()
                 if row is None:
-                    raise NotFoundError(f"collection {self.name!r} was deleted")
+                    raise CollectionGone(self.name)
                 items = [_item(r) for r in conn.execute(
                     f"SELECT {ITEM_COLUMNS} FROM uniadapter_items WHERE collection_id = %s ORDER BY item_id",
                     (self.id,)).fetchall()]

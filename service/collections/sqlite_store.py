@@ -12,6 +12,7 @@ unacknowledged items and never leaves a half-written one. Replicas on one host s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from uniadapter_serve.errors import ConflictError, NotFoundError
+from uniadapter_serve.service.collections.cleanup import Swept, remove_temp
 from uniadapter_serve.service.collections.store import (
+    CollectionGone,
     CollectionMeta,
     GenerationChanged,
     Item,
@@ -43,12 +47,15 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "items.sqlite"
 ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
+TRASH_PREFIX = ".deleted-"
+CREATING_PREFIX = ".creating-"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     name TEXT NOT NULL, kind TEXT NOT NULL, adapter_ref TEXT NOT NULL, factory TEXT NOT NULL,
-    dim INTEGER NOT NULL, generation INTEGER NOT NULL, reindex_target TEXT, created REAL NOT NULL
+    dim INTEGER NOT NULL, generation INTEGER NOT NULL, reindex_target TEXT, created REAL NOT NULL,
+    uid TEXT, deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     item_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,62 +73,123 @@ CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, item_id INTEGER
 );
 """
+META_COLUMNS = "name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid"
+ADDED_COLUMNS = {"uid": "TEXT", "deleted": "INTEGER NOT NULL DEFAULT 0"}
+"""columns stores made before collection identities lack (added on first open)"""
 
 
 def _item(r: Sequence[Any]) -> Item:
     return Item(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]))
 
 
-class SqliteStore(Store):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
+    """One connection to the file at `path` (never creating it unless `create`): a handle stays bound to the
+    file it opened, so a collection deleted and made again under its name is never written through it."""
+    mode = "rwc" if create else "rw"
+    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=30, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+    except BaseException:
+        db.close()
+        raise
+    return db
 
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+
+class SqliteStore(Store):
+    """One collection's file. One connection for every thread, used under a lock (an operation is a few ms
+    of SQLite; searches run on the in-memory index), so `close` releases every file handle at once."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = path
+        self.name = path.parent.name
+        self._lock = threading.RLock()
+        try:
+            self._conn: sqlite3.Connection | None = _connect(path, create)
+        except sqlite3.OperationalError as e:  # the file is gone (deleted meanwhile) or unreadable
+            raise NotFoundError(f"no collection named {self.name[:80]!r}") from e
+        try:
+            self._conn.executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+            self._upgrade()
+        except BaseException:
+            self.close()
+            raise
+
+    def _upgrade(self) -> None:
+        """Stores from before identities: add `uid` / `deleted`, and give the collection its uid (once, under
+        the write lock, so replicas opening it together agree)."""
+        with self.transaction() as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(meta)")}
+            for column, decl in ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE meta ADD COLUMN {column} {decl}")
+            db.execute("UPDATE meta SET uid = ? WHERE uid IS NULL", (uuid.uuid4().hex,))
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise CollectionGone(self.name)
+            yield self._conn
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One read, fetched whole under the lock (never in the middle of another thread's transaction)."""
+        with self._use() as db:
+            return db.execute(sql, params).fetchall()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT: one writer at a time across threads and processes."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._use() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on a collection that is not deleted (checked under the write lock, so a write either
+        commits before a drop or fails with CollectionGone after it: none is acknowledged and then lost)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT deleted FROM meta").fetchone()
+            if row is None or row[0]:
+                raise CollectionGone(self.name)
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+
+    def mark_deleted(self) -> None:
+        """The drop's first step, in the file itself: every handle (other replicas' too) sees it."""
+        with self.write() as db:
+            db.execute("UPDATE meta SET deleted = 1")
+            db.execute("INSERT INTO ops (op, item_id) VALUES ('drop', NULL)")
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     # -- meta ------------------------------------------------------------------------------------
 
     def init_meta(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO meta VALUES (1, ?, ?, ?, ?, ?, 0, NULL, ?)",
-                       (name, kind, adapter_ref, factory, dim, time.time()))
+            db.execute("INSERT INTO meta (id, name, kind, adapter_ref, factory, dim, generation, reindex_target, "
+                       "created, uid) VALUES (1, ?, ?, ?, ?, ?, 0, NULL, ?, ?)",
+                       (name, kind, adapter_ref, factory, dim, time.time(), uuid.uuid4().hex))
 
     def meta(self) -> CollectionMeta:
-        row = self._db().execute(
-            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created FROM meta").fetchone()
-        if row is None:
-            raise NotFoundError(f"collection store {self.path} has no metadata")
-        return CollectionMeta(*row)
+        with self._use() as db:
+            row = db.execute(f"SELECT {META_COLUMNS}, deleted FROM meta").fetchone()
+        if row is None or row[-1]:
+            raise CollectionGone(self.name)
+        return CollectionMeta(*row[:-1])
 
     def set_reindex_target(self, ref: str | None) -> None:
-        with self.transaction() as db:
+        with self.write() as db:
             db.execute("UPDATE meta SET reindex_target = ?", (ref,))
 
     # -- items -----------------------------------------------------------------------------------
@@ -133,7 +201,7 @@ class SqliteStore(Store):
         if len(set(ids)) != len(ids):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise ConflictError(f"duplicate ids in the request: {dupes[:5]}")
-        with self.transaction() as db:
+        with self.write() as db:
             current = db.execute("SELECT generation FROM meta").fetchone()[0]
             if current != generation:
                 raise GenerationChanged()
@@ -156,7 +224,7 @@ class SqliteStore(Store):
             return out
 
     def delete(self, external_id: str) -> int:
-        with self.transaction() as db:
+        with self.write() as db:
             row = db.execute("SELECT item_id FROM items WHERE external_id = ?", (external_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no item {external_id!r}")
@@ -170,36 +238,33 @@ class SqliteStore(Store):
         if not item_ids:
             return {}
         placeholders = ",".join("?" * len(item_ids))
-        rows = self._db().execute(
-            f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id IN ({placeholders})",
-            list(item_ids))
+        rows = self._rows(f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id IN ({placeholders})", list(item_ids))
         return {r[0]: _item(r) for r in rows}
 
     def get(self, external_id: str) -> Item:
-        r = self._db().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE external_id = ?",
-                               (external_id,)).fetchone()
-        if r is None:
-            raise NotFoundError(f"no item {external_id!r}")
-        return _item(r)
+        rows = self._rows(f"SELECT {ITEM_COLUMNS} FROM items WHERE external_id = ?", (external_id,))
+        if not rows:
+            raise NotFoundError(f"no item {external_id[:80]!r}")
+        return _item(rows[0])
 
     def existing(self, external_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(external_ids), 500):
             chunk = list(external_ids[start:start + 500])
             placeholders = ",".join("?" * len(chunk))
-            found |= {r[0] for r in self._db().execute(
+            found |= {r[0] for r in self._rows(
                 f"SELECT external_id FROM items WHERE external_id IN ({placeholders})", chunk)}
         return found
 
     def count(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM items").fetchone()[0])
+        return int(self._rows("SELECT count(*) FROM items")[0][0])
 
     def last_seq(self) -> int:
-        return int(self._db().execute("SELECT coalesce(max(seq), 0) FROM ops").fetchone()[0])
+        return int(self._rows("SELECT coalesce(max(seq), 0) FROM ops")[0][0])
 
     def ops_after(self, seq: int) -> list[Op]:
         return [(int(s), str(o), i) for s, o, i in
-                self._db().execute("SELECT seq, op, item_id FROM ops WHERE seq > ? ORDER BY seq", (seq,))]
+                self._rows("SELECT seq, op, item_id FROM ops WHERE seq > ? ORDER BY seq", (seq,))]
 
     def vectors(self, item_ids: Sequence[int], generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (ids (n,), vectors (n, dim)) for the items that still exist."""
@@ -208,7 +273,7 @@ class SqliteStore(Store):
         for start in range(0, len(item_ids), 500):
             chunk = list(item_ids[start:start + 500])
             placeholders = ",".join("?" * len(chunk))
-            for item_id, blob in self._db().execute(
+            for item_id, blob in self._rows(
                     f"SELECT item_id, vector FROM embeddings WHERE generation = ? AND item_id IN ({placeholders})",
                     [generation, *chunk]):
                 found_ids.append(int(item_id))
@@ -216,23 +281,23 @@ class SqliteStore(Store):
         return stack(found_ids, blobs, dim)
 
     def all_vectors(self, generation: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._db().execute("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
-                                  (generation,)).fetchall()
+        rows = self._rows("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
+                          (generation,))
         return stack([int(r[0]) for r in rows], [r[1] for r in rows], dim)
 
     # -- re-indexing -----------------------------------------------------------------------------
 
     def state(self, generation: int, dim: int) -> tuple[int, list[Item], np.ndarray, np.ndarray]:
-        db = self._db()
-        db.execute("BEGIN")  # a read transaction: one WAL snapshot for all three reads
-        try:
-            seq = int(db.execute("SELECT coalesce(max(seq), 0) FROM ops").fetchone()[0])
-            items = [_item(r) for r in db.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")]
-            rows = db.execute("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
-                              (generation,)).fetchall()
-        finally:
-            db.execute("COMMIT")
+        with self._use() as db:
+            db.execute("BEGIN")  # a read transaction: one WAL snapshot for all three reads
+            try:
+                seq = int(db.execute("SELECT coalesce(max(seq), 0) FROM ops").fetchone()[0])
+                items = [_item(r) for r in db.execute(
+                    f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")]
+                rows = db.execute("SELECT item_id, vector FROM embeddings WHERE generation = ? ORDER BY item_id",
+                                  (generation,)).fetchall()
+            finally:
+                db.execute("COMMIT")
         ids, vectors = stack([int(r[0]) for r in rows], [r[1] for r in rows], dim)
         return seq, items, ids, vectors
 
@@ -242,26 +307,28 @@ class SqliteStore(Store):
         for start in range(0, len(item_ids), 500):
             chunk = list(item_ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            for item_id, created in self._db().execute(
-                    f"SELECT item_id, created FROM items WHERE item_id IN ({marks})", chunk):
+            for item_id, created in self._rows(f"SELECT item_id, created FROM items WHERE item_id IN ({marks})",
+                                               chunk):
                 out[int(item_id)] = (float(created), {})
-            for item_id, generation, blob in self._db().execute(
+            for item_id, generation, blob in self._rows(
                     f"SELECT item_id, generation, vector FROM embeddings WHERE item_id IN ({marks})", chunk):
                 out[int(item_id)][1][int(generation)] = bytes(blob)
         return out
 
     def all_items(self) -> list[Item]:
-        rows = self._db().execute(f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")
+        rows = self._rows(f"SELECT {ITEM_COLUMNS} FROM items ORDER BY item_id")
         return [_item(r) for r in rows]
 
     def missing(self, generation: int, limit: int) -> list[Item]:
-        rows = self._db().execute(
+        rows = self._rows(
             f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id NOT IN "
             "(SELECT item_id FROM embeddings WHERE generation = ?) ORDER BY item_id LIMIT ?", (generation, limit))
         return [_item(r) for r in rows]
 
     def put_vectors(self, vectors: dict[int, np.ndarray], generation: int) -> None:
-        with self.transaction() as db:
+        if not vectors:
+            return
+        with self.write() as db:
             live = {r[0] for r in db.execute(
                 f"SELECT item_id FROM items WHERE item_id IN ({','.join('?' * len(vectors))})", list(vectors))}
             db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
@@ -269,7 +336,7 @@ class SqliteStore(Store):
                             for i, v in vectors.items() if i in live])
 
     def switch(self, generation: int, adapter_ref: str) -> bool:
-        with self.transaction() as db:
+        with self.write() as db:
             missing = db.execute("SELECT count(*) FROM items WHERE item_id NOT IN "
                                  "(SELECT item_id FROM embeddings WHERE generation = ?)", (generation,)).fetchone()[0]
             if missing:
@@ -282,31 +349,59 @@ class SqliteStore(Store):
 
 
 class SqliteBackend(StoreBackend):
-    """Collections as folders under `root` (DATA_ROOT/collections): `NAME/items.sqlite`, `NAME/media/`."""
+    """Collections as folders under `root` (DATA_ROOT/collections): `NAME/items.sqlite`, `NAME/media/`.
+
+    A collection is made in a hidden folder and renamed into place whole, and deleted by marking its file
+    first (every open handle, in any process, then refuses writes) and then renaming it away; creates and
+    drops take a lock file, so a drop never removes a collection created under its name meanwhile."""
 
     kind = "sqlite"
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = self.local_root = root
         root.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _names_lock(self) -> Iterator[None]:
+        """Creates and drops, one at a time across the processes sharing `root`."""
+        with (self.root / ".lock").open("a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / STORE_FILE).is_file()
                       and not p.name.startswith("."))
 
+    def identities(self) -> dict[str, str]:
+        out = {}
+        for name in self.names():
+            uid = _identity(self.root / name / STORE_FILE)
+            if uid is not None:
+                out[name] = uid
+        return out
+
     def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
         folder = self.root / name
+        staging = self.root / f"{CREATING_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
         try:
-            folder.mkdir(parents=True, exist_ok=False)
-        except FileExistsError:
-            raise ConflictError(f"collection {name!r} already exists") from None
-        try:
-            store = SqliteStore(folder / STORE_FILE)
-            store.init_meta(name, kind, adapter_ref, factory, dim)
-            return store
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            (staging / "media").mkdir(parents=True)
+            store = SqliteStore(staging / STORE_FILE, create=True)
+            try:
+                store.init_meta(name, kind, adapter_ref, factory, dim)
+            finally:
+                store.close()
+            with self._names_lock():
+                if folder.exists():
+                    if _identity(folder / STORE_FILE) is not None:
+                        raise ConflictError(f"collection {name!r} already exists")
+                    self._discard(folder)  # left by a crash or a writer of a deleted collection: not a collection
+                os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return SqliteStore(folder / STORE_FILE)
 
     def open(self, name: str) -> Store:
         path = self.root / name / STORE_FILE
@@ -314,17 +409,82 @@ class SqliteBackend(StoreBackend):
             raise NotFoundError(f"no collection named {name!r}")
         return SqliteStore(path)
 
-    def drop(self, name: str) -> None:
+    def drop(self, name: str, uid: str | None = None) -> None:
         folder = self.root / name
-        trash = self.root / f".deleted-{name}-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.replace(folder, trash)
-        except FileNotFoundError:
-            raise NotFoundError(f"no collection named {name!r}") from None
+        with self._names_lock():
+            try:
+                store = SqliteStore(folder / STORE_FILE)
+            except NotFoundError:
+                raise NotFoundError(f"no collection named {name!r}") from None
+            try:
+                if uid is not None and store.meta().uid != uid:
+                    raise CollectionGone(name)  # the name is another collection's now
+                store.mark_deleted()
+            finally:
+                store.close()
+            self._discard(folder)
+
+    def _discard(self, folder: Path) -> None:
+        """Rename away, then remove (a crash in between leaves a trash folder that start-up removes)."""
+        trash = self.root / f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:12]}"
+        os.replace(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_leftovers(self, live: set[str], min_age_s: float) -> Swept:
+        """Deletes that did not finish (at once: renamed away, nobody uses them), collections half made, and
+        folders of no collection (left by a writer of a deleted one), older than `min_age_s`."""
+        swept = Swept()
+        now = time.time()
+        with self._names_lock():
+            for path in self.root.iterdir():
+                if not path.is_dir():
+                    continue
+                young = now - path.stat().st_mtime < min_age_s
+                if path.name.startswith(TRASH_PREFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.name.startswith(CREATING_PREFIX):
+                    if young:
+                        continue
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.name not in live and not young and _identity(path / STORE_FILE) is None:
+                    self._discard(path)
+                else:
+                    continue
+                swept.folders += 1
+        swept.temp += remove_temp([self.root], min_age_s, now)
+        return swept
 
     def local_dir(self, name: str) -> Path:
         return self.root / name
 
     def media_dir(self, name: str) -> Path:
         return self.root / name / "media"
+
+
+def _identity(path: Path) -> str | None:
+    """The uid of the live collection stored at `path`, or None (no file, not a store, marked deleted)."""
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return None
+    try:
+        row = db.execute("SELECT uid, deleted FROM meta").fetchone()
+    except sqlite3.OperationalError:  # made before identities (no uid column yet): the upgrade adds it
+        db.close()
+        try:
+            store = SqliteStore(path)
+        except (NotFoundError, sqlite3.Error):
+            return None
+        try:
+            return store.meta().uid
+        except CollectionGone:
+            return None
+        finally:
+            store.close()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None if row is None or row[1] or not row[0] else str(row[0])

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from uniadapter_serve.errors import ServerBusyError
+from uniadapter_serve.errors import NotFoundError, ServerBusyError
+from uniadapter_serve.service.collections.cleanup import Swept
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class CollectionMeta:
     generation: int
     reindex_target: str | None
     created: float
+    uid: str = ""
+    """the collection's identity: a name deleted and created again gets a new one (snapshots, replicas and
+    handles compare it, never the name)"""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,15 @@ class StoreUnavailableError(ServerBusyError):
 
     def __init__(self, message: str, retry_after: float = 2.0) -> None:
         super().__init__(message, retry_after)
+
+
+class CollectionGone(NotFoundError):
+    """This handle's collection was deleted (perhaps by another replica; the name may exist again as another
+    collection): nothing is written through it any more."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"collection {name[:80]!r} was deleted")
+        self.name = name
 
 
 class GenerationChanged(Exception):
@@ -143,9 +156,15 @@ class StoreBackend(abc.ABC):
     """Where collections live: lists, creates, opens and drops them."""
 
     kind: str
+    local_root: Path
+    """this process's folder for collections (snapshots; with SQLite, the collections themselves)"""
 
     @abc.abstractmethod
     def names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def identities(self) -> dict[str, str]:
+        """name -> uid of every collection (what a replica compares its open handles with)."""
 
     @abc.abstractmethod
     def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
@@ -156,7 +175,9 @@ class StoreBackend(abc.ABC):
         """NotFoundError if there is no such collection."""
 
     @abc.abstractmethod
-    def drop(self, name: str) -> None: ...
+    def drop(self, name: str, uid: str | None = None) -> None:
+        """Delete the collection (only the incarnation `uid`, when given: NotFoundError if the name is now
+        another collection's). Writers through any handle of it fail with CollectionGone from then on."""
 
     @abc.abstractmethod
     def local_dir(self, name: str) -> Path:
@@ -165,6 +186,11 @@ class StoreBackend(abc.ABC):
     @abc.abstractmethod
     def media_dir(self, name: str) -> Path:
         """Where uploaded media of the collection are kept (every replica must read them)."""
+
+    def remove_leftovers(self, live: set[str], min_age_s: float) -> Swept:
+        """What crashes left of collections (not their items' media: the manager sweeps those), older than
+        `min_age_s`; `live`: the names of the collections there are."""
+        return Swept()
 
     def listen(self, on_change: Callable[[str], None]) -> None:  # noqa: B027 - a backend may announce nothing
         """Call `on_change(collection name)` when another process changed it."""

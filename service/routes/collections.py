@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
 from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
 from uniadapter_serve.service.bodies import b64decode, component_ref
-from uniadapter_serve.service.collections.manager import IncomingItem
+from uniadapter_serve.service.collections.ingest import IncomingItem
 from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import (
     CollectionCreate,
@@ -43,8 +43,7 @@ async def create(body: CollectionCreate, core: CoreDep) -> CollectionStats:
 
 @router.get("", response_model=list[CollectionStats], dependencies=[ReadAuth], summary="All collections")
 def list_collections(core: CoreDep) -> list[CollectionStats]:
-    core.collections.refresh()
-    return [CollectionStats(**core.collections.get(n).stats()) for n in core.collections.names()]
+    return [CollectionStats(**stats) for stats in core.collections.all_stats()]
 
 
 @router.get("/{name}", response_model=CollectionStats, dependencies=[ReadAuth], summary="Stats of one collection")
@@ -104,8 +103,8 @@ async def add_items(name: str, request: Request, core: CoreDep) -> ItemsAdded:
     limit = core.settings.max_items_per_request
     if len(items) > limit:
         raise InputError(f"items: {len(items)} is over the limit of {limit} per request")
-    ids = await core.collections.add(name, items)
-    return ItemsAdded(collection=name, ids=ids, items=core.collections.get(name).store.count())
+    added = await core.collections.add(name, items)
+    return ItemsAdded(collection=name, uid=added.uid, ids=added.ids, items=added.count)
 
 
 @router.delete("/{name}/items/{item_id}", status_code=204, dependencies=[AdminAuth], summary="Delete an item")
