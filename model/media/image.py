@@ -1,5 +1,6 @@
 """Decoding uploaded images safely: type sniffing, byte and pixel limits (decompression bombs),
-clear errors for empty, foreign and truncated files, and as little memory as the format allows.
+clear errors for empty, foreign and truncated files, and as little memory as the format allows. Only the
+documented formats are opened, each by its own Pillow plugin, chosen from the magic bytes.
 
 Two steps, so a caller can hold a decode budget between them: `probe_image` reads only the header
 (cheap) and says how many pixels decoding will hold in memory; `load_image` decodes. JPEGs decode
@@ -30,7 +31,9 @@ IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"GIF89a", "image/gif"),
     (b"BM", "image/bmp"),
 )
-IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp"})
+PIL_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/bmp": "BMP", "image/webp": "WEBP"}
+"""The Pillow plugin each accepted type is opened with: Pillow never tries its other formats (EPS, PSD, ...)."""
+IMAGE_TYPES = frozenset(PIL_FORMATS)
 GENERIC_TYPES = frozenset({"", "application/octet-stream"})
 REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
 """Modes `Image.reduce` takes; others (P, 1, I;16) are converted first."""
@@ -76,7 +79,7 @@ def probe_image(data: bytes, *, declared_type: str | None, max_bytes: int, max_p
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=[PIL_FORMATS[sniffed]])
             width, height = image.size
             if width * height > max_pixels:
                 raise MediaTooLargeError(

@@ -5,7 +5,8 @@ middle of segment i (the last frame whose timestamp is <= that instant). Decodin
 and seeks (to the keyframe before a target) only when the next target is far ahead, so a long clip
 costs about T short decodes, not a decode of every frame. Clips without a known duration are
 demuxed once (no decoding) to count frames, then sampled by index. A cooperative deadline and a
-cap on decoded frames bound the work of any single upload.
+cap on decoded frames bound the work of any single upload. Only the containers of `containers` are opened,
+each by its own demuxer with no protocols (an upload cannot make FFmpeg open a file, URL or socket).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from uniadapter_serve.errors import (
     MediaTooLargeError,
     UnsupportedMediaTypeError,
 )
+from uniadapter_serve.model.media.containers import (
+    ACCEPTED,
+    mov_external_reference,
+    sniff_audio_type,
+    video_container,
+)
+from uniadapter_serve.model.media.containers import sniff_video_type as sniff_video_type  # callers import it here
 from uniadapter_serve.model.media.image import sniff_image_type
 from uniadapter_serve.model.preprocess import array_to_tensor
 
@@ -38,23 +46,6 @@ DECODE_THREADS = 4
 FRAMES_HELD = DECODE_THREADS + 4
 """Full-size frames one decode holds at most (threads' frames + references + the one being picked):
 what a decode budget is charged, times the frame's pixels."""
-
-
-def sniff_video_type(data: bytes) -> str | None:
-    """Container type from magic bytes, or None."""
-    if data[4:8] == b"ftyp":
-        return "video/mp4"
-    if data[:4] == b"\x1a\x45\xdf\xa3":
-        return "video/webm"
-    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
-        return "video/x-msvideo"
-    if data[:4] == b"OggS":
-        return "video/ogg"
-    if data[:3] == b"FLV":
-        return "video/x-flv"
-    if data[:1] == b"\x47":
-        return "video/mp2t"
-    return None
 
 
 def sample_indices(num_frames_in_clip: int, num_samples: int) -> list[int]:
@@ -81,7 +72,7 @@ class DecodedClip:
 def probe_video(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "video") -> int:
     """Check bytes, type and frame size (header only) -> the pixels decoding will hold at once
     (frame pixels x FRAMES_HELD), or a MediaError naming `field` and the problem."""
-    with _open(data, max_bytes, field) as container:
+    with open_video(data, max_bytes=max_bytes, field=field) as container:
         stream = _video_stream(container, max_pixels, field)
         return int(stream.codec_context.width * stream.codec_context.height * FRAMES_HELD)
 
@@ -95,7 +86,7 @@ def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max
 
 def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
                 field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> DecodedClip:
-    with _open(data, max_bytes, field) as container:
+    with open_video(data, max_bytes=max_bytes, field=field) as container:
         stream = _video_stream(container, max_pixels, field)
         start, duration = _span(container, stream)
         if duration is not None and duration > max_seconds:
@@ -112,21 +103,32 @@ def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_
     return DecodedClip(torch.stack(frames), [t for _, t in picked], sampler.decoded)
 
 
-def _open(data: bytes, max_bytes: int, field: str) -> av.container.InputContainer:
+def open_video(data: bytes, *, max_bytes: int, field: str = "video") -> av.container.InputContainer:
+    """Check bytes and container type, then open with the container's own demuxer and nothing else (see
+    `containers`): anything but an accepted container is refused here, before FFmpeg sees a byte."""
     if not data:
         raise EmptyMediaError(f"{field}: the file is empty (0 bytes)")
     if len(data) > max_bytes:
         raise MediaTooLargeError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes")
-    still = sniff_image_type(data)
-    if still is not None and still != "image/gif":
-        raise UnsupportedMediaTypeError(f"{field}: got a still image ({still}); send a video, or use /vqa for images")
-    sniffed = sniff_video_type(data)
+    container = video_container(data)
+    if container is None:
+        still, audio = sniff_image_type(data), sniff_audio_type(data)
+        if still is not None:
+            raise UnsupportedMediaTypeError(f"{field}: got a still image ({still}); send a video, or use /vqa for "
+                                            "images")
+        if audio is not None:
+            raise UnsupportedMediaTypeError(f"{field}: the file is audio ({audio}): it has no video stream")
+        raise UnsupportedMediaTypeError(f"{field}: the bytes are not a video container the service accepts; "
+                                        f"send {ACCEPTED}")
+    if container.demuxer == "mov" and mov_external_reference(data):
+        raise UnsupportedMediaTypeError(f"{field}: the {container.mime} file refers to media in another file "
+                                        "(an external data reference); send a self-contained file")
     try:
-        return av.open(io.BytesIO(data), mode="r")
+        return av.open(io.BytesIO(data), mode="r", format=container.demuxer,
+                       container_options=container.open_options())
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError) as e:
-        if sniffed is not None:
-            raise CorruptMediaError(f"{field}: the {sniffed} file does not decode (truncated or damaged: {e})") from e
-        raise UnsupportedMediaTypeError(f"{field}: the bytes are not a video container FFmpeg can read ({e})") from e
+        raise CorruptMediaError(f"{field}: the {container.mime} file does not decode (truncated or damaged: {e})"
+                                ) from e
 
 
 def _video_stream(container: av.container.InputContainer, max_pixels: int, field: str) -> av.video.stream.VideoStream:

@@ -14,7 +14,7 @@ from PIL import Image
 from uniadapter_serve.errors import CorruptMediaError, MediaTooLargeError, NotFoundError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import ImageProbe, load_image, sniff_image_type
-from uniadapter_serve.model.media.video import decode_clip, sniff_video_type
+from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type
 from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.store import Item
 
@@ -109,7 +109,7 @@ def video_thumbnail(data: bytes, size: int, num_frames: int, *, max_bytes: int, 
                         max_pixels=max_pixels, field=field).timestamps[0]
     picked: Image.Image | None = None
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with open_video(data, max_bytes=max_bytes, field=field) as container:  # the uploads' allow-list, again
             stream = container.streams.video[0]
             for n, frame in enumerate(container.decode(stream)):
                 t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
