@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from starlette.concurrency import run_in_threadpool
 
@@ -58,11 +59,10 @@ class ServiceCore:
                 self.default_adapters[task] = self.default_adapters[task] or name
         self.engine = engine(settings, self.registry, self.metrics)
         self.image_size = self.engine.image_size
-        self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
-        budget = self.decode_budget
-        self.metrics.decode_pixels.collect_from(lambda: [({}, float(budget.used))])
-        self.metrics.decode_waits.collect_from(lambda: [({"outcome": "waited"}, float(budget.waited)),
-                                                        ({"outcome": "timed_out"}, float(budget.timeouts))])
+        # Bulk work yields to task decodes for as long as a task decode may wait at all.
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels, bulk_share=settings.decode_bulk_share,
+                                          bulk_patience=settings.decode_wait_s)
+        self._export_decode_budget()
         self.redis = RedisLink(settings.redis_url, socket_timeout=settings.redis_timeout_s)
         self.cache = EmbeddingCache(self.redis)
         self.events = EventBus(self.redis, self._on_event)
@@ -70,6 +70,20 @@ class ServiceCore:
         self.store_backend = open_backend(settings)
         self.collections = CollectionManager(self.store_backend, settings.media_dir, self)
         self.ready = False
+
+    def _export_decode_budget(self) -> None:
+        budget, m = self.decode_budget, self.metrics
+        m.decode_pixels.collect_from(lambda: [({}, float(budget.used))])
+        m.decode_waits.collect_from(lambda: [({"outcome": "waited"}, float(budget.waited)),
+                                             ({"outcome": "timed_out"}, float(budget.timeouts))])
+
+        def by_class(field: str) -> list[tuple[dict[str, str], float]]:
+            values: dict[str, int] = getattr(budget.state(), field)
+            return [({"class": cls}, float(n)) for cls, n in values.items()]
+
+        m.decode_class_pixels.collect_from(lambda: by_class("held"))
+        m.decode_waiting.collect_from(lambda: by_class("waiting"))
+        m.decode_class_waits.collect_from(lambda: by_class("waited"))
 
     def start(self) -> None:
         self.engine.start()
@@ -125,7 +139,15 @@ class ServiceCore:
             raise InputError(f"{field}: must contain at least one word")
         return text
 
-    async def image_input(self, data: bytes, content_type: str | None, field: str) -> VisionInput:
+    def decode_hold(self, pixels: int, field: str, *, bulk: bool = False) -> AbstractAsyncContextManager[None]:
+        """Hold `pixels` of the decode budget. A task decode (bulk=False) waits DECODE_WAIT_S at most (503 after);
+        bulk work (collection adds, re-indexing, thumbnails) waits up to the request deadline (504 after),
+        within DECODE_BULK_SHARE of the budget."""
+        timeout = self.timeout() if bulk else self.settings.decode_wait_s
+        return self.decode_budget.hold_async(pixels, timeout, field, bulk=bulk)
+
+    async def image_input(self, data: bytes, content_type: str | None, field: str, *,
+                          bulk: bool = False) -> VisionInput:
         """Decode + preprocess in a worker thread (never on the event loop or the model thread), holding
         the image's pixels of the decode budget until it is at model size."""
         s, size = self.settings, self.image_size
@@ -137,24 +159,26 @@ class ServiceCore:
             def work() -> VisionInput:
                 return VisionInput(image_to_tensor(load_image(probe, size), size)[None])
 
-            async with self.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
+            async with self.decode_hold(probe.pixels, field, bulk=bulk):
                 return await run_in_threadpool(work)
 
-    async def video_input(self, data: bytes, num_frames: int, field: str) -> VisionInput:
+    async def video_input(self, data: bytes, num_frames: int, field: str, *, bulk: bool = False) -> VisionInput:
         """Sample and preprocess `num_frames` frames in a worker thread, holding the decode budget."""
         s = self.settings
         with timing.span("decode"):
             pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes,
                                              max_pixels=s.max_video_pixels, field=field)
-            async with self.decode_budget.hold_async(pixels, s.decode_wait_s, field):
+            async with self.decode_hold(pixels, field, bulk=bulk):
                 frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
                                                  max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
                                                  max_pixels=s.max_video_pixels, field=field)
         return VisionInput(frames, video=True)
 
-    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str) -> VisionInput:
-        """An image, or a clip sampled at the set's frame count."""
+    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str, *,
+                          bulk: bool = False) -> VisionInput:
+        """An image, or a clip sampled at the set's frame count. bulk=True: collection work, which waits its turn
+        for the decode budget up to the request deadline and leaves task routes their share (`decode_hold`)."""
         if kind == "image":
-            return await self.image_input(data, None, field)
+            return await self.image_input(data, None, field, bulk=bulk)
         frames = meta.config.num_frames if meta is not None else self.settings.num_frames
-        return await self.video_input(data, frames, field)
+        return await self.video_input(data, frames, field, bulk=bulk)

@@ -83,6 +83,14 @@ class ServiceMetrics:
         self.decode_waits = self._callback("uniadapter_decode_budget_waits",
                                            "Decodes that waited for the budget, and those that gave up (outcome).",
                                            ("outcome",), kind="counter")
+        self.decode_class_pixels = self._callback(
+            "uniadapter_decode_class_pixels", "Pixels of the decode budget held now, by class (task: task routes; "
+            "bulk: collection adds, re-indexing, thumbnails, at most DECODE_BULK_SHARE of it).", ("class",))
+        self.decode_waiting = self._callback("uniadapter_decode_waiting",
+                                             "Decodes waiting for the decode budget now, by class.", ("class",))
+        self.decode_class_waits = self._callback("uniadapter_decode_class_waits",
+                                                 "Decodes that waited for the decode budget, by class.", ("class",),
+                                                 kind="counter")
 
     def _callback(self, name: str, documentation: str, labels: tuple[str, ...] = (),
                   kind: str = "gauge") -> CallbackMetric:

@@ -101,7 +101,12 @@ class Settings(BaseSettings):
         100.0, gt=0, description="Megapixels all uploads being decoded may hold at once (about 8 bytes each at "
         "peak); decodes past it wait. Must fit the largest image (MAX_IMAGE_PIXELS) and video frame x 8.",
     )
-    decode_wait_s: float = Field(10.0, ge=0, description="Longest wait for the decode budget before 503.")
+    decode_wait_s: float = Field(10.0, ge=0, description=(
+        "Longest wait of a task route's decode (/vqa, /videoqa, /retrieve, search) for the decode budget before "
+        "503; bulk work waits up to the request deadline instead."))
+    decode_bulk_share: float = Field(0.5, gt=0, le=1, description=(
+        "Share of the decode budget bulk work (collection adds, re-indexing, thumbnails) may hold at once; the "
+        "rest is kept for task routes, which also go first. One bulk decode larger than the share runs alone."))
 
     # -- auth ------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")

@@ -68,8 +68,8 @@ class CollectionHost(Protocol):
 
     def timeout(self) -> float: ...
 
-    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None,
-                          field: str) -> VisionInput: ...
+    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str, *,
+                          bulk: bool = False) -> VisionInput: ...
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,9 @@ class CollectionManager:
             vector = (await self.core.engine.embed_text(content, ref, timeout)).numpy()
         else:
             assert isinstance(content, bytes)
-            visual = await self.core.media_input(kind, content, adapter, field)
+            # bulk: adds and re-indexing wait their turn for the decode budget up to the deadline, within
+            # the bulk share, yielding to task routes' decodes
+            visual = await self.core.media_input(kind, content, adapter, field, bulk=True)
             vector = (await self.core.engine.embed_visual(visual, ref, timeout)).numpy()
         vector = np.ascontiguousarray(vector, np.float32)
         self.core.cache.set(key, vector.tobytes())

@@ -145,17 +145,19 @@ async def item_thumbnail(name: str, item_id: ItemId, request: Request, core: Cor
 
 
 async def _make_thumbnail(core: ServiceCore, kind: str, path: Path, size: int, frames: int, field: str) -> bytes:
-    """Decode under the decode budget, like any upload (a stored file may be as large as the limits allow)."""
+    """Decode under the decode budget, like any upload (a stored file may be as large as the limits allow), as
+    bulk work: a page asks for dozens at once and nobody's answer waits on them (they are cached after), so they
+    wait their turn up to the request deadline within the bulk share and never crowd out task decodes."""
     s = core.settings
     data = await run_in_threadpool(path.read_bytes)
     if kind == "image":
         probe = await run_in_threadpool(probe_image, data, declared_type=None, max_bytes=s.max_image_bytes,
                                         max_pixels=s.max_image_pixels, field=field, target_size=size)
-        async with core.decode_budget.hold_async(probe.pixels, s.decode_wait_s, field):
+        async with core.decode_hold(probe.pixels, field, bulk=True):
             return await run_in_threadpool(media.image_thumbnail, probe, size)
     pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes, max_pixels=s.max_video_pixels,
                                      field=field)
-    async with core.decode_budget.hold_async(pixels, s.decode_wait_s, field):
+    async with core.decode_hold(pixels, field, bulk=True):
         return await run_in_threadpool(media.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
                                        max_seconds=s.max_video_seconds, max_pixels=s.max_video_pixels, field=field)
 
