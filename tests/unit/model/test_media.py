@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uniadapter_serve.model.media.image import decode_image, load_image, probe_image
+from uniadapter_serve.errors import CorruptMediaError, UnsupportedMediaTypeError
+from uniadapter_serve.model.media import image as image_module
+from uniadapter_serve.model.media.image import PIL_FORMATS, decode_image, load_image, probe_image
 from uniadapter_serve.model.preprocess import image_to_tensor
 
 LIMITS = {"declared_type": None, "max_bytes": 50_000_000, "max_pixels": 100_000_000}
@@ -58,3 +60,35 @@ def test_palette_images_are_reduced_after_conversion():
     image = photo(1024, 1024).convert("P", palette=Image.Palette.ADAPTIVE)
     got = decode_image(encoded(image, "PNG"), target_size=32, **LIMITS)
     assert got.mode == "RGB" and got.size == (64, 64)
+
+
+# -- only the documented image formats are opened, each by its own Pillow plugin ---------------------------------
+
+OTHER_PILLOW_FORMATS = ["TIFF", "ICO", "PPM", "PCX", "TGA", "SGI", "DDS", "QOI", "XBM", "MSP", "EPS", "JPEG2000",
+                        "ICNS"]
+"""Formats this Pillow opens by default but the service does not document."""
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_every_documented_format_decodes_with_its_own_plugin(fmt):
+    data = encoded(Image.new("RGB", (40, 30), (200, 10, 30)), fmt)
+    probe = probe_image(data, field="image", **LIMITS)
+    assert probe.image.format == fmt == PIL_FORMATS[probe.mime]
+    assert load_image(probe).size == (40, 30)
+
+
+@pytest.mark.parametrize("fmt", OTHER_PILLOW_FORMATS)
+def test_formats_pillow_knows_but_the_service_does_not_are_refused(fmt):
+    mode = "1" if fmt in ("XBM", "MSP") else "RGB"
+    data = encoded(Image.new(mode, (16, 16)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow alone would open it
+    with pytest.raises(UnsupportedMediaTypeError, match="not a JPEG, PNG, WebP, GIF or BMP image"):
+        probe_image(data, field="image", **LIMITS)
+
+
+def test_pillow_is_never_asked_to_guess_the_format(monkeypatch):
+    """Even bytes that passed the sniff as PNG are opened by the PNG plugin only, never probed against others."""
+    tiff = encoded(Image.new("RGB", (16, 16)), "TIFF")
+    monkeypatch.setattr(image_module, "sniff_image_type", lambda data: "image/png")
+    with pytest.raises(CorruptMediaError, match="image/png file does not decode"):
+        probe_image(tiff, field="image", **LIMITS)
