@@ -44,7 +44,11 @@ from uniadapter_serve.model.uniadapter import AdapterSetModule
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_BODY = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+"""Set and collection names: folder names on every replica's volume, so ASCII only."""
+NAME_RE = re.compile(rf"\A{NAME_BODY}\Z")
+"""Anchored at both ends of the string, not with ^...$ (`$` also matches before a final newline, so a name
+ending in a newline would pass): `.match`, `.fullmatch` and `.search` all check the whole name."""
 PUBLISHED_FILE = "published.json"
 
 
@@ -73,7 +77,7 @@ def _read_published(folder: Path, created: str) -> tuple[int, str]:
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'name' -> (name, None); 'name@version' -> (name, version). Validates the name."""
     name, sep, version = ref.partition("@")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise AdapterNotFoundError(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

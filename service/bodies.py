@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import copy
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from uniadapter_serve.errors import CorruptMediaError, UnsupportedMediaTypeError
+from uniadapter_serve.service.validation import json_error
 
 M = TypeVar("M", bound=BaseModel)
 FILE_PLACEHOLDER = "(file)"
 BODY_MODELS: list[type[BaseModel]] = []
 """Models used as request bodies; their schemas are added to the OpenAPI components."""
+FORM_CHARSETS = frozenset({"utf-8", "ascii", "iso8859-1"})
+"""Charsets a multipart body may declare for its fields (Python codec names). Starlette decodes fields with any
+codec the client names, and some (utf-7, unicode_escape) yield lone surrogates, which no response can carry."""
 
 
 @dataclass
@@ -86,7 +92,7 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
         # parsing and base64-decoding megabytes of media is CPU work: keep it off the event loop
         return await run_in_threadpool(_parse_json, body, model, media_fields)
     if content_type == "multipart/form-data":
-        form = await request.form()
+        form = await read_form(request)
         fields: dict[str, Any] = {}
         for key in form:
             if key in media_fields:
@@ -108,6 +114,22 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
     )
 
 
+async def read_form(request: Request) -> FormData:
+    """A multipart body's form, its fields decoded as UTF-8 (or ASCII, Latin-1): 415 for any other declared
+    charset. Every multipart route reads its form here."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    declared = params.get(b"charset")
+    if declared is not None:
+        name = declared.decode("latin-1")
+        try:
+            codec = codecs.lookup(name).name
+        except LookupError:
+            codec = None
+        if codec not in FORM_CHARSETS:
+            raise UnsupportedMediaTypeError(f"multipart charset {name[:40]!r}: send UTF-8 (or declare no charset)")
+    return await request.form()
+
+
 def _parse_json(body: bytes, model: type[M], media_fields: dict[str, bool]) -> tuple[M, dict[str, list[Media]]]:
     parsed = model.model_validate_json(body)
     media: dict[str, list[Media]] = {}
@@ -125,7 +147,7 @@ def validation_message(error: ValidationError) -> tuple[int, str]:
     parts = []
     for e in error.errors():
         if e.get("type") == "json_invalid":
-            return 400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
+            return 400, f"malformed JSON: {json_error(str(e.get('ctx', {}).get('error', e.get('msg'))))}"
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {e.get('msg')}")
+        parts.append(f"{loc}: {str(e.get('msg')).removeprefix('Value error, ')}")  # our validators' own words
     return 422, "; ".join(parts)

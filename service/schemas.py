@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import pydantic_core
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.config import JsonDict
 
+from uniadapter_serve.adapters.registry import NAME_BODY
+from uniadapter_serve.service.validation import (
+    METADATA_MAX_BYTES,
+    METADATA_MAX_DEPTH,
+    ItemId,
+    Metadata,
+    StoredText,
+    check_metadata,
+    json_error,
+    readable_metadata,
+)
+
 # Patterns are declared in the schema only: the server checks the same rules itself, with messages that
-# say what is wrong ("must contain at least one word") rather than quoting a regular expression.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# say what is wrong ("must contain at least one word") rather than quoting a regular expression. They are
+# ECMA-262 patterns, anchored with ^...$ (the end of the string there); the server's checks match whole strings
+# (fullmatch or \A...\Z: in Python `$` also matches before a final newline).
+NAME_PATTERN = rf"^{NAME_BODY}$"
 """Adapter-set and collection names (ASCII: they are folder names on every replica's volume)."""
-ADAPTER_PATTERN = r"^(none|bare|[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9a-f]{4,64})?)$"
+ADAPTER_PATTERN = rf"^(none|bare|{NAME_BODY}(@[0-9a-f]{{4,64}})?)$"
 BASE64_PATTERN = r"^(data:[A-Za-z0-9.+/-]+;base64,)?[A-Za-z0-9+/]+={0,2}$"
 WORD_PATTERN = r"\w"
 """a question or query must hold at least one word (punctuation is dropped before tokenising)"""
@@ -134,6 +148,7 @@ class VqaResponse(BaseModel):
 
 
 MetadataValue = str | int | float | bool
+FilterMetadata = Annotated[dict[str, MetadataValue], AfterValidator(check_metadata)]
 
 
 class RetrieveFilter(BaseModel):
@@ -144,7 +159,7 @@ class RetrieveFilter(BaseModel):
     caption_contains: str | None = Field(
         None, min_length=1, description="Case-insensitive substring of the item's metadata 'caption' (of the text, "
         "for text items).", examples=["circle"])
-    metadata: dict[str, MetadataValue] | None = Field(
+    metadata: FilterMetadata | None = Field(
         None, description="Equality on metadata keys: a number matches a number of the same value, a string the "
         "same string, a boolean the same boolean.", examples=[{"source": "demo"}])
 
@@ -177,13 +192,18 @@ class RetrieveRequest(BaseModel):
     @field_validator("filter", mode="before")
     @classmethod
     def _filter_from_form(cls, value: Any) -> Any:
-        """In multipart forms the filter comes as JSON text."""
+        """In multipart forms the filter comes as JSON text: parsed as JSON bodies are (pydantic-core, with its
+        nesting limit; `json.loads` recurses until RecursionError)."""
         if isinstance(value, str):
             try:
-                return json.loads(value)
+                return pydantic_core.from_json(value)
             except ValueError as e:
-                raise ValueError(f"not valid JSON ({e})") from e
+                raise ValueError(f"not valid JSON ({json_error(str(e))})") from e
         return value
+
+
+METADATA_ERROR_FIELD: Any = Field(None, description="Why `metadata` is empty though the item has some: it was stored "
+                                  "before today's limits and cannot be sent; null normally.")
 
 
 class RetrieveHit(BaseModel):
@@ -192,9 +212,18 @@ class RetrieveHit(BaseModel):
     itc_score: float
     itm_score: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata_error: str | None = METADATA_ERROR_FIELD
     media_url: str | None = Field(None, description="The hit's media, relative to the server (collection images "
                                   "and videos; null for texts and inline candidates).")
     thumbnail_url: str | None = Field(None, description="Its thumbnail (add ?size=N to choose another side).")
+
+    @model_validator(mode="after")
+    def _sendable(self) -> RetrieveHit:
+        """Stored metadata that cannot be sent back (a row from before the limits held) goes out as {} with the
+        reason: one such item never turns a listing or a search into a 500."""
+        self.metadata, error = readable_metadata(self.metadata)
+        self.metadata_error = self.metadata_error or error
+        return self
 
 
 class RetrieveResponse(BaseModel):
@@ -216,6 +245,15 @@ class ItemInfo(BaseModel):
     text: str | None = Field(None, description="The text, for text items.")
     media_url: str | None = None
     thumbnail_url: str | None = None
+    metadata_error: str | None = METADATA_ERROR_FIELD
+
+    @model_validator(mode="after")
+    def _sendable(self) -> ItemInfo:
+        """Stored metadata that cannot be sent back (a row from before the limits held) goes out as {} with the
+        reason: one such item never turns a listing or a search into a 500."""
+        self.metadata, error = readable_metadata(self.metadata)
+        self.metadata_error = self.metadata_error or error
+        return self
 
 
 class ItemPage(BaseModel):
@@ -277,15 +315,19 @@ class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid",
                               json_schema_extra=lambda s: _exactly_one_of(s, ("image", "video", "path", "text")))
 
-    id: str | None = Field(None, min_length=1, max_length=256, description="External id (default: content hash).")
+    id: ItemId | None = Field(None, description="External id (default: a hash of the content): 1-256 characters, "
+                              "'/' allowed; no control characters, not '.' or '..', not ending in '/media' or "
+                              "'/thumbnail'.")
     image: str | None = Field(None, description="Base64 image (image collections).", min_length=1,
                               json_schema_extra=BASE64)
     video: str | None = Field(None, description="Base64 video (video collections).", min_length=1,
                               json_schema_extra=BASE64)
     path: str | None = Field(None, description="File under the media root, instead of uploading it.", min_length=1,
                              max_length=1024, json_schema_extra=PATH)
-    text: str | None = Field(None, description="The text (text collections).", min_length=1, json_schema_extra=WORD)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    text: StoredText | None = Field(None, description="The text (text collections).")
+    metadata: Metadata = Field(default_factory=dict, description=(
+        f"Any JSON object: at most {METADATA_MAX_DEPTH} levels of nesting and about {METADATA_MAX_BYTES // 1024} KiB "
+        "as JSON."))
 
 
 class ItemsAdd(BaseModel):

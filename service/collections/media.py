@@ -24,7 +24,11 @@ THUMB_DIR = "thumbs"
 SNIFF_BYTES = 64
 VIDEO_THUMB_MAX_FRAMES = 2000
 """Frames decoded at most to reach a clip's first sampled frame."""
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+"""One byte range (full match; ASCII digits only: `\\d` also takes other scripts' digits, which int() reads)."""
+_HUGE = 10**18
+"""Stands for any position with more than 18 digits: past the end of every file (int() of thousands of digits
+raises ValueError, and costs quadratic time below that limit)."""
 
 
 @dataclass(frozen=True)
@@ -66,23 +70,31 @@ def locate(collection: Collection, item: Item, media_root: Path) -> MediaFile:
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A `Range: bytes=a-b` header -> (first, last) byte, inclusive; None to send the whole file (no header,
-    several ranges or a malformed one, which RFC 9110 lets a server ignore); RangeNotSatisfiable past the end."""
+    several ranges or a malformed one, which RFC 9110 lets a server ignore); RangeNotSatisfiable when it starts
+    past the end. Positions of any length are taken: a last byte past the end is the end, a suffix longer than
+    the file is the whole file (RFC 9110 14.1.2)."""
     if not header:
         return None
-    m = _RANGE.match(header.strip())
+    m = _RANGE.fullmatch(header.strip())
     if m is None or (not m.group(1) and not m.group(2)):
         return None
     if not m.group(1):  # the last N bytes
-        n = int(m.group(2))
+        n = _position(m.group(2))
         if n == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(0, size - n), size - 1
-    first = int(m.group(1))
-    if m.group(2) and int(m.group(2)) < first:
+    first = _position(m.group(1))
+    last = _position(m.group(2)) if m.group(2) else None
+    if last is not None and last < first:
         return None
     if first >= size:
         raise RangeNotSatisfiable
-    return first, min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+    return first, min(size - 1 if last is None else last, size - 1)
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _HUGE
 
 
 def read_range(path: Path, first: int, last: int) -> bytes:

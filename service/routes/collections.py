@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
 from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
-from uniadapter_serve.service.bodies import b64decode, component_ref
+from uniadapter_serve.service.bodies import b64decode, component_ref, read_form
 from uniadapter_serve.service.collections.ingest import IncomingItem
 from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import (
@@ -21,6 +22,16 @@ from uniadapter_serve.service.schemas import (
     ItemsAdded,
     ReindexRequest,
 )
+from uniadapter_serve.service.validation import (
+    ITEM_ID_PATTERN,
+    METADATA_MAX_BYTES,
+    METADATA_MAX_DEPTH,
+    ItemId,
+    Metadata,
+    form_field,
+    form_json,
+    lookup_id,
+)
 
 router = APIRouter(prefix="/collections", tags=["collections"], responses=ERRORS)
 
@@ -28,8 +39,12 @@ ITEMS_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": component_ref(ItemsAdd)},
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
-        "ids": {"type": "array", "items": {"type": "string"}, "description": "One per file (default: hashes)."},
-        "metadata": {"type": "string", "description": "JSON list of objects, one per file."},
+        "ids": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256,
+                                          "pattern": ITEM_ID_PATTERN},
+                "description": "One per file (default: hashes); the rules of `id` in a JSON body."},
+        "metadata": {"type": "string", "description": "JSON list of objects, one per file (each with the file's "
+                     f"name under 'filename'); at most {METADATA_MAX_DEPTH} levels of nesting and about "
+                     f"{METADATA_MAX_BYTES // 1024} KiB of JSON each, as in a JSON body."},
     }}},
 }}}
 
@@ -67,27 +82,30 @@ def _from_json(items: list[ItemIn]) -> list[IncomingItem]:
     return out
 
 
+FORM_IDS: TypeAdapter[list[str]] = TypeAdapter(list[ItemId])
+FORM_METADATA: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[Metadata])
+ONE_METADATA: TypeAdapter[dict[str, Any]] = TypeAdapter(Metadata)
+
+
 async def _from_form(request: Request) -> list[IncomingItem]:
-    form = await request.form()
+    """The multipart twin of an ItemsAdd body: the same id and metadata rules (service/validation.py)."""
+    form = await read_form(request)
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not files:
         raise InputError("files: send at least one file")
-    ids = [v for v in form.getlist("ids") if isinstance(v, str) and v]
+    ids = form_field(FORM_IDS, [v for v in form.getlist("ids") if isinstance(v, str) and v], "ids")
     if ids and len(ids) != len(files):
         raise InputError(f"ids: {len(ids)} ids for {len(files)} files")
     raw = form.get("metadata")
-    metadata: list[dict[str, object]] = [{} for _ in files]
+    given: list[dict[str, Any]] = [{} for _ in files]
     if isinstance(raw, str) and raw:
-        try:
-            metadata = json.loads(raw)
-        except ValueError as e:
-            raise InputError(f"metadata: not valid JSON ({e})") from e
-        if not (isinstance(metadata, list) and len(metadata) == len(files)
-                and all(isinstance(m, dict) for m in metadata)):
-            raise InputError("metadata: a JSON list with one object per file")
+        given = form_json(FORM_METADATA, raw, "metadata")
+        if len(given) != len(files):
+            raise InputError(f"metadata: a JSON list with one object per file ({len(given)} for {len(files)} files)")
+    metadata = [form_field(ONE_METADATA, {"filename": f.filename, **given[i]}, f"metadata[{i}] with files[{i}]'s "
+                           "name") if f.filename else given[i] for i, f in enumerate(files)]
     return [IncomingItem(id=ids[i] if ids else None, data=await f.read(), content_type=f.content_type,
-                         metadata={"filename": f.filename, **metadata[i]} if f.filename else dict(metadata[i]))
-            for i, f in enumerate(files)]
+                         metadata=metadata[i]) for i, f in enumerate(files)]
 
 
 @router.post("/{name}/items", response_model=ItemsAdded, status_code=201, dependencies=[AdminAuth],
@@ -107,9 +125,10 @@ async def add_items(name: str, request: Request, core: CoreDep) -> ItemsAdded:
     return ItemsAdded(collection=name, uid=added.uid, ids=added.ids, items=added.count)
 
 
-@router.delete("/{name}/items/{item_id}", status_code=204, dependencies=[AdminAuth], summary="Delete an item")
+@router.delete("/{name}/items/{item_id:path}", status_code=204, dependencies=[AdminAuth],
+               summary="Delete an item (its id may hold '/', as the read routes take it)")
 def delete_item(name: str, item_id: str, core: CoreDep) -> None:
-    core.collections.delete_item(name, item_id)
+    core.collections.delete_item(name, lookup_id(item_id))
 
 
 @router.post("/{name}/reindex", response_model=CollectionStats, status_code=202, dependencies=[AdminAuth],

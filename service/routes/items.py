@@ -23,6 +23,7 @@ from uniadapter_serve.service.errors import error_response
 from uniadapter_serve.service.routes.search import item_text, item_urls
 from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import ItemInfo, ItemPage
+from uniadapter_serve.service.validation import lookup_id
 
 router = APIRouter(prefix="/collections", tags=["items"], dependencies=[ReadAuth], responses=ERRORS)
 
@@ -99,7 +100,7 @@ def _chunks(path: Path, first: int, last: int) -> Iterator[bytes]:
             summary="The item's stored bytes (HTTP range requests: Range: bytes=first-last)")
 def item_media(name: str, item_id: ItemId, request: Request, core: CoreDep) -> Response:
     collection = core.collections.get(name)
-    found = media.locate(collection, collection.find(item_id), core.settings.media_dir)
+    found = media.locate(collection, collection.find(lookup_id(item_id)), core.settings.media_dir)
     headers = {"ETag": found.etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
     if _not_modified(request, found.etag):
         return Response(status_code=304, headers=headers)
@@ -127,7 +128,7 @@ async def item_thumbnail(name: str, item_id: ItemId, request: Request, core: Cor
     if size not in media.THUMB_SIZES:
         raise InputError(f"size: {size} is not one of {list(media.THUMB_SIZES)}")
     collection = core.collections.get(name)
-    item = await run_in_threadpool(collection.find, item_id)
+    item = await run_in_threadpool(collection.find, lookup_id(item_id))
     found = await run_in_threadpool(media.locate, collection, item, core.settings.media_dir)
     kind = collection.meta.kind
     adapter = core.collections.adapter_of(collection) if kind == "video" else None
@@ -166,4 +167,4 @@ async def _make_thumbnail(core: ServiceCore, kind: str, path: Path, size: int, f
             summary="One item: metadata, kind, size, when added, the adapter version it was embedded with")
 def get_item(name: str, item_id: ItemId, core: CoreDep) -> ItemInfo:
     collection = core.collections.get(name)
-    return info(collection, collection.find(item_id), core.settings.media_dir)
+    return info(collection, collection.find(lookup_id(item_id)), core.settings.media_dir)
