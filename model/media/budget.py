@@ -22,13 +22,13 @@ out leaves the queue and takes nothing. Threads wait with `acquire`, coroutines 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ctypes
 import ctypes.util
 import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -47,13 +47,9 @@ class _Waiter:
         self.pixels = pixels
         self.bulk = bulk
         self.order = order
-        """(when it queues, arrival order): a bulk waiter's time is its arrival plus the patience"""
+        """(when it is in line, arrival order): a bulk waiter is in line at its arrival plus the patience"""
         self.wake = wake
         self.granted = False
-
-
-def _order(waiter: _Waiter) -> tuple[float, int]:
-    return waiter.order
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,8 @@ class DecodeBudget:
         self._used = 0
         self._bulk_used = 0
         self._lock = threading.Lock()
-        self._queue: list[_Waiter] = []
-        """waiters in serving order"""
+        self._queues: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())
+        """task and bulk waiters, each in serving order"""
         self._seq = itertools.count()
         self._since_trim = 0
         self._waited = dict.fromkeys(CLASSES, 0)
@@ -103,7 +99,7 @@ class DecodeBudget:
     @property
     def waiting(self) -> int:
         with self._lock:
-            return len(self._queue)
+            return len(self._queues[0]) + len(self._queues[1])
 
     @property
     def waited(self) -> int:
@@ -119,9 +115,8 @@ class DecodeBudget:
 
     def state(self) -> BudgetState:
         with self._lock:
-            bulk_waiting = sum(w.bulk for w in self._queue)
             return BudgetState(self._used, {"task": self._used - self._bulk_used, "bulk": self._bulk_used},
-                               {"task": len(self._queue) - bulk_waiting, "bulk": bulk_waiting},
+                               {cls: len(q) for cls, q in zip(CLASSES, self._queues, strict=True)},
                                dict(self._waited), dict(self._timeouts))
 
     def _check(self, pixels: int, field: str) -> None:
@@ -130,33 +125,28 @@ class DecodeBudget:
                                      f"{self.capacity} pixels (UNIADAPTER_DECODE_BUDGET_MPIX)")
 
     def _grant(self) -> None:
-        """Under the lock: grant waiters in serving order while they may go (see the module docstring)."""
-        bulk_blocked = False  # a bulk waiter ahead did not go: later bulk waiters wait behind it
-        i = 0
-        while i < len(self._queue):
-            waiter = self._queue[i]
-            room = self._used + waiter.pixels <= self.capacity
-            if not waiter.bulk:
-                if not room:
+        """Under the lock: grant waiters in serving order (the earlier of the two heads) while they may go."""
+        tasks, bulk = self._queues
+        bulk_open = True  # False once the bulk head is held back by the share alone: tasks may pass it
+        while tasks or (bulk and bulk_open):
+            if not (bulk and bulk_open) or (tasks and tasks[0].order < bulk[0].order):
+                if self._used + tasks[0].pixels > self.capacity:
                     return  # first come, first served: nobody after it passes it
-                self._take(i)
+                self._take(tasks)
                 continue
-            if bulk_blocked:
-                i += 1
-                continue
-            share = self._bulk_used + waiter.pixels <= self.bulk_capacity or self._bulk_used == 0
-            if share and room:
-                self._take(i)
-                continue
-            if share:
-                # It waits for room that the tasks queued after it (which came after its patience ran out)
+            pixels = bulk[0].pixels
+            share = self._bulk_used + pixels <= self.bulk_capacity or self._bulk_used == 0
+            if not share:
+                bulk_open = False  # tasks do not use the bulk share: they may pass
+            elif self._used + pixels <= self.capacity:
+                self._take(bulk)
+            else:
+                # It waits for room that the tasks in line after it (which came after its patience ran out)
                 # would take: they wait behind it.
                 return
-            bulk_blocked = True  # held back by the bulk share alone, which tasks do not use: they may pass
-            i += 1
 
-    def _take(self, i: int) -> None:
-        waiter = self._queue.pop(i)
+    def _take(self, queue: deque[_Waiter]) -> None:
+        waiter = queue.popleft()
         self._used += waiter.pixels
         if waiter.bulk:
             self._bulk_used += waiter.pixels
@@ -166,9 +156,10 @@ class DecodeBudget:
     def _enqueue(self, pixels: int, bulk: bool, wake: Callable[[], None]) -> _Waiter | None:
         """Queue a waiter and grant what may go; -> None if it was granted at once, else the waiter."""
         with self._lock:
-            now = self._clock() + (self.bulk_patience if bulk else 0.0)
-            waiter = _Waiter(pixels, bulk, (now, next(self._seq)), wake)
-            bisect.insort(self._queue, waiter, key=_order)
+            # The clock never goes back and the patience is fixed, so each queue stays in serving order.
+            in_line = self._clock() + (self.bulk_patience if bulk else 0.0)
+            waiter = _Waiter(pixels, bulk, (in_line, next(self._seq)), wake)
+            self._queues[bulk].append(waiter)
             self._grant()
             if waiter.granted:
                 return None
@@ -180,7 +171,7 @@ class DecodeBudget:
         with self._lock:
             if waiter.granted:
                 return True
-            self._queue.remove(waiter)
+            self._queues[waiter.bulk].remove(waiter)
             self._timeouts[CLASSES[waiter.bulk]] += 1
             self._grant()  # waiters behind this one may go now
             return False
