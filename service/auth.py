@@ -130,6 +130,7 @@ class Guard:
     """One route as the auth check sees it: where it matches, what it declares."""
 
     route: BaseRoute
+    path: str  # the template, e.g. '/collections/{name}'
     regex: re.Pattern[str]
     methods: frozenset[str] | None  # None: a mount (any method, any path below)
     level: Level
@@ -163,13 +164,14 @@ def guards(routes: Sequence[BaseRoute]) -> list[Guard]:
         if path is None:
             continue
         if isinstance(route, Mount):  # static files, docs assets: no data behind them
-            table.append(Guard(route, re.compile("^" + re.escape(path.rstrip("/")) + "(/.*)?$"), None, "open", None))
+            prefix = re.compile("^" + re.escape(path.rstrip("/")) + "(/.*)?$")
+            table.append(Guard(route, path, prefix, None, "open", None))
             continue
         methods = frozenset(getattr(entry, "methods", None) or ())
         regex, _, _ = compile_path(path)
         dependant = getattr(entry, "dependant", None) if isinstance(route, APIRoute) else None
         flag = getattr(getattr(entry, "endpoint", None), "admin_when", None)
-        table.append(Guard(route, regex, methods, declared_level(dependant, methods), flag))
+        table.append(Guard(route, path, regex, methods, declared_level(dependant, methods), flag))
     return table
 
 

@@ -20,9 +20,10 @@ PAGE_CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img
                    "frame-ancestors 'none'")
 """The page at / : its one script and stylesheet are files under /static (no inline code), media shown from blob
 URLs, every call to this origin."""
-MEDIA_CSP: Final = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; sandbox; "
+MEDIA_CSP: Final = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; "
                     "frame-ancestors 'none'")
-"""A stored file opened on its own: the browser's image or video viewer works, nothing in the file can run."""
+"""A stored file opened on its own: the browser's image or video viewer works (its inline styles), no script runs.
+Not `sandbox`: it gives the viewer an opaque origin, and the video it loads from this origin is then refused."""
 API_CSP: Final = "default-src 'none'; frame-ancestors 'none'"
 PAGE_PREFIXES = ("/static/",)
 DOCS_PATHS = ("/docs", "/redoc")
