@@ -103,7 +103,7 @@ def json_problem(value: Any, *, max_depth: int, max_bytes: int | None) -> str | 
         if isinstance(node, dict | list):
             if depth + 1 > max_depth:
                 return f"nested more than {max_depth} levels deep{where}"
-            size += 2 + 2 * len(node)
+            size += 2 + (4 if isinstance(node, dict) else 2) * len(node)  # brackets, ", " and ": "
             if max_bytes is not None and size > max_bytes:  # before a huge container is walked
                 return f"over {max_bytes} bytes as JSON"
             if isinstance(node, list):
