@@ -15,13 +15,15 @@ from uniadapter_serve import __version__
 from uniadapter_serve.service import demo, docs, errors
 from uniadapter_serve.service.auth import AuthMiddleware, log_key_settings
 from uniadapter_serve.service.bodies import BODY_MODELS
+from uniadapter_serve.service.body_budget import BodyBudget
 from uniadapter_serve.service.core import EngineFactory, ServiceCore, local_engine
 from uniadapter_serve.service.metrics import ServiceMetrics
-from uniadapter_serve.service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from uniadapter_serve.service.middleware import BodyBudgetMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from uniadapter_serve.service.routes import adapters, collections, items, ops, tasks, web
 from uniadapter_serve.service.schemas import apply_limits
 from uniadapter_serve.service.security import SecurityHeadersMiddleware
-from uniadapter_serve.service.settings import Settings
+from uniadapter_serve.service.server_limits import ConnectionGate
+from uniadapter_serve.service.settings import MB, Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,15 @@ def create_app(settings: Settings | None = None, core: ServiceCore | None = None
     # Starlette: the middleware added LAST runs FIRST. From the outside in: metrics (every answer counted),
     # security headers (on every answer, auth refusals included), auth (keys, Origin/Host: from the headers,
     # before any body byte is read), then body limits. Body-reading middleware goes above the AuthMiddleware line.
+    # Body budget (bytes of bodies in flight, all requests): innermost, it charges only when a route reads its
+    # body, so auth's refusals and BodyLimitMiddleware's 413 by Content-Length never read or charge one.
+    app.add_middleware(BodyBudgetMiddleware, budget=BodyBudget(round(settings.body_budget_mb * MB)).watch(metrics),
+                       wait_s=settings.body_wait_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AuthMiddleware, routes=app.router.routes, settings=settings)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     log_key_settings(settings)
+    # connection caps and read timeouts live in the uvicorn protocol (cli.py); their counts show in /metrics
+    app.state.connection_gate = ConnectionGate.from_settings(settings).watch(metrics)
     return app

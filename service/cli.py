@@ -17,6 +17,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from uniadapter_serve.service.app import create_app
+    from uniadapter_serve.service.server_limits import limited_protocol
     from uniadapter_serve.service.settings import Settings
 
     overrides = {k: v for k, v in {"backbone": args.backbone, "adapters_root": args.adapters_root,
@@ -27,8 +28,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler;
     # this one turns it into a clean exit (status 0) instead of death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=max(1, round(settings.request_timeout_s)))
+    app = create_app(settings)
+    # the protocol caps connections (total, per client) and times out slow headers and bodies; no route
+    # speaks WebSocket, so upgrades are not offered (a hijacked connection would escape those limits)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=max(1, round(settings.request_timeout_s)),
+                http=limited_protocol(app.state.connection_gate), ws="none")
     return 0
 
 

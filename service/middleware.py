@@ -1,4 +1,5 @@
-"""ASGI middleware: request-body size limit (before anything is buffered) and per-route metrics."""
+"""ASGI middleware: request-body size limit (before anything is buffered), the body budget (bytes of
+bodies in flight across requests) and per-route metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from uniadapter_serve.service import timing
+from uniadapter_serve.service.body_budget import FREE_BYTES, BodyBudget, ClientGoneError
 from uniadapter_serve.service.metrics import ServiceMetrics
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, or None (chunked, or not a number)."""
+    value = dict(scope.get("headers") or []).get(b"content-length")
+    if value is None or not value.isdigit():
+        return None
+    return int(value) if len(value) <= 18 else 10**18  # int() of 4,300+ digits raises; over any limit anyway
 
 
 class BodyLimitMiddleware:
@@ -23,10 +33,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _reject(send, self.max_bytes, int(length))
+        length = declared_length(scope)
+        if length is not None and length > self.max_bytes:
+            await _reject(send, self.max_bytes, length)
             return
         received = 0
         started = False
@@ -66,6 +75,46 @@ async def _reject(send: Send, limit: int, size: int) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyBudgetMiddleware:
+    """Charges request bodies to the shared `BodyBudget` as the route reads them: a body over `FREE_BYTES`
+    is charged its Content-Length before its first byte is handed over (a chunked one as it arrives), and
+    gives it back when the request is done. A route that never reads its body (refused by the key check,
+    or by BodyLimitMiddleware's 413 by Content-Length) is never charged and never waits."""
+
+    def __init__(self, app: ASGIApp, budget: BodyBudget, wait_s: float) -> None:
+        self.app = app
+        self.budget = budget
+        self.wait_s = wait_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = declared_length(scope)
+        held = received = 0
+        complete = False
+
+        async def budgeted_receive() -> Message:
+            nonlocal held, received, complete
+            if not complete and held == 0 and declared is not None and declared > FREE_BYTES:
+                held = await self.budget.acquire(declared, self.wait_s)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if declared is None and received > FREE_BYTES:  # chunked: charge what arrived beyond the charge
+                    held += await self.budget.acquire(received - held, self.wait_s)
+                complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not complete:
+                raise ClientGoneError()
+            return message
+
+        try:
+            await self.app(scope, budgeted_receive, send)
+        finally:
+            if held:
+                self.budget.release(held)
 
 
 PROBES = frozenset({"/metrics", "/healthz", "/readyz"})

@@ -107,6 +107,26 @@ class Settings(BaseSettings):
     decode_bulk_share: float = Field(0.5, gt=0, le=1, description=(
         "Share of the decode budget bulk work (collection adds, re-indexing, thumbnails) may hold at once; the "
         "rest is kept for task routes, which also go first. One bulk decode larger than the share runs alone."))
+    body_budget_mb: float = Field(96.0, gt=0, description=(
+        "Megabytes of request bodies all requests may hold at once, from their first byte read to their answer "
+        "(bodies over 64 KB; one is charged its Content-Length before it is read, a chunked one as it arrives; "
+        "about 4 bytes of memory each at peak: body, parsed text, decoded media); bodies past it wait. A body "
+        "larger than the budget runs alone."))
+    body_wait_s: float = Field(10.0, ge=0, description="Longest wait for the body budget before 503 (Retry-After).")
+    header_timeout_s: float = Field(10.0, ge=0, description=(
+        "A request's line and headers must arrive within this many seconds (from the connection opening or the "
+        "request's first byte), else 408 and the connection is closed; 0 = no limit."))
+    body_timeout_s: float = Field(10.0, ge=0, description=(
+        "A request body must bring BODY_MIN_RATE_KBPS x this many KB in every window of this many seconds while "
+        "it is read (time the server spends not reading, e.g. waiting for the body budget, does not count), "
+        "else 408 and the connection is closed; 0 = no limit."))
+    body_min_rate_kbps: float = Field(
+        1.0, ge=0, description="Slowest request body accepted, in KB/s (see BODY_TIMEOUT_S).")
+    max_connections: int = Field(1000, ge=0, description=(
+        "Open connections at once; a connection past it is answered 503 and closed at once; 0 = no limit."))
+    max_connections_per_client: int = Field(128, ge=0, description=(
+        "Open connections from one client address (an IPv6 /64 counts as one); past it, 503 and closed; 0 = no "
+        "limit. Behind a reverse proxy every client has the proxy's address: raise it, or 0."))
 
     # -- auth ------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, task routes need it (Bearer or X-API-Key).")
