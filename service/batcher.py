@@ -6,19 +6,20 @@ A batch closes when it reaches `max_batch_size` jobs or its oldest job has waite
 alone owns queues, deadlines, 429/504, dropping jobs whose client went away, and fan-out of
 errors: a batch that raises is re-run one job at a time so a failing sample fails only its
 own request. Model work never runs on the event loop.
+
+`Batcher.hold(*stages)` is a test hook (unused by the service): while held, no batch of those stages starts,
+so a test can queue several requests' jobs and then release them as one batch, whatever the scheduling.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,72 +27,12 @@ import torch
 from uniadapter_serve.adapters.manager import AdapterManager, Lease
 from uniadapter_serve.errors import AdapterCapacityError, DeadlineExceededError, OverloadedError, UniAdapterError
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.service.jobs import CURRENT_ADMISSION, Admission, Handler, Job
 from uniadapter_serve.service.metrics import ServiceMetrics
-from uniadapter_serve.service.timing import RequestTiming
-from uniadapter_serve.service.timing import current as timing_current
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Sequence["Job"], Routing], Sequence[Any]]
-"""Runs jobs as one batch; returns one result (or an Exception instance) per job."""
-
-
-_ADMISSION: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("uniadapter_admission", default=None)
-
-
-class Admission:
-    """A request admitted as a unit: room for its jobs is reserved up front, and its jobs (submitted
-    from this context or tasks it starts) never get 429 half-way through the request."""
-
-    def __init__(self, batcher: Batcher, jobs: int) -> None:
-        self.batcher = batcher
-        self.reserved = jobs
-        self._token: contextvars.Token[Admission | None] | None = None
-
-    def __enter__(self) -> Admission:
-        self._token = _ADMISSION.set(self)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._token is not None:
-            _ADMISSION.reset(self._token)
-        self.batcher._unreserve(self)
-
-
-@dataclass(eq=False)
-class Job:
-    stage: str
-    payload: Any
-    adapter: str | None
-    """Exact `name@version`, or None for the bare backbone."""
-    deadline: float
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-    enqueued: float = field(default_factory=time.monotonic)
-    timing: RequestTiming | None = field(default_factory=timing_current)
-    """the submitting request's timing (queue and compute spans are recorded into it)"""
-    started: float | None = None
-    """when its batch started computing (after leasing its sets)"""
-    ended: float | None = None
-    admission: Admission | None = None
-    """the admitted request it belongs to (None: submitted outside one)"""
-
-    def finish(self, result: Any) -> None:
-        def settle() -> None:
-            if self.future.done():
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(settle)
-
-    @property
-    def abandoned(self) -> bool:
-        """The awaiting request was cancelled (client went away) or timed out."""
-        return self.future.done()
+__all__ = ["Admission", "Batcher", "Handler", "Job"]
 
 
 class Batcher:
@@ -120,6 +61,8 @@ class Batcher:
         self._active: set[Admission] = set()
         """requests admitted and not finished"""
         self._cond = threading.Condition()
+        self._held: dict[str, int] = {}
+        """stage -> holds on it (test hook: no batch of a held stage starts)"""
         self._running = False
         self._threads: list[threading.Thread] = []
         self._batch_seconds = 0.05  # running estimate, for Retry-After
@@ -152,9 +95,34 @@ class Batcher:
         with self._cond:
             return self._busy
 
-    def queued(self) -> int:
+    def queued(self, stage: str | None = None) -> int:
+        """Jobs waiting, in one stage or in all."""
         with self._cond:
+            if stage is not None:
+                return len(self._queues[stage])
             return sum(len(q) for q in self._queues.values())
+
+    @contextlib.contextmanager
+    def hold(self, *stages: str) -> Iterator[None]:
+        """Test hook: inside the block no batch of `stages` starts; their jobs queue (deadlines still run).
+        Wait for `queued(stage)` to reach the jobs the test sent, then leave the block: they run as one batch
+        (up to the stage's batch size). Holds nest (`with hold("answer"): with hold("vision"): ...` lets
+        vision go first). Ignored once the batcher is stopping."""
+        unknown = sorted(set(stages) - set(self._queues))
+        if unknown:
+            raise ValueError(f"no such stage(s) {unknown}; the stages are {sorted(self._queues)}")
+        with self._cond:
+            for stage in stages:
+                self._held[stage] = self._held.get(stage, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                for stage in stages:
+                    self._held[stage] -= 1
+                    if not self._held[stage]:
+                        del self._held[stage]
+                self._cond.notify_all()
 
     # -- submitting (event loop) ----------------------------------------------------------------
 
@@ -168,7 +136,7 @@ class Batcher:
             if depth > 0 and depth + jobs > self.max_queue:
                 raise self._overloaded(depth)
             self._reserved += jobs
-            admission = Admission(self, jobs)
+            admission = Admission(self, jobs, self._unreserve)
             self._active.add(admission)
         return admission
 
@@ -192,7 +160,7 @@ class Batcher:
     async def submit(self, stage: str, payload: Any, adapter: str | None, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
         job = Job(stage, payload, adapter, deadline, loop.create_future(), loop)
-        admission = _ADMISSION.get()
+        admission = CURRENT_ADMISSION.get()
         with self._cond:
             if not self._running:
                 raise OverloadedError("the server is shutting down", retry_after=1.0)
@@ -274,7 +242,8 @@ class Batcher:
     def _next_batch(self) -> tuple[str, list[Job]] | None:
         with self._cond:
             while True:
-                ready = [(q[0].enqueued, name) for name, q in self._queues.items() if q]
+                ready = [(q[0].enqueued, name) for name, q in self._queues.items()
+                         if q and not (self._running and name in self._held)]
                 if not ready:
                     if not self._running:
                         return None

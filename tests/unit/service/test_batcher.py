@@ -71,38 +71,70 @@ def refs(manager):
     return manager.resolve("a").ref, manager.resolve("b").ref
 
 
+NEVER_MS = 3_600_000.0
+"""a max_wait_ms no test outlives: a batch that closes did so for another reason"""
+
+
 def test_batch_closes_at_max_batch_size(manager):
     rec = Recorder()
-    batcher = make(manager, rec, max_batch_size=4, max_wait_ms=5000)
+    batcher = make(manager, rec, max_batch_size=4, max_wait_ms=NEVER_MS)
 
     async def main():
-        deadline = time.monotonic() + 10
-        started = time.monotonic()
-        out = await asyncio.gather(*(batcher.submit("s", i, None, deadline) for i in range(4)))
-        return out, time.monotonic() - started
+        deadline = time.monotonic() + 30
+        return await asyncio.wait_for(asyncio.gather(*(batcher.submit("s", i, None, deadline) for i in range(4))),
+                                      30)
 
-    out, elapsed = asyncio.run(main())
+    out = asyncio.run(main())
     batcher.stop()
     assert out == [0, 2, 4, 6]
     assert [len(b) for b in rec.batches] == [4]
-    assert elapsed < 4  # did not wait for max_wait_ms
 
 
 def test_batch_closes_after_max_wait(manager):
+    """Three jobs, far from the batch size and outside any admitted request: they run once the oldest has
+    waited max_wait_ms (held until all three are queued, so a slow event loop cannot split them)."""
     rec = Recorder()
     batcher = make(manager, rec, max_batch_size=100, max_wait_ms=50)
 
     async def main():
-        return await asyncio.gather(*(batcher.submit("s", i, None, time.monotonic() + 10) for i in range(3)))
+        with batcher.hold("s"):
+            jobs = [asyncio.ensure_future(batcher.submit("s", i, None, time.monotonic() + 30)) for i in range(3)]
+            await until(lambda: batcher.queued("s") == 3, "three queued jobs")
+        return await asyncio.gather(*jobs)
 
     assert asyncio.run(main()) == [0, 2, 4]
     batcher.stop()
     assert [len(b) for b in rec.batches] == [3]
 
 
+def test_a_held_stage_runs_nothing_until_released(manager):
+    """The test hook: holds nest, nothing of a held stage runs (its jobs stay queued), leaving the last hold
+    runs them as one batch; a stopping batcher ignores holds (it drains)."""
+    rec = Recorder()
+    batcher = make(manager, rec, max_batch_size=8, max_wait_ms=0)
+
+    async def main():
+        with batcher.hold("s"):
+            with batcher.hold("s"):
+                jobs = [asyncio.ensure_future(batcher.submit("s", i, None, time.monotonic() + 30)) for i in (1, 2)]
+                await until(lambda: batcher.queued("s") == 2, "two queued jobs")
+            assert batcher.queued("s") == 2 and rec.started == 0 and not any(j.done() for j in jobs)
+        first = await asyncio.gather(*jobs)
+        with batcher.hold("s"):
+            late = asyncio.ensure_future(batcher.submit("s", 3, None, time.monotonic() + 30))
+            await until(lambda: batcher.queued("s") == 1, "the job queued")
+            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)  # drains despite the hold
+            return first, await late
+
+    assert asyncio.run(main()) == ([2, 4], 6)
+    assert [len(b) for b in rec.batches] == [2, 1]
+    with pytest.raises(ValueError, match="no such stage"), batcher.hold("t"):
+        pass
+
+
 def test_one_batch_mixes_adapter_sets_and_bare(manager):
     rec = Recorder()
-    batcher = make(manager, rec, max_batch_size=3)
+    batcher = make(manager, rec, max_batch_size=3, max_wait_ms=NEVER_MS)
     a, b = refs(manager)
 
     async def main():
@@ -182,7 +214,7 @@ def test_cancelled_requests_are_dropped_before_compute(manager):
 
 def test_a_failing_sample_fails_only_its_own_request(manager):
     rec = Recorder()
-    batcher = make(manager, rec, max_batch_size=3)
+    batcher = make(manager, rec, max_batch_size=3, max_wait_ms=NEVER_MS)
 
     async def main():
         d = time.monotonic() + 10
@@ -192,11 +224,12 @@ def test_a_failing_sample_fails_only_its_own_request(manager):
     ok1, bad, ok3 = asyncio.run(main())
     batcher.stop()
     assert ok1 == 2 and ok3 == 6 and isinstance(bad, ValueError)
+    assert [len(b) for b in rec.batches] == [3, 1, 1, 1]  # one batch of three, then re-run one by one
 
 
 def test_unknown_adapter_fails_only_its_jobs(manager):
     rec = Recorder()
-    batcher = make(manager, rec, max_batch_size=2)
+    batcher = make(manager, rec, max_batch_size=2, max_wait_ms=NEVER_MS)
     a, _ = refs(manager)
 
     async def main():
@@ -207,6 +240,7 @@ def test_unknown_adapter_fails_only_its_jobs(manager):
     good, bad = asyncio.run(main())
     batcher.stop()
     assert good == 2 and isinstance(bad, AdapterNotFoundError)
+    assert rec.batches == [[(1, a)]]  # the batch of both ran without the unknown set's job
 
 
 def test_stop_drains_queued_work_then_refuses(manager):
