@@ -4,8 +4,9 @@ collection folders half made or half deleted.
 
 Another process may be in the middle of an add right now (replicas share the volume), so a file is removed only
 when it is older than `ORPHAN_GRACE_S`, unless this process knows it is alone: every serving process holds a
-shared lock on `DATA_ROOT/collections/.serving`; a process that gets it exclusively at start is the only one on
-this host (with PostgreSQL, replicas on other hosts share the media root, so the grace always applies there).
+shared lock on `.serving` in the folder all of them write into (SQLite: DATA_ROOT/collections; PostgreSQL: the
+shared media root's `.collections`, a lock other hosts see where the shared filesystem supports locks, as NFS v4
+does); a process that gets it exclusively at start is the only one serving.
 """
 
 from __future__ import annotations

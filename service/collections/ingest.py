@@ -21,7 +21,8 @@ from uniadapter_serve.service.settings import Settings
 
 MAX_PATH_CHARS = 1024
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/bmp": ".bmp",
-              "image/webp": ".webp", "video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi"}
+              "image/webp": ".webp", "video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm",
+              "video/x-msvideo": ".avi"}
 
 
 @dataclass
@@ -126,8 +127,11 @@ class MediaFiles:
                 continue
             except FileNotFoundError:
                 pass
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, p.content)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, p.content)
+            except FileNotFoundError:  # its folder went away under us: another replica deleted the collection
+                raise CollectionGone(collection.name) from None
 
     def load(self, collection: Collection, item: Item) -> bytes | str:
         """The item's media bytes (or text), for re-ranking and re-indexing."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,10 +101,12 @@ class CollectionManager:
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
-        self._serving = ServingLock(backend.local_root)
+        self._epoch = 0
+        """bumped (under the lock) whenever the set of open collections changes"""
+        self._serving = ServingLock(backend.shared_root)
         alone = self._serving.alone()
         self.refresh()
-        self.sweep(0.0 if alone and backend.kind == "sqlite" else ORPHAN_GRACE_S)
+        self.sweep(0.0 if alone else ORPHAN_GRACE_S)
         backend.listen(self.on_store_change)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="uniadapter-collections-watch", daemon=True)
@@ -146,27 +149,34 @@ class CollectionManager:
         """Match the open collections with the store's, by identity: open collections another replica created,
         forget deleted ones, and replace a handle whose name now belongs to another collection (deleted and
         created again). Nothing changes while the store cannot be reached."""
-        try:
-            present = self.backend.identities()
-        except StoreUnavailableError as e:
-            log.warning("cannot list collections: %s", e)
-            return
-        with self._lock:
-            for name, collection in list(self._collections.items()):
-                if collection.gone or present.get(name) != collection.uid:
-                    self._forget(name, collection)
-            for name in sorted(set(present) - set(self._collections)):
-                try:
-                    self._collections[name] = self._open(name)
-                except CollectionGone:
-                    continue  # deleted again meanwhile
-                except Exception as e:
-                    log.error("cannot open collection %s: %s", name, e)
+        for _ in range(5):
+            epoch = self._epoch
+            try:
+                present = self.backend.identities()
+            except StoreUnavailableError as e:
+                log.warning("cannot list collections: %s", e)
+                return
+            with self._lock:
+                if epoch != self._epoch:
+                    continue  # the set changed here while we read the store's: that list may be older than it
+                for name, collection in list(self._collections.items()):
+                    if collection.gone or present.get(name) != collection.uid:
+                        self._forget(name, collection)
+                for name in sorted(set(present) - set(self._collections)):
+                    try:
+                        self._collections[name] = self._open(name)
+                        self._epoch += 1
+                    except CollectionGone:
+                        continue  # deleted again meanwhile
+                    except Exception as e:
+                        log.error("cannot open collection %s: %s", name, e)
+                return
 
     def _forget(self, name: str, collection: Collection) -> None:
         """Under the lock: drop a deleted collection's handle and release its files."""
         if self._collections.get(name) is collection:
             del self._collections[name]
+            self._epoch += 1
         task = self._reindex_tasks.pop(name, None)
         if task is not None and not task.done():
             task.get_loop().call_soon_threadsafe(task.cancel)
@@ -187,8 +197,13 @@ class CollectionManager:
             return sorted(self._collections)
 
     def get(self, name: str) -> Collection:
+        """The collection named `name` now: caught up with its store, or, when the one this process had was
+        deleted (here or by another replica), the one made since under its name."""
         with self._lock:
             found = self._collections.get(name)
+        if found is not None and not found.gone:
+            with contextlib.suppress(CollectionGone):
+                found.fresh()
         if found is None or found.gone:
             self.refresh()
             with self._lock:
@@ -223,6 +238,7 @@ class CollectionManager:
                 raise ConflictError(f"collection {name!r} already exists")
             store = self.backend.create(name, kind, meta.ref if meta else "none", factory, dim)
             collection = self._collections[name] = self._open(name, store)
+            self._epoch += 1
         self.core.events.publish({"type": "collection", "name": name})
         return collection
 
@@ -262,7 +278,7 @@ class CollectionManager:
         """Embed and add items; all or nothing. Acknowledged (returned) only once committed to this very
         collection: one deleted meanwhile answers 404 and keeps nothing."""
         collection = self.get(name)
-        with self.core.engine.admit(len(items)):
+        with self.core.engine.admit(len(items)), _noting_gone(collection):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
             ids = await self._add_prepared(collection, prepared)
         try:
@@ -312,7 +328,8 @@ class CollectionManager:
 
     def delete_item(self, name: str, external_id: str) -> None:
         collection = self.get(name)
-        collection.store.delete(external_id)
+        with _noting_gone(collection):
+            collection.store.delete(external_id)
         self._after_write(collection)
 
     # -- embedding -------------------------------------------------------------------------------
@@ -400,3 +417,13 @@ class CollectionManager:
             log.exception("re-indexing %s to %s failed", name, ref)
             with contextlib.suppress(Exception):
                 collection.store.set_reindex_target(None)
+
+
+@contextlib.contextmanager
+def _noting_gone(collection: Collection) -> Iterator[None]:
+    """A write that found its collection deleted: the next request looks the name up again."""
+    try:
+        yield
+    except CollectionGone:
+        collection.gone = True
+        raise

@@ -4,6 +4,7 @@ its content type and ETag, byte ranges of it, and its thumbnails (cached on this
 from __future__ import annotations
 
 import io
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from uniadapter_serve.model.media.image import ImageProbe, load_image, sniff_ima
 from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type
 from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.store import Item
+
+log = logging.getLogger(__name__)
 
 THUMB_SIZES = (64, 128, 256, 512)
 """The only thumbnail sides served (the longer side, in pixels): a bounded set, so the cache is bounded too."""
@@ -153,5 +156,9 @@ def cached_thumbnail(path: Path) -> bytes | None:
 
 
 def store_thumbnail(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
+    """Cache a thumbnail; a cache that cannot be written (the collection deleted meanwhile) is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    except OSError as e:
+        log.debug("thumbnail %s not cached: %s", path.name, e)

@@ -41,6 +41,7 @@ from uniadapter_serve.service.collections.store import (
     Store,
     StoreBackend,
     StoreUnavailableError,
+    read_metadata,
     stack,
     vector_bytes,
 )
@@ -90,7 +91,7 @@ scan every item of the collection: the cost of an add grew with the collection)"
 
 
 def _item(row: Sequence[Any]) -> Item:
-    return Item(int(row[0]), row[1], row[2], row[3], json.loads(row[4]), float(row[5]))
+    return Item(int(row[0]), row[1], row[2], row[3], read_metadata(row[4]), float(row[5]))
 
 
 class PostgresBackend(StoreBackend):
@@ -103,7 +104,7 @@ class PostgresBackend(StoreBackend):
                  timeout_s: float = 2.0) -> None:
         self.url = url
         self.local_root = local_root
-        self.shared_media = media_root / ".collections"
+        self.shared_media = self.shared_root = media_root / ".collections"
         self.timeout_s = timeout_s
         self.last_error: str | None = None
         self._down_until = 0.0

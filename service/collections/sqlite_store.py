@@ -39,6 +39,7 @@ from uniadapter_serve.service.collections.store import (
     Op,
     Store,
     StoreBackend,
+    read_metadata,
     stack,
     vector_bytes,
 )
@@ -79,7 +80,7 @@ ADDED_COLUMNS = {"uid": "TEXT", "deleted": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _item(r: Sequence[Any]) -> Item:
-    return Item(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]))
+    return Item(r[0], r[1], r[2], r[3], read_metadata(r[4]), float(r[5]))
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
@@ -358,7 +359,7 @@ class SqliteBackend(StoreBackend):
     kind = "sqlite"
 
     def __init__(self, root: Path) -> None:
-        self.root = self.local_root = root
+        self.root = self.local_root = self.shared_root = root
         root.mkdir(parents=True, exist_ok=True)
 
     @contextmanager

@@ -16,6 +16,7 @@ after the seq it has applied. Every write is one transaction, acknowledged after
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,9 @@ class StoreBackend(abc.ABC):
     kind: str
     local_root: Path
     """this process's folder for collections (snapshots; with SQLite, the collections themselves)"""
+    shared_root: Path
+    """the folder every process sharing these collections writes into (SQLite: the collections; PostgreSQL:
+    the uploaded media): where they tell each other they are serving (see `cleanup.ServingLock`)"""
 
     @abc.abstractmethod
     def names(self) -> list[str]: ...
@@ -200,6 +204,16 @@ class StoreBackend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Stop listening and release connections."""
+
+
+def read_metadata(text: str) -> dict[str, Any]:
+    """A stored item's metadata; a row no JSON reader can take back (written by hand, or nested past any
+    limit) reads as {} rather than breaking every read that includes it (the API then says why)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def stack(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:

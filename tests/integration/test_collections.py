@@ -251,7 +251,15 @@ def test_sigkill_during_ingest_loses_no_acknowledged_item(tmp_path, store):
             stop.set()
             worker.join(30)
             assert len(acked) >= target
+            media = root / ("media/.collections/big" if store else "collections/big/media")
+            (media / ("0" * 64 + ".png")).write_bytes(b"an orphan")  # what a kill between store and commit leaves
+            (media / ".x.png.abc123.tmp").write_bytes(b"half")
             server = start_server(root, tmp_path, **store)
+            named = {it["sha256"] for it in httpx.get(f"{server.url}/collections/big/items",
+                                                      params={"limit": 500}).json()["items"]}
+            on_disk = {p.name.split(".")[0] for p in media.iterdir()}
+            assert on_disk == named  # start-up removed every orphan and temp file, and nothing an item names
+            assert not [p for p in root.rglob("*.tmp")]
             stats = httpx.get(f"{server.url}/collections/big").json()
             assert stats["items"] == stats["indexed"]
             n = stats["items"]

@@ -1,0 +1,248 @@
+"""A collection deleted while clients write to it, on real servers and both stores (SQLite on one data root,
+a real PostgreSQL): adds and searches racing a delete and a re-create on one replica and across two, a replica
+paused across them, create/delete cycles, and the files all of that leaves open.
+
+What must hold: no 500; every add acknowledged (201) names the collection it was committed to (`uid`), and
+every item acknowledged to the re-created one is there at the end, and nothing else is; an add sent after the
+delete was acknowledged never lands in the deleted collection; the name can always be created again; no file
+of a deleted collection stays open."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from support.media import image_bytes
+from support.server import Server, publish_test_sets, start_server
+
+DEADLINE_S = 120.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {}
+    return {"database_url": request.getfixturevalue("pg_server").database()}
+
+
+@dataclass
+class Reply:
+    sent: float
+    ids: list[str]
+    status: int
+    body: dict
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def wait_for(condition, what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def create(url: str, name: str) -> str:
+    r = httpx.post(f"{url}/collections", json={"name": name, "kind": "image", "adapter": "ret-a"}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()["uid"]
+
+
+def listing(url: str, name: str) -> list[str]:
+    ids, cursor = [], 0
+    while cursor is not None:
+        r = httpx.get(f"{url}/collections/{name}/items", params={"limit": 500, "cursor": cursor}, timeout=60)
+        assert r.status_code == 200, r.text
+        ids += [it["id"] for it in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+    return ids
+
+
+def deleted_files_open(server: Server) -> list[str]:
+    """Files under the data root the server process holds open although they were deleted or renamed away."""
+    found = []
+    root = str(server.data_root)
+    for fd in os.listdir(f"/proc/{server.process.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{server.process.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(root) and (target.endswith("(deleted)") or "/.deleted-" in target):
+            found.append(target)
+    return found
+
+
+class Writers:
+    """Four clients adding one item per request to `name` on `url`, and one searching it, until stopped."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url, self.name = url, name
+        self.adds: list[Reply] = []
+        self.searches: list[int] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._add, args=(k,)) for k in range(4)]
+        self.threads.append(threading.Thread(target=self._search))
+        for t in self.threads:
+            t.start()
+
+    def _add(self, k: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            for n in range(2000):
+                if self.stop.is_set():
+                    return
+                item_id = f"w{k}-{n}"
+                sent = time.monotonic()
+                r = c.post(f"/collections/{self.name}/items", json={"items": [
+                    {"id": item_id, "image": b64(image_bytes((40 * k, n % 256, 90), size=(24, 24)))}]})
+                self.adds.append(Reply(sent, [item_id], r.status_code, r.json() if r.content else {}))
+
+    def _search(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            for _ in range(2000):
+                if self.stop.is_set():
+                    return
+                r = c.post("/retrieve", json={"query_text": "a red square", "collection": self.name, "top_k": 3})
+                self.searches.append(r.status_code)
+
+    def acked(self) -> int:
+        return sum(1 for a in self.adds if a.status == 201)
+
+    def sent_after(self, moment: float) -> int:
+        return sum(1 for a in self.adds if a.sent > moment)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(DEADLINE_S)
+
+
+def check(writers: Writers, old: str, new: str, deleted_at: float, final: list[str]) -> None:
+    statuses = {a.status for a in writers.adds}
+    assert statuses <= {201, 404}, [(a.status, a.body) for a in writers.adds if a.status not in (201, 404)][:3]
+    assert set(writers.searches) <= {200, 404}, sorted(set(writers.searches))
+    for a in writers.adds:
+        if a.status == 404:
+            assert "collection" in a.body["detail"], a.body
+    acked = [a for a in writers.adds if a.status == 201]
+    assert {a.body["uid"] for a in acked} <= {old, new}
+    late_into_old = [a.ids for a in acked if a.sent > deleted_at and a.body["uid"] == old]
+    assert not late_into_old, f"adds sent after the delete was acknowledged landed in the deleted collection: " \
+                              f"{late_into_old[:3]}"
+    into_new = sorted(i for a in acked if a.body["uid"] == new for i in a.ids)
+    assert into_new, "no add reached the re-created collection"
+    assert sorted(final) == into_new  # every acknowledged item is there, and nothing that was refused
+
+
+def test_a_delete_and_re_create_racing_writers_on_one_replica(tmp_path, store):
+    root = tmp_path / "data"
+    publish_test_sets(root)
+    server = start_server(root, tmp_path, **store)
+    try:
+        old = create(server.url, "race")
+        writers = Writers(server.url, "race")
+        try:
+            wait_for(lambda: writers.acked() >= 12, "adds before the delete")
+            assert httpx.delete(f"{server.url}/collections/race", timeout=60).status_code == 204
+            deleted_at = time.monotonic()
+            new = create(server.url, "race")  # never 409: nothing the writers did keeps the name
+            created_at = time.monotonic()
+            wait_for(lambda: writers.sent_after(created_at) >= 12, "adds after the re-create")
+        finally:
+            writers.finish()
+        check(writers, old, new, deleted_at, listing(server.url, "race"))
+        assert httpx.get(f"{server.url}/collections", timeout=60).status_code == 200
+        wait_for(lambda: not deleted_files_open(server), "the deleted collection's files to be closed", 30)
+    finally:
+        server.stop()
+
+
+def test_a_replica_writing_to_a_collection_another_deletes_and_re_creates(tmp_path, store):
+    root = tmp_path / "data"
+    publish_test_sets(root)
+    a, b = start_server(root, tmp_path, **store), start_server(root, tmp_path, **store)
+    try:
+        old = create(a.url, "shared")
+        wait_for(lambda: httpx.get(f"{b.url}/collections/shared", timeout=60).status_code == 200, "b to see it")
+        writers = Writers(b.url, "shared")
+        try:
+            wait_for(lambda: writers.acked() >= 12, "b's adds before the delete")
+            assert httpx.delete(f"{a.url}/collections/shared", timeout=60).status_code == 204
+            deleted_at = time.monotonic()
+            new = create(a.url, "shared")
+            created_at = time.monotonic()
+            wait_for(lambda: writers.sent_after(created_at) >= 12, "b's adds after the re-create")
+        finally:
+            writers.finish()
+        check(writers, old, new, deleted_at, listing(a.url, "shared"))
+        stats = httpx.get(f"{b.url}/collections/shared", timeout=60).json()
+        assert stats["uid"] == new
+        assert [c["uid"] for c in httpx.get(f"{b.url}/collections", timeout=60).json()] == [new]
+        for server in (a, b):
+            wait_for(lambda s=server: not deleted_files_open(s), "the deleted collection's files to be closed", 30)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_replica_paused_across_delete_and_re_create_serves_the_new_collection(tmp_path, store):
+    root = tmp_path / "data"
+    publish_test_sets(root)
+    a, b = start_server(root, tmp_path, **store), start_server(root, tmp_path, **store)
+    try:
+        old = create(a.url, "c1")
+        image = {"items": [{"id": "old", "image": b64(image_bytes((200, 10, 10), size=(24, 24)))}]}
+        assert httpx.post(f"{a.url}/collections/c1/items", json=image, timeout=60).status_code == 201
+        assert httpx.get(f"{b.url}/collections/c1", timeout=60).json()["items"] == 1
+        b.process.send_signal(signal.SIGSTOP)
+        try:
+            assert httpx.delete(f"{a.url}/collections/c1", timeout=60).status_code == 204
+            new = create(a.url, "c1")
+            fresh = {"items": [{"id": f"new{i}", "image": b64(image_bytes((10, 30 * i, 200), size=(24, 24)))}
+                               for i in range(3)]}
+            assert httpx.post(f"{a.url}/collections/c1/items", json=fresh, timeout=60).status_code == 201
+        finally:
+            b.process.send_signal(signal.SIGCONT)
+        stats = httpx.get(f"{b.url}/collections/c1", timeout=60)  # the first request after the pause
+        assert stats.status_code == 200, stats.text
+        assert (stats.json()["uid"], stats.json()["items"], stats.json()["indexed"]) == (new, 3, 3)
+        assert old != new
+        assert sorted(listing(b.url, "c1")) == ["new0", "new1", "new2"]
+        hits = httpx.post(f"{b.url}/retrieve", timeout=60,
+                          json={"query_text": "a blue square", "collection": "c1", "top_k": 5}).json()["results"]
+        assert sorted(h["id"] for h in hits) == ["new0", "new1", "new2"]
+        assert httpx.get(f"{b.url}/collections", timeout=60).status_code == 200
+        assert httpx.post(f"{b.url}/collections", timeout=60, json={"name": "c1", "kind": "image"}
+                          ).status_code == 409  # it exists: the new one
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_create_add_search_delete_cycles_leave_no_open_files_and_no_folders(tmp_path, store):
+    root = tmp_path / "data"
+    publish_test_sets(root)
+    server = start_server(root, tmp_path, **store)
+    try:
+        for cycle in range(10):
+            create(server.url, "cycle")
+            items = {"items": [{"id": f"i{j}", "image": b64(image_bytes((25 * cycle, 80 * j, 5), size=(24, 24)))}
+                               for j in range(3)]}
+            assert httpx.post(f"{server.url}/collections/cycle/items", json=items, timeout=60).status_code == 201
+            r = httpx.post(f"{server.url}/retrieve", timeout=60,
+                           json={"query_text": "a red circle", "collection": "cycle", "top_k": 3})
+            assert r.status_code == 200 and len(r.json()["results"]) == 3
+            assert httpx.get(f"{server.url}/collections/cycle/items/i0/thumbnail", timeout=60).status_code == 200
+            assert httpx.delete(f"{server.url}/collections/cycle", timeout=60).status_code == 204
+        assert deleted_files_open(server) == []
+        assert sorted(p.name for p in (root / "collections").iterdir()) == [".lock", ".serving"] or \
+            sorted(p.name for p in (root / "collections").iterdir()) == []  # PostgreSQL: no snapshots left
+    finally:
+        server.stop()
