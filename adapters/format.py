@@ -261,6 +261,39 @@ def check_compatible(meta: AdapterSetMeta, backbone: BlipBackbone) -> None:
         raise AdapterIncompatibleError(f"{meta.ref}: unexpected tensors {extra[:5]}")
 
 
+@dataclass(frozen=True)
+class SetLimits:
+    """What a set's own fields may ask of a server (its MAX_RANK_K and MAX_ANSWER_LIST settings): a set may
+    ask for less, never more. The one place these caps are applied."""
+
+    max_rank_k: int
+    """most candidates a set's `extra.rank_k` may have scored in full (each costs a decoder row per token)"""
+    max_answers: int
+    """most answers in a set's own answer list (each is tokenised and kept while the set is in use)"""
+
+    def check(self, meta: AdapterSetMeta) -> None:
+        """AdapterIncompatibleError naming the first field over its limit: a set to be published must fit."""
+        rank_k = meta.extra.get("rank_k")
+        if rank_k is not None and rank_k > self.max_rank_k:
+            raise AdapterIncompatibleError(f"{meta.ref}: extra.rank_k is {rank_k:,}, over this server's limit of "
+                                           f"{self.max_rank_k:,} (MAX_RANK_K)")
+        self.check_answers(meta)
+
+    def check_answers(self, meta: AdapterSetMeta) -> None:
+        """AdapterIncompatibleError if the set's answer list is over the limit. A set already on disk with one
+        is refused, not cut: which answers exist is what the set was trained to choose from."""
+        if meta.answer_list is not None and len(meta.answer_list) > self.max_answers:
+            raise AdapterIncompatibleError(f"{meta.ref}: its answer list has {len(meta.answer_list):,} answers, "
+                                           f"over this server's limit of {self.max_answers:,} (MAX_ANSWER_LIST)")
+
+    def rank_k(self, meta: AdapterSetMeta | None, default: int) -> int:
+        """Candidates scored in full in rank mode: the set's `extra.rank_k` (else `default`), at most
+        `max_rank_k`. A set already on disk that asks for more is clamped, not refused: a smaller k only
+        prunes harder by the first token, over the same answers and the same scores."""
+        own = meta.extra.get("rank_k") if meta is not None else None
+        return min(int(own) if own is not None else default, self.max_rank_k)
+
+
 def expected_shapes(config: UniAdapterConfig, dims: BackboneDims) -> dict[str, tuple[int, ...]]:
     return dict(_expected_shapes(json.dumps(config.to_dict(), sort_keys=True), dims))
 

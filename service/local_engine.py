@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from uniadapter_serve.adapters.format import AdapterSetMeta, check_compatible
+from uniadapter_serve.adapters.format import AdapterSetMeta, SetLimits, check_compatible
 from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
@@ -79,6 +79,10 @@ class LocalEngine(Engine):
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=workers,
                                threads=torch.get_num_threads(), parallel=self._parallel)
+        self.limits = SetLimits(max_rank_k=settings.max_rank_k, max_answers=settings.max_answer_list)
+        """what a set may ask of this server (checked at publish, applied on every request)"""
+        self._clamped: set[str] = set()
+        """sets on disk whose extra.rank_k was over MAX_RANK_K (logged once each)"""
         self.default_answers = self._answer_list(self._default_answer_strings())
         self._answer_lists: dict[str, AnswerList] = {}
         self._ready = False
@@ -117,6 +121,7 @@ class LocalEngine(Engine):
     def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
         if meta is None or meta.answer_list is None:
             return self.default_answers
+        self.limits.check_answers(meta)  # before anything is tokenised
         if meta.answer_list == self.default_answers.answers:
             return self.default_answers  # same list: jobs of both batch together
         cached = self._answer_lists.get(meta.ref)
@@ -128,10 +133,14 @@ class LocalEngine(Engine):
         return step_macs(self.backbone.config, stage, payloads) >= self.settings.parallel_min_mmacs * 1e6
 
     def rank_k(self, meta: AdapterSetMeta | None) -> int:
-        """Candidates scored in full in rank mode: the set's `extra.rank_k` (checked when the set is read),
-        else the RANK_K setting."""
-        own = meta.extra.get("rank_k") if meta is not None else None
-        return int(own) if own is not None else self.settings.rank_k
+        """Candidates scored in full in rank mode: the set's `extra.rank_k` (a positive integer, checked when the
+        set is read), else the RANK_K setting; never over MAX_RANK_K (`SetLimits.rank_k`)."""
+        k = self.limits.rank_k(meta, self.settings.rank_k)
+        if meta is not None and meta.ref not in self._clamped and k < meta.extra.get("rank_k", k):
+            self._clamped.add(meta.ref)
+            log.warning("adapter set %s asks for extra.rank_k = %s, over MAX_RANK_K: it is served with k = %d",
+                        meta.ref, meta.extra["rank_k"], k)
+        return k
 
     def _default_answer_strings(self) -> list[str]:
         if self.settings.answer_list is not None:
@@ -174,9 +183,9 @@ class LocalEngine(Engine):
                      rank_score: str = "likelihood") -> list[tuple[str, float]]:
         deadline = time.monotonic() + timeout
         meta = self._meta(ref)
+        answers = self.answers_for(meta)  # a set over this server's limits is refused before any model work
         out = await self._vision(visual, ref, deadline, embed=False)
         ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
-        answers = self.answers_for(meta)
         rank = mode == "rank"
         size = len(answers.answers)
         payload = AnswerInput(ids[0], mask[0], out.states, mode="rank" if rank else "generate",
@@ -236,12 +245,14 @@ class LocalEngine(Engine):
     # -- adapter residency -----------------------------------------------------------------------------
 
     async def load(self, ref: str) -> None:
+        self.limits.check_answers(self.registry.resolve(ref))  # a set no request could use stays out
         await asyncio.to_thread(self.manager.load, ref)
 
     async def unload(self, ref: str) -> None:
         self.manager.unload(ref)
 
     async def pin(self, ref: str) -> None:
+        self.limits.check_answers(self.registry.resolve(ref))
         await asyncio.to_thread(self.manager.pin, ref)
 
     async def unpin(self, ref: str) -> None:
@@ -249,6 +260,7 @@ class LocalEngine(Engine):
 
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         check_compatible(meta, self.backbone)
+        self.limits.check(meta)  # publishing: nothing over this server's limits gets in
 
     def residency(self) -> dict[str, Any]:
         m = self.manager

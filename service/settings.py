@@ -82,7 +82,15 @@ class Settings(BaseSettings):
     )
     rank_k: int = Field(128, ge=1, le=4096, description=(
         "VQA rank mode: candidates from the answer list scored in full after the first-token pruning (BLIP and "
-        "UniAdapter's k_test = 128; capped by the list). A set's `extra.rank_k` overrides it."))
+        "UniAdapter's k_test = 128; capped by the list). A set's `extra.rank_k` overrides it, up to MAX_RANK_K."))
+    max_rank_k: int = Field(1024, ge=1, le=4096, description=(
+        "Most candidates a set's `extra.rank_k` may have scored in full (at least RANK_K): publishing a set that "
+        "asks for more is refused (409); one already on disk is clamped to it. Ranking BLIP's 3,128 answers on "
+        "BLIP-base costs one CPU thread about 1 s / +36 MB at k = 128, 6 s / +425 MB at 1024, 19 s / +1.2 GB for "
+        "the whole list."))
+    max_answer_list: int = Field(20_000, ge=1, description=(
+        "Most answers in a set's own VQA answer list (BLIP's has 3,128): publishing a set with more is refused "
+        "(409), and a set already on disk with more answers 409 (cutting its list would change its answers)."))
     max_queue: int = Field(512, ge=1, description="Jobs waiting over all stages before 429.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-request deadline (504 after it).")
 
@@ -172,6 +180,8 @@ class Settings(BaseSettings):
             if need > budget:
                 raise ValueError(f"DECODE_BUDGET_MPIX ({self.decode_budget_mpix:g}) is smaller than {name} "
                                  f"({need / 1e6:g} Mpix): the largest allowed upload could never decode")
+        if self.rank_k > self.max_rank_k:
+            raise ValueError(f"RANK_K ({self.rank_k}) is over MAX_RANK_K ({self.max_rank_k}): raise MAX_RANK_K too")
         if self.adapters_root is None:
             self.adapters_root = self.data_root / "adapters"
         if self.media_root is None:

@@ -12,6 +12,7 @@ from uniadapter_serve.adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     BackboneInfo,
+    SetLimits,
     load_adapter_set,
     new_adapter_set,
     read_adapter_meta,
@@ -176,3 +177,35 @@ def test_files_are_readable_by_other_users(saved):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (folder / name).stat().st_mode & 0o777 == 0o644
     assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_set_limits_refuse_what_a_set_may_not_ask_and_clamp_rank_k(backbone, tmp_path):
+    """A set may ask for less than the server's limits, never more: over them, `check` (publish) names the
+    field and the setting; on disk, rank_k is clamped and an answer list over the cap is refused."""
+    module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), seed=43)
+
+    def meta(name, answers, rank_k=None):
+        extra = {"rank_k": rank_k} if rank_k is not None else None
+        save_adapter_set(module, tmp_path / name, name=name, backbone=BackboneInfo.of(backbone),
+                         answer_list=answers, extra=extra)
+        return read_adapter_meta(tmp_path / name)
+
+    limits = SetLimits(max_rank_k=64, max_answers=5)
+    within = meta("within", ["a", "b", "c", "d", "e"], rank_k=64)
+    limits.check(within)
+    assert limits.rank_k(within, 8) == 64
+    assert limits.rank_k(meta("own-default", ["a"]), 8) == 8  # no extra.rank_k: the server's RANK_K
+    assert limits.rank_k(None, 8) == 8
+    greedy = meta("greedy", ["a", "b"], rank_k=100_000)
+    with pytest.raises(AdapterIncompatibleError, match=r"extra.rank_k is 100,000, over this server's limit of 64 "
+                                                       r"\(MAX_RANK_K\)"):
+        limits.check(greedy)
+    assert limits.rank_k(greedy, 8) == 64  # on disk: clamped
+    limits.check_answers(greedy)
+    wordy = meta("wordy", [f"answer {i}" for i in range(6)])
+    for check in (limits.check, limits.check_answers):
+        with pytest.raises(AdapterIncompatibleError, match=r"6 answers, over this server's limit of 5 "
+                                                           r"\(MAX_ANSWER_LIST\)"):
+            check(wordy)
+    limits.check(meta("retrieval", None, rank_k=None))  # no list at all: nothing to cap
+
