@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uniadapter_serve.errors import AuthError
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.errors import error_response
-from uniadapter_serve.service.security import AllowedHosts, origin_refusal
+from uniadapter_serve.service.security import AllowedHosts, origin_refusal, route_path
 from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,6 @@ def guards(routes: Sequence[BaseRoute]) -> list[Guard]:
     return table
 
 
-def _route_path(scope: Scope) -> str:
-    """The path the router matches (without the ASGI root_path, as Starlette does)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and path != root and path[len(root)] == "/":
-        return path[len(root):]
-    return path
-
-
 def _flag_on(scope: Scope, flag: str) -> bool:
     values = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
               if k == flag]
@@ -193,7 +184,7 @@ def _flag_on(scope: Scope, flag: str) -> bool:
 def resolve(table: Sequence[Guard], scope: Scope) -> tuple[Guard | None, dict[str, str], Level]:
     """The route the router will pick for this request (the first full match), its path parameters and the level
     the request needs. No full match (404, 405, a slash redirect): nothing runs behind it, so 'open'."""
-    path, method = _route_path(scope), scope.get("method", "GET")
+    path, method = route_path(scope), scope.get("method", "GET")
     for guard in table:
         found = guard.regex.match(path)
         if found is None or (guard.methods is not None and method not in guard.methods):

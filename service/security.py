@@ -117,6 +117,17 @@ def content_disposition(item_id: str, content_type: str) -> str:
     return f"{kind}; filename=\"{safe}\"; filename*=UTF-8''{quote(base, safe='')}"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches (without the ASGI root_path, as Starlette does)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
+
+
 def _csp_for(path: str) -> str | None:
     if path == "/" or path.startswith(PAGE_PREFIXES):
         return PAGE_CSP
@@ -139,7 +150,7 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
+        path = route_path(scope)
         csp = _csp_for(path)
 
         async def with_headers(message: Message) -> None:

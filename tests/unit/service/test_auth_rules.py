@@ -140,3 +140,8 @@ def test_content_disposition_cannot_carry_a_header_or_a_parameter(item_id, conte
     assert value.count('"') == 2 and value.count(";") == 2
     encoded = value.split("filename*=UTF-8''", 1)[1]
     assert unquote(encoded).startswith(item_id.rsplit("/", 1)[-1])
+
+
+def test_a_root_path_is_taken_off_as_the_router_does():
+    assert resolve(table(), {**scope("DELETE", "/api/collections/x"), "root_path": "/api"})[2] == "admin"
+    assert resolve(table(), {**scope("GET", "/api/readyz", b"verbose=on"), "root_path": "/api"})[2] == "admin"
