@@ -19,18 +19,17 @@ import contextlib
 import json
 import logging
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from uniadapter_serve.errors import ConflictError, NotFoundError
 from uniadapter_serve.service.collections.cleanup import Swept, remove_dead_media_dirs
+from uniadapter_serve.service.collections.pg_link import UNAVAILABLE, PgLink
 from uniadapter_serve.service.collections.store import (
     CollectionGone,
     CollectionMeta,
@@ -81,8 +80,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE uniadapter_collections ADD COLUMN uid TEXT NOT NULL DEFAULT gen_random_uuid()::text;
     """,
 ]
-UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-BACKOFF_S = 2.0
 ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
 TAKEN = ("SELECT i.external_id FROM unnest(%s::text[]) AS u (external_id) JOIN uniadapter_items i "
          "ON i.collection_id = %s::bigint AND i.external_id = u.external_id")
@@ -105,53 +102,27 @@ class PostgresBackend(StoreBackend):
         self.url = url
         self.local_root = local_root
         self.shared_media = self.shared_root = media_root / ".collections"
-        self.timeout_s = timeout_s
-        self.last_error: str | None = None
-        self._down_until = 0.0
-        self._stop = threading.Event()
-        self._listener: threading.Thread | None = None
-        self.listening = threading.Event()
-        """set while the LISTEN connection is up (changes from other replicas reach this one)"""
-        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
-                                   kwargs={"connect_timeout": max(1, int(timeout_s))}, name="uniadapter")
         try:
-            self.pool.open(wait=True, timeout=timeout_s)
+            self.link = PgLink(url, pool_size=pool_size, timeout_s=timeout_s)
+        except UNAVAILABLE as e:
+            raise StoreUnavailableError(f"PostgreSQL at {safe_url(url)} is not reachable: {e}") from e
+        try:
             migrate_schema(url, timeout_s)
         except UNAVAILABLE as e:
-            self.pool.close()
+            self.link.close()
             raise StoreUnavailableError(f"PostgreSQL at {safe_url(url)} is not reachable: {e}") from e
+        self.listening = self.link.listening
+        """set while the LISTEN connection is up (changes from other replicas reach this one)"""
 
     # -- connections ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; unreachable PostgreSQL -> StoreUnavailableError. After a failure, calls fail
-        at once for `BACKOFF_S` (reads then answer from memory instead of waiting on every request)."""
-        if time.monotonic() < self._down_until:
-            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}")
-        try:
-            with self.pool.connection(timeout=self.timeout_s if timeout is None else timeout) as conn:
-                yield conn
-            self.last_error = None
-        except UNAVAILABLE as e:
-            self.last_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self._down_until = time.monotonic() + BACKOFF_S
-            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}") \
-                from e
+    def connection(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        """A pooled connection; StoreUnavailableError at once while PostgreSQL is down (see pg_link)."""
+        return self.link.connection()
 
     def read(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        """Run a read; once more at once if the pooled connection was broken (PostgreSQL restarted)."""
-        if time.monotonic() < self._down_until:
-            raise StoreUnavailableError(f"the collection store (PostgreSQL) is unavailable: {self.last_error}")
-        try:
-            with self.pool.connection(timeout=self.timeout_s) as conn:
-                result = fn(conn)
-            self.last_error = None
-            return result
-        except UNAVAILABLE:
-            pass
-        with self.connection(timeout=1.0) as conn:
-            return fn(conn)
+        """Run a read; once more if PostgreSQL just restarted (every pooled connection broken)."""
+        return self.link.read(fn)
 
     # -- collections ---------------------------------------------------------------------------------
 
@@ -201,56 +172,21 @@ class PostgresBackend(StoreBackend):
     # -- change events -------------------------------------------------------------------------------
 
     def listen(self, on_change: Callable[[str], None]) -> None:
-        """LISTEN on a connection of its own; after a reconnect, `on_change("")` (changes may have been
-        missed: check every collection)."""
-        self._listener = threading.Thread(target=self._listen, args=(on_change,), name="uniadapter-pg-listen",
-                                          daemon=True)
-        self._listener.start()
-
-    def _listen(self, on_change: Callable[[str], None]) -> None:
-        first = True
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_s))) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening.set()
-                    if not first:
-                        log.info("collection change events from PostgreSQL are back")
-                        on_change("")
-                    first = False
-                    while not self._stop.is_set():
-                        for notify in conn.notifies(timeout=0.5, stop_after=64):
-                            self._deliver(on_change, notify.payload)
-            except UNAVAILABLE as e:
-                self.listening.clear()
-                if not self._stop.is_set():
-                    log.warning("collection change events from PostgreSQL lost (%s); reconnecting", e)
-                    first = False
-                    self._stop.wait(1.0)
-        self.listening.clear()
-
-    @staticmethod
-    def _deliver(on_change: Callable[[str], None], name: str) -> None:
-        try:
-            on_change(name)
-        except Exception:
-            log.exception("handling a change of collection %s failed", name)
+        """LISTEN on a connection of its own; `on_change("")` whenever changes may have been missed (LISTEN
+        issued again, PostgreSQL back after an outage): check every collection against the op log."""
+        self.link.listen(CHANNEL, on_change)
 
     def remove_leftovers(self, live: set[str], min_age_s: float) -> Swept:
         """Shared media folders of collections that were deleted (their files older than `min_age_s`)."""
         return remove_dead_media_dirs(self.shared_media, live, min_age_s)
 
     def status(self) -> dict[str, Any]:
-        with contextlib.suppress(StoreUnavailableError):
-            self.read(lambda c: c.execute("SELECT 1").fetchone())
-        return {"backend": self.kind, "ok": self.last_error is None, "error": self.last_error,
+        ok = self.link.ok()
+        return {"backend": self.kind, "ok": ok, "error": None if ok else self.link.last_error,
                 "url": safe_url(self.url)}
 
     def close(self) -> None:
-        self._stop.set()
-        if self._listener is not None:
-            self._listener.join(5)
-        self.pool.close()
+        self.link.close()
 
 
 def safe_url(url: str) -> str:

@@ -117,16 +117,108 @@ def test_postgres_going_away_and_coming_back(tmp_path):
         assert time.monotonic() - started < 15
         assert store_backend.status()["ok"] is False
         server.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                store.add([NewItem("y", "upload:x", None, {}, x[0])], 0)
-                break
-            except StoreUnavailableError:
-                assert time.monotonic() < deadline, "writes did not resume"
-                time.sleep(0.2)
+        wait_for(store_backend.link.available.is_set, "the link noticing PostgreSQL is back", timeout=30)
+        assert store_backend.link.recoveries == 1
+        store.add([NewItem("y", "upload:x", None, {}, x[0])], 0)  # the first attempt: no backoff to wait out
         assert len(coll.search(x[0], 10)) == 6 and coll.stats()["store_available"] is True
         assert store.count() == 6  # nothing half-written, nothing lost
         store_backend.close()
     finally:
         server.close()
+
+
+def test_searches_during_an_outage_never_wait_on_a_connection(tmp_path):
+    """The 3 s stall every ~5 s: once the fail-fast window ran out a search waited on the pool (2 s) and once
+    more on a retry (1 s). Now nothing on a request path asks the pool while PostgreSQL is known down."""
+    server = PostgresServer()
+    try:
+        store_backend = backend(server.database(), tmp_path, "x")
+        store = store_backend.create("c", "image", "none", "flat", DIM)
+        coll = Collection(store, store_backend.local_dir("c"), store_backend.media_dir("c"))
+        x = unit(4, 5)
+        store.add([NewItem(f"x{i}", "upload:x", None, {}, v) for i, v in enumerate(x)], 0)
+        assert len(coll.search(x[2], 4)) == 4
+        server.stop("immediate")
+        with pytest.raises(StoreUnavailableError):
+            store.count()
+        link = store_backend.link
+        asked = link.pool.get_stats().get("requests_num", 0)
+        probes = link.probes
+        while link.probes < probes + 25:  # the prober keeps failing meanwhile: longer than the old 2 s window
+            hits = coll.search(x[2], 4)
+            assert hits[0].item.external_id == "x2" and len(hits) == 4
+            assert coll.stats()["store_available"] is False
+        assert link.pool.get_stats().get("requests_num", 0) == asked  # not one request reached the pool
+        assert not link.available.is_set() and store_backend.status()["ok"] is False
+        store_backend.close()
+    finally:
+        server.close()
+
+
+def test_a_replica_catches_up_from_the_op_log_when_its_listen_drops(pg_server, tmp_path):
+    """Events sent while a replica was not listening are not assumed delivered: when LISTEN is issued again
+    it is told to check every collection ("") and replays the op log."""
+    url = pg_server.database()
+    a, b = backend(url, tmp_path, "a"), backend(url, tmp_path, "b")
+    store = a.create("c", "image", "none", "flat", DIM)
+    follower = Collection(b.open("c"), b.local_dir("c"), b.media_dir("c"))
+    heard: list[str] = []
+
+    def on_change(name: str) -> None:  # acts only on "": as if every named event had been lost
+        heard.append(name)
+        if name == "":
+            follower.fresh()
+
+    b.listen(on_change)
+    assert b.listening.wait(10)
+    x = unit(3, 6)
+    store.add([NewItem(f"x{i}", "upload:x", None, {}, v) for i, v in enumerate(x)], 0)
+    wait_for(lambda: "c" in heard, "the add's event")
+    assert follower.index.ntotal == 0  # the event was not acted on
+    with psycopg.connect(url, autocommit=True) as conn:
+        killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND query LIKE 'LISTEN%%'").fetchall()
+    assert killed == [(True,)]
+    wait_for(lambda: follower.index.ntotal == 3, "the follower replaying the op log")
+    wait_for(b.listening.is_set, "LISTEN issued again")
+    assert "" in heard
+    store.add([NewItem("y", "upload:x", None, {}, x[0])], 0)  # and events flow again
+    wait_for(lambda: heard.count("c") >= 2, "an event after LISTEN came back")
+    a.close()
+    b.close()
+
+
+def test_after_an_outage_the_other_replica_catches_up_without_a_request(tmp_path):
+    """Both replicas' pools break; writes resume on one; the other is told to catch up when its link is back
+    (notifications sent while its pool or LISTEN was down are not relied on)."""
+    server = PostgresServer()
+    try:
+        url = server.database()
+        a, b = backend(url, tmp_path, "a"), backend(url, tmp_path, "b")
+        store = a.create("c", "image", "none", "flat", DIM)
+        follower = Collection(b.open("c"), b.local_dir("c"), b.media_dir("c"))
+        b.listen(lambda name: follower.fresh())
+        assert b.listening.wait(10)
+        server.stop("immediate")
+        wait_for(lambda: not b.listening.is_set() and not b.link.available.is_set(), "B noticing the outage")
+        server.start()
+        wait_for(a.link.ok, "A's link back", timeout=30)
+        x = unit(2, 7)
+        store.add([NewItem(f"x{i}", "upload:x", None, {}, v) for i, v in enumerate(x)], 0)
+        wait_for(lambda: follower.index.ntotal == 2, "B applying A's write", timeout=30)
+        assert b.link.recoveries == 1 and b.listening.is_set()
+        a.close()
+        b.close()
+    finally:
+        server.close()
+
+
+def test_a_server_error_is_not_an_outage(pg_server, tmp_path):
+    """An error PostgreSQL answers with (here a statement cancelled by its timeout) fails that call only."""
+    store_backend = backend(pg_server.database(), tmp_path, "x")
+    with pytest.raises(StoreUnavailableError, match="failed"), store_backend.connection() as conn:
+        conn.execute("SET statement_timeout = 10")
+        conn.execute("SELECT pg_sleep(1)")
+    assert store_backend.link.available.is_set() and store_backend.link.recoveries == 0
+    assert store_backend.status()["ok"] is True
+    store_backend.close()
