@@ -246,3 +246,89 @@ def test_create_add_search_delete_cycles_leave_no_open_files_and_no_folders(tmp_
             sorted(p.name for p in (root / "collections").iterdir()) == []  # PostgreSQL: no snapshots left
     finally:
         server.stop()
+
+
+def _images(n: int, seed: int) -> dict[str, bytes]:
+    return {f"s{seed}-{i}": image_bytes(((37 * i + seed) % 256, (91 * i) % 256, (53 * i + 7 * seed) % 256),
+                                        size=(24 + i % 5, 24)) for i in range(n)}
+
+
+def _self_search(url: str, collection: str, images: dict[str, bytes]) -> dict[str, list[tuple[str, float]]]:
+    """Each image searched with itself: its hits (ids and scores)."""
+    out = {}
+    for item_id, data in images.items():
+        r = httpx.post(f"{url}/retrieve", timeout=60, json={"query_image": b64(data), "collection": collection,
+                                                             "top_k": 3})
+        assert r.status_code == 200, r.text
+        out[item_id] = [(h["id"], round(h["score"], 5)) for h in r.json()["results"]]
+    return out
+
+
+def test_the_documented_migration_on_the_same_data_root_answers_as_sqlite_did(tmp_path, pg_server):
+    """SQLite server, stopped (its snapshots written), `collections migrate`, then a PostgreSQL server on the same
+    DATA_ROOT: every search answers exactly as before (the SQLite snapshots are not this collection's)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    publish_test_sets(root)
+    sets = {"first": _images(15, 1), "second": _images(15, 2)}
+    sqlite = start_server(root, tmp_path)
+    try:
+        for name, images in sets.items():
+            create(sqlite.url, name)
+            r = httpx.post(f"{sqlite.url}/collections/{name}/items", timeout=120,
+                           json={"items": [{"id": k, "image": b64(v)} for k, v in images.items()]})
+            assert r.status_code == 201, r.text
+        before = {name: _self_search(sqlite.url, name, images) for name, images in sets.items()}
+    finally:
+        sqlite.stop()
+    assert all((root / "collections" / name / "index.snap").is_file() for name in sets)
+    for name, images in sets.items():  # sanity: each image finds itself first
+        assert all(before[name][k][0][0] == k for k in images)
+    url = pg_server.database()
+    done = subprocess.run([sys.executable, "-m", "uniadapter_serve.service.cli", "collections", "migrate",
+                           "--from", str(root), "--to", url, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pg = start_server(root, tmp_path, database_url=url)
+    try:
+        for name, images in sets.items():
+            assert _self_search(pg.url, name, images) == before[name], name
+    finally:
+        pg.stop()
+
+
+def test_a_replica_restarted_across_delete_and_re_create_serves_the_new_collection(tmp_path, store):
+    """B stops (writing its snapshot), A deletes the collection, creates it again and adds other items, B
+    starts: B answers for the new items only."""
+    shared = tmp_path / "shared"
+    publish_test_sets(shared)
+    if store:  # PostgreSQL: each replica its own data root (snapshots), one media root
+        (shared / "media").mkdir(exist_ok=True)
+        roots = [tmp_path / "a", tmp_path / "b"]
+        for r in roots:
+            publish_test_sets(r)
+        extra = {"media_root": shared / "media", **store}
+    else:  # SQLite: one data root
+        roots, extra = [shared, shared], {}
+    a, b = start_server(roots[0], tmp_path, **extra), start_server(roots[1], tmp_path, **extra)
+    try:
+        old_images, new_images = _images(9, 3), _images(9, 4)
+        create(a.url, "c1")
+        assert httpx.post(f"{a.url}/collections/c1/items", timeout=120, json={
+            "items": [{"id": f"x{i}", "image": b64(v)} for i, v in enumerate(old_images.values())]}).status_code == 201
+        wait_for(lambda: httpx.get(f"{b.url}/collections/c1", timeout=60).json().get("indexed") == 9, "b indexed")
+        b.stop()
+        assert httpx.delete(f"{a.url}/collections/c1", timeout=60).status_code == 204
+        new = create(a.url, "c1")
+        assert httpx.post(f"{a.url}/collections/c1/items", timeout=120, json={  # the same ids, other images
+            "items": [{"id": f"x{i}", "image": b64(v)} for i, v in enumerate(new_images.values())]}).status_code == 201
+        b = start_server(roots[1], tmp_path, **extra)
+        stats = httpx.get(f"{b.url}/collections/c1", timeout=60).json()
+        assert (stats["uid"], stats["items"], stats["indexed"]) == (new, 9, 9)
+        found = _self_search(b.url, "c1", {f"x{i}": v for i, v in enumerate(new_images.values())})
+        assert found == _self_search(a.url, "c1", {f"x{i}": v for i, v in enumerate(new_images.values())})
+        assert all(hits[0][0] == k and hits[0][1] == pytest.approx(1.0, abs=1e-4) for k, hits in found.items())
+    finally:
+        a.stop()
+        b.stop()
