@@ -29,9 +29,13 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 PROBE_EVERY_S = 0.1
 """while down: how often to try a connect (a refused one costs about a millisecond)"""
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+             "tcp_user_timeout": 15_000}
+"""a host gone from the network (no reset comes back) breaks a connection in about 11 s idle, or 15 s with
+data unacknowledged, instead of the kernel's ~2 hours / ~15 minutes: a LISTEN or a call never hangs on it"""
 RETRY_WAIT_S = 0.5
-"""a read that failed on a live link waits this long for a fresh pool (PostgreSQL restarted: every pooled
-connection is broken, and the probe replaces them in milliseconds) before answering unavailable"""
+"""a read that failed on a live link waits for the probe's first answer, at most this long: a fresh pool
+(PostgreSQL restarted: every pooled connection was broken) is tried once more, a refused connect is final"""
 
 
 def describe(error: BaseException) -> str:
@@ -46,18 +50,20 @@ class PgLink:
         self.url = url
         self.pool_size = pool_size
         self.timeout_s = timeout_s
-        self.connect_timeout = max(1, int(timeout_s))  # libpq takes whole seconds
+        self.params: dict[str, Any] = {"connect_timeout": max(1, int(timeout_s)), **KEEPALIVE}
         self.last_error: str | None = None
         self.recoveries = 0
         """pools replaced after an outage (for tests and benches)"""
         self.probes = 0
-        """connects tried while down"""
+        """connects tried while down (each answered: refused, timed out or connected)"""
         self.available = threading.Event()
         """set while calls may use the pool; clear from the first failure until a probe connects again"""
         self.listening = threading.Event()
         """set while the LISTEN connection is up (changes from other replicas reach this one)"""
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._probed = threading.Condition(self._lock)
+        """notified after each probe"""
         self._prober: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._on_change: Callable[[str], None] | None = None
@@ -66,7 +72,7 @@ class PgLink:
 
     def _open_pool(self) -> ConnectionPool:
         pool = ConnectionPool(self.url, min_size=1, max_size=self.pool_size, timeout=self.timeout_s, open=False,
-                              kwargs={"connect_timeout": self.connect_timeout}, name="uniadapter")
+                              kwargs=self.params, name="uniadapter")
         try:
             pool.open(wait=True, timeout=self.timeout_s)
         except BaseException:
@@ -109,12 +115,16 @@ class PgLink:
 
     def read(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         """Run a read; once more if the link was up and came back within `RETRY_WAIT_S` (a restart)."""
-        was_up = self.available.is_set()
+        was_up, probes = self.available.is_set(), self.probes
         try:
             with self.connection() as conn:
                 return fn(conn)
         except StoreUnavailableError:
-            if not was_up or not self.available.wait(RETRY_WAIT_S):
+            if not was_up:
+                raise
+            with self._probed:
+                self._probed.wait_for(lambda: self.available.is_set() or self.probes > probes, RETRY_WAIT_S)
+            if not self.available.is_set():
                 raise
         with self.connection() as conn:
             return fn(conn)
@@ -138,14 +148,15 @@ class PgLink:
     def _probe(self) -> None:
         while True:
             fresh = None
-            self.probes += 1
             try:
-                with psycopg.connect(self.url, connect_timeout=self.connect_timeout):
+                with psycopg.connect(self.url, **self.params):
                     pass  # refused at once while PostgreSQL is down: a cheap probe
                 fresh = self._open_pool()
             except UNAVAILABLE as e:
                 self.last_error = describe(e)
-            with self._lock:
+            with self._probed:
+                self.probes += 1
+                self._probed.notify_all()
                 if self._stop.is_set():
                     self._prober = None
                     if fresh is not None:
@@ -177,7 +188,7 @@ class PgLink:
         first = True
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout) as conn:
+                with psycopg.connect(self.url, autocommit=True, **self.params) as conn:
                     conn.execute(f"LISTEN {channel}")
                     self.listening.set()
                     if not first:
