@@ -160,7 +160,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}")
     try:
         data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested past any reader
         raise AdapterFormatError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(f"{path}: unsupported format_version {data.get('format_version')!r}"
@@ -177,7 +177,7 @@ def _header(blob: bytes, path: Path) -> tuple[dict[str, tuple[int, ...]], dict[s
         raise AdapterFormatError(f"{path} is truncated or corrupt (header of {n} bytes, file of {len(blob)})")
     try:
         header = json.loads(blob[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested past any reader
         raise AdapterFormatError(f"{path} has a corrupt header: {e}") from e
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path} has a corrupt header")
@@ -219,7 +219,7 @@ def _read(folder: str | Path) -> tuple[AdapterSetMeta, bytes]:
         rank_k = extra.get("rank_k")
         if rank_k is not None and (not isinstance(rank_k, int) or isinstance(rank_k, bool) or rank_k < 1):
             raise ValueError(f"extra.rank_k must be a positive integer, got {rank_k!r}")
-    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError, RecursionError) as e:
         raise AdapterFormatError(f"{folder}: invalid field: {e}") from e
     meta = AdapterSetMeta(
         path=folder, name=name, config=config, backbone=backbone, created=str(data.get("created", "")),

@@ -20,6 +20,7 @@ from uniadapter_serve.errors import (
     UnsupportedMediaTypeError,
 )
 from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
+from uniadapter_serve.service.bodies import read_form
 from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import AdapterInfo, AdapterList
@@ -103,7 +104,7 @@ async def unpin(ref: str, core: CoreDep) -> AdapterInfo:
 async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UnsupportedMediaTypeError("publish takes multipart/form-data with the files 'config' and 'weights'")
-    form = await request.form()
+    form = await read_form(request)
     files = {key: form.get(key) for key in ("config", "weights")}
     missing = [k for k, v in files.items() if not isinstance(v, UploadFile)]
     if missing:

@@ -133,15 +133,24 @@ def test_vqa_set_needs_a_decoder(backbone, saved, tiny_config):
         (lambda d: _edit(d, lambda c: c.pop("backbone")), "backbone"),
         (lambda d: _edit(d, lambda c: c.update(extra={"rank_k": 0})), "extra.rank_k"),
         (lambda d: _edit(d, lambda c: c.update(extra={"rank_k": "128"})), "extra.rank_k"),
+        (lambda d: (d / CONFIG_FILE).write_text("[" * 200_000 + "]" * 200_000), "not valid JSON"),
+        (lambda d: _deep_header(d), "corrupt header"),
     ],
     ids=["truncated-8", "truncated-data", "bad-header", "empty", "no-weights", "no-config", "bad-json",
-         "not-object", "format-version", "unknown-field", "bad-task", "no-backbone", "rank-k-zero", "rank-k-text"],
+         "not-object", "format-version", "unknown-field", "bad-task", "no-backbone", "rank-k-zero", "rank-k-text",
+         "config-nested-200k", "header-nested-200k"],
 )
 def test_damaged_sets_give_clear_errors(backbone, saved, damage, message):
     _, folder, _ = saved
     damage(folder)
     with pytest.raises(AdapterFormatError, match=message):
         load_adapter_set(folder, backbone)
+
+
+def _deep_header(folder) -> None:
+    """A safetensors header nested 200,000 deep (json.loads raises RecursionError on it)."""
+    header = b"[" * 200_000 + b"]" * 200_000
+    (folder / WEIGHTS_FILE).write_bytes(len(header).to_bytes(8, "little") + header)
 
 
 def _edit(folder, change):
