@@ -22,6 +22,9 @@ from uniadapter_serve.service.metrics import CallbackMetric, ServiceMetrics
 if TYPE_CHECKING:
     from uniadapter_serve.service.settings import Settings
 
+READ_GRACE_S = 0.05
+"""A read timeout that fires is confirmed this much later: after a stalled event loop, uvloop runs due timers
+before it reads the sockets, so bytes that did arrive in time would otherwise not count."""
 REFUSED_LINGER_S = 1.0
 """A refused connection is closed this long after its 503 at the latest (sooner when the client closes):
 closing at once, with the client's request unread, would reset the connection and lose the 503."""
@@ -197,11 +200,15 @@ class _LimitedProtocol(asyncio.Protocol):
         if self._timer is None and self.gate.limits.header_timeout_s > 0:
             self._timer = self.loop.call_later(self.gate.limits.header_timeout_s, self._headers_late)
 
-    def _headers_late(self) -> None:
+    def _headers_late(self, confirmed: bool = False) -> None:
         self._timer = None
-        if self._phase == _HEADERS and not self.transport.is_closing():
-            self._time_out("headers", f"the request headers did not arrive within "
-                                      f"{self.gate.limits.header_timeout_s:g} s (UNIADAPTER_HEADER_TIMEOUT_S)")
+        if self._phase != _HEADERS or self.transport.is_closing():
+            return
+        if not confirmed:
+            self._timer = self.loop.call_later(READ_GRACE_S, self._headers_late, True)
+            return
+        self._time_out("headers", f"the request headers did not arrive within "
+                                  f"{self.gate.limits.header_timeout_s:g} s (UNIADAPTER_HEADER_TIMEOUT_S)")
 
     def _start_window(self) -> None:
         self._window = 0
@@ -209,7 +216,7 @@ class _LimitedProtocol(asyncio.Protocol):
             self.flow.paused_since_mark = self.flow.read_paused
         self._timer = self.loop.call_later(self.gate.limits.body_timeout_s, self._check_body)
 
-    def _check_body(self) -> None:
+    def _check_body(self, confirmed: bool = False) -> None:
         self._timer = None
         cycle = self._seen
         if self._phase != _BODY or cycle is None or not cycle.more_body or self.transport.is_closing():
@@ -217,6 +224,9 @@ class _LimitedProtocol(asyncio.Protocol):
         waiting_on_us = (self.flow.read_paused or getattr(self.flow, "paused_since_mark", False)
                          or getattr(cycle, "waiting_for_100_continue", False))
         if not waiting_on_us and self._window < self.gate.limits.body_min_bytes:
+            if not confirmed:
+                self._timer = self.loop.call_later(READ_GRACE_S, self._check_body, True)
+                return
             limits = self.gate.limits
             self._time_out("body", f"the request body brought {self._window} bytes in {limits.body_timeout_s:g} s, "
                                    f"under the minimum of {limits.body_min_bytes} (UNIADAPTER_BODY_MIN_RATE_KBPS)")
