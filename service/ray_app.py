@@ -14,20 +14,23 @@ Two deployments:
   the hard limit). Batches still mix sets inside each replica (Serve's `@serve.batch` would split them by
   model id, so it is not used).
 
+A replica serves at most `ray_sets_per_replica` sets at once, each for turns of `ray_set_turn_s` or more
+(`ray_places.SetPlaces`): a survivor taking over a killed replica's sets serves them in turns instead of
+cycling them from disk.
+
 Each model replica posts its residency table and adapter statistics to a small named actor
-(`ResidencyBoard`), from which the ingress answers `GET /adapters` and exports
-`uniadapter_adapter_events_total` summed over replicas; the replicas also export their statistics through
+(`ray_board.ResidencyBoard`), from which the ingress answers `GET /adapters` and exports
+`uniadapter_adapter_events_total` summed over the replicas Serve reports running (a replica killed outright
+leaves the board a few post intervals later); the replicas also export their statistics through
 Ray's metrics (as `ray_uniadapter_*`), so one Prometheus scrape of the cluster sees every replica.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import ray
@@ -45,13 +48,13 @@ from uniadapter_serve.service import timing
 from uniadapter_serve.service.engine import Engine, Ranking
 from uniadapter_serve.service.local_engine import LocalEngine
 from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.ray_board import POST_INTERVAL_S, board, running_replicas
+from uniadapter_serve.service.ray_places import SetPlaces
 from uniadapter_serve.service.settings import Settings
 from uniadapter_serve.service.stages import VisionInput
 
 log = logging.getLogger(__name__)
 
-BOARD = "uniadapter-residency"
-NAMESPACE = "uniadapter"
 GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 """a model replica went away under the request (killed, node lost, restarting)"""
 
@@ -65,56 +68,22 @@ def settings_payload(settings: Settings) -> dict[str, Any]:
     return data
 
 
-@ray.remote(num_cpus=0)
-class ResidencyBoard:
-    """What each model replica holds, and its adapter statistics, keyed by replica (an async actor: a reader
-    may wait for fresh posts without holding up the posters)."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, dict[str, Any]] = {}
-        self.changed = asyncio.Condition()
-
-    async def post(self, replica: str, table: dict[str, Any]) -> None:
-        async with self.changed:
-            self.tables[replica] = {**table, "posted": time.time()}
-            self.changed.notify_all()
-
-    async def drop(self, replica: str) -> None:
-        self.tables.pop(replica, None)
-
-    async def read(self) -> dict[str, dict[str, Any]]:
-        return dict(self.tables)
-
-    async def read_posted_after(self, moment: float, replicas: int, timeout: float) -> dict[str, dict[str, Any]]:
-        """The tables posted after `moment` (a time.time()), once `replicas` of them are, or at `timeout` seconds
-        whatever there is."""
-
-        def fresh() -> dict[str, dict[str, Any]]:
-            return {k: t for k, t in self.tables.items() if t["posted"] > moment}
-
-        async with self.changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait_for(lambda: len(fresh()) >= replicas), timeout)
-            return fresh()
-
-
-def board() -> Any:
-    actor: Any = ResidencyBoard
-    return actor.options(name=BOARD, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
-
-
 class _ResidentSet:
     """What the multiplexed loader returns: Serve drops it (calling `__del__`) when the replica has served
     more sets than `ray_sets_per_replica` lately; the set leaves the adapter manager with it (after its
-    running batches), so Serve's routing and the replica's memory agree."""
+    running batches), so Serve's routing and the replica's memory agree, unless it still holds one of the
+    replica's places (Serve gives up its least recently used set, which need not be the one whose place was
+    handed over; its next request registers it again)."""
 
-    def __init__(self, ref: str, engine: LocalEngine) -> None:
-        self.ref, self.engine, self.gone = ref, engine, False
+    def __init__(self, ref: str, engine: LocalEngine, places: SetPlaces) -> None:
+        self.ref, self.engine, self.places, self.gone = ref, engine, places, False
 
     def __del__(self) -> None:
         if self.gone:
             return
         self.gone = True
+        if self.places.serving(self.ref):
+            return
         with contextlib.suppress(AdapterInUseError, UniAdapterError):  # pinned: it stays
             self.engine.manager.unload(self.ref, when_free=True)  # in use: as its last batch ends
 
@@ -136,6 +105,7 @@ class ModelReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = board()
         self._ray_metrics = _RayMetrics(self.replica)
+        self.places = SetPlaces(self.settings.ray_sets_per_replica, self.settings.ray_set_turn_s)
         self._stop = threading.Event()
         self._poster = threading.Thread(target=self._post_loop, name="uniadapter-residency", daemon=True)
         self._poster.start()
@@ -144,10 +114,10 @@ class ModelReplica:
         table = self.engine.residency()
         for row in table["rows"]:
             row["replica"] = self.replica
-        return {**table, "stats": dict(self.engine.manager.stats), "queued": self.engine.queued()}
+        return {**table, "stats": {**self.engine.manager.stats, **self.places.stats}, "queued": self.engine.queued()}
 
     def _post_loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(POST_INTERVAL_S):
             try:
                 snapshot = self._snapshot()
                 self.board.post.remote(self.replica, snapshot)
@@ -165,43 +135,56 @@ class ModelReplica:
         with contextlib.suppress(Exception):
             self.board.drop.remote(self.replica)
 
-    async def _routed(self, ref: str | None) -> str | None:
-        """The request's set: the multiplexed id Serve routed it by (registered with Serve's record of this
-        replica), or, with `ray_router: none`, the one the call names."""
+    @contextlib.asynccontextmanager
+    async def _serving(self, ref: str | None, timeout: float) -> AsyncIterator[str | None]:
+        """The request's set, held in one of this replica's places while the request runs: the multiplexed
+        id Serve routed it by (registered with Serve's record of this replica once it holds a place), or,
+        with `ray_router: none`, the one the call names (no places: that mode measures unrouted traffic)."""
         routed = serve.get_multiplexed_model_id()
-        if routed:
+        if not routed:
+            yield ref
+            return
+        await self.places.enter(routed, wait_s=timeout / 2)  # half the deadline at most: the rest is the work
+        try:
             await self.multiplexed(routed)
-            return routed
-        return ref
+            yield routed
+        finally:
+            self.places.leave(routed)
 
     async def answer(self, visual: VisionInput, question: str, mode: str, top_k: int, max_length: int,
                      timeout: float, num_beams: int = 1, rank_score: str = "likelihood",
                      ref: str | None = None) -> list[tuple[str, float]]:
-        ref = await self._routed(ref)
-        return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
-                                        timeout=timeout, num_beams=num_beams, rank_score=rank_score)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
+                                            timeout=timeout, num_beams=num_beams, rank_score=rank_score)
 
     async def embed_text(self, text: str, timeout: float, ref: str | None = None) -> Any:
-        return await self.engine.embed_text(text, await self._routed(ref), timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.embed_text(text, ref, timeout)
 
     async def embed_visual(self, visual: VisionInput, timeout: float, ref: str | None = None) -> Any:
-        return await self.engine.embed_visual(visual, await self._routed(ref), timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.embed_visual(visual, ref, timeout)
 
     async def rank_images(self, query: str, visuals: Sequence[VisionInput], rerank_k: int, timeout: float,
                           ref: str | None = None) -> Ranking:
-        return await self.engine.rank_images(query, visuals, await self._routed(ref), rerank_k, timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.rank_images(query, visuals, ref, rerank_k, timeout)
 
     async def rank_texts(self, visual: VisionInput, texts: Sequence[str], rerank_k: int, timeout: float,
                          ref: str | None = None) -> Ranking:
-        return await self.engine.rank_texts(visual, texts, await self._routed(ref), rerank_k, timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.rank_texts(visual, texts, ref, rerank_k, timeout)
 
     async def match_images(self, query: str, visuals: Sequence[VisionInput], timeout: float,
                            ref: str | None = None) -> list[float]:
-        return await self.engine.match_images(query, visuals, await self._routed(ref), timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.match_images(query, visuals, ref, timeout)
 
     async def match_texts(self, visual: VisionInput, texts: Sequence[str], timeout: float,
                           ref: str | None = None) -> list[float]:
-        return await self.engine.match_texts(visual, texts, await self._routed(ref), timeout)
+        async with self._serving(ref, timeout) as ref:
+            return await self.engine.match_texts(visual, texts, ref, timeout)
 
     async def residency_op(self, op: str, ref: str | None = None) -> None:
         """load / pin / unload / unpin the request's set on this replica."""
@@ -238,7 +221,8 @@ class _RayMetrics:
 class RayEngine(Engine):
     """The engine of an ingress replica: calls to the model deployment, routed by adapter set."""
 
-    def __init__(self, handle: DeploymentHandle, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, handle: DeploymentHandle, settings: Settings, metrics: ServiceMetrics,
+                 app: str | None = None) -> None:
         config = source_config(settings.backbone)
         self.image_size = int(vision_config(config).image_size)  # type: ignore[arg-type]
         self.embed_dim = int(config.image_text_hidden_size)
@@ -246,7 +230,10 @@ class RayEngine(Engine):
         self.multiplexed = settings.ray_router != "none"
         """route by set (multiplexed model ids); `ray_router: none` routes every call at random (benchmarks)"""
         self.board = board()
+        self.app = app
+        """the Serve application, whose model replicas Serve reports running (None: trust the board alone)"""
         self._tables: dict[str, dict[str, Any]] = {}
+        self._running: set[str] | None = None
         self._ready = False
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="uniadapter-residency", daemon=True)
@@ -265,11 +252,25 @@ class RayEngine(Engine):
         self._stop.set()
 
     def _read_loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(POST_INTERVAL_S):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """The board's tables of the replicas Serve reports running (a replica killed outright posts no more
+        and Serve reports it gone at once; the board forgets it a few post intervals later anyway)."""
+        try:
+            tables: dict[str, dict[str, Any]] = ray.get(self.board.read.remote(), timeout=5)
+        except Exception:
+            log.debug("cannot read the residency board", exc_info=True)
+            return
+        if self.app is not None:
             try:
-                self._tables = ray.get(self.board.read.remote(), timeout=5)
-            except Exception:
-                log.debug("cannot read the residency board", exc_info=True)
+                self._running = running_replicas(self.app)
+            except Exception:  # the controller restarting: the board's deadline still drops the dead
+                log.debug("cannot read Serve's replicas", exc_info=True)
+                self._running = None
+        running = self._running
+        self._tables = tables if running is None else {k: t for k, t in tables.items() if k in running}
 
     async def _call(self, method: str, ref: str | None, *args: Any) -> Any:
         """One call to a model replica that holds (or will load) `ref`; a replica that went away mid-call
@@ -367,7 +368,8 @@ class RayEngine(Engine):
         return int(sum(t.get("queued", 0) for t in self._tables.values()))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "model_replicas": len(self._tables)}
+        running = self._running
+        return {**super().describe(), "model_replicas": len(self._tables) if running is None else len(running)}
 
 
 # -- the application ------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ def model_deployment(settings: Settings) -> Any:
             # Serve's record that this replica serves `ref`; the model thread loads it with its first batch
             # (only the model thread leases sets, so a load here could not make room while batches run)
             self.registry.resolve(ref)  # unknown versions fail here, before any routing state changes
-            return _ResidentSet(ref, self.engine)
+            return _ResidentSet(ref, self.engine, self.places)
 
     options: dict[str, Any] = {
         "name": "Model", "max_ongoing_requests": settings.ray_max_ongoing_requests,
@@ -411,7 +413,7 @@ def ingress_deployment(settings: Settings) -> Any:
         # the app's lifespan runs as the replica starts, before the deployment's constructor: look the
         # model deployment up by name in this application
         handle = serve.get_deployment_handle("Model", serve.get_replica_context().app_name)
-        return RayEngine(handle, s, metrics)
+        return RayEngine(handle, s, metrics, app=serve.get_replica_context().app_name)
 
     app = create_app(settings, engine=engine)
 

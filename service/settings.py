@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     ray_sets_per_replica: int = Field(
         8, ge=1, description="Ray: adapter sets a model replica keeps for multiplexed routing (the adapter "
         "budget still caps the bytes).")
+    ray_set_turn_s: float = Field(
+        2.0, gt=0, description="Ray: a replica asked for more sets than RAY_SETS_PER_REPLICA at once (a survivor "
+        "of a killed replica) serves them in turns of at least this many seconds instead of reloading them for "
+        "each batch; a request that waits half its deadline for its turn gets 503 with Retry-After.")
     ray_router: Literal["affinity", "serve", "none"] = Field(
         "affinity", description="Ray: how model calls find a replica: 'affinity' (a set goes where it is resident; "
         "new sets spread at once), 'serve' (Serve's own multiplexed routing), 'none' (any replica: benchmarks).")
