@@ -135,7 +135,8 @@ class SetPlaces:
                 self._take(ref)
                 future.set_result(None)
         self._waiting = [(r, f) for r, f in self._waiting if not f.done()]
-        open_turns = [t.since for t in self._held.values() if not t.closing]
-        if self._waiting and open_turns:
-            delay = max(0.0, min(open_turns) + self.turn_s - now)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._rebalance)
+        # a turn already over that stayed open needs no timer: what could close it (a new waiter, a place
+        # freed) calls this again
+        ends = [t.since + self.turn_s for t in self._held.values() if not t.closing and t.since + self.turn_s > now]
+        if self._waiting and ends:
+            self._timer = asyncio.get_running_loop().call_later(min(ends) - now, self._rebalance)

@@ -314,8 +314,10 @@ def test_a_model_replica_killed_mid_traffic(cluster):
                 f.result()
     loads = after["stats"].get("disk_loads", 0) - before["stats"].get("disk_loads", 0)
     window = after["posted"] - before["posted"]  # the loads counted are the survivor's in this interval
+    turns = after["stats"].get("place_turns", 0) - before["stats"].get("place_turns", 0)
     codes = {c: sum(1 for r in results if r[0] == c) for c in {r[0] for r in results}}
-    print(f"failover: {loads} disk loads on the survivor in {window:.1f} s; {len(results)} requests {codes}")
+    print(f"failover: {loads} disk loads and {turns} turns on the survivor in {window:.1f} s; "
+          f"{len(results)} requests {codes}")
     bad = [r for r in results if not (r[0] == 200 or (r[0] == 503 and r[1] is not None))]
     assert not bad, bad  # every request answered, or a clear 503 with Retry-After
     assert max(t for _, _, t in results) < TIMEOUT_S + 5  # none hung past the deadline
