@@ -321,7 +321,9 @@ def test_a_model_replica_killed_mid_traffic(cluster):
     bad = [r for r in results if not (r[0] == 200 or (r[0] == 503 and r[1] is not None))]
     assert not bad, bad  # every request answered, or a clear 503 with Retry-After
     assert max(t for _, _, t in results) < TIMEOUT_S + 5  # none hung past the deadline
-    # each of its 2 places changes hands at most once a turn (+1: a partial turn; +1: the first placement)
-    assert loads <= 2 * (window / TURN_S + 2), f"{loads} disk loads in {window:.1f} s on the survivor"
+    # a load only when a set takes a place, and each of the 2 places changes hands at most once a turn; +1 a
+    # partial turn, +1 the victim's sets arriving, +1 the replacement arriving (requests already waiting on
+    # the survivor for sets now routed to it still take their turn). Cycling sets: 24 loads in 11 s.
+    assert loads <= 2 * (window / TURN_S + 3), f"{loads} disk loads in {window:.1f} s on the survivor"
     r = httpx.post(f"{url}/vqa", json={"image": scene, "question": "what colour?", "adapter": SETS[1]}, timeout=60)
     assert r.status_code == 200
