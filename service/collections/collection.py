@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from uniadapter_serve.service.collections.store import (
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FILE = "index.snap"
+THUMBS = "thumbs"
+"""thumbnails cached in the collection's folder (service/collections/media.py)"""
 SNAPSHOT_EVERY_OPS = 2000
 
 
@@ -44,7 +47,7 @@ class Collection:
         self.store = store
         self.folder = folder
         """this process's folder: index snapshots (and, with SQLite, the store itself)"""
-        self.media_dir = media_dir
+        self.media_dir = store.media_folder() or media_dir
         """uploaded media, content-addressed"""
         self.device = device
         self._meta = store.meta()
@@ -208,9 +211,17 @@ class Collection:
             self.store.close()
 
     def discard(self) -> None:
-        """Forget a deleted collection: release its files (no snapshot of what no longer exists)."""
+        """Forget a deleted collection: release its files, and remove what this process derived from it (its
+        snapshot, when it is this collection's and not a later one's under the name; thumbnails)."""
         self.gone = True
         self.store.close()
+        snapshot = self.folder / SNAPSHOT_FILE
+        owner = VectorIndex.snapshot_owner(snapshot)
+        if owner is not None and owner.split("/", 1)[0] == self.uid:
+            snapshot.unlink(missing_ok=True)
+        shutil.rmtree(self.folder / THUMBS, ignore_errors=True)  # a cache: one made later re-makes its own
+        with contextlib.suppress(OSError):  # empty now (PostgreSQL: this replica's folder of the collection)
+            self.folder.rmdir()
 
 
 def _owner(meta: CollectionMeta) -> str:

@@ -262,6 +262,19 @@ class VectorIndex:
                                  "fallback": self._fallback}).encode()
         atomic_write(path, SNAPSHOT_MAGIC + len(header).to_bytes(8, "little") + header + blob)
 
+    @staticmethod
+    def snapshot_owner(path: Path) -> str | None:
+        """What the snapshot at `path` was built from (`owner`), reading its header only; None if unreadable."""
+        try:
+            with path.open("rb") as f:
+                head = f.read(16)
+                if not head.startswith(SNAPSHOT_MAGIC) or len(head) < 16:
+                    return None
+                header = json.loads(f.read(int.from_bytes(head[8:16], "little")))
+            return str(header.get("owner", ""))
+        except (OSError, ValueError, AttributeError):
+            return None
+
     @classmethod
     def load(cls, path: Path, dim: int, factory: str, *, device: FaissDevice = CPU) -> VectorIndex:
         data = path.read_bytes()

@@ -16,14 +16,14 @@ from uniadapter_serve.errors import CorruptMediaError, MediaTooLargeError, NotFo
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import ImageProbe, load_image, sniff_image_type
 from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type
-from uniadapter_serve.service.collections.collection import Collection
+from uniadapter_serve.service.collections.collection import THUMBS, Collection
 from uniadapter_serve.service.collections.store import Item
 
 log = logging.getLogger(__name__)
 
 THUMB_SIZES = (64, 128, 256, 512)
 """The only thumbnail sides served (the longer side, in pixels): a bounded set, so the cache is bounded too."""
-THUMB_DIR = "thumbs"
+THUMB_DIR = THUMBS
 SNIFF_BYTES = 64
 VIDEO_THUMB_MAX_FRAMES = 2000
 """Frames decoded at most to reach a clip's first sampled frame."""

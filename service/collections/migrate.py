@@ -48,7 +48,7 @@ def migrate(data_root: Path, url: str, *, media_root: Path, batch_size: int = 50
                 dst = target.create(name, meta.kind, meta.adapter_ref, meta.factory, meta.dim)
             assert isinstance(dst, PostgresStore)
             dst.set_state(meta)
-            _copy_media(source.media_dir(name), target.media_dir(name))
+            _copy_media(source.media_dir(name), dst.media_folder())
             items = src.all_items()
             present = dst.existing([it.external_id for it in items])
             todo = [it for it in items if it.external_id not in present]

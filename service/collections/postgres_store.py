@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ MIGRATIONS: list[str] = [
     # 2: collection identities (a name deleted and created again is another collection)
     """
     ALTER TABLE uniadapter_collections ADD COLUMN uid TEXT NOT NULL DEFAULT gen_random_uuid()::text;
+    ALTER TABLE uniadapter_collections ADD COLUMN media_dir TEXT;
     """,
 ]
 ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
@@ -135,38 +137,42 @@ class PostgresBackend(StoreBackend):
         return {r[0]: r[1] for r in rows}
 
     def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+        uid = uuid.uuid4().hex
+        folder = f"{name}@{uid[:16]}"
         with self.connection() as conn, conn.transaction():
             row = conn.execute(
-                "INSERT INTO uniadapter_collections (name, kind, adapter_ref, factory, dim, created) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-                (name, kind, adapter_ref, factory, dim, time.time())).fetchone()
+                "INSERT INTO uniadapter_collections (name, kind, adapter_ref, factory, dim, created, uid, media_dir) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (name, kind, adapter_ref, factory, dim, time.time(), uid, folder)).fetchone()
             if row is None:
                 raise ConflictError(f"collection {name!r} already exists")
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
-        return PostgresStore(self, int(row[0]), name)
+        return PostgresStore(self, int(row[0]), name, folder)
 
     def open(self, name: str) -> Store:
-        row = self.read(lambda c: c.execute("SELECT id FROM uniadapter_collections WHERE name = %s",
+        row = self.read(lambda c: c.execute("SELECT id, media_dir FROM uniadapter_collections WHERE name = %s",
                                             (name,)).fetchone())
         if row is None:
             raise NotFoundError(f"no collection named {name!r}")
-        return PostgresStore(self, int(row[0]), name)
+        return PostgresStore(self, int(row[0]), name, row[1])
 
     def drop(self, name: str, uid: str | None = None) -> None:
         with self.connection() as conn, conn.transaction():
             row = conn.execute("DELETE FROM uniadapter_collections WHERE name = %s AND (%s::text IS NULL OR uid = %s) "
-                               "RETURNING id", (name, uid, uid)).fetchone()
+                               "RETURNING id, media_dir", (name, uid, uid)).fetchone()
             if row is None:
                 if uid is not None:
                     raise CollectionGone(name)
                 raise NotFoundError(f"no collection named {name!r}")
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
-        shutil.rmtree(self.local_dir(name), ignore_errors=True)  # this replica's snapshots (others: on notice)
+        # its uploaded media (a folder of this incarnation alone: one made later under the name has its own)
+        shutil.rmtree(self.shared_media / (row[1] or name), ignore_errors=True)
 
     def local_dir(self, name: str) -> Path:
         return self.local_root / name
 
     def media_dir(self, name: str) -> Path:
+        """The media folder of collections made before each had its own (see `PostgresStore.media_folder`)."""
         return self.shared_media / name
 
     # -- change events -------------------------------------------------------------------------------
@@ -178,7 +184,9 @@ class PostgresBackend(StoreBackend):
 
     def remove_leftovers(self, live: set[str], min_age_s: float) -> Swept:
         """Shared media folders of collections that were deleted (their files older than `min_age_s`)."""
-        return remove_dead_media_dirs(self.shared_media, live, min_age_s)
+        rows = self.read(lambda c: c.execute("SELECT coalesce(media_dir, name) FROM uniadapter_collections"
+                                             ).fetchall())
+        return remove_dead_media_dirs(self.shared_media, {r[0] for r in rows}, min_age_s)
 
     def status(self) -> dict[str, Any]:
         ok = self.link.ok()
@@ -219,10 +227,16 @@ def migrate_schema(url: str, timeout_s: float = 5.0) -> list[int]:
 
 
 class PostgresStore(Store):
-    def __init__(self, backend: PostgresBackend, collection_id: int, name: str) -> None:
+    def __init__(self, backend: PostgresBackend, collection_id: int, name: str, media_subdir: str | None = None
+                 ) -> None:
         self.backend = backend
         self.id = collection_id
         self.name = name
+        self.media_subdir = media_subdir
+        """its folder under the shared media root (None: made before each collection had its own, `name`)"""
+
+    def media_folder(self) -> Path:
+        return self.backend.shared_media / (self.media_subdir or self.name)
 
     def _write(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
         return self.backend.connection()

@@ -149,6 +149,11 @@ class Store(abc.ABC):
     def switch(self, generation: int, adapter_ref: str) -> bool:
         """Make `generation` active if every item has an embedding for it; False if some are missing."""
 
+    def media_folder(self) -> Path | None:
+        """Where this collection's uploaded media are kept, when the store decides (else the backend's
+        `media_dir(name)`)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional for backends without per-collection resources
         """Release what this handle holds."""
 

@@ -332,3 +332,54 @@ def test_a_replica_restarted_across_delete_and_re_create_serves_the_new_collecti
     finally:
         a.stop()
         b.stop()
+
+
+def _collection_files(roots: list, media_root) -> list[str]:
+    """Every file kept for collections: stores, snapshots, thumbnails, uploaded media (lock files aside)."""
+    found = set()
+    for folder in [*(r / "collections" for r in roots), media_root / ".collections"]:
+        if folder.is_dir():
+            found |= {str(p) for p in folder.rglob("*") if p.is_file() and p.name not in (".lock", ".serving")}
+    return sorted(found)
+
+
+def test_a_delete_removes_the_collections_media_snapshots_and_thumbnails_on_every_replica(tmp_path, store):
+    shared = tmp_path / "shared"
+    publish_test_sets(shared)
+    (shared / "media").mkdir(exist_ok=True)
+    if store:  # PostgreSQL: each replica its own data root, one media root
+        roots = [tmp_path / "a", tmp_path / "b"]
+        for r in roots:
+            publish_test_sets(r)
+    else:
+        roots = [shared, shared]
+    extra = {"media_root": shared / "media", **store}
+    a, b = start_server(roots[0], tmp_path, **extra), start_server(roots[1], tmp_path, **extra)
+    try:
+        create(a.url, "doomed")
+        images = _images(6, 5)
+        assert httpx.post(f"{a.url}/collections/doomed/items", timeout=120, json={
+            "items": [{"id": k, "image": b64(v)} for k, v in images.items()]}).status_code == 201
+        for server in (a, b):
+            wait_for(lambda s=server: httpx.get(f"{s.url}/collections/doomed", timeout=60).json().get("indexed") == 6,
+                     "the replica to index the items")
+            for k in images:
+                assert httpx.get(f"{server.url}/collections/doomed/items/{k}/thumbnail", timeout=60
+                                 ).status_code == 200
+        b.stop()  # writes its snapshot
+        b = start_server(roots[1], tmp_path, **extra)
+        assert httpx.get(f"{b.url}/collections/doomed", timeout=60).json()["indexed"] == 6
+        before = _collection_files(list(dict.fromkeys(roots)), shared / "media")
+        assert sum("index.snap" in f for f in before) >= 1 and sum("/thumbs/" in f for f in before) >= 6
+        assert sum(f.endswith(".png") and "/thumbs/" not in f for f in before) == 6  # the uploads
+        assert httpx.delete(f"{a.url}/collections/doomed", timeout=60).status_code == 204
+        wait_for(lambda: _collection_files(list(dict.fromkeys(roots)), shared / "media") == [],
+                 "every file of the deleted collection to go, on both replicas", 30)
+        create(a.url, "doomed")  # the name again: a collection of its own, with its own files
+        assert httpx.post(f"{a.url}/collections/doomed/items", timeout=120, json={
+            "items": [{"id": "one", "image": b64(image_bytes((1, 2, 3), size=(24, 24)))}]}).status_code == 201
+        after = _collection_files(list(dict.fromkeys(roots)), shared / "media")
+        assert sum(f.endswith(".png") for f in after) == 1
+    finally:
+        a.stop()
+        b.stop()
