@@ -3,8 +3,10 @@ long a request's headers and body may take to arrive.
 
 uvicorn keeps every connection it accepts for as long as the client likes (one that sends nothing is never
 closed; a byte every few seconds keeps a request open for ever), so these live in a subclass of uvicorn's
-HTTP protocol (`limited_protocol`, for `uvicorn.run(http=...)`). A connection over a cap is answered 503 at
-once and closed, before it holds anything; a request too slow to arrive gets 408 and its connection closes.
+HTTP protocol (`limited_protocol`, for `uvicorn.run(http=...)`). A connection over its client's cap is
+answered 503 at once and closed, before it holds anything; when the server as a whole is full, the oldest
+connection still sending its request headers makes room (503, closed): slow clients spread over many
+addresses cannot lock everyone else out. A request too slow to arrive gets 408 and its connection closes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import ipaddress
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from uvicorn.protocols.http.flow_control import FlowControl
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 READ_GRACE_S = 0.05
 """A read timeout that fires is confirmed this much later: after a stalled event loop, uvloop runs due timers
 before it reads the sockets, so bytes that did arrive in time would otherwise not count."""
-REFUSED_LINGER_S = 1.0
+REFUSED_LINGER_S = 0.25
 """A refused connection is closed this long after its 503 at the latest (sooner when the client closes):
 closing at once, with the client's request unread, would reset the connection and lose the 503."""
 
@@ -58,6 +60,11 @@ def client_key(client: tuple[str, int] | None) -> str:
     return str(address)
 
 
+class Evictable(Protocol):
+    def evict(self, reason: str) -> None:
+        """Answer 503 and close; the connection no longer counts."""
+
+
 class ConnectionGate:
     """Counts open connections (in total and per client) for the protocol; read by /metrics. Event-loop only."""
 
@@ -65,8 +72,10 @@ class ConnectionGate:
         self.limits = limits
         self.open = 0
         self.per_client: dict[str, int] = {}
-        self.refused = {"total": 0, "per_client": 0}
+        self.refused = {"total": 0, "per_client": 0, "evicted": 0}
         self.timeouts = {"headers": 0, "body": 0}
+        self._sending_headers: dict[Evictable, None] = {}
+        """connections waiting for a request's headers, oldest first (a dict keeps insertion order)"""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionGate:
@@ -76,18 +85,31 @@ class ConnectionGate:
             body_min_bytes=round(settings.body_min_rate_kbps * 1024 * settings.body_timeout_s)))
 
     def admit(self, key: str) -> str | None:
-        """Count a new connection from `key`, or -> why it is refused (it is then not counted)."""
+        """Count a new connection from `key`, or -> why it is refused (it is then not counted). When the
+        server is full, the oldest connection still sending its headers is evicted to make room."""
         held = self.per_client.get(key, 0)
-        if self.limits.max_connections and self.open >= self.limits.max_connections:
-            self.refused["total"] += 1
-            return f"the server has {self.open} connections open, its limit (UNIADAPTER_MAX_CONNECTIONS)"
         if self.limits.max_per_client and held >= self.limits.max_per_client:
             self.refused["per_client"] += 1
             return (f"this client has {held} connections open, the limit per client "
                     "(UNIADAPTER_MAX_CONNECTIONS_PER_CLIENT)")
+        if self.limits.max_connections and self.open >= self.limits.max_connections:
+            if not self._sending_headers:
+                self.refused["total"] += 1
+                return f"the server has {self.open} connections open, its limit (UNIADAPTER_MAX_CONNECTIONS)"
+            oldest = next(iter(self._sending_headers))
+            self.sending_headers(oldest, False)
+            self.refused["evicted"] += 1
+            oldest.evict(f"the server is full ({self.open} connections, UNIADAPTER_MAX_CONNECTIONS) and this "
+                         "connection had the oldest unfinished request headers")
         self.open += 1
         self.per_client[key] = held + 1
         return None
+
+    def sending_headers(self, connection: Evictable, sending: bool) -> None:
+        """Whether `connection` waits for a request's headers (evictable, oldest first) or not."""
+        self._sending_headers.pop(connection, None)
+        if sending:
+            self._sending_headers[connection] = None
 
     def leave(self, key: str) -> None:
         self.open -= 1
@@ -97,12 +119,14 @@ class ConnectionGate:
 
     def watch(self, metrics: ServiceMetrics) -> ConnectionGate:
         """Export the gate on `metrics`."""
-        open_ = CallbackMetric("uniadapter_connections", "HTTP connections open now: in total, and from the "
-                               "client with the most (scope).", ("scope",))
+        open_ = CallbackMetric("uniadapter_connections", "HTTP connections open now (scope): in total, from the "
+                               "client with the most, and those still sending a request's headers.", ("scope",))
         open_.collect_from(lambda: [({"scope": "total"}, self.open),
-                                    ({"scope": "busiest_client"}, max(self.per_client.values(), default=0))])
-        refused = CallbackMetric("uniadapter_connections_refused", "Connections answered 503 and closed at once, by "
-                                 "the cap they hit (reason: total, per_client).", ("reason",), kind="counter")
+                                    ({"scope": "busiest_client"}, max(self.per_client.values(), default=0)),
+                                    ({"scope": "sending_headers"}, len(self._sending_headers))])
+        refused = CallbackMetric("uniadapter_connections_refused", "Connections answered 503 and closed, by the cap "
+                                 "they hit (reason: total, per_client; evicted: the oldest still sending its headers "
+                                 "when the server was full).", ("reason",), kind="counter")
         refused.collect_from(lambda: [({"reason": k}, v) for k, v in self.refused.items()])
         late = CallbackMetric("uniadapter_request_read_timeouts", "Requests cut off (408, connection closed) because "
                               "their headers or body arrived too slowly (phase).", ("phase",), kind="counter")
@@ -163,6 +187,7 @@ class _LimitedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
+        self.gate.sending_headers(self, False)
         if self._admitted:
             self._admitted = False
             self.gate.leave(self._key)
@@ -181,6 +206,7 @@ class _LimitedProtocol(asyncio.Protocol):
         if cycle is not None and cycle is not seen:  # a request's headers are complete
             self._seen = cycle
             self._cancel()
+            self.gate.sending_headers(self, False)
             self._phase = _APP
             if cycle.more_body and self.gate.limits.body_timeout_s > 0:
                 self._phase = _BODY
@@ -195,8 +221,16 @@ class _LimitedProtocol(asyncio.Protocol):
             self.transport.write_eof()
         self._timer = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
+    def evict(self, reason: str) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.gate.leave(self._key)
+            self._cancel()
+            self._refuse(reason)
+
     def _expect_headers(self) -> None:
         self._phase = _HEADERS
+        self.gate.sending_headers(self, True)
         if self._timer is None and self.gate.limits.header_timeout_s > 0:
             self._timer = self.loop.call_later(self.gate.limits.header_timeout_s, self._headers_late)
 

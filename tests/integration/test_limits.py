@@ -42,6 +42,12 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """4 connections in all; no read timeouts."""
+    yield from _server(tmp_path_factory, max_connections=4, header_timeout_s=0, body_timeout_s=0)
+
+
+@pytest.fixture(scope="module")
 def waiting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A 1 MiB body budget that bodies wait for (up to a minute); no read timeouts."""
     yield from _server(tmp_path_factory, body_budget_mb=1, body_wait_s=60, header_timeout_s=0, body_timeout_s=0)
@@ -179,6 +185,54 @@ def test_a_client_over_its_connection_cap_is_refused_while_others_are_served(cap
             assert read_all(again).startswith(b"HTTP/1.1 200")
     finally:
         for sock in held:
+            sock.close()
+
+
+def test_a_full_server_evicts_the_oldest_unfinished_headers_and_then_refuses(full: Server) -> None:
+    """Slow clients spread over many addresses cannot lock everyone out: when the server is full, the
+    connection that has been sending its headers longest makes room; busy ones never do."""
+    with httpx.Client(base_url=full.url, timeout=DEADLINE_S) as c:  # one kept-alive connection, never evicted
+
+        def count(scope: str) -> float:
+            text = c.get("/metrics").text
+            match = re.search(rf'^uniadapter_connections{{scope="{scope}"}} (\S+)$', text, re.M)
+            return float(match.group(1)) if match else 0.0
+
+        def refused(reason: str) -> float:
+            text = c.get("/metrics").text
+            match = re.search(rf'^uniadapter_connections_refused_total{{reason="{reason}"}} (\S+)$', text, re.M)
+            return float(match.group(1)) if match else 0.0
+
+        slow = []
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            slow.append(connect(full, source))
+            slow[-1].sendall(b"POST /vqa HTTP/1.1\r\n")  # and, for now, nothing more
+        wait_until(lambda: count("sending_headers") == 3, "the slow connections to be counted")  # accepted in order
+        assert count("total") == 4  # full
+        with connect(full, "127.0.0.5") as newcomer:
+            newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert read_all(newcomer).startswith(b"HTTP/1.1 200")
+        evicted = read_all(slow[0])
+        assert evicted.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS" in evicted, evicted
+        for sock in slow[1:]:  # the younger ones are untouched
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+            sock.setblocking(True)
+        assert refused("evicted") == 1
+        # the slow ones finish their headers (their bodies stay pending: busy), a fourth busy one joins:
+        # nobody is left to evict, and a newcomer is refused
+        for sock in slow[1:]:
+            sock.sendall(post_head(100).split(b"\r\n", 1)[1])
+        busy = connect(full, "127.0.0.6")
+        busy.sendall(post_head(100))
+        wait_until(lambda: count("sending_headers") == 0 and count("total") == 4, "every connection to be busy")
+        with connect(full, "127.0.0.7") as late:
+            late.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = read_all(late)
+        assert answer.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS" in answer, answer
+        assert refused("total") == 1
+        for sock in [*slow, busy]:
             sock.close()
 
 

@@ -83,11 +83,39 @@ def test_connections_are_counted_per_client_and_refused_past_the_caps() -> None:
     assert "MAX_CONNECTIONS_PER_CLIENT" in (gate.admit("a") or "")
     assert gate.admit("b") is None
     assert "MAX_CONNECTIONS" in (gate.admit("c") or "")
-    assert (gate.open, gate.per_client, gate.refused) == (3, {"a": 2, "b": 1}, {"total": 1, "per_client": 1})
+    assert (gate.open, gate.per_client) == (3, {"a": 2, "b": 1})
+    assert gate.refused == {"total": 1, "per_client": 1, "evicted": 0}
     gate.leave("a")
     gate.leave("b")
     assert (gate.open, gate.per_client) == (1, {"a": 1})
     assert gate.admit("c") is None
+
+
+class FakeConnection:
+    def __init__(self, gate: ConnectionGate, key: str) -> None:
+        self.gate, self.key, self.evicted = gate, key, ""
+
+    def evict(self, reason: str) -> None:
+        self.evicted = reason
+        self.gate.leave(self.key)
+
+
+def test_a_full_server_evicts_the_oldest_connection_still_sending_headers() -> None:
+    gate = ConnectionGate(ReadLimits(max_connections=3))
+    slow = [FakeConnection(gate, f"slow{i}") for i in range(3)]
+    for conn in slow:
+        assert gate.admit(conn.key) is None
+        gate.sending_headers(conn, True)
+    gate.sending_headers(slow[0], False)  # its headers arrived: it is being served, not evictable
+    gate.sending_headers(slow[0], True)  # the next request on it started: now the youngest
+    assert gate.admit("new") is None
+    assert slow[1].evicted and not slow[0].evicted and not slow[2].evicted
+    assert "MAX_CONNECTIONS" in slow[1].evicted
+    assert (gate.open, gate.refused["evicted"], gate.refused["total"]) == (3, 1, 0)
+    for conn in (slow[2], slow[0]):
+        gate.sending_headers(conn, False)  # both busy now
+    assert "MAX_CONNECTIONS" in (gate.admit("late") or "")  # nobody to evict: refused
+    assert gate.refused == {"total": 1, "per_client": 0, "evicted": 1}
 
 
 def test_no_caps_admit_everything() -> None:
