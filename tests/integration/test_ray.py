@@ -176,7 +176,7 @@ def test_sets_stay_on_the_replicas_that_hold_them(cluster):
 def disk_loads_posted_after(moment: float, timeout: float = 15.0) -> float:
     """Disk loads over the running model replicas, from the residency board, once each has posted its
     statistics after `moment` (they post every 0.5 s; the board answers when they have)."""
-    from uniadapter_serve.service.ray_app import board
+    from uniadapter_serve.service.ray_board import board
 
     replicas = running_model_replicas()
     tables = ray.get(board().read_posted_after.remote(moment, replicas, timeout), timeout=timeout + 10)
@@ -227,7 +227,7 @@ def replaced(victim: str) -> bool:
 
 def board_table(replica: str, moment: float) -> dict:
     """The board's table of one replica, posted after `moment`."""
-    from uniadapter_serve.service.ray_app import board
+    from uniadapter_serve.service.ray_board import board
 
     def posted() -> dict | None:
         return ray.get(board().read_posted_after.remote(moment, 1, 5.0), timeout=30).get(replica)
@@ -238,6 +238,8 @@ def board_table(replica: str, moment: float) -> dict:
 def test_a_killed_replica_leaves_the_board(cluster):
     """kill -9 of one of 2 model replicas: once Serve has replaced it, /readyz counts 2 model replicas and
     GET /adapters lists and budgets only live ones (the dead one never shut down, so never said goodbye)."""
+    from uniadapter_serve.service.ray_board import board, running_replicas
+
     url = cluster["url"]
 
     def view() -> tuple[int, int, int]:
@@ -249,8 +251,6 @@ def test_a_killed_replica_leaves_the_board(cluster):
 
     def held_by(replicas: set[str]) -> int:
         """device-resident rows the given replicas posted (read from the board, whatever it keeps)"""
-        from uniadapter_serve.service.ray_app import board
-
         tables = ray.get(board().read_posted_after.remote(time.time(), len(replicas), 10.0), timeout=30)
         return sum(1 for k, t in tables.items() if k in replicas for r in t["rows"] if r["tier"] == "device")
 
@@ -260,8 +260,6 @@ def test_a_killed_replica_leaves_the_board(cluster):
     kill_9(victim)
     wait_until(lambda: replaced(victim), "Serve replaced the killed replica")
     live = {replica_id(n) for n in model_replicas()}
-    from uniadapter_serve.service.ray_app import running_replicas
-
     assert running_replicas("uniadapter") == live  # Serve's view, as the ingress reads it
 
     def settled() -> bool:
@@ -269,6 +267,9 @@ def test_a_killed_replica_leaves_the_board(cluster):
         return count == 2 and total == 2 * budget and rows == held_by(live)
 
     wait_until(settled, "readyz and /adapters count only the live replicas", timeout=60)
+    # the board itself forgets it (a few missed posts), whatever reads it
+    wait_until(lambda: replica_id(victim) not in ray.get(board().read.remote(), timeout=30),
+               "the board forgot the killed replica", timeout=60)
     count, _, total = view()
     assert (count, total) == (2, 2 * budget), view()
 
