@@ -206,7 +206,21 @@ METADATA_ERROR_FIELD: Any = Field(None, description="Why `metadata` is empty tho
                                   "before today's limits and cannot be sent; null normally.")
 
 
-class RetrieveHit(BaseModel):
+class _SendsMetadata(BaseModel):
+    """A response carrying an item's stored metadata: metadata that cannot be sent back (a row from before the
+    limits held) goes out as {} with the reason, so one such item never turns a listing or a search into a 500."""
+
+    metadata: dict[str, Any]
+    metadata_error: str | None
+
+    @model_validator(mode="after")
+    def _sendable(self) -> _SendsMetadata:
+        self.metadata, error = readable_metadata(self.metadata)
+        self.metadata_error = self.metadata_error or error
+        return self
+
+
+class RetrieveHit(_SendsMetadata):
     id: str
     score: float = Field(description="ITC cosine similarity (or ITM match probability when re-ranked).")
     itc_score: float
@@ -217,14 +231,6 @@ class RetrieveHit(BaseModel):
                                   "and videos; null for texts and inline candidates).")
     thumbnail_url: str | None = Field(None, description="Its thumbnail (add ?size=N to choose another side).")
 
-    @model_validator(mode="after")
-    def _sendable(self) -> RetrieveHit:
-        """Stored metadata that cannot be sent back (a row from before the limits held) goes out as {} with the
-        reason: one such item never turns a listing or a search into a 500."""
-        self.metadata, error = readable_metadata(self.metadata)
-        self.metadata_error = self.metadata_error or error
-        return self
-
 
 class RetrieveResponse(BaseModel):
     results: list[RetrieveHit]
@@ -232,7 +238,7 @@ class RetrieveResponse(BaseModel):
     collection: str | None = None
 
 
-class ItemInfo(BaseModel):
+class ItemInfo(_SendsMetadata):
     id: str
     kind: Literal["image", "video", "text"]
     metadata: dict[str, Any]
@@ -246,14 +252,6 @@ class ItemInfo(BaseModel):
     media_url: str | None = None
     thumbnail_url: str | None = None
     metadata_error: str | None = METADATA_ERROR_FIELD
-
-    @model_validator(mode="after")
-    def _sendable(self) -> ItemInfo:
-        """Stored metadata that cannot be sent back (a row from before the limits held) goes out as {} with the
-        reason: one such item never turns a listing or a search into a 500."""
-        self.metadata, error = readable_metadata(self.metadata)
-        self.metadata_error = self.metadata_error or error
-        return self
 
 
 class ItemPage(BaseModel):
