@@ -17,7 +17,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from uniadapter_serve.service.app import create_app
-    from uniadapter_serve.service.server_limits import limited_protocol
+    from uniadapter_serve.service.server_limits import limited_protocol, raise_file_limit
     from uniadapter_serve.service.settings import Settings
 
     overrides = {k: v for k, v in {"backbone": args.backbone, "adapters_root": args.adapters_root,
@@ -28,6 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler;
     # this one turns it into a clean exit (status 0) instead of death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    raise_file_limit(settings.max_connections)
     app = create_app(settings)
     # the protocol caps connections (total, per client) and times out slow headers and bodies; no route
     # speaks WebSocket, so upgrades are not offered (a hijacked connection would escape those limits)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -24,6 +25,11 @@ from uniadapter_serve.service.metrics import CallbackMetric, ServiceMetrics
 if TYPE_CHECKING:
     from uniadapter_serve.service.settings import Settings
 
+log = logging.getLogger(__name__)
+
+FILES_HEADROOM = 256
+"""Open files the server needs besides its connections (models, stores, logs), and refused connections
+lingering for their 503."""
 READ_GRACE_S = 0.05
 """A read timeout that fires is confirmed this much later: after a stalled event loop, uvloop runs due timers
 before it reads the sockets, so bytes that did arrive in time would otherwise not count."""
@@ -222,11 +228,12 @@ class _LimitedProtocol(asyncio.Protocol):
         self._timer = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
     def evict(self, reason: str) -> None:
-        if self._admitted:
+        if self._admitted:  # closed at once, no linger: its file descriptor is what the newcomer needs
             self._admitted = False
             self.gate.leave(self._key)
             self._cancel()
-            self._refuse(reason)
+            self.transport.write(_raw_response("503 Service Unavailable", reason, b"retry-after: 1\r\n"))
+            self.transport.close()
 
     def _expect_headers(self) -> None:
         self._phase = _HEADERS
@@ -278,6 +285,22 @@ class _LimitedProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def raise_file_limit(max_connections: int) -> None:
+    """Lift the soft limit on open files to the hard one (containers often start at 1,024, under the default
+    MAX_CONNECTIONS plus the server's own files); warn when even the hard limit is too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    need = max_connections + FILES_HEADROOM
+    if max_connections and soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("open-file limit %d is under MAX_CONNECTIONS (%d) + %d for the server's own files: connections "
+                    "past it fail to be accepted; lower UNIADAPTER_MAX_CONNECTIONS or raise the limit (ulimit -n)",
+                    soft, max_connections, FILES_HEADROOM)
 
 
 def limited_protocol(gate: ConnectionGate) -> type[asyncio.Protocol]:

@@ -4,6 +4,9 @@ counting, without a server (tests/integration/test_limits.py runs them under uvi
 from __future__ import annotations
 
 import asyncio
+import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -132,3 +135,24 @@ def test_no_caps_admit_everything() -> None:
 ])
 def test_client_key(client: tuple[str, int] | None, key: str) -> None:
     assert client_key(client) == key
+
+
+def _file_limit_after(soft: int, hard: int, max_connections: int) -> subprocess.CompletedProcess[str]:
+    code = (f"import logging, resource; logging.basicConfig(); resource.setrlimit(resource.RLIMIT_NOFILE, "
+            f"({soft}, {hard})); from uniadapter_serve.service.server_limits import raise_file_limit; "
+            f"raise_file_limit({max_connections}); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 2000:
+        pytest.skip(f"hard open-file limit {hard}")
+    run = _file_limit_after(256, hard, 1000)
+    assert int(run.stdout) == hard and "open-file limit" not in run.stderr
+
+
+def test_a_hard_limit_under_max_connections_is_named() -> None:
+    run = _file_limit_after(128, 512, 1000)
+    assert int(run.stdout) == 512
+    assert "open-file limit 512 is under MAX_CONNECTIONS (1000)" in run.stderr
