@@ -131,19 +131,26 @@ class PgLink:
 
     # -- going down and coming back ---------------------------------------------------------------------
 
-    def went_down(self, pool: ConnectionPool | None, error: BaseException) -> None:
-        """A call on `pool` (None: the listener) failed: fail fast and probe until PostgreSQL is back."""
+    def went_down(self, pool: ConnectionPool, error: BaseException) -> None:
+        """A call on `pool` failed: fail fast and probe until PostgreSQL is back."""
         with self._lock:
-            if pool is not None and pool is not self.pool:
+            if pool is not self.pool:
                 return  # a connection of a pool already replaced
             self.last_error = describe(error)
-            if self.available.is_set():
+            was_up = self.available.is_set()
+            if was_up:
                 log.warning("PostgreSQL unreachable (%s): writes answer 503 and reads answer from memory until it "
                             "is back", self.last_error)
             self.available.clear()
+            dead = self.pool
             if self._prober is None and not self._stop.is_set():
                 self._prober = threading.Thread(target=self._probe, name="uniadapter-pg-probe", daemon=True)
                 self._prober.start()
+        # Closing wakes every call already waiting on it for a connection (PoolClosed: unavailable at once)
+        # instead of letting each wait out the pool timeout; calls in flight finish first.
+        if was_up:
+            threading.Thread(target=dead.close, kwargs={"timeout": 1.0}, name="uniadapter-pg-close",
+                             daemon=True).start()
 
     def _probe(self) -> None:
         while True:

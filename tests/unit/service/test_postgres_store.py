@@ -142,6 +142,7 @@ def test_searches_during_an_outage_never_wait_on_a_connection(tmp_path):
         with pytest.raises(StoreUnavailableError):
             store.count()
         link = store_backend.link
+        wait_for(lambda: link.pool.closed, "the dead pool closed (calls waiting on it for a connection woken)")
         asked = link.pool.get_stats().get("requests_num", 0)
         probes = link.probes
         while link.probes < probes + 25:  # the prober keeps failing meanwhile: longer than the old 2 s window
