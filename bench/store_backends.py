@@ -28,7 +28,7 @@ from support.postgres import PostgresServer
 
 from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.postgres_store import PostgresBackend
-from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 from uniadapter_serve.service.collections.store import NewItem, StoreBackend
 
 

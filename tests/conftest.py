@@ -43,7 +43,7 @@ def pg_server():
 def store_backend(request, tmp_path):
     """A collection store backend of each kind, empty."""
     if request.param == "sqlite":
-        from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+        from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 
         backend = SqliteBackend(tmp_path / "collections")
     else:

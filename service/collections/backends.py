@@ -14,6 +14,6 @@ def open_backend(settings: Settings) -> StoreBackend:
 
         return PostgresBackend(settings.database_url.get_secret_value(), local_root=local,
                                media_root=settings.media_dir)
-    from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+    from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 
     return SqliteBackend(local)

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from uniadapter_serve.errors import ConflictError, NotFoundError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.service.collections.postgres_store import PostgresBackend, PostgresStore
-from uniadapter_serve.service.collections.sqlite_store import SqliteBackend, SqliteStore
+from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
+from uniadapter_serve.service.collections.sqlite_store import SqliteStore
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 from uniadapter_serve.errors import ConflictError, NotFoundError
 from uniadapter_serve.service.collections.cleanup import ORPHAN_GRACE_S, ServingLock, remove_orphan_media
 from uniadapter_serve.service.collections.collection import SNAPSHOT_FILE, Collection
-from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 from uniadapter_serve.service.collections.store import CollectionGone, NewItem, StoreBackend
 
 DIM = 8

@@ -27,7 +27,7 @@ from uniadapter_serve.service.collections import faiss_device
 from uniadapter_serve.service.collections.collection import SNAPSHOT_FILE, Collection
 from uniadapter_serve.service.collections.faiss_device import FaissDevice, GpuWorker
 from uniadapter_serve.service.collections.index import COMPACT_AT, VectorIndex
-from uniadapter_serve.service.collections.sqlite_store import SqliteBackend
+from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 from uniadapter_serve.service.collections.store import NewItem
 
 DIM = 16
