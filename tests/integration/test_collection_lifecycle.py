@@ -150,6 +150,8 @@ def test_a_delete_and_re_create_racing_writers_on_one_replica(tmp_path, store):
         writers = Writers(server.url, "race")
         try:
             wait_for(lambda: writers.acked() >= 12, "adds before the delete")
+            reindex = httpx.post(f"{server.url}/collections/race/reindex", json={"adapter": "ret-b"}, timeout=60)
+            assert reindex.status_code == 202, reindex.text  # re-embedding in the background when the delete comes
             assert httpx.delete(f"{server.url}/collections/race", timeout=60).status_code == 204
             deleted_at = time.monotonic()
             new = create(server.url, "race")  # never 409: nothing the writers did keeps the name
@@ -159,9 +161,12 @@ def test_a_delete_and_re_create_racing_writers_on_one_replica(tmp_path, store):
             writers.finish()
         check(writers, old, new, deleted_at, listing(server.url, "race"))
         assert httpx.get(f"{server.url}/collections", timeout=60).status_code == 200
+        stats = httpx.get(f"{server.url}/collections/race", timeout=60).json()
+        assert (stats["uid"], stats["generation"], stats["reindex_target"]) == (new, 0, None)  # not the old re-index's
         wait_for(lambda: not deleted_files_open(server), "the deleted collection's files to be closed", 30)
     finally:
         server.stop()
+    assert "Traceback" not in server.log.read_text()  # the re-index met the delete quietly, and nothing else failed
 
 
 def test_a_replica_writing_to_a_collection_another_deletes_and_re_creates(tmp_path, store):
