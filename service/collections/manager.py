@@ -411,9 +411,10 @@ class CollectionManager:
             log.info("collection %s re-indexed with %s", name, ref)
         except asyncio.CancelledError:
             raise
-        except CollectionGone:
-            log.info("collection %s was deleted while re-indexing to %s", name, ref)
-        except Exception:
+        except Exception as e:
+            if isinstance(e, CollectionGone) or _deleted(collection):  # its files went first: not a failure
+                log.info("collection %s was deleted while re-indexing to %s", name, ref)
+                return
             log.exception("re-indexing %s to %s failed", name, ref)
             with contextlib.suppress(Exception):
                 collection.store.set_reindex_target(None)
@@ -427,3 +428,16 @@ def _noting_gone(collection: Collection) -> Iterator[None]:
     except CollectionGone:
         collection.gone = True
         raise
+
+
+def _deleted(collection: Collection) -> bool:
+    """Whether the collection is known deleted (here or, as its store says, by another process)."""
+    if collection.gone:
+        return True
+    try:
+        collection.store.meta()
+    except CollectionGone:
+        return True
+    except Exception:  # unreachable store: not known deleted
+        return False
+    return False
