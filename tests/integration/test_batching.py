@@ -9,7 +9,6 @@ in the batch metrics that each stage ran them as exactly one batch."""
 from __future__ import annotations
 
 import base64
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from support.inprocess import InProcessServer, start_in_process
 from support.media import image_bytes
 from support.server import publish_test_sets
+from support.waiting import until
 
 STAGES = ("vision", "answer")
 
@@ -34,13 +34,13 @@ def held_server(tmp_path_factory):
 def wait_until(condition, what: str, futures: list[Future[httpx.Response]], timeout: float = 30.0) -> None:
     """Poll the server's state until `condition()`, with a deadline; fail at once if every request was answered
     meanwhile (nothing held them)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if all(f.done() for f in futures):
-            raise AssertionError(f"every request was answered while waiting for {what}: "
-                                 f"{[f.result().text if f.exception() is None else f.exception() for f in futures]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    def answered() -> str | None:
+        if not all(f.done() for f in futures):
+            return None
+        return (f"every request was answered meanwhile: "
+                f"{[f.result().text if f.exception() is None else f.exception() for f in futures]}")
+
+    until(condition, what, timeout, every=0.005, stop=answered)
 
 
 def batch_stats(srv: InProcessServer) -> dict[str, tuple[float, float, float]]:

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from support.keys import ADMIN_KEY, READ_KEY
 from support.media import image_bytes
 from support.server import start_server
+from support.waiting import until
 
 SIDE = 2000
 PIXELS = SIDE * SIDE
@@ -62,10 +63,7 @@ def gauge(c: httpx.Client, name: str) -> float:
 
 
 def wait_until(condition, what: str, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    until(condition, what, deadline_s)
 
 
 @pytest.fixture

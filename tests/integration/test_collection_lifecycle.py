@@ -20,6 +20,7 @@ import httpx
 import pytest
 from support.media import image_bytes
 from support.server import Server, publish_test_sets, start_server
+from support.waiting import until
 
 DEADLINE_S = 120.0
 
@@ -44,10 +45,7 @@ def b64(data: bytes) -> str:
 
 
 def wait_for(condition, what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    until(condition, what, timeout)
 
 
 def create(url: str, name: str) -> str:

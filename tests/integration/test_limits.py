@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from support.server import Server, start_server
+from support.waiting import until
 
 BODY = 900_000
 """a body that fills most of the 1 MiB budgets below"""
@@ -65,10 +66,7 @@ def metric(server: Server, name: str, **labels: str) -> float:
 
 
 def wait_until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    until(check, what, DEADLINE_S, every=0.05)
 
 
 def connect(server: Server, source: str = "127.0.0.1") -> socket.socket:

@@ -7,7 +7,6 @@ import base64
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from support.inprocess import start_in_process
 from support.media import image_bytes
 from support.server import publish_test_sets, start_server
+from support.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,8 @@ def test_burst_gets_429_with_retry_after_and_accepted_requests_complete(held_que
         reference = c.post("/vqa", json=body).json()
         with batcher.hold("vision"):
             accepted = pool.submit(c.post, "/vqa", json=body)
-            deadline = time.monotonic() + 30
-            while batcher.queued("vision") < 1:
-                assert not accepted.done(), accepted.result().text
-                assert time.monotonic() < deadline, "the first request's job was never queued"
-                time.sleep(0.005)
+            until(lambda: batcher.queued("vision") >= 1, "the first request's job to be queued", every=0.005,
+                  stop=lambda: accepted.result().text if accepted.done() else None)
             burst = list(pool.map(lambda _: c.post("/vqa", json=body), range(8)))
         first = accepted.result()
         after = c.post("/vqa", json=body)

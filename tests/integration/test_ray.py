@@ -17,6 +17,7 @@ import httpx
 import pytest
 from support.media import image_bytes
 from support.server import free_port, start_server
+from support.waiting import until
 
 from uniadapter_serve.adapters.format import (
     CONFIG_FILE,
@@ -214,11 +215,7 @@ def replica_id(name: str) -> str:
 
 def wait_until(check, what: str, timeout: float = 120.0):
     """`check()` once it is truthy, polled on state the cluster and the service expose, until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
-    return value
+    return until(check, what, timeout, every=0.2)
 
 
 def replaced(victim: str) -> bool:

@@ -5,7 +5,6 @@ test is queued, so that whether requests meet in one batch never depends on sche
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 import uvicorn
 
 from support.server import free_port
+from support.waiting import until
 from uniadapter_serve.service.app import create_app
 from uniadapter_serve.service.batcher import Batcher
 from uniadapter_serve.service.core import ServiceCore
@@ -51,10 +51,7 @@ def start_in_process(data_root: Path, **settings: object) -> InProcessServer:
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)  # no signal handlers here
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive(), "the in-process server exited during start-up (see the log above)"
-        assert time.monotonic() < deadline, "the in-process server did not start"
-        time.sleep(0.05)
+    until(lambda: server.started, "the in-process server to start", 120, every=0.05,
+          stop=lambda: None if thread.is_alive() else "it exited during start-up (see the log above)")
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     return InProcessServer(url, server, thread, app.state.core)

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+from support.waiting import until
 
 from uniadapter_serve.errors import DeadlineExceededError, MediaTooLargeError, ServerBusyError
 from uniadapter_serve.model.media.budget import DecodeBudget
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    until(condition, "the budget's state", timeout, every=0.001)
 
 
 class Clock:
