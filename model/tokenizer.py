@@ -25,6 +25,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 _PUNCT = re.compile(r"[^\w\s]")
 
+CAPTION_WORDS, QUESTION_WORDS = 30, 50
+"""Words kept of a caption / query and of a question (BLIP's pre_caption / pre_question limits)."""
+
 
 def clean_text(text: str, max_words: int) -> str:
     """BLIP's pre_caption/pre_question: lowercase, punctuation to spaces, at most `max_words`."""
