@@ -103,12 +103,9 @@ class AdapterManager:
 
     # -- public API -------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> AdapterSetMeta:
-        return self.registry.resolve(ref)
-
     def acquire(self, ref: str) -> Lease:
         """Resolve `ref`, make the set device-resident if needed, and lease it."""
-        meta = self.resolve(ref)
+        meta = self.registry.resolve(ref)
         while True:
             with self._lock:
                 entry = self._device.get(meta.ref)
@@ -140,7 +137,7 @@ class AdapterManager:
             return held.meta
 
     def unpin(self, ref: str) -> AdapterSetMeta:
-        meta = self.resolve(ref)
+        meta = self.registry.resolve(ref)
         with self._lock:
             entry = self._device.get(meta.ref)
             if entry is not None:
@@ -150,7 +147,7 @@ class AdapterManager:
     def unload(self, ref: str, *, when_free: bool = False) -> AdapterSetMeta:
         """Drop a set from both tiers; refused while it is pinned or leased (`when_free`: a leased set
         leaves as its last lease ends instead)."""
-        meta = self.resolve(ref)
+        meta = self.registry.resolve(ref)
         with self._lock:
             entry = self._device.get(meta.ref)
             if entry is not None:

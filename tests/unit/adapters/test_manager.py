@@ -84,7 +84,7 @@ def test_leased_sets_are_never_evicted(manager):
     la.release()
     la.release()  # idempotent
     manager.load("c")  # a is free now
-    assert manager.resident() == [manager.resolve("b").ref, manager.resolve("c").ref]
+    assert manager.resident() == [manager.registry.resolve("b").ref, manager.registry.resolve("c").ref]
     lb.release()
 
 
@@ -96,7 +96,7 @@ def test_load_waits_for_a_running_batch_to_release_room(backbone, registry, size
     threading.Timer(0.2, held.release).start()
     with manager.lease("b") as lb:  # blocks until a is released, then evicts it
         assert lb.meta.name == "b"
-    assert manager.resident() == [manager.resolve("b").ref]
+    assert manager.resident() == [manager.registry.resolve("b").ref]
 
 
 def test_set_larger_than_budget(backbone, registry, size):

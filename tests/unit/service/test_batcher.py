@@ -68,7 +68,7 @@ def make(manager, recorder, **kw):
 
 
 def refs(manager):
-    return manager.resolve("a").ref, manager.resolve("b").ref
+    return manager.registry.resolve("a").ref, manager.registry.resolve("b").ref
 
 
 NEVER_MS = 3_600_000.0
