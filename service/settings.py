@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from uniadapter_serve.model.media.video import FRAMES_HELD
-
 MB = 1024 * 1024
+FRAMES_HELD = 8
+"""Full-size frames one video decode holds at most: `model.media.video.FRAMES_HELD` (a unit test keeps them
+equal), written out here so loading the configuration never loads PyAV, FFmpeg or torch."""
 
 
 class Settings(BaseSettings):
