@@ -53,3 +53,28 @@ def store_backend(request, tmp_path):
         backend = PostgresBackend(url, local_root=tmp_path / "collections", media_root=tmp_path / "media")
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def demo_app(tmp_path_factory):
+    """The shipped demo model served in-process (support.asgi): lifespan on, its sets and collections, no keys,
+    no Redis, SQLite collections in a temporary data root."""
+    from support.asgi import running_app
+
+    with running_app(tmp_path_factory.mktemp("asgi-demo")) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory):
+    """tests/integration's session `server` in-process: blip-tiny, the test sets (`tiny_app.refs`), the read and
+    admin keys and the same limits (support.asgi.SESSION_SETTINGS), its own temporary data root."""
+    from support.asgi import SESSION_SETTINGS, running_app
+    from support.keys import ADMIN_KEY, READ_KEY
+    from support.server import publish_test_sets
+
+    root = tmp_path_factory.mktemp("asgi-tiny")
+    refs = publish_test_sets(root)
+    with running_app(root, api_key=READ_KEY, admin_key=ADMIN_KEY, **SESSION_SETTINGS) as service:
+        service.refs = refs
+        yield service
