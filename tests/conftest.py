@@ -78,3 +78,21 @@ def tiny_app(tmp_path_factory):
     with running_app(root, api_key=READ_KEY, admin_key=ADMIN_KEY, **SESSION_SETTINGS) as service:
         service.refs = refs
         yield service
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_app):
+    """A client of `tiny_app` with the read key (as a Bearer token, like tests/integration's `client`)."""
+    from support.keys import READ_KEY
+
+    with tiny_app.client(headers={"Authorization": f"Bearer {READ_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_admin(tiny_app):
+    """A client of `tiny_app` with the admin key (X-API-Key, like tests/integration's `admin`)."""
+    from support.keys import ADMIN_KEY
+
+    with tiny_app.client(ADMIN_KEY) as c:
+        yield c

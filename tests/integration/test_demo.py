@@ -1,41 +1,29 @@
 """`uniadapter serve` with no arguments: the shipped demo model, its sets and collections, and the
-Swagger examples that answer correctly."""
+Swagger examples that answer correctly. In-process (support.asgi): the session's demo app, and apps of their own
+for a restart and for the demo switched off."""
 
 from __future__ import annotations
 
 import io
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from support.server import start_server
+from support.asgi import running_app
 
 from uniadapter_serve.adapters.format import read_adapter_meta
 from uniadapter_serve.service import demo
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo-data")
+def demo_root(demo_app):
+    return demo_app.data_root
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo-logs")
-
-
-@pytest.fixture(scope="module")
-def server(demo_root, logs):
+def client(demo_app):
     assert demo.shipped(), "the trained demo backbone and sets must ship in model/demo/"
-    srv = start_server(demo_root, logs, backbone="demo")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with demo_app.client() as c:
         yield c
 
 
@@ -128,13 +116,13 @@ def test_video_collection_search_returns_clips(client):
     assert [h["id"].startswith("clip-") for h in r.json()["results"]] == [True] * 3
 
 
-def test_restart_changes_nothing(server, demo_root, logs):
-    media = sorted((demo_root / "media" / "demo").rglob("*"))
+def test_restart_changes_nothing(tmp_path):
+    root = tmp_path / "data"
+    with running_app(root) as first:  # creates the demo sets and collections
+        assert first.client().get(f"/collections/{demo.IMAGES}").json()["items"] == demo.NUM_IMAGES
+    media = sorted((root / "media" / "demo").rglob("*"))
     before = {p: p.stat().st_mtime_ns for p in media}
-    server.stop()
-    again = start_server(demo_root, logs, backbone="demo")
-    server.url, server.process, server.log = again.url, again.process, again.log  # the module's server from now on
-    with httpx.Client(base_url=again.url, timeout=60) as c:
+    with running_app(root) as again, again.client() as c:
         assert c.get(f"/collections/{demo.IMAGES}").json()["items"] == demo.NUM_IMAGES
         assert c.get(f"/collections/{demo.VIDEOS}").json()["items"] == demo.NUM_VIDEOS
         for name in demo.DEMO_SETS.values():
@@ -143,12 +131,8 @@ def test_restart_changes_nothing(server, demo_root, logs):
 
 
 def test_demo_content_can_be_switched_off(tmp_path):
-    srv = start_server(tmp_path / "data", tmp_path, backbone="demo", demo_content="false")
-    try:
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
-            assert c.get("/collections").json() == []
-            assert c.get("/adapters").json()["adapters"] == []
-            body = _example(c, "/vqa")
-            assert c.post("/vqa", json=body).json()["adapter"] is None  # the bare backbone
-    finally:
-        srv.stop()
+    with running_app(tmp_path / "data", demo_content=False) as srv, srv.client() as c:
+        assert c.get("/collections").json() == []
+        assert c.get("/adapters").json()["adapters"] == []
+        body = _example(c, "/vqa")
+        assert c.post("/vqa", json=body).json()["adapter"] is None  # the bare backbone

@@ -1,15 +1,32 @@
-"""Every route through a real uvicorn process: shapes, both body encodings, docs and schema."""
+"""Every route in-process (support.asgi: the session's blip-tiny app with the test sets, keys and limits of
+tests/integration's `server`): shapes, both body encodings, docs and schema."""
 
 from __future__ import annotations
 
 import base64
 
+import pytest
 from support.media import image_bytes, video_bytes
 from support.server import ANSWERS
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
+@pytest.fixture
+def admin(tiny_admin):
+    return tiny_admin
+
+
+@pytest.fixture
+def refs(tiny_app):
+    return tiny_app.refs
 
 
 def test_health_ready_metrics(client, admin):
