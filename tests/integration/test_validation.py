@@ -1,7 +1,9 @@
-"""One validation for every encoding, over real HTTP: item ids, metadata and filters get the same rules as JSON
-and as multipart fields (depth, size, characters), names match whole strings, every header and query value the
-service parses is bounded; each nasty case gets a 4xx naming the field and changes nothing. Rows stored before
-these rules held (metadata nested 600 deep, lone surrogates) still list, read and search."""
+"""One validation for every encoding, in-process (support.asgi: the session's blip-tiny app; the malformed
+Content-Length, which uvicorn refuses before the app, on the real session server): item ids, metadata and filters
+get the same rules as JSON and as multipart fields (depth, size, characters), names match whole strings, every
+header and query value the service parses is bounded; each nasty case gets a 4xx naming the field and changes
+nothing. Rows stored before these rules held (metadata nested 600 deep, lone surrogates) still list, read and
+search."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
+from support.asgi import running_app
 from support.keys import ADMIN_KEY, READ_KEY
 from support.media import image_bytes
-from support.server import start_server
 
 COLL = "val-img"
 PNG = image_bytes((200, 30, 30))
@@ -41,9 +43,19 @@ def nest_objects(n: int) -> dict[str, Any]:
     return value
 
 
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
+@pytest.fixture
+def admin(tiny_admin):
+    return tiny_admin
+
+
 @pytest.fixture(scope="module")
-def coll(server):
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
+def coll(tiny_app):
+    with tiny_app.client(ADMIN_KEY) as admin:
         _fill(admin)
     return COLL
 
@@ -242,19 +254,21 @@ def test_query_values_of_any_length_get_422_naming_them(client, coll, path, para
     assert r.status_code == 422 and field in r.json()["detail"], r.text[:300]
 
 
-def test_other_headers_of_any_size_or_bytes(server, client, coll):
+def test_other_headers_of_any_size_or_bytes(tiny_app, client, coll):
     etag = client.get(MEDIA).headers["etag"]
     assert client.get(MEDIA, headers={"If-None-Match": '"x", ' * 1500 + etag}).status_code == 304
     assert client.get(MEDIA, headers={"If-None-Match": b"\xff\xfe\x00"[:2] * 2000}).status_code == 200
     for headers in ({"Authorization": "Bearer " + "k" * 8000}, {"Authorization": b"Bearer \xff\xfe\x80"},
                     {"Authorization": "Bearer"}, {"X-API-Key": b"\xc3\x28" * 1000}, {"X-API-Key": ""}):
-        r = httpx.get(f"{server.url}/collections/{COLL}/items", headers=headers)
+        with tiny_app.client() as anon:
+            r = anon.get(f"/collections/{COLL}/items", headers=headers)
         assert r.status_code in (401, 403) and r.json()["error"] == "AuthError", (headers, r.text)
-    assert httpx.get(f"{server.url}/collections/{COLL}/items",
-                     headers={"Authorization": f"Bearer {READ_KEY}"}).status_code == 200
+    with tiny_app.client() as anon:
+        assert anon.get(f"/collections/{COLL}/items",
+                        headers={"Authorization": f"Bearer {READ_KEY}"}).status_code == 200
 
 
-def test_a_content_length_that_is_not_a_number_is_refused(server, coll):
+def test_a_content_length_that_is_not_a_number_is_refused(server):
     url = urlsplit(server.url)
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(f"POST {ITEMS} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ADMIN_KEY}\r\nContent-Type: application/json\r\n"
@@ -267,32 +281,28 @@ def test_a_content_length_that_is_not_a_number_is_refused(server, coll):
 
 
 @pytest.fixture(scope="module")
-def legacy(data_root, refs, tmp_path_factory):
-    """A server whose store holds rows no add accepts now (metadata 600 deep, a lone surrogate), written into its
+def legacy(tiny_app, tmp_path_factory):
+    """An app whose store holds rows no add accepts now (metadata 600 deep, a lone surrogate), written into its
     SQLite file while it was stopped, as an older version could have stored them."""
     root = tmp_path_factory.mktemp("legacy-data")
-    (root / "adapters").symlink_to(data_root / "adapters")
-    logs = tmp_path_factory.mktemp("legacy-logs")
-    srv = start_server(root, logs)
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
+    (root / "adapters").symlink_to(tiny_app.data_root / "adapters")
+    with running_app(root, backbone="blip-tiny") as srv, srv.client() as c:
         assert c.post("/collections", json={"name": "old", "kind": "image", "adapter": "ret-a"}).status_code == 201
         r = c.post("/collections/old/items", json={"items": [
             {"id": "deep", "image": b64(PNG)}, {"id": "odd", "image": b64(BLUE)},
             {"id": "fine", "image": b64(image_bytes((30, 200, 30))), "metadata": {"caption": "green"}}]})
         assert r.status_code == 201, r.text
-    srv.stop()
     stores = list(root.rglob("items.sqlite"))
     assert len(stores) == 1, stores
     with sqlite3.connect(stores[0]) as db:
         db.execute("UPDATE items SET metadata = ? WHERE external_id = 'deep'", ('{"a":' * 600 + "1" + "}" * 600,))
         db.execute("UPDATE items SET metadata = ? WHERE external_id = 'odd'", ('{"x": "\\ud800"}',))
-    srv = start_server(root, logs)
-    yield srv
-    srv.stop()
+    with running_app(root, backbone="blip-tiny") as srv:
+        yield srv
 
 
-def test_stored_metadata_that_cannot_be_sent_never_breaks_a_read(legacy):
-    with httpx.Client(base_url=legacy.url, timeout=60) as c:
+def test_stored_metadata_that_cannot_be_sent_never_breaks_a_read(legacy, caplog):
+    with legacy.client() as c:
         page = c.get("/collections/old/items")
         assert page.status_code == 200, page.text
         rows = {it["id"]: it for it in page.json()["items"]}
@@ -308,4 +318,4 @@ def test_stored_metadata_that_cannot_be_sent_never_breaks_a_read(legacy):
             "deep": True, "odd": True, "fine": False}
         assert c.delete("/collections/old/items/deep").status_code == 204
         assert [it["id"] for it in c.get("/collections/old/items").json()["items"]] == ["odd", "fine"]
-    assert "Traceback" not in legacy.log.read_text()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the app's log"
