@@ -286,12 +286,14 @@ class SetLimits:
             raise AdapterIncompatibleError(f"{meta.ref}: its answer list has {len(meta.answer_list):,} answers, "
                                            f"over this server's limit of {self.max_answers:,} (MAX_ANSWER_LIST)")
 
-    def rank_k(self, meta: AdapterSetMeta | None, default: int) -> int:
-        """Candidates scored in full in rank mode: the set's `extra.rank_k` (else `default`), at most
-        `max_rank_k`. A set already on disk that asks for more is clamped, not refused: a smaller k only
-        prunes harder by the first token, over the same answers and the same scores."""
+    def rank_k(self, meta: AdapterSetMeta | None, default: int, *, top_k: int = 1, answers: int | None = None) -> int:
+        """Candidates scored in full in rank mode, decided here alone: the set's `extra.rank_k` (else `default`),
+        at most `max_rank_k`, at least the `top_k` answers asked for, at most the list's `answers`. A set
+        already on disk that asks for more is clamped, not refused: a smaller k only prunes harder by the first
+        token, over the same answers and the same scores."""
         own = meta.extra.get("rank_k") if meta is not None else None
-        return min(int(own) if own is not None else default, self.max_rank_k)
+        k = max(top_k, min(int(own) if own is not None else default, self.max_rank_k))
+        return k if answers is None else min(k, answers)
 
 
 def expected_shapes(config: UniAdapterConfig, dims: BackboneDims) -> dict[str, tuple[int, ...]]:

@@ -55,7 +55,8 @@ def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question
     """
     B = question_states.shape[0]
     C = candidate_ids.shape[0]
-    k = max(1, min(k, C))
+    if not 1 <= k <= C:
+        raise ValueError(f"k = {k} candidates to score of a list of {C} (SetLimits.rank_k decides k)")
     routing = routing or Routing.none(B)
     cache = DecoderCache()
     bos = candidate_ids[:1, :1].expand(B, 1)
@@ -72,16 +73,6 @@ def rank_answers(backbone: BlipBackbone, question_states: torch.Tensor, question
 
 BLIP_LABEL_SMOOTHING = 0.1
 """BLIP's text decoder trains and ranks with label-smoothed cross-entropy"""
-
-
-def _blip_rank_score(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BLIP's rank score: minus the label-smoothed cross-entropy of tokens 2..L, summed per sequence;
-    smoothing eps gives (1 - eps) * log p(token) + eps * mean over the vocabulary of log p."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    eps = BLIP_LABEL_SMOOTHING
-    per_token = (1 - eps) * token_logp + eps * logp.mean(dim=-1)
-    return (per_token * mask[:, 1:].to(per_token.dtype)).sum(dim=1)
 
 
 def _sequence_log_likelihood(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

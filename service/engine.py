@@ -6,31 +6,23 @@ Two implementations, and no route, schema or error code differs between them:
 - `RayEngine` (`ray_app.py`): handles to a Ray Serve model deployment whose replicas each run a
   `LocalEngine`, called with `multiplexed_model_id` = the set's `name@version`.
 
-Methods are task-level, so one request is one call to one replica (a VQA request's image states never leave
-the replica that computed them). Sets are named by exact `name@version` (None: the bare backbone), and every
-deadline is in seconds from now, so it survives a hop to another host.
+A task is one typed job (`service/tasks.py`) built by the route and run whole by `Engine.run`, so one request
+is one call to one replica (a VQA request's image states never leave the replica that computed them). Sets are
+named by exact `name@version` (None: the bare backbone); the job's `Deadline` is the request's, and survives a
+hop to another host.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
-from uniadapter_serve.service.stages import VisionInput
+from uniadapter_serve.service.tasks import Task
 
-
-@dataclass
-class Ranking:
-    """Candidates scored against one query: ITC for all, ITM for the top `rerank_k` by ITC."""
-
-    itc: list[float]
-    itm: dict[int, float] = field(default_factory=dict)
+R = TypeVar("R")
 
 
 class Engine(abc.ABC):
@@ -57,40 +49,9 @@ class Engine(abc.ABC):
     # -- tasks ---------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1,
-                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
-        """VQA / VideoQA: answers best first, with their scores (rank mode: log-likelihoods or BLIP's rank score
-        per `rank_score`; generate mode: log-likelihoods, greedy or beam search with `num_beams`, the other
-        finished beams as alternatives)."""
-
-    @abc.abstractmethod
-    async def embed_text(self, text: str, ref: str | None, timeout: float) -> torch.Tensor:
-        """(E,) float32 L2-normalised ITC embedding, on the host."""
-
-    @abc.abstractmethod
-    async def embed_visual(self, visual: VisionInput, ref: str | None, timeout: float) -> torch.Tensor:
-        """(E,) float32 L2-normalised ITC embedding of an image or a clip, on the host."""
-
-    @abc.abstractmethod
-    async def rank_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None, rerank_k: int,
-                          timeout: float) -> Ranking:
-        """A text query against images/clips."""
-
-    @abc.abstractmethod
-    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None, rerank_k: int,
-                         timeout: float) -> Ranking:
-        """An image query against texts."""
-
-    @abc.abstractmethod
-    async def match_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None,
-                           timeout: float) -> list[float]:
-        """ITM match probability of the query with each image/clip."""
-
-    @abc.abstractmethod
-    async def match_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None,
-                          timeout: float) -> list[float]:
-        """ITM match probability of the image/clip with each text."""
+    async def run(self, job: Task[R]) -> R:
+        """Run one task job (`tasks.AnswerJob`, `EmbedJob`, `RankJob`, `MatchJob`) on its set, within its
+        deadline."""
 
     # -- adapter residency -----------------------------------------------------------------------------
 

@@ -4,13 +4,15 @@ thread. `uniadapter serve` runs it; on Ray Serve every model replica runs one.""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import time
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -19,26 +21,40 @@ from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.loading import load_backbone, local_folder
-from uniadapter_serve.model.tokenizer import BlipTokenizer, clean_text, load_answer_list, load_tokenizer
+from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
 from uniadapter_serve.service.batcher import Batcher
-from uniadapter_serve.service.engine import Engine, Ranking
+from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
 from uniadapter_serve.service.settings import MB, Settings
 from uniadapter_serve.service.stages import (
     AnswerInput,
     AnswerOutput,
+    GeneratePlan,
     MatchInput,
+    RankPlan,
     TextInput,
-    VisionInput,
     VisionOutput,
-    make_handlers,
-    step_macs,
+    make_stages,
+)
+from uniadapter_serve.service.tasks import (
+    Answer,
+    AnswerJob,
+    Deadline,
+    EmbedJob,
+    MatchJob,
+    Ranking,
+    RankJob,
+    Task,
+    VisionInput,
 )
 
 log = logging.getLogger(__name__)
 
-CAPTION_WORDS, QUESTION_WORDS = 30, 50
+R = TypeVar("R")
+
+ANSWER_LISTS_KEPT = 32
+"""sets' own answer lists kept tokenised (least recently used first out)"""
 
 
 @dataclass
@@ -72,9 +88,8 @@ class LocalEngine(Engine):
         )
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
-        handlers = make_handlers(self.backbone, bos_id=self.tokenizer.dec_id, sep_id=self.tokenizer.sep_id,
-                                 pad_id=self.tokenizer.pad_id)
-        self.batcher = Batcher(self.manager, handlers, max_batch_size=settings.max_batch_size,
+        self.stages = make_stages(self.backbone, self.tokenizer)
+        self.batcher = Batcher(self.manager, dict(self.stages), max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=workers,
@@ -84,7 +99,11 @@ class LocalEngine(Engine):
         self._clamped: set[str] = set()
         """sets on disk whose extra.rank_k was over MAX_RANK_K (logged once each)"""
         self.default_answers = self._answer_list(self._default_answer_strings())
-        self._answer_lists: dict[str, AnswerList] = {}
+        self._answer_lists: OrderedDict[str, concurrent.futures.Future[AnswerList]] = OrderedDict()
+        """sets' own lists, tokenised once in a worker thread (never on the event loop); concurrent first
+        requests share the one tokenisation"""
+        self._lists_lock = threading.Lock()
+        self._tokenising = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uniadapter-answers")
         self._ready = False
 
     @property
@@ -99,6 +118,7 @@ class LocalEngine(Engine):
     def stop(self, drain_timeout: float = 30.0) -> None:
         self._ready = False
         self.batcher.stop(drain_timeout)
+        self._tokenising.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def admit(self, jobs: int) -> Iterator[None]:
@@ -118,25 +138,31 @@ class LocalEngine(Engine):
     def _meta(self, ref: str | None) -> AdapterSetMeta | None:
         return None if ref is None else self.registry.resolve(ref)
 
-    def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
+    async def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
+        """The answer list rank mode scores for `meta`, tokenised (in a worker thread the first time)."""
         if meta is None or meta.answer_list is None:
             return self.default_answers
         self.limits.check_answers(meta)  # before anything is tokenised
         if meta.answer_list == self.default_answers.answers:
             return self.default_answers  # same list: jobs of both batch together
-        cached = self._answer_lists.get(meta.ref)
-        if cached is None:
-            cached = self._answer_lists[meta.ref] = self._answer_list(meta.answer_list)
-        return cached
+        with self._lists_lock:
+            future = self._answer_lists.get(meta.ref)
+            if future is None:
+                future = self._answer_lists[meta.ref] = self._tokenising.submit(self._answer_list, meta.answer_list)
+                while len(self._answer_lists) > ANSWER_LISTS_KEPT:
+                    self._answer_lists.popitem(last=False)
+            self._answer_lists.move_to_end(meta.ref)
+        return await asyncio.wrap_future(future)
 
     def _parallel(self, stage: str, payloads: list[Any]) -> bool:
-        return step_macs(self.backbone.config, stage, payloads) >= self.settings.parallel_min_mmacs * 1e6
+        return self.stages[stage].macs(self.backbone.config, payloads) >= self.settings.parallel_min_mmacs * 1e6
 
-    def rank_k(self, meta: AdapterSetMeta | None) -> int:
-        """Candidates scored in full in rank mode: the set's `extra.rank_k` (a positive integer, checked when the
-        set is read), else the RANK_K setting; never over MAX_RANK_K (`SetLimits.rank_k`)."""
-        k = self.limits.rank_k(meta, self.settings.rank_k)
-        if meta is not None and meta.ref not in self._clamped and k < meta.extra.get("rank_k", k):
+    def rank_k(self, meta: AdapterSetMeta | None, top_k: int = 1, answers: int | None = None) -> int:
+        """Candidates scored in full in rank mode (`SetLimits.rank_k`, the one place that decides it): the set's
+        `extra.rank_k`, else the RANK_K setting, never over MAX_RANK_K; logs once a set that asks for more."""
+        k = self.limits.rank_k(meta, self.settings.rank_k, top_k=top_k, answers=answers)
+        if (meta is not None and meta.ref not in self._clamped
+                and self.limits.rank_k(meta, self.settings.rank_k) < meta.extra.get("rank_k", 0)):
             self._clamped.add(meta.ref)
             log.warning("adapter set %s asks for extra.rank_k = %s, over MAX_RANK_K: it is served with k = %d",
                         meta.ref, meta.extra["rank_k"], k)
@@ -152,95 +178,95 @@ class LocalEngine(Engine):
     def _answer_list(self, answers: list[str]) -> AnswerList:
         return AnswerList(answers, self.tokenizer.encode_answers(answers))
 
-    # -- stage steps -------------------------------------------------------------------------------------
-
-    async def _vision(self, item: VisionInput, ref: str | None, deadline: float,
-                      embed: bool = True) -> VisionOutput:
-        payload = item if item.embed == embed else dataclasses.replace(item, embed=embed)
-        result: VisionOutput = await self.batcher.submit("vision", payload, ref, deadline)
-        return result
-
-    async def _text(self, text: str, ref: str | None, deadline: float) -> torch.Tensor:
-        ids, mask = self.tokenizer.encode([clean_text(text, CAPTION_WORDS)], mode="text")
-        result: torch.Tensor = await self.batcher.submit("text", TextInput(ids[0], mask[0]), ref, deadline)
-        return result
-
-    async def _match(self, text: str, visual: VisionOutput, ref: str | None, deadline: float,
-                     text_embedding: torch.Tensor | None = None) -> float:
-        """ITM match probability of `text` with an image or video (frame-aware when the set enables it)."""
-        ids, mask = self.tokenizer.encode([clean_text(text, CAPTION_WORDS)], mode="multimodal")
-        if visual.frame_embeddings is not None and text_embedding is None:
-            text_embedding = await self._text(text, ref, deadline)
-        payload = MatchInput(ids[0], mask[0], visual.states, text_embedding, visual.frame_embeddings,
-                             visual.tokens_per_frame)
-        result: float = await self.batcher.submit("itm", payload, ref, deadline)
-        return result
-
     # -- tasks ---------------------------------------------------------------------------------------------
 
-    async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1,
-                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
-        deadline = time.monotonic() + timeout
-        meta = self._meta(ref)
-        answers = self.answers_for(meta)  # a set over this server's limits is refused before any model work
-        out = await self._vision(visual, ref, deadline, embed=False)
-        ids, mask = self.tokenizer.encode([clean_text(question, QUESTION_WORDS)], mode="multimodal")
-        rank = mode == "rank"
-        size = len(answers.answers)
-        payload = AnswerInput(ids[0], mask[0], out.states, mode="rank" if rank else "generate",
-                              top_k=min(top_k, size) if rank else min(top_k, num_beams),
-                              candidates=answers.tensors, rank_k=min(max(top_k, self.rank_k(meta)), size),
-                              rank_score="blip" if rank_score == "blip" else "likelihood",
-                              max_length=max_length, num_beams=num_beams)
-        result: AnswerOutput = await self.batcher.submit("answer", payload, ref, deadline)
-        if result.indices is not None:
-            return [(answers.answers[i], s) for i, s in zip(result.indices, result.scores, strict=True)]
-        assert result.tokens is not None
-        return [(self.tokenizer.decode(t), s) for t, s in zip(result.tokens, result.scores, strict=True)]
+    async def run(self, job: Task[R]) -> R:
+        if isinstance(job, AnswerJob):
+            return cast(R, await self._answer(job))
+        if isinstance(job, EmbedJob):
+            return cast(R, await self._embed(job))
+        if isinstance(job, RankJob):
+            return cast(R, await self._rank(job))
+        if isinstance(job, MatchJob):
+            return cast(R, await self._match_all(job))
+        raise TypeError(f"no such task job: {type(job).__name__}")
 
-    async def embed_text(self, text: str, ref: str | None, timeout: float) -> torch.Tensor:
-        return await self._text(text, ref, time.monotonic() + timeout)
+    async def _answer(self, job: AnswerJob) -> list[Answer]:
+        meta = self._meta(job.ref)
+        if meta is not None:
+            self.limits.check_answers(meta)  # a set over this server's limits is refused before any model work
+        plan: RankPlan | GeneratePlan
+        answers = await self.answers_for(meta) if job.mode == "rank" else None
+        out = await self._vision(job.visual, job.ref, job.deadline, embed=False)
+        if answers is not None:
+            size = len(answers.answers)
+            plan = RankPlan(answers.tensors, k=self.rank_k(meta, job.top_k, size), top_k=min(job.top_k, size),
+                            score=job.rank_score)
+        else:
+            plan = GeneratePlan(job.max_length, job.num_beams, top_k=min(job.top_k, job.num_beams))
+        result: AnswerOutput = await self.batcher.submit("answer", AnswerInput(job.question, out.states, plan),
+                                                         job.ref, job.deadline.at)
+        if answers is not None:
+            assert result.indices is not None
+            return [Answer(answers.answers[i], s) for i, s in zip(result.indices, result.scores, strict=True)]
+        assert result.texts is not None
+        return [Answer(t, s) for t, s in zip(result.texts, result.scores, strict=True)]
 
-    async def embed_visual(self, visual: VisionInput, ref: str | None, timeout: float) -> torch.Tensor:
-        return _embedding(await self._vision(visual, ref, time.monotonic() + timeout))
+    async def _embed(self, job: EmbedJob) -> torch.Tensor:
+        if isinstance(job.query, str):
+            return await self._text(job.query, job.ref, job.deadline)
+        return _embedding(await self._vision(job.query, job.ref, job.deadline))
 
-    async def rank_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None, rerank_k: int,
-                          timeout: float) -> Ranking:
-        deadline = time.monotonic() + timeout
-        query_emb, outs = await asyncio.gather(
-            self._text(query, ref, deadline), asyncio.gather(*(self._vision(v, ref, deadline) for v in visuals)))
-        itc = (torch.stack([_embedding(o) for o in outs]) @ query_emb).tolist()
-        top = sorted(range(len(itc)), key=lambda i: -itc[i])[:rerank_k]
-        scores = await asyncio.gather(*(self._match(query, outs[i], ref, deadline, text_embedding=query_emb)
-                                        for i in top))
+    async def _rank(self, job: RankJob) -> Ranking:
+        query, texts, visuals = _sides(job.query, job.candidates)
+        if isinstance(query, str):
+            query_emb, outs = await asyncio.gather(self._text(query, job.ref, job.deadline), asyncio.gather(
+                *(self._vision(v, job.ref, job.deadline) for v in visuals)))
+            itc = (torch.stack([_embedding(o) for o in outs]) @ query_emb).tolist()
+            top = _best(itc, job.rerank_k)
+            scores = await asyncio.gather(*(self._match(query, outs[i], job.ref, job.deadline, query_emb)
+                                            for i in top))
+        else:
+            out, embs = await asyncio.gather(self._vision(query, job.ref, job.deadline), asyncio.gather(
+                *(self._text(t, job.ref, job.deadline) for t in texts)))
+            itc = (torch.stack(embs) @ _embedding(out)).tolist()
+            top = _best(itc, job.rerank_k)
+            scores = await asyncio.gather(*(self._match(texts[i], out, job.ref, job.deadline) for i in top))
         return Ranking(itc, dict(zip(top, scores, strict=True)))
 
-    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None, rerank_k: int,
-                         timeout: float) -> Ranking:
-        deadline = time.monotonic() + timeout
-        out, embs = await asyncio.gather(self._vision(visual, ref, deadline),
-                                         asyncio.gather(*(self._text(t, ref, deadline) for t in texts)))
-        itc = (torch.stack(embs) @ _embedding(out)).tolist()
-        top = sorted(range(len(itc)), key=lambda i: -itc[i])[:rerank_k]
-        scores = await asyncio.gather(*(self._match(texts[i], out, ref, deadline) for i in top))
-        return Ranking(itc, dict(zip(top, scores, strict=True)))
+    async def _match_all(self, job: MatchJob) -> list[float]:
+        query, texts, visuals = _sides(job.query, job.candidates)
+        ref, deadline = job.ref, job.deadline
+        if isinstance(query, str):
+            query_emb = await self._text(query, ref, deadline) if any(v.video for v in visuals) else None
 
-    async def match_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None,
-                           timeout: float) -> list[float]:
-        deadline = time.monotonic() + timeout
-        query_emb = await self._text(query, ref, deadline) if any(v.video for v in visuals) else None
+            async def one(v: VisionInput) -> float:
+                return await self._match(query, await self._vision(v, ref, deadline), ref, deadline, query_emb)
 
-        async def one(v: VisionInput) -> float:
-            return await self._match(query, await self._vision(v, ref, deadline), ref, deadline, query_emb)
-
-        return list(await asyncio.gather(*(one(v) for v in visuals)))
-
-    async def match_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None,
-                          timeout: float) -> list[float]:
-        deadline = time.monotonic() + timeout
-        out = await self._vision(visual, ref, deadline)
+            return list(await asyncio.gather(*(one(v) for v in visuals)))
+        out = await self._vision(query, ref, deadline)
         return list(await asyncio.gather(*(self._match(t, out, ref, deadline) for t in texts)))
+
+    # -- stage steps -------------------------------------------------------------------------------------
+
+    async def _vision(self, item: VisionInput, ref: str | None, deadline: Deadline,
+                      embed: bool = True) -> VisionOutput:
+        payload = item if item.embed == embed else dataclasses.replace(item, embed=embed)
+        result: VisionOutput = await self.batcher.submit("vision", payload, ref, deadline.at)
+        return result
+
+    async def _text(self, text: str, ref: str | None, deadline: Deadline) -> torch.Tensor:
+        result: torch.Tensor = await self.batcher.submit("text", TextInput(text), ref, deadline.at)
+        return result
+
+    async def _match(self, text: str, visual: VisionOutput, ref: str | None, deadline: Deadline,
+                     text_embedding: torch.Tensor | None = None) -> float:
+        """ITM match probability of `text` with an image or video (frame-aware when the set enables it)."""
+        if visual.frame_embeddings is not None and text_embedding is None:
+            text_embedding = await self._text(text, ref, deadline)
+        payload = MatchInput(text, visual.states, text_embedding, visual.frame_embeddings, visual.tokens_per_frame)
+        result: float = await self.batcher.submit("itm", payload, ref, deadline.at)
+        return result
 
     # -- adapter residency -----------------------------------------------------------------------------
 
@@ -267,6 +293,20 @@ class LocalEngine(Engine):
         return {"rows": m.table(), "device_budget": m.device_budget, "cpu_budget": m.cpu_budget,
                 "device_bytes": m.device_bytes(), "cpu_bytes": m.cpu_bytes(),
                 "itemsize": self.backbone.dtype.itemsize}
+
+
+def _sides(query: str | VisionInput, candidates: Sequence[str] | Sequence[VisionInput]
+           ) -> tuple[str | VisionInput, list[str], list[VisionInput]]:
+    """A text against visuals or a visual against texts, never a mix."""
+    texts = [c for c in candidates if isinstance(c, str)]
+    visuals = [c for c in candidates if isinstance(c, VisionInput)]
+    if (texts if isinstance(query, str) else visuals) or len(texts) + len(visuals) != len(candidates):
+        raise TypeError("a text query ranks images or clips, an image or clip query ranks texts")
+    return query, texts, visuals
+
+
+def _best(scores: list[float], k: int) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
 
 
 def _embedding(out: VisionOutput) -> torch.Tensor:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import ray
 from ray import serve
@@ -45,15 +45,17 @@ from uniadapter_serve.errors import AdapterInUseError, OverloadedError, ServerBu
 from uniadapter_serve.model.backbone import vision_config
 from uniadapter_serve.model.loading import source_config
 from uniadapter_serve.service import timing
-from uniadapter_serve.service.engine import Engine, Ranking
+from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.local_engine import LocalEngine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.ray_board import POST_INTERVAL_S, board, running_replicas
 from uniadapter_serve.service.ray_places import SetPlaces
 from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.stages import VisionInput
+from uniadapter_serve.service.tasks import Deadline, Task
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 """a model replica went away under the request (killed, node lost, restarting)"""
@@ -136,57 +138,27 @@ class ModelReplica:
             self.board.drop.remote(self.replica)
 
     @contextlib.asynccontextmanager
-    async def _serving(self, ref: str | None, timeout: float) -> AsyncIterator[str | None]:
+    async def _serving(self, ref: str | None, deadline: Deadline) -> AsyncIterator[None]:
         """The request's set, held in one of this replica's places while the request runs: the multiplexed
         id Serve routed it by (registered with Serve's record of this replica once it holds a place), or,
-        with `ray_router: none`, the one the call names (no places: that mode measures unrouted traffic)."""
+        with `ray_router: none`, the one the job names (no places: that mode measures unrouted traffic)."""
         routed = serve.get_multiplexed_model_id()
         if not routed:
-            yield ref
+            yield
             return
-        await self.places.enter(routed, wait_s=timeout / 2)  # half the deadline at most: the rest is the work
+        await self.places.enter(routed, wait_s=deadline.remaining() / 2)  # half what is left: the rest is the work
         try:
             await self.multiplexed(routed)
-            yield routed
+            yield
         finally:
             self.places.leave(routed)
 
-    async def answer(self, visual: VisionInput, question: str, mode: str, top_k: int, max_length: int,
-                     timeout: float, num_beams: int = 1, rank_score: str = "likelihood",
-                     ref: str | None = None) -> list[tuple[str, float]]:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.answer(visual, question, ref, mode=mode, top_k=top_k, max_length=max_length,
-                                            timeout=timeout, num_beams=num_beams, rank_score=rank_score)
+    async def run(self, job: Task[Any]) -> Any:
+        """One task job, forwarded whole to the replica's engine (its deadline arrived as the seconds left)."""
+        async with self._serving(job.ref, job.deadline):
+            return await self.engine.run(job)
 
-    async def embed_text(self, text: str, timeout: float, ref: str | None = None) -> Any:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.embed_text(text, ref, timeout)
-
-    async def embed_visual(self, visual: VisionInput, timeout: float, ref: str | None = None) -> Any:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.embed_visual(visual, ref, timeout)
-
-    async def rank_images(self, query: str, visuals: Sequence[VisionInput], rerank_k: int, timeout: float,
-                          ref: str | None = None) -> Ranking:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.rank_images(query, visuals, ref, rerank_k, timeout)
-
-    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], rerank_k: int, timeout: float,
-                         ref: str | None = None) -> Ranking:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.rank_texts(visual, texts, ref, rerank_k, timeout)
-
-    async def match_images(self, query: str, visuals: Sequence[VisionInput], timeout: float,
-                           ref: str | None = None) -> list[float]:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.match_images(query, visuals, ref, timeout)
-
-    async def match_texts(self, visual: VisionInput, texts: Sequence[str], timeout: float,
-                          ref: str | None = None) -> list[float]:
-        async with self._serving(ref, timeout) as ref:
-            return await self.engine.match_texts(visual, texts, ref, timeout)
-
-    async def residency_op(self, op: str, ref: str | None = None) -> None:
+    async def residency_op(self, op: str, ref: str) -> None:
         """load / pin / unload / unpin the request's set on this replica."""
         routed = serve.get_multiplexed_model_id()
         if routed and op in ("load", "pin"):
@@ -272,18 +244,18 @@ class RayEngine(Engine):
         running = self._running
         self._tables = tables if running is None else {k: t for k, t in tables.items() if k in running}
 
-    async def _call(self, method: str, ref: str | None, *args: Any) -> Any:
+    async def _call(self, method: str, ref: str | None, *args: Any, **kwargs: Any) -> Any:
         """One call to a model replica that holds (or will load) `ref`; a replica that went away mid-call
         is replaced by another once, then 503."""
         with timing.span("replica"):
-            return await self._call_replica(method, ref, *args)
+            return await self._call_replica(method, ref, *args, **kwargs)
 
-    async def _call_replica(self, method: str, ref: str | None, *args: Any) -> Any:
+    async def _call_replica(self, method: str, ref: str | None, *args: Any, **kwargs: Any) -> Any:
         routed = ref if ref and self.multiplexed else ""
         handle = self.handle.options(method_name=method, multiplexed_model_id=routed)
         for attempt in (1, 2):
             try:
-                return await handle.remote(*args, ref=ref)
+                return await handle.remote(*args, **kwargs)
             except RayTaskError as e:
                 cause = e.cause if isinstance(e.cause, BaseException) else e
                 if isinstance(cause, GONE) and attempt == 1:
@@ -298,50 +270,21 @@ class RayEngine(Engine):
                 raise OverloadedError(f"every model replica is busy ({e}); retry later", retry_after=1.0) from None
         raise ServerBusyError("a model replica went away during the request; retry", retry_after=1.0)
 
-    async def answer(self, visual: VisionInput, question: str, ref: str | None, *, mode: str, top_k: int,
-                     max_length: int, timeout: float, num_beams: int = 1,
-                     rank_score: str = "likelihood") -> list[tuple[str, float]]:
-        result: list[tuple[str, float]] = await self._call("answer", ref, visual, question, mode, top_k, max_length,
-                                                           timeout, num_beams, rank_score)
-        return result
-
-    async def embed_text(self, text: str, ref: str | None, timeout: float) -> Any:
-        return await self._call("embed_text", ref, text, timeout)
-
-    async def embed_visual(self, visual: VisionInput, ref: str | None, timeout: float) -> Any:
-        return await self._call("embed_visual", ref, visual, timeout)
-
-    async def rank_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None, rerank_k: int,
-                          timeout: float) -> Ranking:
-        result: Ranking = await self._call("rank_images", ref, query, list(visuals), rerank_k, timeout)
-        return result
-
-    async def rank_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None, rerank_k: int,
-                         timeout: float) -> Ranking:
-        result: Ranking = await self._call("rank_texts", ref, visual, list(texts), rerank_k, timeout)
-        return result
-
-    async def match_images(self, query: str, visuals: Sequence[VisionInput], ref: str | None,
-                           timeout: float) -> list[float]:
-        result: list[float] = await self._call("match_images", ref, query, list(visuals), timeout)
-        return result
-
-    async def match_texts(self, visual: VisionInput, texts: Sequence[str], ref: str | None,
-                          timeout: float) -> list[float]:
-        result: list[float] = await self._call("match_texts", ref, visual, list(texts), timeout)
+    async def run(self, job: Task[R]) -> R:
+        result: R = await self._call("run", job.ref, job)
         return result
 
     async def load(self, ref: str) -> None:
-        await self._call("residency_op", ref, "load")
+        await self._call("residency_op", ref, "load", ref)
 
     async def unload(self, ref: str) -> None:
-        await self._call("residency_op", ref, "unload")
+        await self._call("residency_op", ref, "unload", ref)
 
     async def pin(self, ref: str) -> None:
-        await self._call("residency_op", ref, "pin")
+        await self._call("residency_op", ref, "pin", ref)
 
     async def unpin(self, ref: str) -> None:
-        await self._call("residency_op", ref, "unpin")
+        await self._call("residency_op", ref, "unpin", ref)
 
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         self.handle.options(method_name="check_compatible").remote(meta).result()
@@ -423,7 +366,7 @@ def ingress_deployment(settings: Settings) -> Any:
             self.model = model  # binding it makes Serve deploy the model with the ingress
 
         def check_health(self) -> None:
-            core = getattr(app.state, "core", None)
+            core = getattr(app.state, "parts", None)
             if core is not None and not core.ready:
                 raise RuntimeError("the ingress is not serving")
 

@@ -1,34 +1,40 @@
-"""The batcher's stage handlers: each runs a list of jobs as one forward pass over the backbone.
+"""The batcher's stages: each runs a list of jobs as one forward pass over the backbone, in the model thread.
 
-Payloads are built (decoded, tokenised) by the routes outside the model thread; results go
-back per job. Every handler takes a per-sample `Routing`, so one batch serves many adapter sets.
+A stage has three named hooks, run in order on one batch (`Stage.__call__`, what the batcher calls):
+- `prepare(payloads)`: tokenise texts, pad and stack, move to the device (host work, one batch at a time);
+- `forward(batch, routing)`: the backbone's own task functions (`image_features`, `video_features`,
+  `text_features`, `itm_logits`, `encode_multimodal` + the VQA decoders) with a per-sample `Routing`, so one
+  batch serves many adapter sets, and the functions the parity tests check against transformers are the ones
+  that serve requests;
+- `finish(batch, outputs)`: results back to the host in one transfer per batch, one result per job.
+
+Payloads carry raw text: tokenising happens here, never on the event loop. Media arrive decoded and at model
+size (`tasks.VisionInput`, built in worker threads under the decode budget).
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 from transformers import BlipConfig
 
 from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.tokenizer import CAPTION_WORDS, QUESTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.model.vqa import RankScore, beam_search_answers, generate_answers, rank_answers
-from uniadapter_serve.service.batcher import Handler, Job
+from uniadapter_serve.service.jobs import Job
+from uniadapter_serve.service.tasks import VisionInput
+
+P = TypeVar("P")  # a job's payload
+B = TypeVar("B")  # a prepared batch
+Out = TypeVar("Out")  # what forward computed (on the device)
 
 
-@dataclass
-class VisionInput:
-    pixels: torch.Tensor
-    """(T, 3, S, S): one frame for an image, T frames for a video."""
-    video: bool = False
-    embed: bool = True
-    """compute the ITC embedding (retrieval); answering needs only the states, and a VQA checkpoint has no
-    projection head to compute it with"""
-
+# -- payloads and results ----------------------------------------------------------------------------------
 
 @dataclass
 class VisionOutput:
@@ -43,16 +49,14 @@ class VisionOutput:
 
 @dataclass
 class TextInput:
-    ids: torch.Tensor
-    """(L,) [CLS] first"""
-    mask: torch.Tensor
+    text: str
+    """a caption or query, as the user wrote it (cleaned and tokenised by the stage, [CLS] first)"""
 
 
 @dataclass
 class MatchInput:
-    ids: torch.Tensor
-    """(L,) [ENC] first"""
-    mask: torch.Tensor
+    text: str
+    """tokenised by the stage, [ENC] first"""
     states: torch.Tensor
     """(N, D) visual states from the vision stage"""
     text_embedding: torch.Tensor | None = None
@@ -61,49 +65,392 @@ class MatchInput:
     tokens_per_frame: int = 0
 
 
+class RankGroup(NamedTuple):
+    """Rank-mode jobs that run together: the same candidate list, k and score (a job's answers never depend on
+    its batch)."""
+
+    candidates: int
+    """id() of the shared (ids, mask) tensors of the list"""
+    k: int
+    score: RankScore
+
+
+class GenerateGroup(NamedTuple):
+    """Generate-mode jobs that run together: the same beam width."""
+
+    num_beams: int
+
+
 @dataclass
-class AnswerInput:
-    ids: torch.Tensor
-    """(L,) question, [ENC] first"""
-    mask: torch.Tensor
-    states: torch.Tensor
-    mode: Literal["rank", "generate"]
+class RankPlan:
+    candidates: tuple[torch.Tensor, torch.Tensor]
+    """(C, A) answer ids and mask ([DEC] first), one tuple per list, so every job sharing it batches together"""
+    k: int
+    """candidates kept by the first-token pruning and scored in full (decided by `SetLimits.rank_k`)"""
     top_k: int
-    candidates: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(C, A) answer ids and mask for rank mode ([DEC] first)"""
-    rank_k: int = 1
-    """rank mode: candidates kept by the first-token pruning and scored in full (>= top_k)"""
-    rank_score: RankScore = "likelihood"
+    """answers returned (<= k)"""
+    score: RankScore = "likelihood"
+
+    @property
+    def group(self) -> RankGroup:
+        return RankGroup(id(self.candidates), self.k, self.score)
+
+    @property
+    def rows(self) -> int:
+        return self.k  # about k decoder rows per step (its prefix tree)
+
+
+@dataclass
+class GeneratePlan:
     max_length: int = 10
     num_beams: int = 1
-    """generate mode: 1 = greedy, else beam search"""
+    """1 = greedy, else beam search"""
+    top_k: int = 1
+    """answers returned (<= num_beams)"""
+
+    @property
+    def group(self) -> GenerateGroup:
+        return GenerateGroup(self.num_beams)
+
+    @property
+    def rows(self) -> int:
+        return self.num_beams
+
+
+@dataclass
+class AnswerInput:
+    question: str
+    """tokenised by the stage, [ENC] first"""
+    states: torch.Tensor
+    plan: RankPlan | GeneratePlan
 
 
 @dataclass
 class AnswerOutput:
     indices: list[int] | None
     """rank mode: candidate indices, best first"""
-    tokens: list[torch.Tensor] | None
-    """generate mode: the answers' ids ([DEC] first), best first (one, or one per beam)"""
+    texts: list[str] | None
+    """generate mode: the answers, decoded, best first (one, or one per beam)"""
     scores: list[float]
-    """log-likelihood of each answer"""
+    """log-likelihood (or rank score) of each answer"""
 
 
-def step_macs(config: BlipConfig, stage: str, payloads: Sequence[Any]) -> float:
-    """Multiply-adds of one forward step of a batch of `payloads` (a whole pass for the encoders, one
-    decoding step for answers): how much one op of it has to split across intra-op threads."""
-    if stage == "vision":
-        vc = vision_config(config)
-        patches = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1  # type: ignore[arg-type]
-        rows = sum(int(p.pixels.shape[0]) * patches for p in payloads)
-        return rows * 12.0 * vc.hidden_size ** 2 * vc.num_hidden_layers
+# -- the stages ----------------------------------------------------------------------------------------------
+
+class Stage(abc.ABC, Generic[P, B, Out]):
+    """One stage of the model thread; the batcher calls it with a batch of jobs and their routing."""
+
+    name: ClassVar[str]
+
+    def __init__(self, backbone: BlipBackbone, tokenizer: BlipTokenizer) -> None:
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.device = backbone.device
+
+    def __call__(self, jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        batch = self.prepare([j.payload for j in jobs])
+        return self.finish(batch, self.forward(batch, routing))
+
+    @abc.abstractmethod
+    def prepare(self, payloads: list[P]) -> B:
+        """Host side: tokenise, pad, stack, move to the device."""
+
+    @abc.abstractmethod
+    def forward(self, batch: B, routing: Routing) -> Out:
+        """The backbone's forward pass over the whole batch."""
+
+    @abc.abstractmethod
+    def finish(self, batch: B, outputs: Out) -> list[Any]:
+        """One result per job, on the host (one transfer per batch)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def macs(cls, config: BlipConfig, payloads: Sequence[P]) -> float:
+        """Multiply-adds of one forward step of a batch of `payloads` (a whole pass for the encoders, one decoding
+        step for answers): whether the batch has the work to split across intra-op threads."""
+
+    def _tokens(self, texts: Sequence[str], words: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cleaned and tokenised on the host, to the device; the mask is None when every row has the same length
+        (attention then runs without one)."""
+        ids, mask = self.tokenizer.encode([clean_text(t, words) for t in texts],
+                                          mode="multimodal" if mode == "multimodal" else "text")
+        full = bool(mask.all())
+        return ids.to(self.device), None if full else mask.to(self.device, non_blocking=True)
+
+
+def text_macs(config: BlipConfig, texts: Sequence[str], factor: float = 1.0) -> float:
     tc = text_config(config)
     layer = 12.0 * tc.hidden_size ** 2 * tc.num_hidden_layers
-    if stage == "answer":  # decoding steps dominate: one row per beam, about k rows (its prefix tree) for rank
-        rows = sum(p.rank_k if p.mode == "rank" else p.num_beams for p in payloads)
-        return rows * (layer * 4 / 3 + tc.vocab_size * tc.hidden_size)
-    return sum(int(p.ids.shape[0]) for p in payloads) * layer * (4 / 3 if stage == "itm" else 1)
+    return sum(estimated_tokens(t) for t in texts) * layer * factor
 
+
+def estimated_tokens(text: str, limit: int = 35) -> int:
+    """Tokens of a text before it is tokenised (words + [CLS]/[SEP], capped at the tokenizer's usual 35): enough
+    to size a batch's threads."""
+    return min(limit, len(text.split()) + 2)
+
+
+@dataclass
+class _Frames:
+    inputs: list[VisionInput]
+    frames: torch.Tensor
+    """(sum T, 3, S, S) every job's frames, on the device"""
+    counts: list[int]
+
+
+@dataclass
+class _Seen:
+    states: list[torch.Tensor]
+    """per job: (N, D) or (T*N, D)"""
+    embeddings: dict[int, torch.Tensor]
+    """job -> (E,) on the device (jobs that asked for one)"""
+    frame_embeddings: dict[int, torch.Tensor]
+    tokens_per_frame: list[int]
+
+
+class VisionStage(Stage[VisionInput, _Frames, _Seen]):
+    """Images and clips, mixed in one pass over the adapted ViT: each frame is a row routed to its job's set."""
+
+    name = "vision"
+
+    def prepare(self, payloads: list[VisionInput]) -> _Frames:
+        frames = torch.cat([x.pixels for x in payloads])
+        if self.device.type == "cuda":
+            frames = frames.pin_memory()  # page-locked: the copy overlaps with queued GPU work
+        frames = frames.to(self.device, self.backbone.dtype, non_blocking=True)
+        return _Frames(payloads, frames, [x.pixels.shape[0] for x in payloads])
+
+    def forward(self, batch: _Frames, routing: Routing) -> _Seen:
+        b = self.backbone
+        tokens = b.encode_image(batch.frames, _per_frame(routing, batch.counts, self.device))  # (sum T, N, D)
+        per_job = tokens.split(batch.counts)
+        seen = _Seen([t[0] for t in per_job], {}, {}, [0] * len(per_job))
+        images = [i for i, x in enumerate(batch.inputs) if not x.video]
+        wanted = [i for i in images if batch.inputs[i].embed]
+        if wanted:  # images: the [CLS] token, projected and normalised
+            rows = self._select(routing, wanted, len(per_job))
+            for i, e in zip(wanted, b.image_features(torch.stack([per_job[i][0] for i in wanted]), rows),
+                            strict=True):
+                seen.embeddings[i] = e
+        clips: dict[int, list[int]] = {}
+        for i, x in enumerate(batch.inputs):
+            if x.video:
+                clips.setdefault(batch.counts[i], []).append(i)
+        for rows_of in clips.values():  # clips of one length run together through the video functions
+            rows = self._select(routing, rows_of, len(per_job))
+            stacked = torch.stack([per_job[i] for i in rows_of])  # (B', T, N, D)
+            for i, states in zip(rows_of, b.video_states(stacked, rows), strict=True):
+                seen.states[i] = states
+                seen.tokens_per_frame[i] = stacked.shape[2]
+            embed = [n for n, i in enumerate(rows_of) if batch.inputs[i].embed]
+            if not embed:
+                continue
+            sub = stacked if len(embed) == len(rows_of) else stacked[embed]
+            sub_rows = rows if len(embed) == len(rows_of) else rows.select(torch.tensor(embed, device=self.device))
+            for n, e in zip(embed, b.video_features(sub, sub_rows), strict=True):
+                seen.embeddings[rows_of[n]] = e
+            aware = [m for m in range(len(embed)) if _frame_aware(sub_rows, m, self.device)]
+            if aware:
+                picked = torch.tensor(aware, device=self.device)
+                for m, f in zip(aware, b.frame_embeddings(sub.index_select(0, picked), sub_rows.select(picked)),
+                                strict=True):
+                    seen.frame_embeddings[rows_of[embed[m]]] = f
+        return seen
+
+    def finish(self, batch: _Frames, outputs: _Seen) -> list[Any]:
+        keys = sorted(outputs.embeddings)
+        frame_keys = sorted(outputs.frame_embeddings)
+        host = to_host(*(outputs.embeddings[i] for i in keys), *(outputs.frame_embeddings[i] for i in frame_keys))
+        embeddings = dict(zip(keys, host[: len(keys)], strict=True))
+        per_frame = dict(zip(frame_keys, host[len(keys):], strict=True))
+        return [VisionOutput(states=s, embedding=embeddings.get(i), frame_embeddings=per_frame.get(i),
+                             tokens_per_frame=outputs.tokens_per_frame[i]) for i, s in enumerate(outputs.states)]
+
+    @classmethod
+    def macs(cls, config: BlipConfig, payloads: Sequence[VisionInput]) -> float:
+        return vision_macs(config, sum(int(p.pixels.shape[0]) for p in payloads))
+
+    def _select(self, routing: Routing, rows: list[int], total: int) -> Routing:
+        if len(rows) == total:
+            return routing
+        return routing.select(torch.tensor(rows, device=self.device))
+
+
+def vision_macs(config: BlipConfig, frames: int) -> float:
+    vc = vision_config(config)
+    patches = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1  # type: ignore[arg-type]
+    return frames * patches * 12.0 * vc.hidden_size ** 2 * vc.num_hidden_layers
+
+
+class TextStage(Stage[TextInput, tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+    """ITC text embeddings ([CLS] first)."""
+
+    name = "text"
+
+    def prepare(self, payloads: list[TextInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._tokens([p.text for p in payloads], CAPTION_WORDS, "text")
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor | None], routing: Routing) -> torch.Tensor:
+        return self.backbone.text_features(batch[0], batch[1], routing)
+
+    def finish(self, batch: tuple[torch.Tensor, torch.Tensor | None], outputs: torch.Tensor) -> list[Any]:
+        (host,) = to_host(outputs)
+        return list(host)
+
+    @classmethod
+    def macs(cls, config: BlipConfig, payloads: Sequence[TextInput]) -> float:
+        return text_macs(config, [p.text for p in payloads])
+
+
+@dataclass
+class _Pairs:
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    states: torch.Tensor
+    states_mask: torch.Tensor | None
+    key_scale: torch.Tensor | None
+
+
+class MatchStage(Stage[MatchInput, _Pairs, torch.Tensor]):
+    """ITM: a text ([ENC] first) cross-attending to an image's or clip's states -> match probability; for sets
+    with frame-aware attention, the clip's frames weighted by their similarity to the text."""
+
+    name = "itm"
+
+    def prepare(self, payloads: list[MatchInput]) -> _Pairs:
+        ids, mask = self._tokens([p.text for p in payloads], CAPTION_WORDS, "multimodal")
+        states, states_mask = pad_stack([p.states for p in payloads])
+        return _Pairs(ids, mask, states, states_mask, None)
+
+    def forward(self, batch: _Pairs, routing: Routing) -> torch.Tensor:
+        return self.backbone.itm_logits(batch.ids, batch.mask, batch.states, routing, states_mask=batch.states_mask,
+                                        key_scale=batch.key_scale).float().softmax(dim=-1)[:, 1]
+
+    def __call__(self, jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        batch = self.prepare([j.payload for j in jobs])
+        batch.key_scale = self._frame_aware_scale([j.payload for j in jobs], routing, batch.states.shape[1])
+        return self.finish(batch, self.forward(batch, routing))
+
+    def finish(self, batch: _Pairs, outputs: torch.Tensor) -> list[Any]:
+        (probs,) = to_host(outputs)
+        return list(probs.tolist())
+
+    @classmethod
+    def macs(cls, config: BlipConfig, payloads: Sequence[MatchInput]) -> float:
+        return text_macs(config, [p.text for p in payloads], 4 / 3)
+
+    def _frame_aware_scale(self, inputs: list[MatchInput], routing: Routing, width: int) -> torch.Tensor | None:
+        """(B, width) key weights for the clips whose set enables frame-aware attention; None if none do."""
+        scale: torch.Tensor | None = None
+        for i, x in enumerate(inputs):
+            if x.frame_embeddings is None or x.text_embedding is None:
+                continue
+            row = routing.select(torch.tensor([i], device=self.device))
+            weights = self.backbone.frame_aware_scale(x.text_embedding[None].to(self.device),
+                                                      x.frame_embeddings[None].to(self.device), x.tokens_per_frame,
+                                                      row)
+            if weights is None:
+                continue
+            if scale is None:
+                scale = torch.ones(len(inputs), width, device=self.device)
+            scale[i, : weights.shape[1]] = weights[0]
+        return scale
+
+
+@dataclass
+class _Questions:
+    plans: list[RankPlan | GeneratePlan]
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    """(B, Q) question mask; None when every question has the same length"""
+    states: torch.Tensor
+    states_mask: torch.Tensor | None
+
+
+@dataclass
+class _Group:
+    plan: RankPlan | GeneratePlan
+    rows: list[int]
+    first: torch.Tensor
+    """rank: candidate indices (B', k); generate: answer ids (B', beams, L)"""
+    scores: torch.Tensor
+    """(B', k) or (B', beams)"""
+
+
+class AnswerStage(Stage[AnswerInput, _Questions, list[_Group]]):
+    """VQA answers: the question ([ENC] first) encoded against the visual states, then the answer decoder ranks
+    the set's answer list or generates. Jobs run in groups that share a plan's shape (`RankGroup`,
+    `GenerateGroup`); every group's results come back in one transfer."""
+
+    name = "answer"
+
+    def prepare(self, payloads: list[AnswerInput]) -> _Questions:
+        ids, mask = self._tokens([p.question for p in payloads], QUESTION_WORDS, "multimodal")
+        states, states_mask = pad_stack([p.states for p in payloads])
+        return _Questions([p.plan for p in payloads], ids, mask, states, states_mask)
+
+    def forward(self, batch: _Questions, routing: Routing) -> list[_Group]:
+        b, tok = self.backbone, self.tokenizer
+        question = b.encode_multimodal(batch.ids, batch.mask, batch.states, batch.states_mask, routing)  # (B, Q, D)
+        # the decoder needs a question mask: ones where every question has the same length
+        mask = batch.mask if batch.mask is not None else torch.ones_like(batch.ids)
+        groups: dict[RankGroup | GenerateGroup, list[int]] = {}
+        for i, plan in enumerate(batch.plans):
+            groups.setdefault(plan.group, []).append(i)
+        out: list[_Group] = []
+        for key, rows in groups.items():
+            index = torch.tensor(rows, device=self.device)
+            sub = routing.select(index)
+            q, qmask = question.index_select(0, index), mask.index_select(0, index)
+            plan = batch.plans[rows[0]]
+            if isinstance(key, GenerateGroup):
+                longest = max(p.max_length for p in (batch.plans[i] for i in rows) if isinstance(p, GeneratePlan))
+                if key.num_beams == 1:
+                    ids, scores = generate_answers(b, q, qmask, tok.dec_id, tok.sep_id, tok.pad_id, longest, sub)
+                    out.append(_Group(plan, rows, ids[:, None], scores[:, None]))  # (B', 1, L), (B', 1)
+                else:
+                    beams = beam_search_answers(b, q, qmask, tok.dec_id, tok.sep_id, tok.pad_id, key.num_beams,
+                                                longest, sub)
+                    out.append(_Group(plan, rows, beams.ids, beams.scores))
+            else:
+                assert isinstance(plan, RankPlan)
+                cand_ids, cand_mask = plan.candidates
+                ranked = rank_answers(b, q, qmask, cand_ids.to(self.device), cand_mask.to(self.device), key.k, sub,
+                                      score=key.score)
+                out.append(_Group(plan, rows, ranked.indices, ranked.scores))
+        return out
+
+    def finish(self, batch: _Questions, outputs: list[_Group]) -> list[Any]:
+        host = iter(to_host(*(t for g in outputs for t in (g.first, g.scores))))  # one transfer for every group
+        results: list[Any] = [None] * len(batch.plans)
+        for group in outputs:
+            first, scores = next(host), next(host)
+            for row, i in enumerate(group.rows):
+                top = batch.plans[i].top_k
+                if isinstance(group.plan, RankPlan):
+                    results[i] = AnswerOutput(first[row, :top].tolist(), None, scores[row, :top].tolist())
+                else:
+                    results[i] = AnswerOutput(None, [self.tokenizer.decode(t) for t in first[row, :top]],
+                                              scores[row, :top].tolist())
+        return results
+
+    @classmethod
+    def macs(cls, config: BlipConfig, payloads: Sequence[AnswerInput]) -> float:
+        tc = text_config(config)
+        layer = 12.0 * tc.hidden_size ** 2 * tc.num_hidden_layers
+        # decoding steps dominate: one row per beam, about k rows (its prefix tree) for rank
+        return sum(p.plan.rows for p in payloads) * (layer * 4 / 3 + tc.vocab_size * tc.hidden_size)
+
+
+STAGES: tuple[type[Stage[Any, Any, Any]], ...] = (VisionStage, TextStage, MatchStage, AnswerStage)
+
+
+def make_stages(backbone: BlipBackbone, tokenizer: BlipTokenizer) -> dict[str, Stage[Any, Any, Any]]:
+    """The model thread's stages by name, as the batcher runs them."""
+    return {cls.name: cls(backbone, tokenizer) for cls in STAGES}
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
 
 def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Right-pad 1-D or 2-D rows along dim 0 -> (B, Lmax, ...) and a (B, Lmax) mask, or None when every
@@ -122,136 +469,19 @@ def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Ten
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Results go back to the host once per batch, in the model thread (never a sync per row, and never
-    on the event loop): one call per handler."""
+    on the event loop): one call per stage."""
     return [t.detach().cpu() for t in tensors]
 
 
-def make_handlers(backbone: BlipBackbone, *, bos_id: int, sep_id: int, pad_id: int) -> dict[str, Handler]:
-    device, dtype = backbone.device, backbone.dtype
-
-    def vision(jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        inputs: list[VisionInput] = [j.payload for j in jobs]
-        counts = [x.pixels.shape[0] for x in inputs]
-        frames = torch.cat([x.pixels for x in inputs])
-        if device.type == "cuda":
-            frames = frames.pin_memory()  # page-locked: the copy below overlaps with queued GPU work
-        frames = frames.to(device, dtype, non_blocking=True)
-        frame_routing = _expand(routing, counts, device)
-        tokens = backbone.encode_image(frames, frame_routing)  # (sum T, N, D)
-        per_job = tokens.split(counts)
-        wanted = [i for i, x in enumerate(inputs) if x.embed]
-        host: list[torch.Tensor | None] = [None] * len(inputs)
-        if wanted:
-            pooled = torch.stack([per_job[i][:, 0].mean(dim=0) for i in wanted])  # (B', D)
-            rows = routing if len(wanted) == len(inputs) else routing.select(torch.tensor(wanted, device=device))
-            # normalised in float32 (a bf16 norm is off by ~4e-3), then to the host once for the whole batch
-            embeddings = F.normalize(rows.head("vision_proj", pooled, backbone.vision_proj).float(), dim=-1)
-            for i, e in zip(wanted, to_host(embeddings)[0], strict=True):
-                host[i] = e
-        outputs: list[Any] = []
-        for i, (x, t) in enumerate(zip(inputs, per_job, strict=True)):
-            if not x.video:
-                outputs.append(VisionOutput(states=t[0], embedding=host[i]))
-                continue
-            row = routing.select(torch.tensor([i], device=device))
-            states = backbone.video_states(t[None], row)[0]
-            frame_aware = any(r.adapter.config.frame_aware_attention for r in row.routes)
-            per_frame = backbone.frame_embeddings(t[None], row)[0].float() if frame_aware and x.embed else None
-            outputs.append(VisionOutput(states=states, embedding=host[i], frame_embeddings=per_frame,
-                                        tokens_per_frame=t.shape[1]))
-        return outputs
-
-    def text(jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
-        (host,) = to_host(backbone.text_features(ids.to(device), _to(mask, device), routing))
-        return list(host)
-
-    def itm(jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        ids, mask = pad_stack([j.payload.ids for j in jobs], pad_id)
-        states, states_mask = pad_stack([j.payload.states for j in jobs])
-        scale = _frame_aware_scale(backbone, jobs, routing, states.shape[1])
-        logits = backbone.itm_logits(ids.to(device), _to(mask, device), states, routing, states_mask=states_mask,
-                                     key_scale=scale)
-        (probs,) = to_host(logits.float().softmax(dim=-1)[:, 1])
-        return probs.tolist()
-
-    def answer(jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        inputs: list[AnswerInput] = [j.payload for j in jobs]
-        ids, padded = pad_stack([x.ids for x in inputs], pad_id)
-        ids = ids.to(device)
-        # the decoder needs a question mask: ones where every question has the same length
-        mask = padded.to(device, non_blocking=True) if padded is not None else torch.ones_like(ids)
-        states, states_mask = pad_stack([x.states for x in inputs])
-        question = backbone.encode_multimodal(ids, mask if padded is not None else None, states, states_mask,
-                                              routing)  # (B, Q, D)
-        results: list[Any] = [None] * len(jobs)
-        # rank jobs sharing one candidate list run together; generate jobs of one beam width run together
-        # (rank jobs also need the same k and score: a job's answers never depend on its batch)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, x in enumerate(inputs):
-            key = (("rank", id(x.candidates), x.rank_k, x.rank_score) if x.mode == "rank"
-                   else ("generate", x.num_beams))
-            groups.setdefault(key, []).append(i)
-        outcomes: list[tuple[tuple[Any, ...], list[int], torch.Tensor, torch.Tensor]] = []
-        for key, rows in groups.items():
-            index = torch.tensor(rows, device=device)
-            sub = routing.select(index)
-            q, qmask = question.index_select(0, index), mask.index_select(0, index)
-            if key[0] == "generate":
-                longest = max(inputs[i].max_length for i in rows)
-                if key[1] == 1:
-                    out_ids, scores = generate_answers(backbone, q, qmask, bos_id, sep_id, pad_id, longest, sub)
-                    out_ids, scores = out_ids[:, None], scores[:, None]  # (B, 1, L), (B, 1)
-                else:
-                    beams = beam_search_answers(backbone, q, qmask, bos_id, sep_id, pad_id, key[1], longest, sub)
-                    out_ids, scores = beams.ids, beams.scores
-                outcomes.append((key, rows, out_ids, scores))
-            else:
-                cand = inputs[rows[0]].candidates
-                assert cand is not None
-                x = inputs[rows[0]]
-                ranked = rank_answers(backbone, q, qmask, cand[0].to(device), cand[1].to(device),
-                                      max(x.rank_k, x.top_k), sub, score=x.rank_score)
-                outcomes.append((key, rows, ranked.indices, ranked.scores))
-        hosted = to_host(*(t for _, _, a, b in outcomes for t in (a, b)))  # one transfer for every group
-        for n, (key, rows, _, _) in enumerate(outcomes):
-            first, second = hosted[2 * n], hosted[2 * n + 1]
-            for row, i in enumerate(rows):
-                top = inputs[i].top_k
-                if key[0] == "generate":
-                    results[i] = AnswerOutput(None, list(first[row, :top]), second[row, :top].tolist())
-                else:
-                    results[i] = AnswerOutput(first[row, :top].tolist(), None, second[row, :top].tolist())
-        return results
-
-    return {"vision": vision, "text": text, "itm": itm, "answer": answer}
+def _frame_aware(routing: Routing, row: int, device: torch.device) -> bool:
+    """Whether row `row` is served by a set with frame-aware attention."""
+    if not any(r.adapter.config.frame_aware_attention for r in routing.routes):
+        return False  # decided on the host
+    return any(r.adapter.config.frame_aware_attention
+               for r in routing.select(torch.tensor([row], device=device)).routes)
 
 
-def _to(mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if mask is None else mask.to(device, non_blocking=True)
-
-
-def _frame_aware_scale(backbone: BlipBackbone, jobs: Sequence[Job], routing: Routing,
-                       width: int) -> torch.Tensor | None:
-    """(B, width) key weights for the video jobs whose set enables frame-aware attention; None if none do."""
-    scale: torch.Tensor | None = None
-    for i, job in enumerate(jobs):
-        x: MatchInput = job.payload
-        if x.frame_embeddings is None or x.text_embedding is None:
-            continue
-        device = x.states.device
-        row = routing.select(torch.tensor([i], device=device))
-        weights = backbone.frame_aware_scale(x.text_embedding[None].to(device), x.frame_embeddings[None].to(device),
-                                             x.tokens_per_frame, row)
-        if weights is None:
-            continue
-        if scale is None:
-            scale = torch.ones(len(jobs), width, device=device)
-        scale[i, : weights.shape[1]] = weights[0]
-    return scale
-
-
-def _expand(routing: Routing, counts: list[int], device: torch.device) -> Routing:
+def _per_frame(routing: Routing, counts: list[int], device: torch.device) -> Routing:
     """Routing over frames: job i's set serves its counts[i] frames."""
     if all(c == 1 for c in counts):
         return routing

@@ -101,11 +101,14 @@ def test_vision_stage_uploads_frames_and_returns_host_results():
     from uniadapter_serve.service import stages
 
     backbone = backbone_on("cuda", torch.float16)
-    handlers = stages.make_handlers(backbone, bos_id=1, sep_id=2, pad_id=0)
+    from uniadapter_serve.model.tokenizer import BlipTokenizer
+    from uniadapter_serve.service.tasks import VisionInput
+
+    handlers = stages.make_stages(backbone, BlipTokenizer.demo(backbone.config.text_config.vocab_size))
     size = backbone.config.vision_config.image_size
     frames = torch.randn(4, 3, size, size)
-    jobs = [SimpleNamespace(payload=stages.VisionInput(frames[:1]), adapter=None),
-            SimpleNamespace(payload=stages.VisionInput(frames, video=True), adapter=None)]
+    jobs = [SimpleNamespace(payload=VisionInput(frames[:1]), adapter=None),
+            SimpleNamespace(payload=VisionInput(frames, video=True), adapter=None)]
     with torch.inference_mode():
         out = handlers["vision"](jobs, Routing.none(2))
     assert out[0].states.device.type == "cuda" and out[0].embedding.device.type == "cpu"

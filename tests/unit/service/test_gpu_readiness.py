@@ -21,6 +21,7 @@ from uniadapter_serve.adapters.manager import device_copy
 from uniadapter_serve.model.loading import random_backbone
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.testing import random_adapter, random_batch
+from uniadapter_serve.model.tokenizer import BlipTokenizer
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
 from uniadapter_serve.service import stages
 from uniadapter_serve.service.collections import faiss_device
@@ -29,6 +30,7 @@ from uniadapter_serve.service.collections.faiss_device import FaissDevice, GpuWo
 from uniadapter_serve.service.collections.index import COMPACT_AT, VectorIndex
 from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 from uniadapter_serve.service.collections.store import NewItem
+from uniadapter_serve.service.tasks import VisionInput
 
 DIM = 16
 
@@ -224,25 +226,26 @@ def test_each_stage_moves_its_results_to_the_host_once_per_batch(demo_backbone, 
     calls: list[int] = []
     real = stages.to_host
     monkeypatch.setattr(stages, "to_host", lambda *t: (calls.append(len(t)), real(*t))[1])
-    handlers = stages.make_handlers(demo_backbone, bos_id=1, sep_id=2, pad_id=0)
+    handlers = stages.make_stages(demo_backbone, BlipTokenizer.demo(demo_backbone.config.text_config.vocab_size))
     b = random_batch(demo_backbone, 3, seed=4)
     jobs = lambda payloads: [SimpleNamespace(payload=p, adapter=None) for p in payloads]  # noqa: E731
+    texts_in = ["a red circle", "two blue squares on the left", "a cat"]
     with torch.inference_mode():
-        visual = handlers["vision"](jobs([stages.VisionInput(b.pixel_values[i:i + 1]) for i in range(3)]),
+        visual = handlers["vision"](jobs([VisionInput(b.pixel_values[i:i + 1]) for i in range(3)]),
                                     Routing.none(3))
-        texts = handlers["text"](jobs([stages.TextInput(b.input_ids[i], b.attention_mask[i]) for i in range(3)]),
-                                 Routing.none(3))
-        itm = handlers["itm"](jobs([stages.MatchInput(b.input_ids[i], b.attention_mask[i], visual[i].states)
-                                    for i in range(3)]), Routing.none(3))
+        texts = handlers["text"](jobs([stages.TextInput(t) for t in texts_in]), Routing.none(3))
+        itm = handlers["itm"](jobs([stages.MatchInput(t, visual[i].states) for i, t in enumerate(texts_in)]),
+                              Routing.none(3))
         cands = (b.answer_ids, b.answer_mask)
-        answers = handlers["answer"](jobs([stages.AnswerInput(b.input_ids[i], b.attention_mask[i], visual[i].states,
-                                                              mode, 2, cands if mode == "rank" else None, 4)
-                                           for i, mode in enumerate(("rank", "generate", "rank"))]),
+        plans = [stages.RankPlan(cands, k=2, top_k=2), stages.GeneratePlan(max_length=4, top_k=1),
+                 stages.RankPlan(cands, k=3, top_k=2)]
+        answers = handlers["answer"](jobs([stages.AnswerInput(t, visual[i].states, plan)
+                                           for i, (t, plan) in enumerate(zip(texts_in, plans, strict=True))]),
                                      Routing.none(3))
     assert len(calls) == 4  # one per batch, whatever the batch size or the mix of answer modes
     assert all(v.embedding.device.type == "cpu" and v.embedding.dtype == torch.float32 for v in visual)
     assert all(t.device.type == "cpu" for t in texts) and all(isinstance(p, float) for p in itm)
-    assert answers[0].indices is not None and answers[1].tokens is not None
+    assert answers[0].indices is not None and answers[1].texts is not None
 
 
 def test_itc_embeddings_are_normalised_in_float32(demo_backbone):

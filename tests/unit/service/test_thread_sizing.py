@@ -6,15 +6,31 @@ import torch
 
 from uniadapter_serve.model.loading import load_config
 from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.stages import AnswerInput, TextInput, VisionInput, step_macs
+from uniadapter_serve.service.stages import (
+    AnswerInput,
+    AnswerStage,
+    GeneratePlan,
+    MatchStage,
+    RankPlan,
+    TextInput,
+    TextStage,
+    VisionStage,
+)
+from uniadapter_serve.service.tasks import VisionInput
 
 THRESHOLD = Settings().parallel_min_mmacs * 1e6
+STAGES = {"vision": VisionStage, "text": TextStage, "itm": MatchStage, "answer": AnswerStage}
+
+
+def step_macs(config, stage, payloads):
+    return STAGES[stage].macs(config, payloads)
 
 
 def answers(n: int, **kw) -> list[AnswerInput]:
     ids = torch.ones(8, dtype=torch.long)
-    return [AnswerInput(ids, ids, torch.zeros(1), mode=kw.get("mode", "generate"), top_k=1,
-                        rank_k=kw.get("rank_k", 1), num_beams=kw.get("num_beams", 1)) for _ in range(n)]
+    plan = (RankPlan((ids[None], ids[None]), k=kw.get("rank_k", 1), top_k=1) if kw.get("mode") == "rank"
+            else GeneratePlan(num_beams=kw.get("num_beams", 1)))
+    return [AnswerInput("what is it", torch.zeros(1), plan) for _ in range(n)]
 
 
 def test_step_work_scales_with_rows_and_splits_where_it_was_measured_to_pay():
@@ -31,6 +47,6 @@ def test_step_work_scales_with_rows_and_splits_where_it_was_measured_to_pay():
                                                                                                answers(1))
     clip = VisionInput(torch.zeros(8, 3, 64, 64), video=True)
     assert step_macs(demo, "vision", [clip]) == 8 * step_macs(demo, "vision", [one])
-    text = TextInput(torch.ones(10, dtype=torch.long), torch.ones(10, dtype=torch.long))
+    text = TextInput("a b c d e f g h")  # 10 tokens with [CLS] and [SEP]
     assert step_macs(demo, "text", [text] * 4) == 4 * step_macs(demo, "text", [text])
     assert step_macs(demo, "itm", [text]) > step_macs(demo, "text", [text])
