@@ -1,10 +1,10 @@
-"""Bad input gets its own 4xx naming the problem, never a 500, and changes nothing on the server."""
+"""Bad input gets its own 4xx naming the problem, never a 500, and changes nothing on the server (in-process:
+support.asgi, the session's blip-tiny app with the limits of tests/integration's `server`)."""
 
 from __future__ import annotations
 
 import base64
 
-import httpx
 import pytest
 from support.keys import ADMIN_KEY, READ_KEY
 from support.media import audio_only_bytes, image_bytes, png_bomb, video_bytes
@@ -66,9 +66,14 @@ CASES = {
 }
 
 
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
 @pytest.fixture(scope="module")
-def state_before(server):
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": READ_KEY}) as c:
+def state_before(tiny_app):
+    with tiny_app.client(READ_KEY) as c:
         return c.get("/adapters").json()["adapters"]
 
 
@@ -82,8 +87,8 @@ def test_bad_input_table(client, case, state_before):
     assert body["error"] != "InternalError"
 
 
-def test_auth(server):
-    with httpx.Client(base_url=server.url) as anon:
+def test_auth(tiny_app):
+    with tiny_app.client() as anon:
         r = anon.post("/vqa", json={"image": b64(PNG), "question": Q})
         assert r.status_code == 401 and "missing API key" in r.json()["detail"]
         assert r.headers["www-authenticate"] == "Bearer"

@@ -1,4 +1,5 @@
-"""Items and media of a collection over real HTTP (the session's server, real FAISS, read key): cursor pages,
+"""Items and media of a collection in-process (support.asgi: the session's blip-tiny app, real FAISS, read key): cursor
+pages,
 one item, its bytes with ETag / Cache-Control / ranges, thumbnails of every image type and of a video's first
 sampled frame, media URLs on /retrieve hits, image->image and video->video search, and metadata filters applied
 inside the search."""
@@ -30,11 +31,26 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
+@pytest.fixture
+def refs(tiny_app):
+    return tiny_app.refs
+
+
+@pytest.fixture
+def data_root(tiny_app):
+    return tiny_app.data_root
+
+
 @pytest.fixture(scope="module")
-def media(server, refs, data_root):
+def media(tiny_app):
     """An image collection of one image per supported type (+ a path item), and a video collection."""
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
-        return _fill(admin, data_root)
+    with tiny_app.client(ADMIN_KEY) as admin:
+        return _fill(admin, tiny_app.data_root)
 
 
 def _fill(admin: httpx.Client, data_root) -> dict[str, float]:
@@ -202,8 +218,9 @@ def test_filters_apply_inside_the_search_so_top_k_still_come_back(client, media)
     assert [h["id"] for h in r.json()["results"]] == ["webp"]
 
 
-def test_read_routes_need_the_read_key(server, media):
+def test_read_routes_need_the_read_key(tiny_app, media):
     for path in ("/collections/items-img/items", "/collections/items-img/items/png",
                  "/collections/items-img/items/png/media", "/collections/items-img/items/png/thumbnail"):
-        r = httpx.get(server.url + path)
+        with tiny_app.client() as anon:
+            r = anon.get(path)
         assert r.status_code == 401 and r.json()["error"] == "AuthError", path

@@ -1,6 +1,7 @@
-"""What every response tells a browser, over real HTTP: nosniff, frame protection and a CSP on a response of every
-route of the app's table (and on errors, static files, docs, media ranges), the page's own CSP, Swagger UI's
-inline script allowed by its hash only, and a Content-Disposition on media that no item id can break out of."""
+"""What every response tells a browser, in-process (support.asgi, the session's blip-tiny app): nosniff, frame
+protection and a CSP on a response of every route of the app's table (and on errors, static files, docs, media
+ranges), the page's own CSP, Swagger UI's inline script allowed by its hash only, and a Content-Disposition on media
+that no item id can break out of."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ MOUNT_FILES = {"/static": "/static/app.js", "/docs-static": "/docs-static/swagge
 
 
 @pytest.fixture(scope="module")
-def stored(server, refs):
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
+def stored(tiny_app):
+    with tiny_app.client(ADMIN_KEY) as admin:
         assert admin.post("/collections", json={"name": "hdr-media", "kind": "image", "adapter": "ret-a"}
                           ).status_code == 201
         r = admin.post("/collections/hdr-media/items", json={"items": [
@@ -60,9 +61,8 @@ def every_route_request() -> list[tuple[str, str]]:
     return out
 
 
-def test_a_response_of_every_route_and_every_kind_carries_the_headers(server, stored):
-    with httpx.Client(base_url=server.url, timeout=60) as anon, \
-            httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
+def test_a_response_of_every_route_and_every_kind_carries_the_headers(tiny_app, stored):
+    with tiny_app.client() as anon, tiny_app.client(ADMIN_KEY) as admin:
         for method, path in every_route_request():
             r = admin.request(method, path)
             assert r.status_code < 500, (method, path, r.text)
@@ -88,8 +88,9 @@ def test_a_response_of_every_route_and_every_kind_carries_the_headers(server, st
             assert_protected(r)
 
 
-def test_the_page_has_its_own_csp_without_inline_script(server):
-    r = httpx.get(f"{server.url}/")
+def test_the_page_has_its_own_csp_without_inline_script(tiny_app):
+    with tiny_app.client() as anon:
+        r = anon.get("/")
     assert r.status_code == 200
     csp = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
     assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'"
@@ -99,8 +100,9 @@ def test_the_page_has_its_own_csp_without_inline_script(server):
     assert re.search(r"<script>|<script [^>]*>[^<\s]|\son\w+=", r.text) is None  # the page has no inline code
 
 
-def test_the_docs_allow_exactly_their_inline_script(server):
-    r = httpx.get(f"{server.url}/docs")
+def test_the_docs_allow_exactly_their_inline_script(tiny_app):
+    with tiny_app.client() as anon:
+        r = anon.get("/docs")
     inline = re.findall(r"<script>(.*?)</script>", r.text, re.S)
     assert len(inline) == 1
     digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
@@ -109,8 +111,8 @@ def test_the_docs_allow_exactly_their_inline_script(server):
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
 
 
-def test_media_is_served_with_a_content_disposition_no_id_can_break(server, stored):
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
+def test_media_is_served_with_a_content_disposition_no_id_can_break(tiny_app, stored):
+    with tiny_app.client(ADMIN_KEY) as admin:
         for r in (admin.get(f"{stored}/media"), admin.get(f"{stored}/media", headers={"Range": "bytes=0-9"})):
             value = r.headers["content-disposition"]
             assert r.headers["content-type"] == "image/png" and value.isascii()

@@ -1,11 +1,12 @@
-"""Video through the HTTP API: text -> video search (frame-aware ITM re-rank), VideoQA, and no leaked
-descriptors in the server after many bad uploads."""
+"""Video through the HTTP API in-process (support.asgi, the session's blip-tiny app): text -> video search
+(frame-aware ITM re-rank), VideoQA, and no leaked descriptors in the serving process after many bad uploads."""
 
 from __future__ import annotations
 
 import base64
 import os
 
+import pytest
 from support.media import audio_only_bytes, video_bytes
 
 CLIPS = {
@@ -17,6 +18,21 @@ CLIPS = {
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
+@pytest.fixture
+def admin(tiny_admin):
+    return tiny_admin
+
+
+@pytest.fixture
+def refs(tiny_app):
+    return tiny_app.refs
 
 
 def test_text_to_video_search_with_frame_aware_rerank(client, admin, refs):
@@ -48,8 +64,8 @@ def test_videoqa_frame_count_and_formats(client):
     assert r.status_code == 200, r.text
 
 
-def test_no_descriptor_leak_after_bad_uploads(client, server):
-    fd_dir = f"/proc/{server.process.pid}/fd"
+def test_no_descriptor_leak_after_bad_uploads(client):
+    fd_dir = "/proc/self/fd"  # the app runs in this process
     client.get("/healthz")  # the keep-alive connection exists before counting
     before = len(os.listdir(fd_dir))
     bad = [b"not a video at all" * 10, audio_only_bytes(), CLIPS["reds"][: len(CLIPS["reds"]) // 3], b""]
@@ -57,4 +73,4 @@ def test_no_descriptor_leak_after_bad_uploads(client, server):
         r = client.post("/videoqa", files={"video": ("x.mp4", bad[i % 4], "video/mp4")},
                         data={"question": "what?", "adapter": "video-a"})
         assert r.status_code in (400, 415), r.text
-    assert len(os.listdir(fd_dir)) <= before + 2  # allow for the server's own sockets/log rotation
+    assert len(os.listdir(fd_dir)) <= before + 2  # allow for the process's own sockets/log rotation
