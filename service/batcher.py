@@ -102,6 +102,11 @@ class Batcher:
                 return len(self._queues[stage])
             return sum(len(q) for q in self._queues.values())
 
+    def deadlines(self, stage: str) -> list[float]:
+        """Test hook: the deadlines of the jobs queued for `stage`, oldest first (a request's jobs share one)."""
+        with self._cond:
+            return [job.deadline for job in self._queues[stage]]
+
     @contextlib.contextmanager
     def hold(self, *stages: str) -> Iterator[None]:
         """Test hook: inside the block no batch of `stages` starts; their jobs queue (deadlines still run).
