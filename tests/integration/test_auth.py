@@ -1,6 +1,7 @@
-"""Auth over real HTTP (real uvicorn): fails closed with a read key and no admin key, every admin route enumerated
-from the app's own table so none is missed; keys checked from the headers before any body byte is read (the 401
-comes back while 60 MB are still unsent); hostile Authorization bytes; with no keys, Origin and Host."""
+"""Auth: fails closed with a read key and no admin key, every admin route enumerated from the app's own table so
+none is missed; keys checked from the headers before any body byte is read (the 401 comes back while 60 MB are
+still unsent); hostile Authorization bytes; with no keys, Origin and Host. What rides on raw sockets or on the
+server's log runs on real uvicorn; the rest in-process (support.asgi)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
+from support.asgi import running_app
 from support.keys import ADMIN_KEY, READ_KEY
 from support.media import image_bytes
 from support.server import start_server
@@ -62,16 +64,15 @@ def shared_root(tmp_path_factory, refs, data_root):
 
 
 @pytest.fixture(scope="module")
-def open_server(shared_root, tmp_path_factory):
-    """No keys (the documented local default), holding the collection 'auth-kept' with one item."""
-    srv = start_server(shared_root, tmp_path_factory.mktemp("auth-open-logs"))
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        r = c.post("/collections", json={"name": "auth-kept", "kind": "image", "adapter": "ret-a"})
-        assert r.status_code == 201, r.text
-        r = c.post("/collections/auth-kept/items", json={"items": [{"id": "kept-1", "image": b64(PNG)}]})
-        assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
+def open_server(shared_root):
+    """No keys (the documented local default), holding the collection 'auth-kept' with one item; in-process."""
+    with running_app(shared_root, backbone="blip-tiny") as srv:
+        with srv.client() as c:
+            r = c.post("/collections", json={"name": "auth-kept", "kind": "image", "adapter": "ret-a"})
+            assert r.status_code == 201, r.text
+            r = c.post("/collections/auth-kept/items", json={"items": [{"id": "kept-1", "image": b64(PNG)}]})
+            assert r.status_code == 201, r.text
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,9 @@ def test_a_read_key_without_an_admin_key_refuses_every_write_and_changes_nothing
     assert "WARNING" in log and "UNIADAPTER_ADMIN_KEY is not" in log  # said at start
 
 
-def test_with_both_keys_only_the_admin_key_opens_admin_routes(server, refs):
+def test_with_both_keys_only_the_admin_key_opens_admin_routes(tiny_app):
     params = {"name": "auth-no-such", "ref": "no-such-set", "item_id": "none"}  # the admin key gets 404s: no effect
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with tiny_app.client() as c:
         for method, template in ADMIN_ROUTES:
             path = fill(template, **params)
             r = c.request(method, path)
@@ -206,9 +207,8 @@ def test_hostile_key_bytes_are_refused_never_a_500(server, header):
 # -- no keys: Origin and Host ---------------------------------------------------------------------------------
 
 def test_with_no_keys_another_origin_cannot_pin_or_add(open_server):
-    url = open_server.url
     evil = {"Origin": "http://evil.example"}
-    with httpx.Client(base_url=url, timeout=60) as c:
+    with open_server.client() as c:
         before = c.get("/collections/auth-kept").json()["items"]
         r = c.post("/adapters/ret-a/pin", headers=evil)
         assert r.status_code == 403 and "UNIADAPTER_ALLOWED_HOSTS" in r.json()["detail"], r.text
@@ -225,7 +225,7 @@ def test_with_no_keys_another_origin_cannot_pin_or_add(open_server):
 
 def test_with_no_keys_same_origin_and_no_origin_pass(open_server):
     url = open_server.url
-    with httpx.Client(base_url=url, timeout=60) as c:
+    with open_server.client() as c:
         r = c.post("/adapters/ret-a/pin", headers={"Origin": url})  # the page itself
         assert r.status_code == 200 and r.json()["pinned"] is True, r.text
         port = urlsplit(url).port
@@ -238,7 +238,7 @@ def test_with_no_keys_same_origin_and_no_origin_pass(open_server):
 
 def test_with_no_keys_a_rebound_host_is_refused_but_probes_answer(open_server):
     port = urlsplit(open_server.url).port
-    with httpx.Client(base_url=open_server.url, timeout=60) as c:
+    with open_server.client() as c:
         for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
             r = c.get("/collections", headers={"Host": host})
             assert r.status_code == 403 and "host" in r.json()["detail"] and "UNIADAPTER_ALLOWED_HOSTS" in r.text

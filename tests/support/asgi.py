@@ -31,8 +31,6 @@ SESSION_SETTINGS: dict[str, object] = {
     "max_image_pixels": 1_000_000, "max_text_chars": 200, "max_top_k": 20, "max_video_bytes": 300_000,
     "max_video_seconds": 30}
 """the limits of tests/integration/conftest.py's session `server` (its keys: support.keys), for its in-process twin"""
-BASE_URL = "http://127.0.0.1"
-"""a Host the service's allowed_hosts accept by default (127.0.0.1, as uvicorn binds in `start_server`)"""
 STARTUP_S = 120.0
 
 
@@ -65,6 +63,9 @@ class AsgiService:
     def __init__(self, app: FastAPI, settings: Settings) -> None:
         self.app, self.settings = app, settings
         self.data_root = settings.data_root
+        self.url = f"http://127.0.0.1:{settings.port}"
+        """the base URL of its clients: a Host its allowed_hosts accept by default, with the port it would bind
+        (nothing is bound: requests never leave the process)"""
         self.refs: dict[str, str] = {}
         """the adapter sets its fixture published before the start: name -> name@version"""
         self._loop = asyncio.new_event_loop()
@@ -78,7 +79,7 @@ class AsgiService:
         """A client of the app, sending `key` as X-API-Key when given."""
         headers = {"X-API-Key": key} if key else {}
         headers.update(kwargs.pop("headers", {}))
-        client = httpx.Client(transport=_LoopTransport(self.app, self._loop), base_url=BASE_URL, headers=headers,
+        client = httpx.Client(transport=_LoopTransport(self.app, self._loop), base_url=self.url, headers=headers,
                               timeout=timeout, **kwargs)
         self._clients.append(client)
         return client
