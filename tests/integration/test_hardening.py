@@ -1,5 +1,6 @@
-"""What an attacker or a careless client tries, against real servers: bounded decode memory, requests
-larger than the queue, a hung Redis, publish order, the one error shape, nothing leaked."""
+"""What an attacker or a careless client tries: bounded decode memory and a hung Redis against real servers
+(the RSS of a server process, the log of a real one), and in-process (support.asgi) requests larger than the queue,
+the decode budget's 503, publish order, the one error shape, nothing leaked."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageDraw
+from support.asgi import running_app
+from support.keys import ADMIN_KEY
 from support.media import image_bytes
 from support.redis_server import RedisServer
 from support.server import publish_test_sets, start_server
@@ -50,6 +53,21 @@ def status_mb(pid: int, field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+@pytest.fixture
+def client(tiny_client):
+    return tiny_client
+
+
+@pytest.fixture
+def admin(tiny_admin):
+    return tiny_admin
+
+
+@pytest.fixture
+def refs(tiny_app):
+    return tiny_app.refs
+
+
 # -- decode memory ------------------------------------------------------------------------------
 
 SIDE = 4000
@@ -61,8 +79,10 @@ holds 16 x 16 Mpix (over 1 GB)."""
 
 
 @pytest.fixture(scope="module")
-def budget_server(data_root, refs, tmp_path_factory):
-    srv = start_server(data_root, tmp_path_factory.mktemp("logs"), max_image_pixels=SIDE * SIDE,
+def budget_server(tiny_app, tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget-data")
+    (root / "adapters").symlink_to(tiny_app.data_root / "adapters")  # the session's test sets
+    srv = start_server(root, tmp_path_factory.mktemp("logs"), max_image_pixels=SIDE * SIDE,
                        decode_budget_mpix=BUDGET_MPIX, decode_wait_s=300, max_image_bytes=10_000_000,
                        max_request_bytes=20_000_000)
     yield srv
@@ -90,50 +110,47 @@ def test_concurrent_maximum_size_images_stay_within_the_decode_budget(budget_ser
 def test_a_decode_that_cannot_get_the_budget_in_time_is_503_with_retry_after(tmp_path):
     root = tmp_path / "data"
     publish_test_sets(root)
-    server = start_server(root, tmp_path, max_image_pixels=4_000_000, decode_budget_mpix=4, decode_wait_s=0,
-                          max_video_pixels=400_000, max_request_bytes=20_000_000)
-    try:
+    with running_app(root, backbone="blip-tiny", max_image_pixels=4_000_000, decode_budget_mpix=4, decode_wait_s=0,
+                     max_video_pixels=400_000, max_request_bytes=20_000_000) as server, \
+            server.client(timeout=120) as c:
         png = b64(compressible_png(2000))  # exactly the budget: never more than one at a time
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda i: httpx.post(f"{server.url}/vqa", timeout=120, json={
+            replies = list(pool.map(lambda i: c.post("/vqa", json={
                 "image": png, "question": f"what colour {i}?", "adapter": "vqa-a"}), range(8)))
         codes = {r.status_code for r in replies}
         assert codes <= {200, 503} and 200 in codes, codes
         for r in replies:
             if r.status_code == 503:
                 assert "decode budget" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1
-    finally:
-        server.stop()
 
 
 # -- requests larger than the queue ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_queue(data_root, refs, tmp_path_factory):
-    srv = start_server(data_root, tmp_path_factory.mktemp("logs"), max_queue=2, max_batch_size=4,
-                       default_retrieval_adapter="ret-a")
-    yield srv
-    srv.stop()
+def tiny_queue(tiny_app, tmp_path_factory):
+    """An app with a queue of two jobs, its own collections, the session's test sets; in-process."""
+    root = tmp_path_factory.mktemp("tiny-queue")
+    (root / "adapters").symlink_to(tiny_app.data_root / "adapters")
+    with running_app(root, backbone="blip-tiny", max_queue=2, max_batch_size=4,
+                     default_retrieval_adapter="ret-a") as srv, srv.client() as c:
+        yield c
 
 
 def test_a_request_larger_than_the_queue_is_admitted_whole_when_idle(tiny_queue):
     images = [b64(image_bytes((20 * i, 200 - 20 * i, 90))) for i in range(8)]
-    r = httpx.post(f"{tiny_queue.url}/retrieve", timeout=60, json={
+    r = tiny_queue.post("/retrieve", timeout=60, json={
         "query_text": "a red square", "candidate_images": images, "top_k": 3, "rerank_k": 2, "adapter": "ret-a"})
     assert r.status_code == 200, r.text
-    assert httpx.post(f"{tiny_queue.url}/collections", json={"name": "big-add", "kind": "image"}).status_code == 201
+    assert tiny_queue.post("/collections", json={"name": "big-add", "kind": "image"}).status_code == 201
     items = [{"id": f"i{i}", "image": images[i % 8]} for i in range(9)]
-    r = httpx.post(f"{tiny_queue.url}/collections/big-add/items", json={"items": items}, timeout=60)
+    r = tiny_queue.post("/collections/big-add/items", json={"items": items}, timeout=60)
     assert r.status_code == 201 and r.json()["items"] == 9, r.text
 
 
 def test_demo_collections_build_with_a_queue_of_one(tmp_path):
-    server = start_server(tmp_path / "data", tmp_path, backbone="demo", max_queue=1, max_batch_size=1)
-    try:
-        stats = {c["name"]: c["items"] for c in httpx.get(f"{server.url}/collections").json()}
+    with running_app(tmp_path / "data", max_queue=1, max_batch_size=1) as server, server.client() as client:
+        stats = {c["name"]: c["items"] for c in client.get("/collections").json()}
         assert stats == {"demo-images": 64, "demo-videos": 16}
-    finally:
-        server.stop()
 
 
 # -- Redis hung --------------------------------------------------------------------------------------
@@ -188,9 +205,7 @@ def test_a_hung_redis_delays_no_route_that_does_not_need_it(tmp_path):
 
 # -- publish order ------------------------------------------------------------------------------------
 
-def test_the_version_published_last_is_the_newest_whatever_its_created_field(server, refs, tmp_path):
-    from support.keys import ADMIN_KEY
-
+def test_the_version_published_last_is_the_newest_whatever_its_created_field(tiny_app, tmp_path):
     backbone = load_backbone("blip-tiny")
     folder = tmp_path / "old-dated"
     module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), seed=4242)
@@ -200,7 +215,7 @@ def test_the_version_published_last_is_the_newest_whatever_its_created_field(ser
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     first = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), seed=4343)
     save_adapter_set(first, tmp_path / "first", name="vqa-order", backbone=BackboneInfo.of(backbone))
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": ADMIN_KEY}, timeout=60) as admin:
+    with tiny_app.client(ADMIN_KEY) as admin:
         def publish(f: Path) -> httpx.Response:
             return admin.post("/adapters/vqa-order/publish", files={
                 "config": (CONFIG_FILE, (f / CONFIG_FILE).read_bytes()),
@@ -226,7 +241,7 @@ def test_publish_errors_name_the_uploaded_files_not_server_paths(admin, tmp_path
 
 # -- the one error shape, and nothing leaked ------------------------------------------------------------
 
-def test_framework_errors_have_the_one_shape(server, client, admin):
+def test_framework_errors_have_the_one_shape(client, admin):
     r = client.post("/vqa", content=b"abc", headers={"content-type": "multipart/form-data"})  # no boundary
     assert r.status_code == 400 and set(r.json()) == {"error", "detail"}, r.text
     r = client.get("/no/such/route")
@@ -250,18 +265,18 @@ def test_a_failing_item_is_named_by_index_and_filename(admin):
 
 
 def test_a_collection_without_adapter_is_bound_to_the_default_retrieval_set(tiny_queue, refs):
-    r = httpx.post(f"{tiny_queue.url}/collections", json={"name": "defaulted", "kind": "image"})
+    r = tiny_queue.post("/collections", json={"name": "defaulted", "kind": "image"})
     assert r.status_code == 201 and r.json()["adapter"] == refs["ret-a"], r.text
-    r = httpx.post(f"{tiny_queue.url}/collections", json={"name": "bare", "kind": "image", "adapter": "none"})
+    r = tiny_queue.post("/collections", json={"name": "bare", "kind": "image", "adapter": "none"})
     assert r.json()["adapter"] == "none"
 
 
-def test_nothing_is_leaked_without_a_key(server, client):
-    with httpx.Client(base_url=server.url) as anon:
+def test_nothing_is_leaked_without_a_key(tiny_app, client):
+    with tiny_app.client() as anon:
         ready = anon.get("/readyz")
         assert ready.status_code == 200
         text = ready.text
-        assert str(server.data_root) not in text and "blip-tiny" not in text and "fingerprints" not in text
+        assert str(tiny_app.data_root) not in text and "blip-tiny" not in text and "fingerprints" not in text
         assert anon.get("/readyz", params={"verbose": "true"}).status_code == 401
     r = client.post("/retrieve", json={"query_text": "red", "collection": "no-such"})
     assert r.status_code == 404 and "clips" not in r.text  # other collections are not listed
