@@ -1,4 +1,4 @@
-"""Bulk adds of large images beside task routes, against a real server whose decode budget fits two of them:
+"""Bulk adds of large images beside task routes, in-process (support.asgi) on an app whose decode budget fits two:
 the add queues for the budget up to its deadline (not DECODE_WAIT_S) and succeeds; bulk work holds at most its
 share, so a /vqa meanwhile gets decode room at once; an add that outlives its deadline is 504 and stores
 nothing."""
@@ -15,9 +15,9 @@ import zlib
 import httpx
 import pytest
 from PIL import Image, ImageDraw
+from support.asgi import running_app
 from support.keys import ADMIN_KEY, READ_KEY
 from support.media import image_bytes
-from support.server import start_server
 from support.waiting import until
 
 SIDE = 2000
@@ -67,16 +67,12 @@ def wait_until(condition, what: str, deadline_s: float = 120) -> None:
 
 
 @pytest.fixture
-def client_of():
-    clients: list[httpx.Client] = []
-
-    def make(url: str) -> httpx.Client:
-        clients.append(httpx.Client(base_url=url, headers={"X-API-Key": ADMIN_KEY}, timeout=300))
-        return clients[-1]
-
-    yield make
-    for c in clients:
-        c.close()
+def app_root(tiny_app, tmp_path):
+    """A data root of its own with the session's test sets."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "adapters").symlink_to(tiny_app.data_root / "adapters")
+    return root
 
 
 def add_in_background(c: httpx.Client, collection: str, files: list[bytes]) -> tuple[threading.Thread, list]:
@@ -94,10 +90,9 @@ def add_in_background(c: httpx.Client, collection: str, files: list[bytes]) -> t
     return thread, reply
 
 
-def test_a_bulk_add_far_over_the_budget_succeeds_while_vqa_gets_room_at_once(data_root, refs, tmp_path, client_of):
-    server = start_server(data_root, tmp_path, decode_wait_s=0, request_timeout_s=600, **SETTINGS)
-    try:
-        c = client_of(server.url)
+def test_a_bulk_add_far_over_the_budget_succeeds_while_vqa_gets_room_at_once(app_root):
+    with running_app(app_root, backbone="blip-tiny", decode_wait_s=0, request_timeout_s=600, **SETTINGS) as server, \
+            server.client(ADMIN_KEY, timeout=300) as c:
         assert c.post("/collections", json={"name": "bulk", "kind": "image", "adapter": "ret-a"}).status_code == 201
         vqa = {"image": b64(image_bytes()), "question": "what colour is it?", "adapter": "vqa-a"}
         assert c.post("/vqa", json=vqa).status_code == 200  # warm: first-use costs are not measured below
@@ -127,15 +122,12 @@ def test_a_bulk_add_far_over_the_budget_succeeds_while_vqa_gets_room_at_once(dat
         assert gauge(c, "uniadapter_decode_pixels") == 0
         assert c.get("/collections/bulk").json()["items"] == ITEMS
         print(f"/vqa during the bulk add: {len(seconds)} calls, max {max(seconds) * 1000:.0f} ms")
-    finally:
-        server.stop()
 
 
-def test_a_bulk_add_that_outlives_its_deadline_is_504_and_stores_nothing(data_root, refs, tmp_path, client_of):
+def test_a_bulk_add_that_outlives_its_deadline_is_504_and_stores_nothing(app_root):
     # 48 decodes of 4 Mpix, one at a time, cannot finish in 0.2 s
-    server = start_server(data_root, tmp_path, decode_wait_s=0, request_timeout_s=0.2, **SETTINGS)
-    try:
-        c = client_of(server.url)
+    with running_app(app_root, backbone="blip-tiny", decode_wait_s=0, request_timeout_s=0.2, **SETTINGS) as server, \
+            server.client(ADMIN_KEY, timeout=300) as c:
         assert c.post("/collections", json={"name": "late", "kind": "image", "adapter": "ret-a"}).status_code == 201
         thread, reply = add_in_background(c, "late", big_pngs(ITEMS))
         thread.join(600)
@@ -146,5 +138,3 @@ def test_a_bulk_add_that_outlives_its_deadline_is_504_and_stores_nothing(data_ro
         # every decode of it gives its pixels back or leaves the queue by its deadline
         wait_until(lambda: gauge(c, "uniadapter_decode_pixels") == 0
                    and sum(samples(c, "uniadapter_decode_waiting").values()) == 0, "the budget to drain")
-    finally:
-        server.stop()
