@@ -1,6 +1,7 @@
-"""A collection deleted while clients write to it, on real servers and both stores (SQLite on one data root,
-a real PostgreSQL): adds and searches racing a delete and a re-create on one replica and across two, a replica
-paused across them, create/delete cycles, and the files all of that leaves open.
+"""A collection deleted while clients write to it, on both stores (SQLite on one data root, a real PostgreSQL);
+one replica in-process (support.asgi), two replicas or a paused one on real servers: adds and searches racing a
+delete and a re-create on one replica and across two, a replica paused across them, create/delete cycles, and the
+files all of that leaves open.
 
 What must hold: no 500; every add acknowledged (201) names the collection it was committed to (`uid`), and
 every item acknowledged to the re-created one is there at the end, and nothing else is; an add sent after the
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from support.asgi import AsgiService, running_app
 from support.media import image_bytes
 from support.server import Server, publish_test_sets, start_server
 from support.waiting import until
@@ -48,29 +50,43 @@ def wait_for(condition, what: str, timeout: float = DEADLINE_S) -> None:
     until(condition, what, timeout)
 
 
-def create(url: str, name: str) -> str:
-    r = httpx.post(f"{url}/collections", json={"name": name, "kind": "image", "adapter": "ret-a"}, timeout=60)
+Target = str | AsgiService
+"""a real server's URL, or an in-process app"""
+
+
+def connect(target: Target) -> httpx.Client:
+    if isinstance(target, AsgiService):
+        return target.client(timeout=60)
+    return httpx.Client(base_url=target, timeout=60)
+
+
+def create(target: Target, name: str) -> str:
+    with connect(target) as c:
+        r = c.post("/collections", json={"name": name, "kind": "image", "adapter": "ret-a"})
     assert r.status_code == 201, r.text
     return r.json()["uid"]
 
 
-def listing(url: str, name: str) -> list[str]:
+def listing(target: Target, name: str) -> list[str]:
     ids, cursor = [], 0
-    while cursor is not None:
-        r = httpx.get(f"{url}/collections/{name}/items", params={"limit": 500, "cursor": cursor}, timeout=60)
-        assert r.status_code == 200, r.text
-        ids += [it["id"] for it in r.json()["items"]]
-        cursor = r.json()["next_cursor"]
+    with connect(target) as c:
+        while cursor is not None:
+            r = c.get(f"/collections/{name}/items", params={"limit": 500, "cursor": cursor})
+            assert r.status_code == 200, r.text
+            ids += [it["id"] for it in r.json()["items"]]
+            cursor = r.json()["next_cursor"]
     return ids
 
 
-def deleted_files_open(server: Server) -> list[str]:
-    """Files under the data root the server process holds open although they were deleted or renamed away."""
+def deleted_files_open(server: Server | AsgiService) -> list[str]:
+    """Files under the data root the serving process (this one, for an in-process app) holds open although they
+    were deleted or renamed away."""
     found = []
     root = str(server.data_root)
-    for fd in os.listdir(f"/proc/{server.process.pid}/fd"):
+    pid = os.getpid() if isinstance(server, AsgiService) else server.process.pid
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/{server.process.pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith(root) and (target.endswith("(deleted)") or "/.deleted-" in target):
@@ -81,7 +97,7 @@ def deleted_files_open(server: Server) -> list[str]:
 class Writers:
     """Four clients adding one item per request to `name` on `url`, and one searching it, until stopped."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: Target, name: str) -> None:
         self.url, self.name = url, name
         self.adds: list[Reply] = []
         self.searches: list[int] = []
@@ -92,7 +108,7 @@ class Writers:
             t.start()
 
     def _add(self, k: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as c:
+        with connect(self.url) as c:
             for n in range(2000):
                 if self.stop.is_set():
                     return
@@ -103,7 +119,7 @@ class Writers:
                 self.adds.append(Reply(sent, [item_id], r.status_code, r.json() if r.content else {}))
 
     def _search(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as c:
+        with connect(self.url) as c:
             for _ in range(2000):
                 if self.stop.is_set():
                     return
@@ -139,32 +155,30 @@ def check(writers: Writers, old: str, new: str, deleted_at: float, final: list[s
     assert sorted(final) == into_new  # every acknowledged item is there, and nothing that was refused
 
 
-def test_a_delete_and_re_create_racing_writers_on_one_replica(tmp_path, store):
+def test_a_delete_and_re_create_racing_writers_on_one_replica(tmp_path, store, caplog):
     root = tmp_path / "data"
     publish_test_sets(root)
-    server = start_server(root, tmp_path, **store)
-    try:
-        old = create(server.url, "race")
-        writers = Writers(server.url, "race")
+    with running_app(root, backbone="blip-tiny", **store) as server, server.client(timeout=60) as c:
+        old = create(server, "race")
+        writers = Writers(server, "race")
         try:
             wait_for(lambda: writers.acked() >= 12, "adds before the delete")
-            reindex = httpx.post(f"{server.url}/collections/race/reindex", json={"adapter": "ret-b"}, timeout=60)
+            reindex = c.post("/collections/race/reindex", json={"adapter": "ret-b"})
             assert reindex.status_code == 202, reindex.text  # re-embedding in the background when the delete comes
-            assert httpx.delete(f"{server.url}/collections/race", timeout=60).status_code == 204
+            assert c.delete("/collections/race").status_code == 204
             deleted_at = time.monotonic()
-            new = create(server.url, "race")  # never 409: nothing the writers did keeps the name
+            new = create(server, "race")  # never 409: nothing the writers did keeps the name
             created_at = time.monotonic()
             wait_for(lambda: writers.sent_after(created_at) >= 12, "adds after the re-create")
         finally:
             writers.finish()
-        check(writers, old, new, deleted_at, listing(server.url, "race"))
-        assert httpx.get(f"{server.url}/collections", timeout=60).status_code == 200
-        stats = httpx.get(f"{server.url}/collections/race", timeout=60).json()
+        check(writers, old, new, deleted_at, listing(server, "race"))
+        assert c.get("/collections").status_code == 200
+        stats = c.get("/collections/race").json()
         assert (stats["uid"], stats["generation"], stats["reindex_target"]) == (new, 0, None)  # not the old re-index's
         wait_for(lambda: not deleted_files_open(server), "the deleted collection's files to be closed", 30)
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log.read_text()  # the re-index met the delete quietly, and nothing else failed
+    # the re-index met the delete quietly, and nothing else failed
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the app's log"
 
 
 def test_a_replica_writing_to_a_collection_another_deletes_and_re_creates(tmp_path, store):
@@ -232,23 +246,19 @@ def test_a_replica_paused_across_delete_and_re_create_serves_the_new_collection(
 def test_create_add_search_delete_cycles_leave_no_open_files_and_no_folders(tmp_path, store):
     root = tmp_path / "data"
     publish_test_sets(root)
-    server = start_server(root, tmp_path, **store)
-    try:
+    with running_app(root, backbone="blip-tiny", **store) as server, server.client(timeout=60) as c:
         for cycle in range(10):
-            create(server.url, "cycle")
+            create(server, "cycle")
             items = {"items": [{"id": f"i{j}", "image": b64(image_bytes((25 * cycle, 80 * j, 5), size=(24, 24)))}
                                for j in range(3)]}
-            assert httpx.post(f"{server.url}/collections/cycle/items", json=items, timeout=60).status_code == 201
-            r = httpx.post(f"{server.url}/retrieve", timeout=60,
-                           json={"query_text": "a red circle", "collection": "cycle", "top_k": 3})
+            assert c.post("/collections/cycle/items", json=items).status_code == 201
+            r = c.post("/retrieve", json={"query_text": "a red circle", "collection": "cycle", "top_k": 3})
             assert r.status_code == 200 and len(r.json()["results"]) == 3
-            assert httpx.get(f"{server.url}/collections/cycle/items/i0/thumbnail", timeout=60).status_code == 200
-            assert httpx.delete(f"{server.url}/collections/cycle", timeout=60).status_code == 204
+            assert c.get("/collections/cycle/items/i0/thumbnail").status_code == 200
+            assert c.delete("/collections/cycle").status_code == 204
         assert deleted_files_open(server) == []
         assert sorted(p.name for p in (root / "collections").iterdir()) == [".lock", ".serving"] or \
             sorted(p.name for p in (root / "collections").iterdir()) == []  # PostgreSQL: no snapshots left
-    finally:
-        server.stop()
 
 
 def _images(n: int, seed: int) -> dict[str, bytes]:
@@ -256,36 +266,34 @@ def _images(n: int, seed: int) -> dict[str, bytes]:
                                         size=(24 + i % 5, 24)) for i in range(n)}
 
 
-def _self_search(url: str, collection: str, images: dict[str, bytes]) -> dict[str, list[tuple[str, float]]]:
+def _self_search(url: Target, collection: str, images: dict[str, bytes]) -> dict[str, list[tuple[str, float]]]:
     """Each image searched with itself: its hits (ids and scores)."""
     out = {}
-    for item_id, data in images.items():
-        r = httpx.post(f"{url}/retrieve", timeout=60, json={"query_image": b64(data), "collection": collection,
-                                                             "top_k": 3})
-        assert r.status_code == 200, r.text
-        out[item_id] = [(h["id"], round(h["score"], 5)) for h in r.json()["results"]]
+    with connect(url) as c:
+        for item_id, data in images.items():
+            r = c.post("/retrieve", json={"query_image": b64(data), "collection": collection, "top_k": 3})
+            assert r.status_code == 200, r.text
+            out[item_id] = [(h["id"], round(h["score"], 5)) for h in r.json()["results"]]
     return out
 
 
 def test_the_documented_migration_on_the_same_data_root_answers_as_sqlite_did(tmp_path, pg_server):
-    """SQLite server, stopped (its snapshots written), `collections migrate`, then a PostgreSQL server on the same
-    DATA_ROOT: every search answers exactly as before (the SQLite snapshots are not this collection's)."""
+    """SQLite app, stopped (its snapshots written), `collections migrate`, then a PostgreSQL app on the same
+    DATA_ROOT (both in-process): every search answers exactly as before (the SQLite snapshots are not this
+    collection's)."""
     import subprocess
     import sys
 
     root = tmp_path / "data"
     publish_test_sets(root)
     sets = {"first": _images(15, 1), "second": _images(15, 2)}
-    sqlite = start_server(root, tmp_path)
-    try:
+    with running_app(root, backbone="blip-tiny") as sqlite, sqlite.client(timeout=120) as c:
         for name, images in sets.items():
-            create(sqlite.url, name)
-            r = httpx.post(f"{sqlite.url}/collections/{name}/items", timeout=120,
-                           json={"items": [{"id": k, "image": b64(v)} for k, v in images.items()]})
+            create(sqlite, name)
+            r = c.post(f"/collections/{name}/items",
+                       json={"items": [{"id": k, "image": b64(v)} for k, v in images.items()]})
             assert r.status_code == 201, r.text
-        before = {name: _self_search(sqlite.url, name, images) for name, images in sets.items()}
-    finally:
-        sqlite.stop()
+        before = {name: _self_search(sqlite, name, images) for name, images in sets.items()}
     assert all((root / "collections" / name / "index.snap").is_file() for name in sets)
     for name, images in sets.items():  # sanity: each image finds itself first
         assert all(before[name][k][0][0] == k for k in images)
@@ -293,12 +301,9 @@ def test_the_documented_migration_on_the_same_data_root_answers_as_sqlite_did(tm
     done = subprocess.run([sys.executable, "-m", "uniadapter_serve.service.cli", "collections", "migrate",
                            "--from", str(root), "--to", url, "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    pg = start_server(root, tmp_path, database_url=url)
-    try:
+    with running_app(root, backbone="blip-tiny", database_url=url) as pg:
         for name, images in sets.items():
-            assert _self_search(pg.url, name, images) == before[name], name
-    finally:
-        pg.stop()
+            assert _self_search(pg, name, images) == before[name], name
 
 
 def test_a_replica_restarted_across_delete_and_re_create_serves_the_new_collection(tmp_path, store):
