@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +26,18 @@ def randomize_(module: nn.Module, seed: int, std: float = 0.1) -> nn.Module:
         base = 1.0 if (name.endswith("weight") and p.dim() == 1) else 0.0
         p.copy_((noise + base).to(p.dtype))
     return module
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def random_transformers_model(cls: Callable[[BlipConfig], M], config: BlipConfig, seed: int) -> M:
+    """A transformers BLIP model (`BlipForImageTextRetrieval`, `BlipForQuestionAnswering`) with every weight
+    seeded noise, in eval mode: the reference the parity tests compare against."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    randomize_(model, seed=seed)
+    return model
 
 
 def random_adapter(backbone: BlipBackbone, config: UniAdapterConfig, seed: int, std: float = 0.1) -> AdapterSetModule:

@@ -8,27 +8,20 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionA
 
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.loading import backbone_from_state_dict, load_backbone
-from uniadapter_serve.model.testing import random_answer_list, random_batch, randomize_
+from uniadapter_serve.model.testing import random_answer_list, random_batch, random_transformers_model
 from uniadapter_serve.model.vqa import answer_log_likelihood, beam_search_answers, generate_answers, rank_answers
 
 TOL = 1e-5
 
 
-def _hf(cls, config: BlipConfig, seed: int):
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    randomize_(model, seed=seed)
-    return model
-
-
 @pytest.fixture
 def hf_itm(tiny_config: BlipConfig) -> BlipForImageTextRetrieval:
-    return _hf(BlipForImageTextRetrieval, tiny_config, seed=11)
+    return random_transformers_model(BlipForImageTextRetrieval, tiny_config, seed=11)
 
 
 @pytest.fixture
 def hf_vqa(tiny_config: BlipConfig) -> BlipForQuestionAnswering:
-    return _hf(BlipForQuestionAnswering, tiny_config, seed=12)
+    return random_transformers_model(BlipForQuestionAnswering, tiny_config, seed=12)
 
 
 @pytest.fixture(params=["state_dict", "folder"])

@@ -9,24 +9,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from uniadapter_serve.model.loading import backbone_from_state_dict
 from uniadapter_serve.model.routing import Routing
-from uniadapter_serve.model.testing import randomize_
+from uniadapter_serve.model.testing import random_transformers_model
 from uniadapter_serve.model.tokenizer import CAPTION_WORDS, QUESTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.service.stages import AnswerInput, GeneratePlan, MatchInput, TextInput, make_stages
 from uniadapter_serve.service.tasks import VisionInput
 
 TOL = 1e-5
 TEXTS = ["A red circle, on the left!", "two blue squares", "is there a cat?"]
-
-
-def _hf(cls, config: BlipConfig, seed: int):
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    randomize_(model, seed=seed)
-    return model
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def ids_of(tokenizer, texts, words, mode):
 
 @torch.no_grad()
 def test_vision_text_and_match_stages_equal_transformers(tiny_config, tokenizer):
-    hf = _hf(BlipForImageTextRetrieval, tiny_config, seed=31)
+    hf = random_transformers_model(BlipForImageTextRetrieval, tiny_config, seed=31)
     stages = make_stages(backbone_from_state_dict(tiny_config, hf.state_dict()).eval(), tokenizer)
     size = tiny_config.vision_config.image_size
     gen = torch.Generator().manual_seed(5)
@@ -84,7 +77,7 @@ def test_vision_text_and_match_stages_equal_transformers(tiny_config, tokenizer)
 
 @torch.no_grad()
 def test_answer_stage_generates_what_transformers_generates(tiny_config, tokenizer):
-    hf = _hf(BlipForQuestionAnswering, tiny_config, seed=32)
+    hf = random_transformers_model(BlipForQuestionAnswering, tiny_config, seed=32)
     stages = make_stages(backbone_from_state_dict(tiny_config, hf.state_dict()).eval(), tokenizer)
     size = tiny_config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(6))
