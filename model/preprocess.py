@@ -1,7 +1,15 @@
-"""Image and frame preprocessing as BLIP does it: resize (S, S) bicubic, scale to [0, 1],
-normalise with the CLIP mean/std. Plain torch on a PIL image (no torchvision)."""
+"""Image and frame preprocessing as BLIP does it: transparency composited onto white, resize (S, S)
+bicubic, scale to [0, 1], normalise with the CLIP mean/std. Plain torch on a PIL image (no torchvision).
+
+The same settings, written as `preprocessor_config.json` beside a backbone (`write_preprocessor_config`),
+make transformers' `BlipProcessor.from_pretrained(folder)` compute the tensor the service computes.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -9,11 +17,27 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKGROUND = (255, 255, 255, 255)
+"""what transparent pixels show: white, as transformers' BLIP processor composites them"""
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha band (RGBA, LA, PA) or a transparent palette index / colour key (`info["transparency"]`)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """-> RGB, any transparency composited onto white (the colour under a transparent pixel is never seen)."""
+    if has_transparency(image):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> (3, size, size) float32."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb = to_rgb(image)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return array_to_tensor(np.asarray(rgb))
@@ -25,3 +49,26 @@ def array_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def preprocessor_config(size: int) -> dict[str, Any]:
+    """transformers' BlipImageProcessor settings for what `image_to_tensor(image, size)` does."""
+    return {
+        "image_processor_type": "BlipImageProcessor",
+        "processor_class": "BlipProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": int(Image.Resampling.BICUBIC),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+
+
+def write_preprocessor_config(folder: str | Path, size: int) -> None:
+    """Write `preprocessor_config.json` for a backbone whose images are `size` pixels square."""
+    text = json.dumps(preprocessor_config(size), indent=2, sort_keys=True) + "\n"
+    (Path(folder) / PREPROCESSOR_CONFIG).write_text(text)

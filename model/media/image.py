@@ -7,6 +7,9 @@ Two steps, so a caller can hold a decode budget between them: `probe_image` read
 straight at a reduced scale (DCT draft mode, down to 1/8 per side); other formats are reduced by an
 integer factor right after decoding, before any mode conversion copies them. Neither goes below
 twice the size the model needs, so the final antialiased resize still sees every detail it keeps.
+Transparency (an alpha band, a transparent palette index or colour key) is composited onto white, as
+transformers' BLIP processor does; alpha images are reduced premultiplied, so reducing first changes nothing
+but rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from uniadapter_serve.errors import (
     MediaTooLargeError,
     UnsupportedMediaTypeError,
 )
+from uniadapter_serve.model.preprocess import has_transparency, to_rgb
 
 IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -99,7 +103,8 @@ def probe_image(data: bytes, *, declared_type: str | None, max_bytes: int, max_p
 
 
 def load_image(probe: ImageProbe, target_size: int | None = None) -> Image.Image:
-    """Decode a probed image -> RGB, reduced by an integer factor while both sides stay >= 2 * target_size."""
+    """Decode a probed image -> RGB (transparency composited onto white), reduced by an integer factor while
+    both sides stay >= 2 * target_size."""
     image = probe.image
     try:
         with warnings.catch_warnings():
@@ -107,10 +112,13 @@ def load_image(probe: ImageProbe, target_size: int | None = None) -> Image.Image
             image.load()
         factor = min(image.size) // (2 * target_size) if target_size else 1
         if factor >= 2:
-            if image.mode not in REDUCIBLE_MODES:
+            if has_transparency(image):
+                if image.mode not in ("RGBA", "LA"):
+                    image = image.convert("RGBA")  # a palette index, colour key or PA alpha, kept for compositing
+            elif image.mode not in REDUCIBLE_MODES:
                 image = image.convert("RGB")
-            image = image.reduce(factor)
-        return image if image.mode == "RGB" else image.convert("RGB")
+            image = image.reduce(factor)  # RGBA and LA: premultiplied by Pillow
+        return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaTooLargeError(f"{probe.field}: {e}") from e
     except DECODE_ERRORS as e:

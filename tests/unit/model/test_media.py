@@ -11,7 +11,7 @@ from PIL import Image
 from uniadapter_serve.errors import CorruptMediaError, UnsupportedMediaTypeError
 from uniadapter_serve.model.media import image as image_module
 from uniadapter_serve.model.media.image import PIL_FORMATS, decode_image, load_image, probe_image
-from uniadapter_serve.model.preprocess import image_to_tensor
+from uniadapter_serve.model.preprocess import image_to_tensor, to_rgb
 
 LIMITS = {"declared_type": None, "max_bytes": 50_000_000, "max_pixels": 100_000_000}
 
@@ -51,7 +51,7 @@ def test_small_images_and_other_modes_decode_as_before():
     for mode, colour in (("RGB", (200, 10, 30)), ("L", 128), ("P", 3), ("RGBA", (10, 200, 30, 128)), ("1", 1)):
         data = encoded(Image.new(mode, (40, 30), colour), "PNG")
         got = decode_image(data, target_size=64, **LIMITS)
-        want = Image.open(io.BytesIO(data)).convert("RGB")
+        want = to_rgb(Image.open(io.BytesIO(data)))  # RGBA: composited onto white (test_transparency.py)
         assert got.mode == "RGB" and got.size == (40, 30)
         assert np.array_equal(np.asarray(got), np.asarray(want)), mode
 
