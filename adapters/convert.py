@@ -270,8 +270,9 @@ def plan_conversion(state: Mapping[str, torch.Tensor], checkpoint_config: Mappin
 
 def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, set_dir: str | Path, *,
                                   name: str, task: str | None = None, vision_heads: int | None = None,
-                                  text_heads: int | None = None) -> dict[str, Any]:
-    """Write the frozen backbone (transformers layout) and the adapter set; returns a report."""
+                                  text_heads: int | None = None, tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Write the frozen backbone (transformers layout, with `tokenizer`'s files: see `write_backbone`) and the
+    adapter set; returns a report."""
     source = Path(source)
     checkpoint = load_checkpoint(source)
     plan = plan_conversion(checkpoint.state, checkpoint.config, task=task, vision_heads=vision_heads,
@@ -279,7 +280,7 @@ def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, 
     digest = sha256_file(source)
     dropped = count_reasons(plan.dropped)
     backbone_report = write_backbone(backbone_dir, plan.backbone_config, plan.backbone,
-                                     {"source": str(source), "source_sha256": digest})
+                                     {"source": str(source), "source_sha256": digest}, tokenizer=tokenizer)
     backbone = load_backbone(backbone_dir)
     module = AdapterSetModule(plan.adapter_config, backbone.dims)
     module.load_state_dict({k: v.to(torch.float32) for k, v in plan.adapter.items()}, strict=True)

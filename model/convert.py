@@ -39,8 +39,10 @@ from safetensors.torch import save_file
 from transformers import BlipConfig
 
 from uniadapter_serve.errors import CheckpointError
-from uniadapter_serve.model.backbone import COMPONENTS
+from uniadapter_serve.model.backbone import COMPONENTS, text_config, vision_config
 from uniadapter_serve.model.loading import backbone_from_state_dict, component_of, load_config, read_safetensors
+from uniadapter_serve.model.preprocess import write_preprocessor_config
+from uniadapter_serve.model.tokenizer import TOKENIZER_FILES, BlipTokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -203,35 +205,53 @@ def infer_config(state: Mapping[str, torch.Tensor], *, vision_heads: int | None 
     return BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=embed_dim)
 
 
+def backbone_tokenizer(source: str | Path | None, config: BlipConfig) -> BlipTokenizer:
+    """The tokenizer in folder `source` (checked against the backbone's vocabulary), or the demo vocabulary."""
+    if source is None:
+        return BlipTokenizer.demo(text_config(config).vocab_size)
+    if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{source} holds no tokenizer (none of {list(TOKENIZER_FILES)})")
+    return load_tokenizer(source, config)
+
+
 def write_backbone(folder: str | Path, config: BlipConfig, state: Mapping[str, torch.Tensor],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validate `state` against `config` (by building the backbone on it), then write the folder."""
+                   extra: dict[str, Any] | None = None, *, tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Validate `state` against `config` (by building the backbone on it), then write the folder: weights,
+    `preprocessor_config.json` and the tokenizer ([DEC]/[ENC] registered), so transformers'
+    `BlipProcessor.from_pretrained(folder)` works on it. `tokenizer`: a folder holding BLIP's tokenizer; without
+    one, the tokenizer the service would load for a folder with none (the demo vocabulary)."""
     model = backbone_from_state_dict(config, state)  # raises CheckpointError naming missing/extra/misshaped keys
+    tok = backbone_tokenizer(tokenizer, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.to_json_file(folder / "config.json")
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save(folder)
+    write_preprocessor_config(folder, int(vision_config(config).image_size))  # type: ignore[arg-type]
     report = {"folder": str(folder), "components": list(model.components), "fingerprints": model.fingerprints,
-              "parameters": model.component_parameters(), **(extra or {})}
+              "parameters": model.component_parameters(),
+              "tokenizer": str(tokenizer) if tokenizer is not None else "demo vocabulary (no tokenizer given)",
+              **(extra or {})}
     (folder / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def convert_blip_pth(source: str | Path, target: str | Path, *, vision_heads: int | None = None,
-                     text_heads: int | None = None) -> dict[str, Any]:
-    """Original BLIP `.pth` -> backbone folder."""
+                     text_heads: int | None = None, tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Original BLIP `.pth` -> backbone folder (`tokenizer`: a folder with BLIP's tokenizer to copy in)."""
     state, dropped = convert_blip_state(load_pth(source))
     config = infer_config(state, vision_heads=vision_heads, text_heads=text_heads)
     return write_backbone(target, config, state, {"source": str(source), "source_sha256": sha256_file(Path(source)),
-                                                  "dropped": count_reasons(dropped)})
+                                                  "dropped": count_reasons(dropped)}, tokenizer=tokenizer)
 
 
 def merge_backbones(sources: list[str | Path], target: str | Path) -> dict[str, Any]:
     """Transformers BLIP folders (e.g. an ITM and a VQA checkpoint) -> one backbone folder.
 
     The first folder wins for components several have (vision_model, text_encoder); the others add
-    what the first lacks (the VQA answer decoder, the retrieval heads).
+    what the first lacks (the VQA answer decoder, the retrieval heads). The tokenizer is the first one found
+    among the folders.
     """
     if not sources:
         raise CheckpointError("give at least one folder")
@@ -253,7 +273,8 @@ def merge_backbones(sources: list[str | Path], target: str | Path) -> dict[str, 
         for alias in ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"):
             merged.pop(alias, None)
     assert config is not None
-    report = write_backbone(target, config, merged, {"sources": origin})
+    tokenizer = next((Path(src) for src in sources if any((Path(src) / f).is_file() for f in TOKENIZER_FILES)), None)
+    report = write_backbone(target, config, merged, {"sources": origin}, tokenizer=tokenizer)
     shared = [c for c in ("vision_model", "text_encoder") if c in origin]
     report["note"] = f"{', '.join(shared)} taken from {sources[0]}"
     return report

@@ -29,6 +29,15 @@ CAPTION_WORDS, QUESTION_WORDS = 30, 50
 """Words kept of a caption / query and of a question (BLIP's pre_caption / pre_question limits)."""
 
 
+def register_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Mark [DEC] and [ENC] special (one id each, never split) where the vocabulary already holds them, as the
+    original BLIP code registers them: [DEC] the BOS token, [ENC] an additional special token."""
+    size = len(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    if len(tokenizer) != size:
+        raise CheckpointError("the vocabulary lacks [DEC] or [ENC]: registering them would add ids the model lacks")
+
+
 def clean_text(text: str, max_words: int) -> str:
     """BLIP's pre_caption/pre_question: lowercase, punctuation to spaces, at most `max_words`."""
     words = _PUNCT.sub(" ", text.lower()).split()
@@ -68,7 +77,19 @@ class BlipTokenizer:
         tokens = DEMO_VOCAB.read_text().split()
         if vocab_size is not None:
             tokens = tokens[:vocab_size]
-        return cls(BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))
+        tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
+        register_special_tokens(tokenizer)
+        return cls(tokenizer)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the tokenizer files into a backbone folder, [DEC] and [ENC] registered as special tokens
+        (so transformers' `BlipProcessor.from_pretrained(folder)` never splits them)."""
+        register_special_tokens(self.tokenizer)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the last call's padding/truncation (each call sets its own): not saved
+            backend.no_padding()
+            backend.no_truncation()
+        self.tokenizer.save_pretrained(str(folder))
 
     def count(self, text: str) -> int:
         """Number of word pieces in `text` (without special tokens)."""

@@ -36,6 +36,7 @@ from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
 from uniadapter_serve.model.demo.shipped import ANSWERS, DEMO_ROOT, SET_NAMES
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.preprocess import write_preprocessor_config
 from uniadapter_serve.model.tokenizer import BlipTokenizer
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,19 @@ VIDEO_FRAMES = 4
 
 
 def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:
+    """Weights, config, answer list and what `BlipProcessor.from_pretrained(folder)` reads (tokenizer files with
+    [DEC]/[ENC] registered, preprocessor_config.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(folder / "config.json")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    tokenizer.tokenizer.save_pretrained(str(folder))
+    write_processing_files(tokenizer, folder, int(model.config.vision_config.image_size))
     (folder / "answer_list.json").write_text(json.dumps(ANSWERS) + "\n")
+
+
+def write_processing_files(tokenizer: BlipTokenizer, folder: Path, image_size: int) -> None:
+    """The tokenizer and preprocessor files alone (they can be rewritten without touching the weights)."""
+    tokenizer.save(folder)
+    write_preprocessor_config(folder, image_size)
 
 
 def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: World) -> dict[str, float]:
