@@ -346,8 +346,12 @@ def _collection_files(roots: list, media_root) -> list[str]:
     """Every file kept for collections: stores, snapshots, thumbnails, uploaded media (lock files aside)."""
     found = set()
     for folder in [*(r / "collections" for r in roots), media_root / ".collections"]:
-        if folder.is_dir():
+        if not folder.is_dir():
+            continue
+        try:
             found |= {str(p) for p in folder.rglob("*") if p.is_file() and p.name not in (".lock", ".serving")}
+        except FileNotFoundError:  # a sub-folder a replica removed during the walk: not settled yet, look again
+            found.add(f"{folder} (being removed)")
     return sorted(found)
 
 
