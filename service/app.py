@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -16,14 +16,18 @@ from uniadapter_serve.service import demo, docs, errors
 from uniadapter_serve.service.auth import AuthMiddleware, log_key_settings
 from uniadapter_serve.service.bodies import BODY_MODELS
 from uniadapter_serve.service.body_budget import BodyBudget
-from uniadapter_serve.service.core import EngineFactory, ServiceCore, local_engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.middleware import BodyBudgetMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from uniadapter_serve.service.parts import EngineFactory, Parts, build_parts
 from uniadapter_serve.service.routes import adapters, collections, items, ops, tasks, web
 from uniadapter_serve.service.schemas import apply_limits
 from uniadapter_serve.service.security import SecurityHeadersMiddleware
 from uniadapter_serve.service.server_limits import ConnectionGate
 from uniadapter_serve.service.settings import MB, Settings
+
+if TYPE_CHECKING:
+    from uniadapter_serve.adapters.registry import AdapterRegistry
+    from uniadapter_serve.service.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +40,33 @@ set (`name@version`) that produced it.
 """
 
 
-def create_app(settings: Settings | None = None, core: ServiceCore | None = None,
-               engine: EngineFactory = local_engine) -> FastAPI:
-    """Build the app. The engine (the backbone, in-process by default) starts in the lifespan (or pass a
-    ready `core`, e.g. in tests)."""
-    settings = settings or (core.settings if core is not None else Settings())
+def local_engine(settings: Settings, registry: AdapterRegistry, metrics: ServiceMetrics) -> Engine:
+    """The default engine: the backbone in this process."""
+    from uniadapter_serve.service.local_engine import LocalEngine
 
-    metrics = core.metrics if core is not None else ServiceMetrics()
+    return LocalEngine(settings, registry, metrics)
+
+
+def create_app(settings: Settings | None = None, engine: EngineFactory = local_engine) -> FastAPI:
+    """Build the app. Its parts (`parts.Parts`: the engine with the backbone, in-process by default, the
+    collections, ...) are built and started in the lifespan, on `app.state.parts`."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = core if core is not None else await run_in_threadpool(ServiceCore, settings, metrics, engine)
-        app.state.core = service
-        service.start()
-        if service.demo:
+        parts: Parts = await run_in_threadpool(build_parts, settings, metrics, engine)
+        app.state.parts = parts
+        parts.start()
+        if parts.demo:
             try:
-                await demo.ensure_collections(service.collections, service.registry, settings.media_dir)
+                await demo.ensure_collections(parts.collections, parts.registry, settings.media_dir)
             except Exception:  # the demo is a convenience: never a reason not to serve
                 log.exception("could not create the demo collections")
         try:
             yield
         finally:
-            await run_in_threadpool(service.stop)
+            await run_in_threadpool(parts.stop)
 
     app = FastAPI(title="UniAdapter Serve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 import fastapi.routing
@@ -23,7 +23,6 @@ from starlette.routing import BaseRoute, Mount, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from uniadapter_serve.errors import AuthError
-from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.errors import error_response
 from uniadapter_serve.service.security import AllowedHosts, origin_refusal, route_path
 from uniadapter_serve.service.settings import Settings
@@ -38,14 +37,6 @@ WRITES_DISABLED = ("writes are disabled: UNIADAPTER_ADMIN_KEY is not set while U
 SEND_KEY = "send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 FALSE_VALUES = frozenset({"", "0", "off", "f", "false", "n", "no"})  # pydantic's, plus an empty value
 F = TypeVar("F", bound=Callable[..., object])
-
-
-def get_core(request: Request) -> ServiceCore:
-    core: ServiceCore = request.app.state.core
-    return core
-
-
-CoreDep = Annotated[ServiceCore, Depends(get_core)]
 
 
 def presented(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -94,14 +85,19 @@ def unguarded(level: Level, settings: Settings) -> bool:
     return settings.api_key is None
 
 
-def require_read(request: Request, core: CoreDep) -> None:
-    error = refusal("read", presented(request.scope["headers"]), core.settings)
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.parts.settings
+    return settings
+
+
+def require_read(request: Request) -> None:
+    error = refusal("read", presented(request.scope["headers"]), _settings(request))
     if error is not None:
         raise error
 
 
-def require_admin(request: Request, core: CoreDep) -> None:
-    error = refusal("admin", presented(request.scope["headers"]), core.settings)
+def require_admin(request: Request) -> None:
+    error = refusal("admin", presented(request.scope["headers"]), _settings(request))
     if error is not None:
         raise error
 

@@ -1,6 +1,6 @@
 """`uniadapter index add`: bulk ingest of files under the media root, without an HTTP server.
 
-It runs the same core (backbone, adapter manager, batcher, collections) in-process, embeds in
+It builds the same parts as the server (backbone, adapter manager, batcher, collections) in-process, embeds in
 batches, and is resumable: an item's id is its path relative to the media root, and ids already in
 the collection are skipped, so re-running after an interruption continues where it stopped.
 """
@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from uniadapter_serve.errors import InputError, NotFoundError
 from uniadapter_serve.service.collections.ingest import IncomingItem
-from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.local_engine import LocalEngine
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.parts import build_parts
 from uniadapter_serve.service.settings import Settings
 
 SUFFIXES = {
@@ -46,15 +48,15 @@ def expand(paths: list[str], media_root: Path, kind: str) -> list[str]:
 def index_paths(settings: Settings, collection: str, paths: list[str], *, batch_size: int = 32,
                 create: str | None = None, adapter: str | None = None, index: str = "flat",
                 progress: bool = True) -> dict[str, Any]:
-    core = ServiceCore(settings)
-    core.start()
+    parts = build_parts(settings, ServiceMetrics(), LocalEngine)
+    parts.start()
     try:
         try:
-            target = core.collections.get(collection)
+            target = parts.collections.get(collection)
         except NotFoundError:
             if create is None:
                 raise
-            target = core.collections.create(collection, create, adapter, index)
+            target = parts.collections.create(collection, create, adapter, index)
         kind = target.meta.kind
         if kind == "text":
             raise InputError("index add takes media files; add texts through POST /collections/{name}/items")
@@ -65,9 +67,9 @@ def index_paths(settings: Settings, collection: str, paths: list[str], *, batch_
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 items = [IncomingItem(id=f, path=f) for f in chunk]
-                asyncio.run(core.collections.add(collection, items))
+                asyncio.run(parts.collections.add(collection, items))
                 bar.update(len(chunk))
         return {"collection": collection, "files": len(files), "added": len(todo), "skipped": len(done),
                 "items": target.store.count(), "adapter": target.meta.adapter_ref}
     finally:
-        core.stop()
+        parts.stop()

@@ -16,28 +16,16 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from uniadapter_serve.service.collections.store import Swept
 
 log = logging.getLogger(__name__)
 
 ORPHAN_GRACE_S = 3600.0
 """An unreferenced file younger than this may belong to an add still in flight in another process."""
 UPLOAD = "upload:"
-
-
-@dataclass
-class Swept:
-    media: int = 0
-    temp: int = 0
-    folders: int = 0
-
-    def __iadd__(self, other: Swept) -> Swept:
-        self.media += other.media
-        self.temp += other.temp
-        self.folders += other.folders
-        return self
 
 
 class ServingLock:

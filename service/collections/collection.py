@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from uniadapter_serve.errors import CorruptMediaError, NotFoundError
-from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
-from uniadapter_serve.service.collections.index import VectorIndex
+from uniadapter_serve.service.collections.index import CPU, FaissDevice, VectorIndex
 from uniadapter_serve.service.collections.store import (
     CollectionGone,
     CollectionMeta,
@@ -63,6 +62,11 @@ class Collection:
         self._snapshot_seq = self.index.seq
         self.unavailable_since: float | None = None
         self.sync()
+
+    @property
+    def thumbs_dir(self) -> Path:
+        """This replica's cache of the items' thumbnails."""
+        return self.folder / THUMBS
 
     @property
     def meta(self) -> CollectionMeta:
@@ -219,7 +223,7 @@ class Collection:
         owner = VectorIndex.snapshot_owner(snapshot)
         if owner is not None and owner.split("/", 1)[0] == self.uid:
             snapshot.unlink(missing_ok=True)
-        shutil.rmtree(self.folder / THUMBS, ignore_errors=True)  # a cache: one made later re-makes its own
+        shutil.rmtree(self.thumbs_dir, ignore_errors=True)  # a cache: one made later re-makes its own
         with contextlib.suppress(OSError):  # empty now (PostgreSQL: this replica's folder of the collection)
             self.folder.rmdir()
 

@@ -5,9 +5,8 @@ sm_70 and sm_80, no PTX, so an H100/H200 at 9.0 fails with "no kernel image"), a
 aborts the process. So a GPU is used only after a self-test, one tiny search, passed on that very device
 in a subprocess: an unsupported device costs a warning in /readyz, never the server.
 
-FAISS asks for one `StandardGpuResources` per CPU thread. Every call on a GPU index runs on one worker
-thread, which owns the resources (created there, on first use): searches from the threadpool, syncs
-from request handlers and event listeners, and snapshots all queue on it.
+The device itself (`FaissDevice`, with its `GpuWorker` thread) is defined beside the index that runs on it
+(`index.py`).
 """
 
 from __future__ import annotations
@@ -15,18 +14,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import Any
 
 import faiss
 
-log = logging.getLogger(__name__)
+from uniadapter_serve.service.collections.index import CPU, FaissDevice, GpuWorker
 
-T = TypeVar("T")
+__all__ = ["CPU", "FaissDevice", "GpuWorker", "capability", "choose", "faiss_has_gpu", "self_test"]
+
+log = logging.getLogger(__name__)
 
 SELF_TEST = """
 import sys, numpy as np, faiss
@@ -61,81 +58,6 @@ def self_test(gpu: int, *, code: str = SELF_TEST, timeout: float = SELF_TEST_TIM
     tail = (done.stderr.strip().splitlines() or [""])[-1][:300]
     how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
     return False, f"the self-test failed ({how}): {tail}"
-
-
-class GpuWorker:
-    """One thread that runs every FAISS call on GPU indexes and owns their `StandardGpuResources`."""
-
-    def __init__(self, gpu: int) -> None:
-        self.gpu = gpu
-        self._jobs: SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = SimpleQueue()
-        self._resources: Any = None
-        self.thread = threading.Thread(target=self._loop, name=f"uniadapter-faiss-gpu{gpu}", daemon=True)
-        self.thread.start()
-
-    @property
-    def resources(self) -> Any:
-        """The GPU resources; only valid on the worker thread (created there on first use)."""
-        assert threading.current_thread() is self.thread, "GPU resources used off the FAISS worker thread"
-        if self._resources is None:
-            self._resources = faiss.StandardGpuResources()
-        return self._resources
-
-    def run(self, fn: Callable[[], T]) -> T:
-        if threading.current_thread() is self.thread:
-            return fn()  # already on the worker (a call made from inside another)
-        future: Future[T] = Future()
-        self._jobs.put((fn, future))
-        return future.result()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, future = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as e:
-                    future.set_exception(e)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self.thread.join(10)
-
-
-@dataclass
-class FaissDevice:
-    """CPU (gpu None) or one GPU with its worker; `warning` says why a GPU was not used."""
-
-    gpu: int | None = None
-    warning: str | None = None
-    worker: GpuWorker | None = field(default=None, repr=False)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.gpu is not None
-
-    def run(self, fn: Callable[[], T]) -> T:
-        """Run a FAISS call where it must run: on the GPU worker, or right here for the CPU."""
-        return self.worker.run(fn) if self.worker is not None else fn()
-
-    def to_gpu(self, index: Any) -> Any:
-        """A GPU copy of a CPU index (call inside `run`)."""
-        assert self.worker is not None and self.gpu is not None
-        return faiss.index_cpu_to_gpu(self.worker.resources, self.gpu, index)
-
-    def to_cpu(self, index: Any) -> Any:
-        """A CPU copy of a GPU index (call inside `run`)."""
-        return faiss.index_gpu_to_cpu(index)
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-
-
-CPU = FaissDevice()
 
 
 def choose(setting: str, torch_device: Any, *, has_gpu: Callable[[], bool] = faiss_has_gpu,

@@ -6,7 +6,12 @@ from a flat index until enough vectors arrived, then trains on all of them and t
 Indexes that cannot remove ids (HNSW, GPU flat) keep tombstones that searches filter out; past
 `COMPACT_AT` of them (or a tenth of the index) the collection rebuilds the index without them.
 FAISS is not thread-safe for add + search: one lock guards every call, and calls on a GPU index all
-run on the device's one FAISS thread (`faiss_device.py`). Snapshots always serialise a CPU copy.
+run on the device's one FAISS thread. Snapshots always serialise a CPU copy.
+
+The device (`FaissDevice`): the CPU, or one GPU (chosen by `faiss_device.choose`) with its worker. FAISS asks
+for one `StandardGpuResources` per CPU thread, so every call on a GPU index runs on one worker thread, which
+owns the resources (created there, on first use): searches from the threadpool, syncs from request handlers
+and event listeners, and snapshots all queue on it.
 """
 
 from __future__ import annotations
@@ -15,17 +20,22 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from queue import SimpleQueue
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
 
 from uniadapter_serve.errors import ConfigError, CorruptMediaError
 from uniadapter_serve.fileio import atomic_write
-from uniadapter_serve.service.collections.faiss_device import CPU, FaissDevice
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SNAPSHOT_MAGIC = b"UAIDX001"
 MIN_TRAIN_PER_LIST = 39
@@ -35,6 +45,81 @@ GPU_MAX_K = 2048
 """FAISS GPU searches return at most this many neighbours."""
 FILTER_MAX_FETCH = 16384
 """A filtered search on an index that takes no id selector over-fetches up to this many neighbours."""
+
+
+class GpuWorker:
+    """One thread that runs every FAISS call on GPU indexes and owns their `StandardGpuResources`."""
+
+    def __init__(self, gpu: int) -> None:
+        self.gpu = gpu
+        self._jobs: SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = SimpleQueue()
+        self._resources: Any = None
+        self.thread = threading.Thread(target=self._loop, name=f"uniadapter-faiss-gpu{gpu}", daemon=True)
+        self.thread.start()
+
+    @property
+    def resources(self) -> Any:
+        """The GPU resources; only valid on the worker thread (created there on first use)."""
+        assert threading.current_thread() is self.thread, "GPU resources used off the FAISS worker thread"
+        if self._resources is None:
+            self._resources = faiss.StandardGpuResources()
+        return self._resources
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self.thread:
+            return fn()  # already on the worker (a call made from inside another)
+        future: Future[T] = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self.thread.join(10)
+
+
+@dataclass
+class FaissDevice:
+    """CPU (gpu None) or one GPU with its worker; `warning` says why a GPU was not used."""
+
+    gpu: int | None = None
+    warning: str | None = None
+    worker: GpuWorker | None = field(default=None, repr=False)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu is not None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run a FAISS call where it must run: on the GPU worker, or right here for the CPU."""
+        return self.worker.run(fn) if self.worker is not None else fn()
+
+    def to_gpu(self, index: Any) -> Any:
+        """A GPU copy of a CPU index (call inside `run`)."""
+        assert self.worker is not None and self.gpu is not None
+        return faiss.index_cpu_to_gpu(self.worker.resources, self.gpu, index)
+
+    def to_cpu(self, index: Any) -> Any:
+        """A CPU copy of a GPU index (call inside `run`)."""
+        return faiss.index_gpu_to_cpu(index)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+CPU = FaissDevice()
 
 
 def validate_factory(factory: str, dim: int) -> str:

@@ -15,7 +15,6 @@ from uniadapter_serve.errors import ConflictError, InputError, MediaTooLargeErro
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import sniff_image_type
 from uniadapter_serve.model.media.video import sniff_video_type
-from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.store import CollectionGone, Item
 from uniadapter_serve.service.settings import Settings
 
@@ -110,17 +109,18 @@ class MediaFiles:
         except OSError as e:
             raise InputError(f"{field_name}: the file cannot be read ({e.strerror or type(e).__name__})") from None
 
-    def store(self, collection: Collection, prepared: list[Prepared]) -> None:
-        """Keep uploaded media (content-addressed) in the collection's media folder, before the items commit
-        (a crash in between leaves files no item names: start-up removes them, see `cleanup`)."""
+    def store(self, media_dir: Path, prepared: list[Prepared], name: str, gone: Callable[[], bool]) -> None:
+        """Keep uploaded media (content-addressed) in collection `name`'s `media_dir`, before the items commit
+        (a crash in between leaves files no item names: start-up removes them, see `cleanup`); `gone`: whether
+        the collection is known deleted."""
         for p in prepared:
             if not p.source.startswith("upload"):
                 continue
-            if collection.gone:  # never make the folder of a deleted collection again
-                raise CollectionGone(collection.name)
+            if gone():  # never make the folder of a deleted collection again
+                raise CollectionGone(name)
             assert isinstance(p.content, bytes)
             mime = sniff_image_type(p.content) or sniff_video_type(p.content) or ""
-            target = collection.media_dir / f"{p.sha256}{EXTENSIONS.get(mime, '.bin')}"
+            target = media_dir / f"{p.sha256}{EXTENSIONS.get(mime, '.bin')}"
             p.source = f"upload:{target.name}"
             try:
                 os.utime(target)  # there already: fresh again, so no clean-up takes it for an old orphan
@@ -131,19 +131,20 @@ class MediaFiles:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(target, p.content)
             except FileNotFoundError:  # its folder went away under us: another replica deleted the collection
-                raise CollectionGone(collection.name) from None
+                raise CollectionGone(name) from None
 
-    def load(self, collection: Collection, item: Item) -> bytes | str:
-        """The item's media bytes (or text), for re-ranking and re-indexing."""
-        kind, _, rest = item.source.partition(":")
+    def load(self, media_dir: Path, kind: str, item: Item) -> bytes | str:
+        """The media bytes (or text) of an item of a `kind` collection keeping its uploads in `media_dir`, for
+        re-ranking and re-indexing."""
+        source, _, rest = item.source.partition(":")
         field_name = f"item {item.external_id[:80]!r}"
-        if kind == "text":
+        if source == "text":
             return rest
-        if kind == "upload":
+        if source == "upload":
             try:
-                return (collection.media_dir / rest).read_bytes()
+                return (media_dir / rest).read_bytes()
             except FileNotFoundError:
                 raise NotFoundError(f"{field_name}: its stored media file is missing") from None
-        if kind == "path":
-            return self.read(self.resolve(rest, field_name), collection.meta.kind, field_name)
+        if source == "path":
+            return self.read(self.resolve(rest, field_name), kind, field_name)
         raise NotFoundError(f"{field_name} has no stored media")

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -27,15 +27,12 @@ from uniadapter_serve.errors import ConflictError, InputError, NotFoundError, Ov
 from uniadapter_serve.service.collections.cleanup import (
     ORPHAN_GRACE_S,
     ServingLock,
-    Swept,
     remove_orphan_media,
     remove_temp,
 )
 from uniadapter_serve.service.collections.collection import Collection, Hit
-from uniadapter_serve.service.collections.faiss_device import FaissDevice
-from uniadapter_serve.service.collections.index import validate_factory
+from uniadapter_serve.service.collections.index import FaissDevice, validate_factory
 from uniadapter_serve.service.collections.ingest import IncomingItem, MediaFiles, Prepared
-from uniadapter_serve.service.collections.media import THUMB_DIR
 from uniadapter_serve.service.collections.store import (
     CollectionGone,
     GenerationChanged,
@@ -44,33 +41,16 @@ from uniadapter_serve.service.collections.store import (
     Store,
     StoreBackend,
     StoreUnavailableError,
+    Swept,
 )
+from uniadapter_serve.service.decoding import VisionDecoder
 from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus
+from uniadapter_serve.service.resolver import AdapterResolver
 from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.stages import VisionInput
-
-
-class CollectionHost(Protocol):
-    """What collections need from the service (ServiceCore has it): settings, the model engine, media
-    decoding, adapter resolution, the embedding cache, events and metrics."""
-
-    settings: Settings
-    engine: Engine
-    faiss: FaissDevice
-    cache: EmbeddingCache
-    events: EventBus
-    metrics: ServiceMetrics
-
-    def resolve_adapter(self, ref: str | None, task: str) -> AdapterSetMeta | None: ...
-
-    def check_text(self, text: str, field: str) -> str: ...
-
-    def timeout(self) -> float: ...
-
-    async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str, *,
-                          bulk: bool = False) -> VisionInput: ...
+from uniadapter_serve.service.tasks import Deadline, EmbedJob
+from uniadapter_serve.service.texts import check_text
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +72,20 @@ class Added:
 
 
 class CollectionManager:
-    def __init__(self, backend: StoreBackend, media_root: Path, core: CollectionHost) -> None:
+    def __init__(self, backend: StoreBackend, media_root: Path, *, settings: Settings, engine: Engine,
+                 adapters: AdapterResolver, decoder: VisionDecoder, cache: EmbeddingCache, events: EventBus,
+                 metrics: ServiceMetrics, device: FaissDevice) -> None:
         self.backend = backend
         self.media_root = media_root
-        self.files = MediaFiles(media_root, core.settings)
-        self.core = core
-        self.device = core.faiss
+        self.files = MediaFiles(media_root, settings)
+        self.settings = settings
+        self.engine = engine
+        self.adapters = adapters
+        self.decoder = decoder
+        self.cache = cache
+        self.events = events
+        self.metrics = metrics
+        self.device = device
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._reindex_tasks: dict[str, asyncio.Task[None]] = {}
@@ -123,7 +111,7 @@ class CollectionManager:
             for _, collection in collections:
                 sources = [it.source for it in collection.store.all_items()]
                 swept += remove_orphan_media(collection.media_dir, sources, min_age_s)
-                swept.temp += remove_temp([collection.folder, collection.folder / THUMB_DIR], min_age_s)
+                swept.temp += remove_temp([collection.folder, collection.thumbs_dir], min_age_s)
         except (StoreUnavailableError, CollectionGone, OSError) as e:
             log.warning("clean-up of the collections' files stopped: %s", e)
         if swept.media or swept.temp or swept.folders:
@@ -229,8 +217,8 @@ class CollectionManager:
                              "starting with a letter or digit")
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
-        meta = self.core.resolve_adapter(adapter, "retrieval")  # None: the default retrieval set
-        dim = self.core.engine.embed_dim
+        meta = self.adapters.resolve(adapter, "retrieval")  # None: the default retrieval set
+        dim = self.engine.embed_dim
         factory = validate_factory(factory, dim)
         self.refresh()  # a name deleted elsewhere is free, whatever handle this process still had
         with self._lock:
@@ -239,7 +227,7 @@ class CollectionManager:
             store = self.backend.create(name, kind, meta.ref if meta else "none", factory, dim)
             collection = self._collections[name] = self._open(name, store)
             self._epoch += 1
-        self.core.events.publish({"type": "collection", "name": name})
+        self.events.publish({"type": "collection", "name": name})
         return collection
 
     def drop(self, name: str) -> None:
@@ -253,7 +241,7 @@ class CollectionManager:
                 self._forget(name, collection)
                 raise NotFoundError(f"no collection named {name[:80]!r} (deleted meanwhile)") from None
             self._forget(name, collection)
-        self.core.events.publish({"type": "collection", "name": name})
+        self.events.publish({"type": "collection", "name": name})
 
     def close(self) -> None:
         self._stop.set()
@@ -272,29 +260,32 @@ class CollectionManager:
 
     def adapter_of(self, collection: Collection) -> AdapterSetMeta | None:
         ref = collection.meta.adapter_ref
-        return None if ref == "none" else self.core.resolve_adapter(ref, "retrieval")
+        return None if ref == "none" else self.adapters.resolve(ref, "retrieval")
 
-    async def add(self, name: str, items: list[IncomingItem]) -> Added:
-        """Embed and add items; all or nothing. Acknowledged (returned) only once committed to this very
+    async def add(self, name: str, items: list[IncomingItem], deadline: Deadline | None = None) -> Added:
+        """Embed and add items, within the request's `deadline` (None: a request's time from now, for offline
+        indexing and the demo); all or nothing. Acknowledged (returned) only once committed to this very
         collection: one deleted meanwhile answers 404 and keeps nothing."""
+        deadline = deadline or Deadline.after(self.settings.request_timeout_s)
         collection = self.get(name)
-        with self.core.engine.admit(len(items)), _noting_gone(collection):
+        with self.engine.admit(len(items)), _noting_gone(collection):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
-            ids = await self._add_prepared(collection, prepared)
+            ids = await self._add_prepared(collection, prepared, deadline)
         try:
             count = await run_in_threadpool(collection.store.count)
         except (CollectionGone, StoreUnavailableError):  # committed before a delete / an outage: still added
             count = collection.index.ntotal
         return Added(collection.uid, ids, count)
 
-    async def _add_prepared(self, collection: Collection, prepared: list[Prepared]) -> list[str]:
+    async def _add_prepared(self, collection: Collection, prepared: list[Prepared], deadline: Deadline) -> list[str]:
         name = collection.meta.name
         for _ in range(3):
             meta = collection.meta
             adapter = self.adapter_of(collection)
-            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label)
+            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label, deadline)
                                              for p in prepared))
-            await run_in_threadpool(self.files.store, collection, prepared)
+            await run_in_threadpool(self.files.store, collection.media_dir, prepared, collection.name,
+                                    lambda: collection.gone)
             news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v)
                     for p, v in zip(prepared, vectors, strict=True)]
             try:
@@ -312,15 +303,18 @@ class CollectionManager:
         does not make the write fail (it was acknowledged by the store first)."""
         with contextlib.suppress(CollectionGone):
             collection.sync()
-        self.core.events.publish({"type": "collection", "name": collection.name})
+        self.events.publish({"type": "collection", "name": collection.name})
 
     def _prepare_all(self, collection: Collection, items: list[IncomingItem]) -> list[Prepared]:
         kind = collection.meta.kind
-        out = [self.files.prepare(kind, i, it, self.core.check_text) for i, it in enumerate(items)]
+        out = [self.files.prepare(kind, i, it, self._check_text) for i, it in enumerate(items)]
         taken = collection.store.existing([p.external_id for p in out])
         if taken:
             raise ConflictError(f"ids already in collection {collection.meta.name!r}: {sorted(taken)[:5]}")
         return out
+
+    def _check_text(self, text: str, field: str) -> str:
+        return check_text(text, field, self.settings.max_text_chars)
 
     def resolve_media_path(self, path: str, field_name: str) -> Path:
         """A file under the media root named by a client (every failure is the client's 4xx)."""
@@ -335,30 +329,30 @@ class CollectionManager:
     # -- embedding -------------------------------------------------------------------------------
 
     async def _embed(self, kind: str, content: bytes | str, sha256: str, adapter: AdapterSetMeta | None,
-                     field: str) -> np.ndarray:
-        key = self.core.cache.key(adapter.ref if adapter else "none", sha256, kind)
-        cached = await self.core.cache.get(key)
+                     field: str, deadline: Deadline) -> np.ndarray:
+        key = self.cache.key(adapter.ref if adapter else "none", sha256, kind)
+        cached = await self.cache.get(key)
         if cached is not None:
-            self.core.metrics.cache.labels(result="hit").inc()
+            self.metrics.cache.labels(result="hit").inc()
             return np.frombuffer(cached, dtype=np.float32).copy()
-        self.core.metrics.cache.labels(result="miss").inc()
-        ref, timeout = (adapter.ref if adapter else None), self.core.timeout()
+        self.metrics.cache.labels(result="miss").inc()
+        ref = adapter.ref if adapter else None
         if kind == "text":
             assert isinstance(content, str)
-            vector = (await self.core.engine.embed_text(content, ref, timeout)).numpy()
+            vector = (await self.engine.run(EmbedJob(query=content, ref=ref, deadline=deadline))).numpy()
         else:
             assert isinstance(content, bytes)
             # bulk: adds and re-indexing wait their turn for the decode budget up to the deadline, within
             # the bulk share, yielding to task routes' decodes
-            visual = await self.core.media_input(kind, content, adapter, field, bulk=True)
-            vector = (await self.core.engine.embed_visual(visual, ref, timeout)).numpy()
+            visual = await self.decoder.media_input(kind, content, adapter, field, bulk=True)
+            vector = (await self.engine.run(EmbedJob(query=visual, ref=ref, deadline=deadline))).numpy()
         vector = np.ascontiguousarray(vector, np.float32)
-        self.core.cache.set(key, vector.tobytes())
+        self.cache.set(key, vector.tobytes())
         return vector
 
     def load_content(self, collection: Collection, item: Item) -> bytes | str:
         """The item's media bytes (or text), for re-ranking and re-indexing."""
-        return self.files.load(collection, item)
+        return self.files.load(collection.media_dir, collection.meta.kind, item)
 
     def _contents(self, collection: Collection, items: list[Item]) -> list[bytes | str]:
         return [self.load_content(collection, it) for it in items]
@@ -372,7 +366,7 @@ class CollectionManager:
 
     def start_reindex(self, name: str, adapter: str) -> str:
         collection = self.get(name)
-        meta = self.core.resolve_adapter(adapter, "retrieval") if adapter not in ("none", "bare") else None
+        meta = self.adapters.resolve(adapter, "retrieval") if adapter not in ("none", "bare") else None
         ref = meta.ref if meta else "none"
         current = collection.meta
         if ref == current.adapter_ref:
@@ -397,10 +391,12 @@ class CollectionManager:
                         break
                     continue
                 contents = await run_in_threadpool(self._contents, collection, batch)
+                deadline = Deadline.after(self.settings.request_timeout_s)  # each chunk: a request's time
                 try:
-                    with self.core.engine.admit(len(batch)):
+                    with self.engine.admit(len(batch)):
                         vectors = await asyncio.gather(*(
-                            self._embed(collection.meta.kind, c, it.sha256 or "", adapter, f"item {it.external_id!r}")
+                            self._embed(collection.meta.kind, c, it.sha256 or "", adapter, f"item {it.external_id!r}",
+                                        deadline)
                             for c, it in zip(contents, batch, strict=True)))
                 except OverloadedError as e:  # live traffic first: re-index when there is room
                     await asyncio.sleep(e.retry_after)

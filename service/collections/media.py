@@ -16,14 +16,12 @@ from uniadapter_serve.errors import CorruptMediaError, MediaTooLargeError, NotFo
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import ImageProbe, load_image, sniff_image_type
 from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type
-from uniadapter_serve.service.collections.collection import THUMBS, Collection
 from uniadapter_serve.service.collections.store import Item
 
 log = logging.getLogger(__name__)
 
 THUMB_SIZES = (64, 128, 256, 512)
 """The only thumbnail sides served (the longer side, in pixels): a bounded set, so the cache is bounded too."""
-THUMB_DIR = THUMBS
 SNIFF_BYTES = 64
 VIDEO_THUMB_MAX_FRAMES = 2000
 """Frames decoded at most to reach a clip's first sampled frame."""
@@ -47,13 +45,13 @@ class RangeNotSatisfiable(Exception):
     """416: the range starts past the end of the file."""
 
 
-def locate(collection: Collection, item: Item, media_root: Path) -> MediaFile:
+def locate(media_dir: Path, item: Item, media_root: Path) -> MediaFile:
     """The file holding an item's media; NotFoundError for text items and for files that are gone or lie
-    outside the folder they must be in."""
+    outside the folder they must be in (uploads: the collection's `media_dir`; paths: the media root)."""
     kind, _, rest = item.source.partition(":")
     label = f"item {item.external_id[:80]!r}"
     if kind == "upload":
-        root = collection.media_dir.resolve()
+        root = media_dir.resolve()
     elif kind == "path":
         root = media_root.resolve()
     else:
@@ -106,10 +104,11 @@ def read_range(path: Path, first: int, last: int) -> bytes:
         return f.read(last - first + 1)
 
 
-def thumb_path(collection: Collection, item: Item, size: int, num_frames: int) -> Path:
-    """Where this replica caches a thumbnail (a video's depends on the frame count it is sampled at)."""
-    suffix = f"-{num_frames}f" if collection.meta.kind == "video" else ""
-    return collection.folder / THUMB_DIR / f"{item.sha256 or item.item_id}-{size}{suffix}.jpg"
+def thumb_path(thumbs_dir: Path, kind: str, item: Item, size: int, num_frames: int) -> Path:
+    """Where this replica caches a thumbnail in the collection's `thumbs_dir` (a video's depends on the frame
+    count it is sampled at)."""
+    suffix = f"-{num_frames}f" if kind == "video" else ""
+    return thumbs_dir / f"{item.sha256 or item.item_id}-{size}{suffix}.jpg"
 
 
 def image_thumbnail(probe: ImageProbe, size: int) -> bytes:

@@ -29,7 +29,7 @@ import numpy as np
 import psycopg
 
 from uniadapter_serve.errors import ConflictError, NotFoundError
-from uniadapter_serve.service.collections.cleanup import Swept, remove_dead_media_dirs
+from uniadapter_serve.service.collections.cleanup import remove_dead_media_dirs
 from uniadapter_serve.service.collections.pg_link import UNAVAILABLE, PgLink
 from uniadapter_serve.service.collections.store import (
     CollectionGone,
@@ -41,6 +41,7 @@ from uniadapter_serve.service.collections.store import (
     Store,
     StoreBackend,
     StoreUnavailableError,
+    Swept,
     read_metadata,
     stack,
     vector_bytes,

@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from uniadapter_serve.errors import ConflictError, NotFoundError
-from uniadapter_serve.service.collections.cleanup import Swept, remove_temp
+from uniadapter_serve.service.collections.cleanup import remove_temp
 from uniadapter_serve.service.collections.sqlite_store import (
     CREATING_PREFIX,
     STORE_FILE,
     TRASH_PREFIX,
     SqliteStore,
 )
-from uniadapter_serve.service.collections.store import CollectionGone, Store, StoreBackend
+from uniadapter_serve.service.collections.store import CollectionGone, Store, StoreBackend, Swept
 
 
 class SqliteBackend(StoreBackend):

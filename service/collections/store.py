@@ -25,7 +25,21 @@ from typing import Any
 import numpy as np
 
 from uniadapter_serve.errors import NotFoundError, ServerBusyError
-from uniadapter_serve.service.collections.cleanup import Swept
+
+
+@dataclass
+class Swept:
+    """What a clean-up removed (`StoreBackend.remove_leftovers`, `cleanup`)."""
+
+    media: int = 0
+    temp: int = 0
+    folders: int = 0
+
+    def __iadd__(self, other: Swept) -> Swept:
+        self.media += other.media
+        self.temp += other.temp
+        self.folders += other.folders
+        return self
 
 
 @dataclass(frozen=True)

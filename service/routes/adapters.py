@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 
 from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta
 from uniadapter_serve.adapters.format import read_adapter_meta as read_meta
+from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import (
     AdapterFormatError,
     ConflictError,
@@ -19,27 +20,28 @@ from uniadapter_serve.errors import (
     MalformedUploadError,
     UnsupportedMediaTypeError,
 )
-from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
+from uniadapter_serve.service.auth import AdminAuth, ReadAuth
 from uniadapter_serve.service.bodies import read_form
-from uniadapter_serve.service.core import ServiceCore
-from uniadapter_serve.service.routes.tasks import ERRORS
+from uniadapter_serve.service.deps import EngineDep, EventsDep, RegistryDep
+from uniadapter_serve.service.engine import Engine
+from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.schemas import AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=ERRORS)
 
 
-def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None,
+def _info(registry: AdapterRegistry, engine: Engine, meta: AdapterSetMeta, newest: bool | None = None,
           residency: dict[str, Any] | None = None) -> AdapterInfo:
     """The listing row of one set version (`newest` and residency looked up unless the caller has them)."""
     if newest is None:
-        newest = core.registry.resolve(meta.name).ref == meta.ref
-    residency = residency or core.engine.residency()
+        newest = registry.resolve(meta.name).ref == meta.ref
+    residency = residency or engine.residency()
     rows = [r for r in residency["rows"] if r["ref"] == meta.ref]
     nbytes = next((int(str(r["bytes"])) for r in rows), meta.num_parameters * residency.get("itemsize", 4))
     return AdapterInfo(
         ref=meta.ref, name=meta.name, version=meta.version, task=meta.config.task, bottleneck=meta.config.bottleneck,
         tunable_parameters=meta.num_parameters, percent_of_backbone=round(meta.percent_of_backbone(), 3),
-        bytes=nbytes, created=meta.created, published=core.registry.published(meta), newest=newest,
+        bytes=nbytes, created=meta.created, published=registry.published(meta), newest=newest,
         resident=any(r["tier"] == "device" for r in rows),
         pinned=any(bool(r["pinned"]) for r in rows), tier=[str(r["tier"]) for r in rows],
         answer_list_size=len(meta.answer_list) if meta.answer_list is not None else None,
@@ -47,50 +49,50 @@ def _info(core: ServiceCore, meta: AdapterSetMeta, newest: bool | None = None,
 
 
 @router.get("", response_model=AdapterList, dependencies=[ReadAuth], summary="Available and resident sets")
-def list_adapters(core: CoreDep) -> AdapterList:
-    core.registry.refresh()
-    residency = core.engine.residency()
+def list_adapters(registry: RegistryDep, engine: EngineDep) -> AdapterList:
+    registry.refresh()
+    residency = engine.residency()
     infos = []
-    for name in core.registry.names():
-        for i, meta in enumerate(core.registry.versions(name)):
-            infos.append(_info(core, meta, newest=i == 0, residency=residency))
-    return AdapterList(adapters=infos, errors=core.registry.errors(), device_budget_bytes=residency["device_budget"],
+    for name in registry.names():
+        for i, meta in enumerate(registry.versions(name)):
+            infos.append(_info(registry, engine, meta, newest=i == 0, residency=residency))
+    return AdapterList(adapters=infos, errors=registry.errors(), device_budget_bytes=residency["device_budget"],
                        device_bytes=residency["device_bytes"], cpu_budget_bytes=residency["cpu_budget"],
                        cpu_bytes=residency["cpu_bytes"])
 
 
 @router.get("/{ref}", response_model=AdapterInfo, dependencies=[ReadAuth], summary="One set (name = newest)")
-def get_adapter(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.registry.resolve(ref)
-    return _info(core, meta)
+def get_adapter(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    meta = registry.resolve(ref)
+    return _info(registry, engine, meta)
 
 
 @router.post("/{ref}/load", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Make a set resident")
-async def load(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.registry.resolve(ref)
-    await core.engine.load(meta.ref)
-    return _info(core, meta)
+async def load(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    meta = registry.resolve(ref)
+    await engine.load(meta.ref)
+    return _info(registry, engine, meta)
 
 
 @router.post("/{ref}/unload", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Drop a set from memory")
-async def unload(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.registry.resolve(ref)
-    await core.engine.unload(meta.ref)
-    return _info(core, meta)
+async def unload(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    meta = registry.resolve(ref)
+    await engine.unload(meta.ref)
+    return _info(registry, engine, meta)
 
 
 @router.post("/{ref}/pin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Load and never evict")
-async def pin(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.registry.resolve(ref)
-    await core.engine.pin(meta.ref)
-    return _info(core, meta)
+async def pin(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    meta = registry.resolve(ref)
+    await engine.pin(meta.ref)
+    return _info(registry, engine, meta)
 
 
 @router.post("/{ref}/unpin", response_model=AdapterInfo, dependencies=[AdminAuth], summary="Allow eviction again")
-async def unpin(ref: str, core: CoreDep) -> AdapterInfo:
-    meta = core.registry.resolve(ref)
-    await core.engine.unpin(meta.ref)
-    return _info(core, meta)
+async def unpin(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    meta = registry.resolve(ref)
+    await engine.unpin(meta.ref)
+    return _info(registry, engine, meta)
 
 
 @router.post(
@@ -101,7 +103,8 @@ async def unpin(ref: str, core: CoreDep) -> AdapterInfo:
         "properties": {"config": {"type": "string", "format": "binary", "description": CONFIG_FILE},
                        "weights": {"type": "string", "format": "binary", "description": WEIGHTS_FILE}}}}}}},
 )
-async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
+async def publish(name: str, request: Request, registry: RegistryDep, engine: EngineDep,
+                  events: EventsDep) -> AdapterInfo:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UnsupportedMediaTypeError("publish takes multipart/form-data with the files 'config' and 'weights'")
     form = await read_form(request)
@@ -126,9 +129,9 @@ async def publish(name: str, request: Request, core: CoreDep) -> AdapterInfo:
                 raise MalformedUploadError(f"not a valid adapter set: {message}") from None
             if meta.name != name:
                 raise ConflictError(f"the uploaded set is named {meta.name!r} in its config, not {name!r}")
-            core.engine.check_compatible(meta)
-            return core.registry.publish_folder(folder, name)
+            engine.check_compatible(meta)
+            return registry.publish_folder(folder, name)
 
         meta = await run_in_threadpool(validate_and_install)
-    core.events.publish({"type": "adapter", "ref": meta.ref})
-    return _info(core, meta)
+    events.publish({"type": "adapter", "ref": meta.ref})
+    return _info(registry, engine, meta)

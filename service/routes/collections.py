@@ -10,10 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
-from uniadapter_serve.service.auth import AdminAuth, CoreDep, ReadAuth
+from uniadapter_serve.service.auth import AdminAuth, ReadAuth
 from uniadapter_serve.service.bodies import b64decode, component_ref, read_form
 from uniadapter_serve.service.collections.ingest import IncomingItem
-from uniadapter_serve.service.routes.tasks import ERRORS
+from uniadapter_serve.service.deps import CollectionsDep, SettingsDep
+from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.schemas import (
     CollectionCreate,
     CollectionStats,
@@ -22,6 +23,7 @@ from uniadapter_serve.service.schemas import (
     ItemsAdded,
     ReindexRequest,
 )
+from uniadapter_serve.service.tasks import Deadline
 from uniadapter_serve.service.validation import (
     ITEM_ID_PATTERN,
     METADATA_MAX_BYTES,
@@ -51,24 +53,24 @@ ITEMS_BODY = {"requestBody": {"required": True, "content": {
 
 @router.post("", response_model=CollectionStats, status_code=201, dependencies=[AdminAuth],
              summary="Create a collection bound to one adapter version")
-async def create(body: CollectionCreate, core: CoreDep) -> CollectionStats:
-    collection = await run_in_threadpool(core.collections.create, body.name, body.kind, body.adapter, body.index)
+async def create(body: CollectionCreate, collections: CollectionsDep) -> CollectionStats:
+    collection = await run_in_threadpool(collections.create, body.name, body.kind, body.adapter, body.index)
     return CollectionStats(**collection.stats())
 
 
 @router.get("", response_model=list[CollectionStats], dependencies=[ReadAuth], summary="All collections")
-def list_collections(core: CoreDep) -> list[CollectionStats]:
-    return [CollectionStats(**stats) for stats in core.collections.all_stats()]
+def list_collections(collections: CollectionsDep) -> list[CollectionStats]:
+    return [CollectionStats(**stats) for stats in collections.all_stats()]
 
 
 @router.get("/{name}", response_model=CollectionStats, dependencies=[ReadAuth], summary="Stats of one collection")
-def stats(name: str, core: CoreDep) -> CollectionStats:
-    return CollectionStats(**core.collections.get(name).stats())
+def stats(name: str, collections: CollectionsDep) -> CollectionStats:
+    return CollectionStats(**collections.get(name).stats())
 
 
 @router.delete("/{name}", status_code=204, dependencies=[AdminAuth], summary="Delete a collection")
-def drop(name: str, core: CoreDep) -> None:
-    core.collections.drop(name)
+def drop(name: str, collections: CollectionsDep) -> None:
+    collections.drop(name)
 
 
 def _from_json(items: list[ItemIn]) -> list[IncomingItem]:
@@ -110,7 +112,8 @@ async def _from_form(request: Request) -> list[IncomingItem]:
 
 @router.post("/{name}/items", response_model=ItemsAdded, status_code=201, dependencies=[AdminAuth],
              openapi_extra=ITEMS_BODY, summary="Add items (all or nothing); acknowledged once stored")
-async def add_items(name: str, request: Request, core: CoreDep) -> ItemsAdded:
+async def add_items(name: str, request: Request, collections: CollectionsDep, settings: SettingsDep) -> ItemsAdded:
+    deadline = Deadline.after(settings.request_timeout_s)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         items = _from_json(ItemsAdd.model_validate_json(await request.body()).items)
@@ -118,21 +121,21 @@ async def add_items(name: str, request: Request, core: CoreDep) -> ItemsAdded:
         items = await _from_form(request)
     else:
         raise UnsupportedMediaTypeError("send application/json or multipart/form-data")
-    limit = core.settings.max_items_per_request
+    limit = settings.max_items_per_request
     if len(items) > limit:
         raise InputError(f"items: {len(items)} is over the limit of {limit} per request")
-    added = await core.collections.add(name, items)
+    added = await collections.add(name, items, deadline)
     return ItemsAdded(collection=name, uid=added.uid, ids=added.ids, items=added.count)
 
 
 @router.delete("/{name}/items/{item_id:path}", status_code=204, dependencies=[AdminAuth],
                summary="Delete an item (its id may hold '/', as the read routes take it)")
-def delete_item(name: str, item_id: str, core: CoreDep) -> None:
-    core.collections.delete_item(name, lookup_id(item_id))
+def delete_item(name: str, item_id: str, collections: CollectionsDep) -> None:
+    collections.delete_item(name, lookup_id(item_id))
 
 
 @router.post("/{name}/reindex", response_model=CollectionStats, status_code=202, dependencies=[AdminAuth],
              summary="Re-embed with another adapter version in the background; switch atomically when done")
-async def reindex(name: str, body: ReindexRequest, core: CoreDep) -> CollectionStats:
-    core.collections.start_reindex(name, body.adapter)
-    return CollectionStats(**core.collections.get(name).stats())
+async def reindex(name: str, body: ReindexRequest, collections: CollectionsDep) -> CollectionStats:
+    collections.start_reindex(name, body.adapter)
+    return CollectionStats(**collections.get(name).stats())

@@ -14,14 +14,15 @@ from starlette.concurrency import run_in_threadpool
 from uniadapter_serve.errors import InputError, NotFoundError
 from uniadapter_serve.model.media.image import probe_image
 from uniadapter_serve.model.media.video import probe_video
-from uniadapter_serve.service.auth import CoreDep, ReadAuth
+from uniadapter_serve.service.auth import ReadAuth
 from uniadapter_serve.service.collections import media
 from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.store import Item
-from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.decoding import VisionDecoder
+from uniadapter_serve.service.deps import CollectionsDep, DecoderDep, SettingsDep
 from uniadapter_serve.service.errors import error_response
+from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.routes.search import item_text, item_urls
-from uniadapter_serve.service.routes.tasks import ERRORS
 from uniadapter_serve.service.schemas import ItemInfo, ItemPage
 from uniadapter_serve.service.validation import lookup_id
 
@@ -52,16 +53,16 @@ def info(collection: Collection, item: Item, media_root: Path) -> ItemInfo:
         text = item_text(item) or ""
         return ItemInfo(id=item.external_id, kind="text", metadata=item.metadata, size=len(text), content_type=None,
                         sha256=item.sha256, added=item.created, adapter=meta.adapter_ref, text=text)
-    found = media.locate(collection, item, media_root)
+    found = media.locate(collection.media_dir, item, media_root)
     media_url, thumbnail_url = item_urls(meta.name, item.external_id)
     return ItemInfo(id=item.external_id, kind="video" if meta.kind == "video" else "image", metadata=item.metadata,
                     size=found.size, content_type=found.content_type, sha256=item.sha256, added=item.created,
                     adapter=meta.adapter_ref, media_url=media_url, thumbnail_url=thumbnail_url)
 
 
-def _row(core: ServiceCore, collection: Collection, item: Item) -> ItemInfo:
+def _row(media_root: Path, collection: Collection, item: Item) -> ItemInfo:
     try:
-        return info(collection, item, core.settings.media_dir)
+        return info(collection, item, media_root)
     except NotFoundError:  # a listing shows an item whose file went missing, without its media
         return ItemInfo(id=item.external_id, kind="image" if collection.meta.kind == "image" else "video",
                         metadata=item.metadata, size=0, content_type=None, sha256=item.sha256, added=item.created,
@@ -69,13 +70,13 @@ def _row(core: ServiceCore, collection: Collection, item: Item) -> ItemInfo:
 
 
 @router.get("/{name}/items", response_model=ItemPage, summary="A page of a collection's items, in the order added")
-def list_items(name: str, core: CoreDep,
+def list_items(name: str, collections: CollectionsDep, settings: SettingsDep,
                limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 50,
                cursor: Annotated[int, Query(ge=0, le=2**62, description="`next_cursor` of the previous page; 0 "
                                             "for the first.")] = 0) -> ItemPage:
-    collection = core.collections.get(name)
+    collection = collections.get(name)
     rows, next_cursor = collection.page(cursor, limit)
-    return ItemPage(collection=collection.name, items=[_row(core, collection, it) for it in rows],
+    return ItemPage(collection=collection.name, items=[_row(settings.media_dir, collection, it) for it in rows],
                     next_cursor=next_cursor)
 
 
@@ -98,9 +99,10 @@ def _chunks(path: Path, first: int, last: int) -> Iterator[bytes]:
 
 @router.get("/{name}/items/{item_id:path}/media", responses=MEDIA_RESPONSES, response_class=Response,
             summary="The item's stored bytes (HTTP range requests: Range: bytes=first-last)")
-def item_media(name: str, item_id: ItemId, request: Request, core: CoreDep) -> Response:
-    collection = core.collections.get(name)
-    found = media.locate(collection, collection.find(lookup_id(item_id)), core.settings.media_dir)
+def item_media(name: str, item_id: ItemId, request: Request, collections: CollectionsDep,
+               settings: SettingsDep) -> Response:
+    collection = collections.get(name)
+    found = media.locate(collection.media_dir, collection.find(lookup_id(item_id)), settings.media_dir)
     headers = {"ETag": found.etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
     if _not_modified(request, found.etag):
         return Response(status_code=304, headers=headers)
@@ -120,51 +122,52 @@ def item_media(name: str, item_id: ItemId, request: Request, core: CoreDep) -> R
 
 @router.get("/{name}/items/{item_id:path}/thumbnail", responses=THUMB_RESPONSES, response_class=Response,
             summary="A JPEG thumbnail of the item (a video's first sampled frame); cached")
-async def item_thumbnail(name: str, item_id: ItemId, request: Request, core: CoreDep,
+async def item_thumbnail(name: str, item_id: ItemId, request: Request, collections: CollectionsDep,
+                         settings: SettingsDep, decoder: DecoderDep,
                          size: Annotated[int, Query(description="Longer side in pixels (never enlarged): one of "
                                                     f"{list(media.THUMB_SIZES)}.",
                                                     json_schema_extra={"enum": list(media.THUMB_SIZES)})] = 256,
                          ) -> Response:
     if size not in media.THUMB_SIZES:
         raise InputError(f"size: {size} is not one of {list(media.THUMB_SIZES)}")
-    collection = core.collections.get(name)
+    collection = collections.get(name)
     item = await run_in_threadpool(collection.find, lookup_id(item_id))
-    found = await run_in_threadpool(media.locate, collection, item, core.settings.media_dir)
+    found = await run_in_threadpool(media.locate, collection.media_dir, item, settings.media_dir)
     kind = collection.meta.kind
-    adapter = core.collections.adapter_of(collection) if kind == "video" else None
-    frames = adapter.config.num_frames if adapter is not None else core.settings.num_frames
+    adapter = collections.adapter_of(collection) if kind == "video" else None
+    frames = adapter.config.num_frames if adapter is not None else settings.num_frames
     etag = f'"{item.sha256 or item.item_id}-{size}' + (f'-{frames}f"' if kind == "video" else '"')
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if _not_modified(request, etag):
         return Response(status_code=304, headers=headers)
-    cache = media.thumb_path(collection, item, size, frames)
+    cache = media.thumb_path(collection.thumbs_dir, kind, item, size, frames)
     jpeg = await run_in_threadpool(media.cached_thumbnail, cache)
     if jpeg is None:
-        jpeg = await _make_thumbnail(core, kind, found.path, int(size), frames, f"item {item.external_id[:80]!r}")
+        jpeg = await _make_thumbnail(decoder, kind, found.path, int(size), frames, f"item {item.external_id[:80]!r}")
         await run_in_threadpool(media.store_thumbnail, cache, jpeg)
     return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
-async def _make_thumbnail(core: ServiceCore, kind: str, path: Path, size: int, frames: int, field: str) -> bytes:
+async def _make_thumbnail(decoder: VisionDecoder, kind: str, path: Path, size: int, frames: int, field: str) -> bytes:
     """Decode under the decode budget, like any upload (a stored file may be as large as the limits allow), as
     bulk work: a page asks for dozens at once and nobody's answer waits on them (they are cached after), so they
     wait their turn up to the request deadline within the bulk share and never crowd out task decodes."""
-    s = core.settings
+    s = decoder.settings
     data = await run_in_threadpool(path.read_bytes)
     if kind == "image":
         probe = await run_in_threadpool(probe_image, data, declared_type=None, max_bytes=s.max_image_bytes,
                                         max_pixels=s.max_image_pixels, field=field, target_size=size)
-        async with core.decode_hold(probe.pixels, field, bulk=True):
+        async with decoder.hold(probe.pixels, field, bulk=True):
             return await run_in_threadpool(media.image_thumbnail, probe, size)
     pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes, max_pixels=s.max_video_pixels,
                                      field=field)
-    async with core.decode_hold(pixels, field, bulk=True):
+    async with decoder.hold(pixels, field, bulk=True):
         return await run_in_threadpool(media.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
                                        max_seconds=s.max_video_seconds, max_pixels=s.max_video_pixels, field=field)
 
 
 @router.get("/{name}/items/{item_id:path}", response_model=ItemInfo,
             summary="One item: metadata, kind, size, when added, the adapter version it was embedded with")
-def get_item(name: str, item_id: ItemId, core: CoreDep) -> ItemInfo:
-    collection = core.collections.get(name)
-    return info(collection, collection.find(lookup_id(item_id)), core.settings.media_dir)
+def get_item(name: str, item_id: ItemId, collections: CollectionsDep, settings: SettingsDep) -> ItemInfo:
+    collection = collections.get(name)
+    return info(collection, collection.find(lookup_id(item_id)), settings.media_dir)

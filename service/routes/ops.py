@@ -10,7 +10,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from uniadapter_serve import __version__
-from uniadapter_serve.service.auth import CoreDep, admin_when, require_admin
+from uniadapter_serve.service.auth import admin_when, require_admin
+from uniadapter_serve.service.deps import (
+    CollectionsDep,
+    DecoderDep,
+    EngineDep,
+    FaissDep,
+    MetricsDep,
+    RedisDep,
+    RegistryDep,
+    ServingDep,
+    SettingsDep,
+    StoreDep,
+)
 
 router = APIRouter(tags=["ops"])
 
@@ -22,20 +34,22 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Ready to serve: backbone loaded, batcher running (503 while not)")
 @admin_when("verbose")  # the auth middleware asks for the admin key before the route runs
-def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONResponse:
+def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry: RegistryDep, serving: ServingDep,
+           redis_link: RedisDep, store_backend: StoreDep, faiss: FaissDep, decoder: DecoderDep,
+           collections: CollectionsDep, verbose: bool = False) -> JSONResponse:
     """Without `verbose`: the status and the name of each check with its state, nothing more (no paths,
     hosts or versions: probes run without keys). `verbose=true` adds every detail and needs the admin key."""
     if verbose:
-        require_admin(request, core)
-    redis = core.redis.status()
-    store = core.store_backend.status()
+        require_admin(request)
+    redis = redis_link.status()
+    store = store_backend.status()
     states = {
         "store": "ok" if store.get("ok") else "degraded",
         "backbone": "ok",
-        "engine": "ok" if core.ready and core.engine.ready else "stopped",
-        "adapters": "ok" if not core.registry.errors() else "degraded",
+        "engine": "ok" if serving and engine.ready else "stopped",
+        "adapters": "ok" if not registry.errors() else "degraded",
         "redis": "off" if not redis.get("configured") else ("ok" if redis.get("ok") else "degraded"),
-        "faiss": "degraded" if core.faiss.warning else ("gpu" if core.faiss.on_gpu else "cpu"),
+        "faiss": "degraded" if faiss.warning else ("gpu" if faiss.on_gpu else "cpu"),
     }
     warnings = []
     if states["redis"] == "degraded":
@@ -44,24 +58,24 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
     if states["store"] == "degraded":
         warnings.append("collection store unreachable: searches answer from this replica's memory; adding, "
                         "deleting and creating answer 503 until it is back")
-    if core.faiss.warning:
+    if faiss.warning:
         warnings.append("collection indexes on the CPU: FAISS cannot run on this GPU" +
-                        (f" ({core.faiss.warning})" if verbose else " (verbose=true says why)"))
+                        (f" ({faiss.warning})" if verbose else " (verbose=true says why)"))
     if states["adapters"] == "degraded":
         warnings.append("some adapter-set folders cannot be read (GET /adapters lists them)")
-    ready = core.ready
+    ready = serving
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": states, "warnings": warnings}
     if verbose:
         body["version"], body["torch"] = __version__, torch.__version__
         body["details"] = {
-            "backbone": {"source": core.settings.backbone, **core.engine.describe()},
-            "adapters": {"available": len(core.registry.all()), "errors": len(core.registry.errors()),
-                         "resident": [r["ref"] for r in core.engine.residency()["rows"] if r["tier"] == "device"]},
-            "queue": core.engine.queued(),
-            "decode_budget": {"capacity_pixels": core.decode_budget.capacity, "used_pixels": core.decode_budget.used,
-                              "waiting": core.decode_budget.waiting},
-            "collections": len(core.collections.names()),
-            "faiss": {"gpu": core.faiss.gpu, "warning": core.faiss.warning},
+            "backbone": {"source": settings.backbone, **engine.describe()},
+            "adapters": {"available": len(registry.all()), "errors": len(registry.errors()),
+                         "resident": [r["ref"] for r in engine.residency()["rows"] if r["tier"] == "device"]},
+            "queue": engine.queued(),
+            "decode_budget": {"capacity_pixels": decoder.budget.capacity, "used_pixels": decoder.budget.used,
+                              "waiting": decoder.budget.waiting},
+            "collections": len(collections.names()),
+            "faiss": {"gpu": faiss.gpu, "warning": faiss.warning},
             "redis": redis,
             "store": store,
         }
@@ -69,5 +83,5 @@ def readyz(request: Request, core: CoreDep, verbose: bool = False) -> JSONRespon
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-def metrics(core: CoreDep) -> PlainTextResponse:
-    return PlainTextResponse(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+def metrics(service_metrics: MetricsDep) -> PlainTextResponse:
+    return PlainTextResponse(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -9,17 +9,16 @@ from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 
-from uniadapter_serve.errors import ConflictError, InputError, TextTooLongError
+from uniadapter_serve.errors import ConflictError, InputError
 from uniadapter_serve.service.bodies import Media
+from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.collections.store import Item
-from uniadapter_serve.service.core import ServiceCore
+from uniadapter_serve.service.decoding import VisionDecoder
+from uniadapter_serve.service.engine import Engine
+from uniadapter_serve.service.resolver import AdapterResolver
 from uniadapter_serve.service.schemas import RetrieveFilter, RetrieveHit, RetrieveRequest, RetrieveResponse
-from uniadapter_serve.service.stages import VisionInput
-
-
-def check_length(text: str, field: str, limit: int) -> None:
-    if len(text) > limit:
-        raise TextTooLongError(f"{field}: {len(text)} characters is over the limit of {limit}")
+from uniadapter_serve.service.tasks import Deadline, EmbedJob, MatchJob, VisionInput
+from uniadapter_serve.service.texts import check_text
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -51,15 +50,16 @@ def item_urls(collection: str, item_id: str) -> tuple[str, str]:
     return f"{base}/media", f"{base}/thumbnail"
 
 
-async def search_collection(core: ServiceCore, body: RetrieveRequest,
-                            media: dict[str, list[Media]]) -> RetrieveResponse:
+async def search_collection(body: RetrieveRequest, media: dict[str, list[Media]], deadline: Deadline, *,
+                            collections: CollectionManager, adapters: AdapterResolver, decoder: VisionDecoder,
+                            engine: Engine, max_text_chars: int) -> RetrieveResponse:
     """Search a collection with the adapter version that built it; optional ITM re-rank (text <-> visual)."""
     assert body.collection is not None
-    collection = core.collections.get(body.collection)
+    collection = collections.get(body.collection)
     cmeta = collection.meta
-    adapter = core.collections.adapter_of(collection)
+    adapter = collections.adapter_of(collection)
     if body.adapter is not None:
-        asked = core.resolve_adapter(body.adapter, "retrieval")
+        asked = adapters.resolve(body.adapter, "retrieval")
         asked_ref = asked.ref if asked else "none"
         if asked_ref != cmeta.adapter_ref:
             raise ConflictError(f"collection {cmeta.name!r} is indexed with {cmeta.adapter_ref}; the query names "
@@ -74,28 +74,29 @@ async def search_collection(core: ServiceCore, body: RetrieveRequest,
     if body.query_text is not None:
         if cmeta.kind == "text":
             raise ConflictError(f"collection {cmeta.name!r} holds texts: query it with query_image or query_video")
-        query = core.check_text(body.query_text, "query_text")
-        vector = await core.engine.embed_text(query, ref, core.timeout())
+        query = check_text(body.query_text, "query_text", max_text_chars)
+        vector = await engine.run(EmbedJob(query=query, ref=ref, deadline=deadline))
     else:
         if "query_image" in media:
             q = media["query_image"][0]
-            visual = await core.image_input(q.data, q.content_type, "query_image")
+            visual = await decoder.image_input(q.data, q.content_type, "query_image")
         else:
-            visual = await core.media_input("video", media["query_video"][0].data, adapter, "query_video")
-        vector = await core.engine.embed_visual(visual, ref, core.timeout())
+            visual = await decoder.media_input("video", media["query_video"][0].data, adapter, "query_video")
+        vector = await engine.run(EmbedJob(query=visual, ref=ref, deadline=deadline))
     hits = await run_in_threadpool(collection.search, vector.numpy(), k, keep)
 
     async def rerank(top: list[int]) -> list[float]:
         if visual is not None:  # an image or video query: the hits are texts
             texts = [item_text(hits[i].item) or "" for i in top]
-            return await core.engine.match_texts(visual, texts, ref, core.timeout())
-        contents = await asyncio.gather(*(run_in_threadpool(core.collections.load_content, collection,
+            return await engine.run(MatchJob(query=visual, candidates=texts, ref=ref, deadline=deadline))
+        contents = await asyncio.gather(*(run_in_threadpool(collections.load_content, collection,
                                                             hits[i].item) for i in top))
         visuals = await asyncio.gather(*(
-            core.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
+            decoder.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
             for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
         assert len(visuals) == len(top)  # media collections hold bytes
-        return await core.engine.match_images(body.query_text or "", visuals, ref, core.timeout())
+        return await engine.run(MatchJob(query=body.query_text or "", candidates=visuals, ref=ref,
+                                              deadline=deadline))
 
     order = list(range(len(hits)))
     itm_scores: dict[int, float] = {}

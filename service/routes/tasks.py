@@ -1,4 +1,5 @@
-"""POST /vqa, /videoqa, /retrieve: thin routes composing the core's batched steps."""
+"""POST /vqa, /videoqa, /retrieve: thin routes; the parts they use come as dependencies, the model work goes to
+the engine as jobs."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
-from uniadapter_serve.errors import ConflictError, InputError
+from uniadapter_serve.errors import InputError
 from uniadapter_serve.service import demo
-from uniadapter_serve.service.auth import CoreDep, ReadAuth
+from uniadapter_serve.service.auth import ReadAuth
 from uniadapter_serve.service.bodies import Media, body_openapi, parse_body
-from uniadapter_serve.service.core import ServiceCore
-from uniadapter_serve.service.routes.search import check_length, passes, search_collection
+from uniadapter_serve.service.decoding import VisionDecoder
+from uniadapter_serve.service.deps import AdaptersDep, CollectionsDep, DecoderDep, EngineDep, SettingsDep
+from uniadapter_serve.service.engine import Engine
+from uniadapter_serve.service.openapi_errors import ERRORS
+from uniadapter_serve.service.resolver import AdapterResolver
+from uniadapter_serve.service.routes.search import passes, search_collection
 from uniadapter_serve.service.schemas import (
     AnswerItem,
-    ErrorResponse,
     RetrieveHit,
     RetrieveRequest,
     RetrieveResponse,
@@ -23,19 +27,11 @@ from uniadapter_serve.service.schemas import (
     VqaRequest,
     VqaResponse,
 )
+from uniadapter_serve.service.settings import Settings
+from uniadapter_serve.service.tasks import Answer, AnswerJob, Deadline, RankJob, VisionInput, frames_for
+from uniadapter_serve.service.texts import check_text
 
 router = APIRouter(tags=["tasks"], dependencies=[ReadAuth])
-
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "Malformed JSON or undecodable media", 401: "Missing API key", 403: "Wrong API key",
-        404: "Unknown adapter set or collection", 409: "Adapter set of the wrong task or incompatible",
-        413: "Media over a limit (bytes, pixels, duration)", 415: "Unsupported media or body type",
-        422: "Invalid field", 429: "Queue full (see Retry-After)", 503: "No room for the adapter set now",
-        504: "Deadline passed",
-    }.items()
-}
 
 EXAMPLES = demo.request_examples()
 VQA_MEDIA = {"image": False}
@@ -43,53 +39,58 @@ VIDEOQA_MEDIA = {"video": False}
 RETRIEVE_MEDIA = {"query_image": False, "query_video": False, "candidate_images": True}
 
 
-def _vqa_response(answers: list[tuple[str, float]], mode: str, adapter: str | None) -> VqaResponse:
-    best_answer, best_score = answers[0]
-    return VqaResponse(answer=best_answer, score=best_score, mode=mode, adapter=adapter,
-                       alternatives=[AnswerItem(answer=a, score=s) for a, s in answers])
+def _answer_job(body: VqaRequest | VideoQaRequest, visual: VisionInput, ref: str | None,
+                deadline: Deadline) -> AnswerJob:
+    return AnswerJob(visual=visual, question=body.question, mode=body.mode, top_k=body.top_k,
+                     max_length=body.max_answer_length, num_beams=body.num_beams, rank_score=body.rank_score,
+                     ref=ref, deadline=deadline)
+
+
+def _vqa_response(answers: list[Answer], body: VqaRequest | VideoQaRequest, adapter: str | None) -> VqaResponse:
+    return VqaResponse(answer=answers[0].text, score=answers[0].score, mode=body.mode, adapter=adapter,
+                       alternatives=[AnswerItem(answer=a.text, score=a.score) for a in answers])
 
 
 @router.post("/vqa", response_model=VqaResponse, responses=ERRORS,
              openapi_extra=body_openapi(VqaRequest, VQA_MEDIA, EXAMPLES["vqa"]),
              summary="Answer a question about an image")
-async def vqa(request: Request, core: CoreDep) -> VqaResponse:
+async def vqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
+              engine: EngineDep) -> VqaResponse:
+    deadline = Deadline.after(settings.request_timeout_s)
     body, media = await parse_body(request, VqaRequest, VQA_MEDIA)
-    core.check_text(body.question, "question")
-    meta = core.resolve_adapter(body.adapter, "vqa")
+    check_text(body.question, "question", settings.max_text_chars)
+    ref = _ref(adapters.resolve(body.adapter, "vqa"))
     image = media["image"][0]
-    with core.engine.admit(2):  # vision + answer
-        visual = await core.image_input(image.data, image.content_type, "image")
-        answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
-                                           max_length=body.max_answer_length, timeout=core.timeout(),
-                                           num_beams=body.num_beams, rank_score=body.rank_score)
-    return _vqa_response(answers, body.mode, _ref(meta))
+    with engine.admit(2):  # vision + answer
+        visual = await decoder.image_input(image.data, image.content_type, "image")
+        answers = await engine.run(_answer_job(body, visual, ref, deadline))
+    return _vqa_response(answers, body, ref)
 
 
 @router.post("/videoqa", response_model=VqaResponse, responses=ERRORS,
              openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA, EXAMPLES["videoqa"]),
              summary="Answer a question about a video")
-async def videoqa(request: Request, core: CoreDep) -> VqaResponse:
+async def videoqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
+                  engine: EngineDep) -> VqaResponse:
+    deadline = Deadline.after(settings.request_timeout_s)
     body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
-    core.check_text(body.question, "question")
-    meta = core.resolve_adapter(body.adapter, "videoqa")
-    frames = body.num_frames or (meta.config.num_frames if meta is not None else core.settings.num_frames)
-    if meta is not None and meta.config.temporal_embedding and frames != meta.config.num_frames:
-        raise ConflictError(f"num_frames: adapter set {meta.ref} has a temporal embedding for "
-                            f"{meta.config.num_frames} frames, got {frames}")
-    with core.engine.admit(2):
-        visual = await core.video_input(media["video"][0].data, frames, "video")
-        answers = await core.engine.answer(visual, body.question, _ref(meta), mode=body.mode, top_k=body.top_k,
-                                           max_length=body.max_answer_length, timeout=core.timeout(),
-                                           num_beams=body.num_beams, rank_score=body.rank_score)
-    return _vqa_response(answers, body.mode, _ref(meta))
+    check_text(body.question, "question", settings.max_text_chars)
+    meta = adapters.resolve(body.adapter, "videoqa")
+    frames = frames_for(meta, body.num_frames, settings.num_frames)
+    with engine.admit(2):
+        visual = await decoder.video_input(media["video"][0].data, frames, "video")
+        answers = await engine.run(_answer_job(body, visual, _ref(meta), deadline))
+    return _vqa_response(answers, body, _ref(meta))
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,
              openapi_extra=body_openapi(RetrieveRequest, RETRIEVE_MEDIA, EXAMPLES["retrieve"]),
              summary="Text -> images, or image -> texts, ranked by the adapter's ITC (+ optional ITM re-rank)")
-async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
+async def retrieve(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
+                   engine: EngineDep, collections: CollectionsDep) -> RetrieveResponse:
+    deadline = Deadline.after(settings.request_timeout_s)
     body, media = await parse_body(request, RetrieveRequest, RETRIEVE_MEDIA, list_fields=("candidate_texts",))
-    s = core.settings
+    s = settings
     if body.top_k > s.max_top_k:
         raise InputError(f"top_k: {body.top_k} is over the limit of {s.max_top_k}")
     if body.rerank_k > s.max_top_k:
@@ -97,34 +98,37 @@ async def retrieve(request: Request, core: CoreDep) -> RetrieveResponse:
     if sum((body.query_text is not None, "query_image" in media, "query_video" in media)) != 1:
         raise InputError("give exactly one of query_text, query_image and query_video")
     if body.filter is not None and body.filter.caption_contains is not None:
-        check_length(body.filter.caption_contains, "filter.caption_contains", s.max_text_chars)
+        check_text(body.filter.caption_contains, "filter.caption_contains", s.max_text_chars, words=False)
     candidates = len(media.get("candidate_images", [])) + len(body.candidate_texts or [])
-    with core.engine.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
+    with engine.admit(1 + candidates + 2 * body.rerank_k):  # query, candidates, re-rank (vision + ITM)
         if body.collection is not None:
-            return await search_collection(core, body, media)
+            return await search_collection(body, media, deadline, collections=collections, adapters=adapters,
+                                           decoder=decoder, engine=engine, max_text_chars=s.max_text_chars)
         if "query_video" in media:
             raise InputError("a video query needs a collection")
-        return await _rank_inline(core, body, media)
+        return await _rank_inline(body, media, deadline, settings, adapters, decoder, engine)
 
 
 def _ref(meta: AdapterSetMeta | None) -> str | None:
     return meta.ref if meta is not None else None
 
 
-async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str, list[Media]]) -> RetrieveResponse:
+async def _rank_inline(body: RetrieveRequest, media: dict[str, list[Media]], deadline: Deadline, settings: Settings,
+                       adapters: AdapterResolver, decoder: VisionDecoder, engine: Engine) -> RetrieveResponse:
     """Rank the request's own candidates: texts for an image query, images for a text query."""
-    s = core.settings
-    meta = core.resolve_adapter(body.adapter, "retrieval")
+    s = settings
+    meta = adapters.resolve(body.adapter, "retrieval")
     if body.query_text is not None:
-        query = core.check_text(body.query_text, "query_text")
+        query = check_text(body.query_text, "query_text", s.max_text_chars)
         images = media.get("candidate_images", [])
         if not images:
             raise InputError("a text query needs a collection or candidate_images")
         if len(images) > s.max_candidates:
             raise InputError(f"candidate_images: {len(images)} is over the limit of {s.max_candidates}")
-        decoded = await asyncio.gather(*(core.image_input(m.data, m.content_type, f"candidate_images[{i}]")
+        decoded = await asyncio.gather(*(decoder.image_input(m.data, m.content_type, f"candidate_images[{i}]")
                                          for i, m in enumerate(images)))
-        ranking = await core.engine.rank_images(query, decoded, _ref(meta), body.rerank_k, core.timeout())
+        ranking = await engine.run(RankJob(query=query, candidates=decoded, rerank_k=body.rerank_k,
+                                                ref=_ref(meta), deadline=deadline))
         metadata = [{"filename": m.filename} if m.filename else {} for m in images]
     else:
         texts = body.candidate_texts or []
@@ -133,10 +137,11 @@ async def _rank_inline(core: ServiceCore, body: RetrieveRequest, media: dict[str
         if len(texts) > s.max_candidates:
             raise InputError(f"candidate_texts: {len(texts)} is over the limit of {s.max_candidates}")
         for i, t in enumerate(texts):
-            core.check_text(t, f"candidate_texts[{i}]")
+            check_text(t, f"candidate_texts[{i}]", s.max_text_chars)
         q = media["query_image"][0]
-        visual = await core.image_input(q.data, q.content_type, "query_image")
-        ranking = await core.engine.rank_texts(visual, texts, _ref(meta), body.rerank_k, core.timeout())
+        visual = await decoder.image_input(q.data, q.content_type, "query_image")
+        ranking = await engine.run(RankJob(query=visual, candidates=texts, rerank_k=body.rerank_k,
+                                                ref=_ref(meta), deadline=deadline))
         metadata = [{"text": t} for t in texts]
     itc, itm = ranking.itc, ranking.itm
     order = [i for i in sorted(range(len(itc)), key=lambda i: -itc[i])

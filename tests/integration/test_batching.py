@@ -45,7 +45,7 @@ def wait_until(condition, what: str, futures: list[Future[httpx.Response]], time
 
 def batch_stats(srv: InProcessServer) -> dict[str, tuple[float, float, float]]:
     """stage -> (batches run, jobs in them, mixed batches), from the server's own metrics."""
-    registry = srv.core.metrics.registry
+    registry = srv.parts.metrics.registry
 
     def value(name: str, stage: str) -> float:
         return registry.get_sample_value(name, {"stage": stage}) or 0.0

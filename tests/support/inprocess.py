@@ -15,8 +15,8 @@ from support.server import free_port
 from support.waiting import until
 from uniadapter_serve.service.app import create_app
 from uniadapter_serve.service.batcher import Batcher
-from uniadapter_serve.service.core import ServiceCore
 from uniadapter_serve.service.local_engine import LocalEngine
+from uniadapter_serve.service.parts import Parts
 from uniadapter_serve.service.settings import Settings
 
 
@@ -25,11 +25,11 @@ class InProcessServer:
     url: str
     server: uvicorn.Server
     thread: threading.Thread
-    core: ServiceCore
+    parts: Parts
 
     @property
     def batcher(self) -> Batcher:
-        engine = self.core.engine
+        engine = self.parts.engine
         assert isinstance(engine, LocalEngine)
         return engine.batcher
 
@@ -54,4 +54,4 @@ def start_in_process(data_root: Path, **settings: object) -> InProcessServer:
     until(lambda: server.started, "the in-process server to start", 120, every=0.05,
           stop=lambda: None if thread.is_alive() else "it exited during start-up (see the log above)")
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-    return InProcessServer(url, server, thread, app.state.core)
+    return InProcessServer(url, server, thread, app.state.parts)

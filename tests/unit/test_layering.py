@@ -94,3 +94,56 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state and (cycle := visit(m)):
             pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+
+
+MAX_SERVICE_CHAIN = 7
+"""modules in the longest import chain inside service/ (cli > app > a router > ... ): a route stands on few floors"""
+
+
+def resolved_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules a file imports, at any depth (in functions, under TYPE_CHECKING). `from pkg import
+    name` names the module `pkg.name` when there is one, else `pkg` itself (its `__init__`); a package's
+    `__init__` is never counted for merely being the parent of an imported module."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("uniadapter_serve"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+            found.update(subs)
+            if len(subs) < len(node.names) and node.module in modules:
+                found.add(node.module)
+    return found
+
+
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    """The longest simple path of an acyclic import graph (the cycle test keeps it acyclic)."""
+    best: dict[str, list[str]] = {}
+
+    def from_(m: str, seen: tuple[str, ...]) -> list[str]:
+        if m in seen:
+            pytest.fail(f"import cycle: {' -> '.join([*seen[seen.index(m):], m])}")
+        if m not in best:
+            tails = [from_(n, (*seen, m)) for n in sorted(graph[m])]
+            best[m] = [m, *max(tails, key=len, default=[])]
+        return best[m]
+
+    return max((from_(m, ()) for m in sorted(graph)), key=len, default=[])
+
+
+def test_longest_chain_helper():
+    graph = {"a": {"b", "c"}, "b": {"d"}, "c": set(), "d": {"c"}, "e": {"c"}}
+    assert longest_chain(graph) == ["a", "b", "d", "c"]
+
+
+def test_service_import_chain_is_short():
+    """The longest chain of imports among service/'s modules (counting imports inside functions and for type
+    checking) stays at MAX_SERVICE_CHAIN modules or fewer."""
+    prefix = "uniadapter_serve.service"
+    modules = sources()
+    service = {m: p for m, p in modules.items() if m == prefix or m.startswith(prefix + ".")}
+    graph = {m: {t for t in resolved_imports(p, modules) if t in service and t != m} for m, p in service.items()}
+    chain = longest_chain(graph)
+    short = " > ".join(m.removeprefix(prefix + ".") for m in chain)
+    assert len(chain) <= MAX_SERVICE_CHAIN, f"{len(chain)} modules: {short}"
