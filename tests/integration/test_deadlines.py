@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from support.inprocess import InProcessServer, start_in_process
 from support.media import image_bytes
 from support.waiting import until
