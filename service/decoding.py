@@ -45,12 +45,12 @@ class VisionDecoder:
 
     def hold(self, pixels: int, field: str, *, bulk: bool = False,
              deadline: Deadline | None = None) -> AbstractAsyncContextManager[None]:
-        """Hold `pixels` of the decode budget. A task decode (bulk=False) waits DECODE_WAIT_S at most (503 after);
-        bulk work (collection adds, re-indexing, thumbnails) waits up to the request's `deadline` (None: a
-        request's time from now; 504 after), within DECODE_BULK_SHARE of the budget."""
+        """Hold `pixels` of the decode budget. A task decode (bulk=False) waits DECODE_WAIT_S at most, never past
+        the request's `deadline` (503 after); bulk work (collection adds, re-indexing, thumbnails) waits up to the
+        `deadline` (None: a request's time from now; 504 after), within DECODE_BULK_SHARE of the budget."""
         s = self.settings
         waits = s.request_timeout_s if deadline is None else deadline.remaining()
-        timeout = waits if bulk else s.decode_wait_s
+        timeout = waits if bulk else min(s.decode_wait_s, waits)
         return self.budget.hold_async(pixels, timeout, field, bulk=bulk)
 
     async def image_input(self, data: bytes, content_type: str | None, field: str, *, bulk: bool = False,

@@ -344,7 +344,7 @@ class CollectionManager:
             assert isinstance(content, bytes)
             # bulk: adds and re-indexing wait their turn for the decode budget up to the deadline, within
             # the bulk share, yielding to task routes' decodes
-            visual = await self.decoder.media_input(kind, content, adapter, field, bulk=True)
+            visual = await self.decoder.media_input(kind, content, adapter, field, bulk=True, deadline=deadline)
             vector = (await self.engine.run(EmbedJob(query=visual, ref=ref, deadline=deadline))).numpy()
         vector = np.ascontiguousarray(vector, np.float32)
         self.cache.set(key, vector.tobytes())

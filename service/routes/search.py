@@ -79,9 +79,10 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Media]]
     else:
         if "query_image" in media:
             q = media["query_image"][0]
-            visual = await decoder.image_input(q.data, q.content_type, "query_image")
+            visual = await decoder.image_input(q.data, q.content_type, "query_image", deadline=deadline)
         else:
-            visual = await decoder.media_input("video", media["query_video"][0].data, adapter, "query_video")
+            visual = await decoder.media_input("video", media["query_video"][0].data, adapter, "query_video",
+                                               deadline=deadline)
         vector = await engine.run(EmbedJob(query=visual, ref=ref, deadline=deadline))
     hits = await run_in_threadpool(collection.search, vector.numpy(), k, keep)
 
@@ -92,7 +93,8 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Media]]
         contents = await asyncio.gather(*(run_in_threadpool(collections.load_content, collection,
                                                             hits[i].item) for i in top))
         visuals = await asyncio.gather(*(
-            decoder.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}")
+            decoder.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}",
+                                deadline=deadline)
             for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
         assert len(visuals) == len(top)  # media collections hold bytes
         return await engine.run(MatchJob(query=body.query_text or "", candidates=visuals, ref=ref,

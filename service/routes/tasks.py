@@ -62,7 +62,7 @@ async def vqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, de
     ref = _ref(adapters.resolve(body.adapter, "vqa"))
     image = media["image"][0]
     with engine.admit(2):  # vision + answer
-        visual = await decoder.image_input(image.data, image.content_type, "image")
+        visual = await decoder.image_input(image.data, image.content_type, "image", deadline=deadline)
         answers = await engine.run(_answer_job(body, visual, ref, deadline))
     return _vqa_response(answers, body, ref)
 
@@ -78,7 +78,7 @@ async def videoqa(request: Request, settings: SettingsDep, adapters: AdaptersDep
     meta = adapters.resolve(body.adapter, "videoqa")
     frames = frames_for(meta, body.num_frames, settings.num_frames)
     with engine.admit(2):
-        visual = await decoder.video_input(media["video"][0].data, frames, "video")
+        visual = await decoder.video_input(media["video"][0].data, frames, "video", deadline=deadline)
         answers = await engine.run(_answer_job(body, visual, _ref(meta), deadline))
     return _vqa_response(answers, body, _ref(meta))
 
@@ -125,10 +125,11 @@ async def _rank_inline(body: RetrieveRequest, media: dict[str, list[Media]], dea
             raise InputError("a text query needs a collection or candidate_images")
         if len(images) > s.max_candidates:
             raise InputError(f"candidate_images: {len(images)} is over the limit of {s.max_candidates}")
-        decoded = await asyncio.gather(*(decoder.image_input(m.data, m.content_type, f"candidate_images[{i}]")
+        decoded = await asyncio.gather(*(decoder.image_input(m.data, m.content_type, f"candidate_images[{i}]",
+                                                             deadline=deadline)
                                          for i, m in enumerate(images)))
         ranking = await engine.run(RankJob(query=query, candidates=decoded, rerank_k=body.rerank_k,
-                                                ref=_ref(meta), deadline=deadline))
+                                           ref=_ref(meta), deadline=deadline))
         metadata = [{"filename": m.filename} if m.filename else {} for m in images]
     else:
         texts = body.candidate_texts or []
@@ -139,9 +140,9 @@ async def _rank_inline(body: RetrieveRequest, media: dict[str, list[Media]], dea
         for i, t in enumerate(texts):
             check_text(t, f"candidate_texts[{i}]", s.max_text_chars)
         q = media["query_image"][0]
-        visual = await decoder.image_input(q.data, q.content_type, "query_image")
+        visual = await decoder.image_input(q.data, q.content_type, "query_image", deadline=deadline)
         ranking = await engine.run(RankJob(query=visual, candidates=texts, rerank_k=body.rerank_k,
-                                                ref=_ref(meta), deadline=deadline))
+                                           ref=_ref(meta), deadline=deadline))
         metadata = [{"text": t} for t in texts]
     itc, itm = ranking.itc, ranking.itm
     order = [i for i in sorted(range(len(itc)), key=lambda i: -itc[i])

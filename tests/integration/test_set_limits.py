@@ -69,7 +69,7 @@ def test_a_set_on_disk_cannot_make_a_request_exceed_max_rank_k(capped):
     answer, seen = handlers["answer"], []
 
     def recording(jobs, routing):  # the real answer stage, noting what each job asks of it
-        seen.extend(j.payload.rank_k for j in jobs)
+        seen.extend(j.payload.plan.k for j in jobs)
         return answer(jobs, routing)
 
     handlers["answer"] = recording

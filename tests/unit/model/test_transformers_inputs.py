@@ -34,7 +34,7 @@ def png(image: Image.Image) -> bytes:
 
 
 def service_pixels(data: bytes, size: int) -> torch.Tensor:
-    """What a task route does with an upload (service/core.py): probe, decode (reduced toward `size`), tensor."""
+    """What a task route does with an upload (service/decoding.py): probe, decode (reduced toward `size`), tensor."""
     probe = probe_image(data, declared_type="image/png", field="image", target_size=size, **LIMITS)
     return image_to_tensor(load_image(probe, size), size)
 
