@@ -66,12 +66,16 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKENIZER_HELP = ("folder holding BLIP's tokenizer (bert-base-uncased's vocabulary) to write beside the backbone; "
+                  "without one the demo vocabulary is written")
+
+
 def _cmd_adapters_convert(args: argparse.Namespace) -> int:
     from uniadapter_serve.adapters.convert import convert_uniadapter_checkpoint
 
     report = convert_uniadapter_checkpoint(args.checkpoint, args.backbone_out, args.set_out, name=args.name,
                                            task=args.task, vision_heads=args.vision_heads,
-                                           text_heads=args.text_heads)
+                                           text_heads=args.text_heads, tokenizer=args.tokenizer)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -82,8 +86,11 @@ def _cmd_backbone_convert(args: argparse.Namespace) -> int:
     if bool(args.pth) == bool(args.hf):
         raise ConfigError("give either --pth FILE or one or more --hf FOLDER")
     if args.pth:
-        report = convert_blip_pth(args.pth, args.out, vision_heads=args.vision_heads, text_heads=args.text_heads)
+        report = convert_blip_pth(args.pth, args.out, vision_heads=args.vision_heads, text_heads=args.text_heads,
+                                  tokenizer=args.tokenizer)
     else:
+        if args.tokenizer:
+            raise ConfigError("--tokenizer goes with --pth (merged --hf folders keep the first one's tokenizer)")
         report = merge_backbones(args.hf, args.out)
     print(json.dumps(report, indent=2))
     return 0
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--task", choices=["retrieval", "vqa", "videoqa"], help="default: vqa if a decoder is there")
     convert.add_argument("--vision-heads", type=int, help="attention heads (default hidden/64)")
     convert.add_argument("--text-heads", type=int)
+    convert.add_argument("--tokenizer", help=TOKENIZER_HELP)
     convert.set_defaults(func=_cmd_adapters_convert)
 
     backbone = sub.add_parser("backbone", help="backbone tools")
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     bconvert.add_argument("--out", required=True)
     bconvert.add_argument("--vision-heads", type=int)
     bconvert.add_argument("--text-heads", type=int)
+    bconvert.add_argument("--tokenizer", help=TOKENIZER_HELP)
     bconvert.set_defaults(func=_cmd_backbone_convert)
     tr = sub.add_parser("train", help="train an adapter set (or a baseline) on the frozen backbone")
     _data_args(tr)

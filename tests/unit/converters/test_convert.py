@@ -357,3 +357,27 @@ def test_merge_itm_and_vqa_folders(backbone, tiny_config, tmp_path):
     assert report["sources"]["vision_model"] == str(tmp_path / "vqa")
     assert merged.fingerprints["vision_model"] == load_backbone(tmp_path / "vqa").fingerprints["vision_model"]
     assert merged.fingerprints["heads"] == load_backbone(tmp_path / "itm").fingerprints["heads"]
+
+
+def test_the_cli_writes_the_tokenizer_it_is_given(tmp_path, capsys):
+    """`uniadapter backbone convert --pth F --tokenizer DIR`: the backbone folder gets DIR's tokenizer (and the
+    report names it); without --tokenizer it gets the demo vocabulary, and says so."""
+    from transformers import BertTokenizer
+
+    from uniadapter_serve.model.tokenizer import BlipTokenizer
+    from uniadapter_serve.service.cli import main
+
+    save_checkpoint(tmp_path / "model_base.pth", random_state(shrink(model_base_shapes()), seed=4), {})
+    words = tmp_path / "tok"
+    vocab = ["[PAD]", "[UNK]", "[DEC]", "[SEP]", "[CLS]", "[ENC]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "zebra"]
+    BlipTokenizer(BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})).save(words)
+    heads = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_HEADS.items()]
+    assert main(["backbone", "convert", "--pth", str(tmp_path / "model_base.pth"), "--out", str(tmp_path / "given"),
+                 "--tokenizer", str(words), *heads]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == str(words)
+    given = BlipTokenizer.from_folder(tmp_path / "given")
+    assert given.count("zebra") == 1 and len(given.tokenizer) == len(vocab)  # the given vocabulary, whole
+    assert main(["backbone", "convert", "--pth", str(tmp_path / "model_base.pth"), "--out", str(tmp_path / "demo"),
+                 *heads]) == 0
+    assert "demo vocabulary" in json.loads(capsys.readouterr().out)["tokenizer"]
+    assert BlipTokenizer.from_folder(tmp_path / "demo").count("zebra") > 1  # the demo vocabulary spells it out
