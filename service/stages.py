@@ -229,8 +229,9 @@ class VisionStage(Stage[VisionInput, _Frames, _Seen]):
         wanted = [i for i in images if batch.inputs[i].embed]
         if wanted:  # images: the [CLS] token, projected and normalised
             rows = self._select(routing, wanted, len(per_job))
-            for i, e in zip(wanted, b.image_features(torch.stack([per_job[i][0] for i in wanted]), rows),
-                            strict=True):
+            every = len(wanted) == len(per_job)  # all images (one frame each): the [CLS] rows as they are
+            cls = tokens[:, :1] if every else torch.stack([per_job[i][0, :1] for i in wanted])  # (B', 1, D)
+            for i, e in zip(wanted, b.image_features(cls, rows), strict=True):
                 seen.embeddings[i] = e
         clips: dict[int, list[int]] = {}
         for i, x in enumerate(batch.inputs):

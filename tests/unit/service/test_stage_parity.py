@@ -53,6 +53,8 @@ def test_vision_text_and_match_stages_equal_transformers(tiny_config, tokenizer)
         tokens = hf_image(pixels)
         assert (out.states - tokens[0]).abs().max() <= TOL
         assert (out.embedding - F.normalize(hf.vision_proj(tokens[:, 0]), dim=-1)[0]).abs().max() <= TOL
+    alone = run(stages["vision"], [VisionInput(images[0]), VisionInput(images[1])])  # images only: another path
+    assert all((a.embedding - m.embedding).abs().max() <= TOL for a, m in zip(alone, (seen[0], seen[2]), strict=True))
     frames = hf_image(clip)  # (T, N, D): each frame alone, then UniAdapter's clip embedding (mean frame [CLS])
     assert (seen[1].states - frames.flatten(0, 1)).abs().max() <= TOL
     assert (seen[1].embedding - F.normalize(hf.vision_proj(frames[:, 0].mean(0, keepdim=True)), dim=-1)[0]
