@@ -40,16 +40,9 @@ def video_bytes(colors: list[tuple[int, int, int]], *, codec: str = "libx264", f
         stream.pix_fmt = PIX_FMTS.get(codec, "yuv420p")
         if gop is not None:
             stream.codec_context.gop_size = gop
-        if frames is not None:
-            for pixels in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-            return buf.getvalue()
-        for color in colors:
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), color, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
+        pictures = frames if frames is not None else [np.full((size[1], size[0], 3), c, np.uint8) for c in colors]
+        for pixels in pictures:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
