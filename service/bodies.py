@@ -32,7 +32,7 @@ codec the client names, and some (utf-7, unicode_escape) yield lone surrogates, 
 
 
 @dataclass
-class Media:
+class Upload:
     data: bytes
     content_type: str | None
     filename: str | None = None
@@ -84,9 +84,9 @@ def b64decode(value: str, field: str) -> bytes:
 
 
 async def parse_body(request: Request, model: type[M], media_fields: dict[str, bool],
-                     list_fields: tuple[str, ...] = ()) -> tuple[M, dict[str, list[Media]]]:
+                     list_fields: tuple[str, ...] = ()) -> tuple[M, dict[str, list[Upload]]]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    media: dict[str, list[Media]] = {}
+    media: dict[str, list[Upload]] = {}
     if content_type == "application/json":
         body = await request.body()
         # parsing and base64-decoding megabytes of media is CPU work: keep it off the event loop
@@ -97,9 +97,9 @@ async def parse_body(request: Request, model: type[M], media_fields: dict[str, b
         for key in form:
             if key in media_fields:
                 uploads = [u for u in form.getlist(key) if isinstance(u, UploadFile)]
-                media[key] = [Media(await u.read(), u.content_type, u.filename) for u in uploads]
+                media[key] = [Upload(await u.read(), u.content_type, u.filename) for u in uploads]
                 texts = [u for u in form.getlist(key) if isinstance(u, str) and u]
-                media[key] += [Media(b64decode(t, key), None) for t in texts]  # base64 typed into a text box
+                media[key] += [Upload(b64decode(t, key), None) for t in texts]  # base64 typed into a text box
                 if media[key]:
                     fields[key] = [FILE_PLACEHOLDER] * len(media[key]) if media_fields[key] else FILE_PLACEHOLDER
             elif key in list_fields:
@@ -130,15 +130,15 @@ async def read_form(request: Request) -> FormData:
     return await request.form()
 
 
-def _parse_json(body: bytes, model: type[M], media_fields: dict[str, bool]) -> tuple[M, dict[str, list[Media]]]:
+def _parse_json(body: bytes, model: type[M], media_fields: dict[str, bool]) -> tuple[M, dict[str, list[Upload]]]:
     parsed = model.model_validate_json(body)
-    media: dict[str, list[Media]] = {}
+    media: dict[str, list[Upload]] = {}
     for name, is_list in media_fields.items():
         value = getattr(parsed, name)
         if value is None:
             continue
         values = value if is_list else [value]
-        media[name] = [Media(b64decode(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
+        media[name] = [Upload(b64decode(v, f"{name}[{i}]" if is_list else name), None) for i, v in enumerate(values)]
     return parsed, media
 
 

@@ -15,7 +15,7 @@ from uniadapter_serve.model.preprocess import image_to_tensor
 from uniadapter_serve.service import timing
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.tasks import Deadline, VisionInput
+from uniadapter_serve.service.tasks import Deadline, VisionInput, frames_for
 
 
 class VisionDecoder:
@@ -87,5 +87,5 @@ class VisionDecoder:
         for the decode budget up to the deadline and leaves task routes their share (`hold`)."""
         if kind == "image":
             return await self.image_input(data, None, field, bulk=bulk, deadline=deadline)
-        frames = meta.config.num_frames if meta is not None else self.settings.num_frames
+        frames = frames_for(meta, None, self.settings.num_frames)
         return await self.video_input(data, frames, field, bulk=bulk, deadline=deadline)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_FILE = "index.snap"
 THUMBS = "thumbs"
-"""thumbnails cached in the collection's folder (service/collections/media.py)"""
+"""thumbnails cached in the collection's folder (service/collections/item_files.py)"""
 SNAPSHOT_EVERY_OPS = 2000
 
 

@@ -15,7 +15,7 @@ from uniadapter_serve.errors import InputError, NotFoundError
 from uniadapter_serve.model.media.image import probe_image
 from uniadapter_serve.model.media.video import probe_video
 from uniadapter_serve.service.auth import ReadAuth
-from uniadapter_serve.service.collections import media
+from uniadapter_serve.service.collections import item_files
 from uniadapter_serve.service.collections.collection import Collection
 from uniadapter_serve.service.collections.store import Item
 from uniadapter_serve.service.decoding import VisionDecoder
@@ -53,7 +53,7 @@ def info(collection: Collection, item: Item, media_root: Path) -> ItemInfo:
         text = item_text(item) or ""
         return ItemInfo(id=item.external_id, kind="text", metadata=item.metadata, size=len(text), content_type=None,
                         sha256=item.sha256, added=item.created, adapter=meta.adapter_ref, text=text)
-    found = media.locate(collection.media_dir, item, media_root)
+    found = item_files.locate(collection.media_dir, item, media_root)
     media_url, thumbnail_url = item_urls(meta.name, item.external_id)
     return ItemInfo(id=item.external_id, kind="video" if meta.kind == "video" else "image", metadata=item.metadata,
                     size=found.size, content_type=found.content_type, sha256=item.sha256, added=item.created,
@@ -102,13 +102,13 @@ def _chunks(path: Path, first: int, last: int) -> Iterator[bytes]:
 def item_media(name: str, item_id: ItemId, request: Request, collections: CollectionsDep,
                settings: SettingsDep) -> Response:
     collection = collections.get(name)
-    found = media.locate(collection.media_dir, collection.find(lookup_id(item_id)), settings.media_dir)
+    found = item_files.locate(collection.media_dir, collection.find(lookup_id(item_id)), settings.media_dir)
     headers = {"ETag": found.etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
     if _not_modified(request, found.etag):
         return Response(status_code=304, headers=headers)
     try:
-        span = media.parse_range(request.headers.get("range"), found.size)
-    except media.RangeNotSatisfiable:
+        span = item_files.parse_range(request.headers.get("range"), found.size)
+    except item_files.RangeNotSatisfiable:
         return error_response(416, "RangeNotSatisfiable", f"range {request.headers.get('range', '')[:80]!r}: the "
                               f"file has {found.size} bytes", {**headers, "Content-Range": f"bytes */{found.size}"})
     if span is None:
@@ -125,14 +125,14 @@ def item_media(name: str, item_id: ItemId, request: Request, collections: Collec
 async def item_thumbnail(name: str, item_id: ItemId, request: Request, collections: CollectionsDep,
                          settings: SettingsDep, decoder: DecoderDep,
                          size: Annotated[int, Query(description="Longer side in pixels (never enlarged): one of "
-                                                    f"{list(media.THUMB_SIZES)}.",
-                                                    json_schema_extra={"enum": list(media.THUMB_SIZES)})] = 256,
+                                                    f"{list(item_files.THUMB_SIZES)}.",
+                                                    json_schema_extra={"enum": list(item_files.THUMB_SIZES)})] = 256,
                          ) -> Response:
-    if size not in media.THUMB_SIZES:
-        raise InputError(f"size: {size} is not one of {list(media.THUMB_SIZES)}")
+    if size not in item_files.THUMB_SIZES:
+        raise InputError(f"size: {size} is not one of {list(item_files.THUMB_SIZES)}")
     collection = collections.get(name)
     item = await run_in_threadpool(collection.find, lookup_id(item_id))
-    found = await run_in_threadpool(media.locate, collection.media_dir, item, settings.media_dir)
+    found = await run_in_threadpool(item_files.locate, collection.media_dir, item, settings.media_dir)
     kind = collection.meta.kind
     adapter = collections.adapter_of(collection) if kind == "video" else None
     frames = adapter.config.num_frames if adapter is not None else settings.num_frames
@@ -140,11 +140,11 @@ async def item_thumbnail(name: str, item_id: ItemId, request: Request, collectio
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if _not_modified(request, etag):
         return Response(status_code=304, headers=headers)
-    cache = media.thumb_path(collection.thumbs_dir, kind, item, size, frames)
-    jpeg = await run_in_threadpool(media.cached_thumbnail, cache)
+    cache = item_files.thumb_path(collection.thumbs_dir, kind, item, size, frames)
+    jpeg = await run_in_threadpool(item_files.cached_thumbnail, cache)
     if jpeg is None:
         jpeg = await _make_thumbnail(decoder, kind, found.path, int(size), frames, f"item {item.external_id[:80]!r}")
-        await run_in_threadpool(media.store_thumbnail, cache, jpeg)
+        await run_in_threadpool(item_files.store_thumbnail, cache, jpeg)
     return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
@@ -158,11 +158,11 @@ async def _make_thumbnail(decoder: VisionDecoder, kind: str, path: Path, size: i
         probe = await run_in_threadpool(probe_image, data, declared_type=None, max_bytes=s.max_image_bytes,
                                         max_pixels=s.max_image_pixels, field=field, target_size=size)
         async with decoder.hold(probe.pixels, field, bulk=True):
-            return await run_in_threadpool(media.image_thumbnail, probe, size)
+            return await run_in_threadpool(item_files.image_thumbnail, probe, size)
     pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes, max_pixels=s.max_video_pixels,
                                      field=field)
     async with decoder.hold(pixels, field, bulk=True):
-        return await run_in_threadpool(media.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
+        return await run_in_threadpool(item_files.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
                                        max_seconds=s.max_video_seconds, max_pixels=s.max_video_pixels, field=field)
 
 

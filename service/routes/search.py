@@ -10,7 +10,7 @@ from urllib.parse import quote
 from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.errors import ConflictError, InputError
-from uniadapter_serve.service.bodies import Media
+from uniadapter_serve.service.bodies import Upload
 from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.collections.store import Item
 from uniadapter_serve.service.decoding import VisionDecoder
@@ -50,7 +50,7 @@ def item_urls(collection: str, item_id: str) -> tuple[str, str]:
     return f"{base}/media", f"{base}/thumbnail"
 
 
-async def search_collection(body: RetrieveRequest, media: dict[str, list[Media]], deadline: Deadline, *,
+async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]], deadline: Deadline, *,
                             collections: CollectionManager, adapters: AdapterResolver, decoder: VisionDecoder,
                             engine: Engine, max_text_chars: int) -> RetrieveResponse:
     """Search a collection with the adapter version that built it; optional ITM re-rank (text <-> visual)."""

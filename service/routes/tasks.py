@@ -11,7 +11,7 @@ from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.errors import InputError
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import ReadAuth
-from uniadapter_serve.service.bodies import Media, body_openapi, parse_body
+from uniadapter_serve.service.bodies import Upload, body_openapi, parse_body
 from uniadapter_serve.service.decoding import VisionDecoder
 from uniadapter_serve.service.deps import AdaptersDep, CollectionsDep, DecoderDep, EngineDep, SettingsDep
 from uniadapter_serve.service.engine import Engine
@@ -113,7 +113,7 @@ def _ref(meta: AdapterSetMeta | None) -> str | None:
     return meta.ref if meta is not None else None
 
 
-async def _rank_inline(body: RetrieveRequest, media: dict[str, list[Media]], deadline: Deadline, settings: Settings,
+async def _rank_inline(body: RetrieveRequest, media: dict[str, list[Upload]], deadline: Deadline, settings: Settings,
                        adapters: AdapterResolver, decoder: VisionDecoder, engine: Engine) -> RetrieveResponse:
     """Rank the request's own candidates: texts for an image query, images for a text query."""
     s = settings

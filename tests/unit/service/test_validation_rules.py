@@ -11,7 +11,7 @@ import pytest
 
 from uniadapter_serve.adapters.registry import NAME_RE, parse_ref
 from uniadapter_serve.errors import AdapterNotFoundError
-from uniadapter_serve.service.collections.media import RangeNotSatisfiable, parse_range
+from uniadapter_serve.service.collections.item_files import RangeNotSatisfiable, parse_range
 from uniadapter_serve.service.schemas import NAME_PATTERN, ItemInfo, ItemPage
 from uniadapter_serve.service.validation import (
     ITEM_ID_PATTERN,
