@@ -1,5 +1,7 @@
 """FastAPI dependencies: each route asks for the parts it uses, by type (`EngineDep`, `CollectionsDep`, ...).
-The parts are built in the app's lifespan (`parts.build_parts`) and kept on `app.state.parts`."""
+The parts are built in the app's lifespan (`parts.build_parts`) and kept on `app.state.parts`. Every dependency
+is `async def`: FastAPI runs a plain `def` dependency in its thread pool, one thread hop per dependency per
+request."""
 
 from __future__ import annotations
 
@@ -19,62 +21,62 @@ from uniadapter_serve.service.resolver import AdapterResolver
 from uniadapter_serve.service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.parts.settings
     return settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.parts.metrics
     return metrics
 
 
-def get_registry(request: Request) -> AdapterRegistry:
+async def get_registry(request: Request) -> AdapterRegistry:
     registry: AdapterRegistry = request.app.state.parts.registry
     return registry
 
 
-def get_adapters(request: Request) -> AdapterResolver:
+async def get_adapters(request: Request) -> AdapterResolver:
     adapters: AdapterResolver = request.app.state.parts.adapters
     return adapters
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.parts.engine
     return engine
 
 
-def get_decoder(request: Request) -> VisionDecoder:
+async def get_decoder(request: Request) -> VisionDecoder:
     decoder: VisionDecoder = request.app.state.parts.decoder
     return decoder
 
 
-def get_collections(request: Request) -> CollectionManager:
+async def get_collections(request: Request) -> CollectionManager:
     collections: CollectionManager = request.app.state.parts.collections
     return collections
 
 
-def get_events(request: Request) -> EventBus:
+async def get_events(request: Request) -> EventBus:
     events: EventBus = request.app.state.parts.events
     return events
 
 
-def get_redis(request: Request) -> RedisLink:
+async def get_redis(request: Request) -> RedisLink:
     redis: RedisLink = request.app.state.parts.redis
     return redis
 
 
-def get_store(request: Request) -> StoreBackend:
+async def get_store(request: Request) -> StoreBackend:
     store: StoreBackend = request.app.state.parts.store
     return store
 
 
-def get_faiss(request: Request) -> FaissDevice:
+async def get_faiss(request: Request) -> FaissDevice:
     device: FaissDevice = request.app.state.parts.faiss
     return device
 
 
-def is_serving(request: Request) -> bool:
+async def is_serving(request: Request) -> bool:
     """Started and not stopping."""
     return bool(request.app.state.parts.ready)
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from uniadapter_serve import __version__
-from uniadapter_serve.service.auth import admin_when, require_admin
+from uniadapter_serve.service.auth import admin_when, check_key
 from uniadapter_serve.service.deps import (
     CollectionsDep,
     DecoderDep,
@@ -40,7 +40,7 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
     """Without `verbose`: the status and the name of each check with its state, nothing more (no paths,
     hosts or versions: probes run without keys). `verbose=true` adds every detail and needs the admin key."""
     if verbose:
-        require_admin(request)
+        check_key("admin", request)
     redis = redis_link.status()
     store = store_backend.status()
     states = {
