@@ -19,6 +19,7 @@ from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EventBus, RedisLink
 from uniadapter_serve.service.resolver import AdapterResolver
 from uniadapter_serve.service.settings import Settings
+from uniadapter_serve.service.tasks import Deadline
 
 
 async def get_settings(request: Request) -> Settings:
@@ -76,6 +77,11 @@ async def get_faiss(request: Request) -> FaissDevice:
     return device
 
 
+async def request_deadline(request: Request) -> Deadline:
+    """The request's one deadline, REQUEST_TIMEOUT_S from its admission: every step of it spends from this."""
+    return Deadline.after(request.app.state.parts.settings.request_timeout_s)
+
+
 async def is_serving(request: Request) -> bool:
     """Started and not stopping."""
     return bool(request.app.state.parts.ready)
@@ -93,3 +99,4 @@ RedisDep = Annotated[RedisLink, Depends(get_redis)]
 StoreDep = Annotated[StoreBackend, Depends(get_store)]
 FaissDep = Annotated[FaissDevice, Depends(get_faiss)]
 ServingDep = Annotated[bool, Depends(is_serving)]
+DeadlineDep = Annotated[Deadline, Depends(request_deadline)]

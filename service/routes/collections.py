@@ -13,7 +13,7 @@ from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
 from uniadapter_serve.service.auth import AdminAuth, ReadAuth
 from uniadapter_serve.service.bodies import b64decode, component_ref, read_form
 from uniadapter_serve.service.collections.ingest import IncomingItem
-from uniadapter_serve.service.deps import CollectionsDep, SettingsDep
+from uniadapter_serve.service.deps import CollectionsDep, DeadlineDep, SettingsDep
 from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.schemas import (
     CollectionCreate,
@@ -23,7 +23,6 @@ from uniadapter_serve.service.schemas import (
     ItemsAdded,
     ReindexRequest,
 )
-from uniadapter_serve.service.tasks import Deadline
 from uniadapter_serve.service.validation import (
     ITEM_ID_PATTERN,
     METADATA_MAX_BYTES,
@@ -112,8 +111,8 @@ async def _from_form(request: Request) -> list[IncomingItem]:
 
 @router.post("/{name}/items", response_model=ItemsAdded, status_code=201, dependencies=[AdminAuth],
              openapi_extra=ITEMS_BODY, summary="Add items (all or nothing); acknowledged once stored")
-async def add_items(name: str, request: Request, collections: CollectionsDep, settings: SettingsDep) -> ItemsAdded:
-    deadline = Deadline.after(settings.request_timeout_s)
+async def add_items(name: str, request: Request, deadline: DeadlineDep, collections: CollectionsDep,
+                    settings: SettingsDep) -> ItemsAdded:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         items = _from_json(ItemsAdd.model_validate_json(await request.body()).items)

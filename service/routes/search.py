@@ -98,7 +98,7 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]
             for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
         assert len(visuals) == len(top)  # media collections hold bytes
         return await engine.run(MatchJob(query=body.query_text or "", candidates=visuals, ref=ref,
-                                              deadline=deadline))
+                                         deadline=deadline))
 
     order = list(range(len(hits)))
     itm_scores: dict[int, float] = {}

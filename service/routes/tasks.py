@@ -13,7 +13,14 @@ from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import ReadAuth
 from uniadapter_serve.service.bodies import Upload, body_openapi, parse_body
 from uniadapter_serve.service.decoding import VisionDecoder
-from uniadapter_serve.service.deps import AdaptersDep, CollectionsDep, DecoderDep, EngineDep, SettingsDep
+from uniadapter_serve.service.deps import (
+    AdaptersDep,
+    CollectionsDep,
+    DeadlineDep,
+    DecoderDep,
+    EngineDep,
+    SettingsDep,
+)
 from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.resolver import AdapterResolver
@@ -54,9 +61,8 @@ def _vqa_response(answers: list[Answer], body: VqaRequest | VideoQaRequest, adap
 @router.post("/vqa", response_model=VqaResponse, responses=ERRORS,
              openapi_extra=body_openapi(VqaRequest, VQA_MEDIA, EXAMPLES["vqa"]),
              summary="Answer a question about an image")
-async def vqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
-              engine: EngineDep) -> VqaResponse:
-    deadline = Deadline.after(settings.request_timeout_s)
+async def vqa(request: Request, deadline: DeadlineDep, settings: SettingsDep, adapters: AdaptersDep,
+              decoder: DecoderDep, engine: EngineDep) -> VqaResponse:
     body, media = await parse_body(request, VqaRequest, VQA_MEDIA)
     check_text(body.question, "question", settings.max_text_chars)
     ref = _ref(adapters.resolve(body.adapter, "vqa"))
@@ -70,9 +76,8 @@ async def vqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, de
 @router.post("/videoqa", response_model=VqaResponse, responses=ERRORS,
              openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA, EXAMPLES["videoqa"]),
              summary="Answer a question about a video")
-async def videoqa(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
-                  engine: EngineDep) -> VqaResponse:
-    deadline = Deadline.after(settings.request_timeout_s)
+async def videoqa(request: Request, deadline: DeadlineDep, settings: SettingsDep, adapters: AdaptersDep,
+                  decoder: DecoderDep, engine: EngineDep) -> VqaResponse:
     body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
     check_text(body.question, "question", settings.max_text_chars)
     meta = adapters.resolve(body.adapter, "videoqa")
@@ -86,9 +91,8 @@ async def videoqa(request: Request, settings: SettingsDep, adapters: AdaptersDep
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,
              openapi_extra=body_openapi(RetrieveRequest, RETRIEVE_MEDIA, EXAMPLES["retrieve"]),
              summary="Text -> images, or image -> texts, ranked by the adapter's ITC (+ optional ITM re-rank)")
-async def retrieve(request: Request, settings: SettingsDep, adapters: AdaptersDep, decoder: DecoderDep,
-                   engine: EngineDep, collections: CollectionsDep) -> RetrieveResponse:
-    deadline = Deadline.after(settings.request_timeout_s)
+async def retrieve(request: Request, deadline: DeadlineDep, settings: SettingsDep, adapters: AdaptersDep,
+                   decoder: DecoderDep, engine: EngineDep, collections: CollectionsDep) -> RetrieveResponse:
     body, media = await parse_body(request, RetrieveRequest, RETRIEVE_MEDIA, list_fields=("candidate_texts",))
     s = settings
     if body.top_k > s.max_top_k:
