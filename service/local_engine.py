@@ -138,21 +138,23 @@ class LocalEngine(Engine):
     def _meta(self, ref: str | None) -> AdapterSetMeta | None:
         return None if ref is None else self.registry.resolve(ref)
 
-    async def answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
-        """The answer list rank mode scores for `meta`, tokenised (in a worker thread the first time)."""
+    async def _answers_for(self, meta: AdapterSetMeta | None) -> AnswerList:
+        """The answer list rank mode scores for `meta` (checked against the limits by the caller), tokenised in a
+        worker thread the first time; later requests find it by the set's ref, with no work on the event loop."""
         if meta is None or meta.answer_list is None:
             return self.default_answers
-        self.limits.check_answers(meta)  # before anything is tokenised
-        if meta.answer_list == self.default_answers.answers:
-            return self.default_answers  # same list: jobs of both batch together
         with self._lists_lock:
             future = self._answer_lists.get(meta.ref)
             if future is None:
-                future = self._answer_lists[meta.ref] = self._tokenising.submit(self._answer_list, meta.answer_list)
+                future = self._answer_lists[meta.ref] = self._tokenising.submit(self._own_list, meta.answer_list)
                 while len(self._answer_lists) > ANSWER_LISTS_KEPT:
                     self._answer_lists.popitem(last=False)
             self._answer_lists.move_to_end(meta.ref)
         return await asyncio.wrap_future(future)
+
+    def _own_list(self, answers: list[str]) -> AnswerList:
+        """A set's own list; the default one when it is the same (jobs of both then batch together)."""
+        return self.default_answers if answers == self.default_answers.answers else self._answer_list(answers)
 
     def _parallel(self, stage: str, payloads: list[Any]) -> bool:
         return self.stages[stage].macs(self.backbone.config, payloads) >= self.settings.parallel_min_mmacs * 1e6
@@ -196,7 +198,7 @@ class LocalEngine(Engine):
         if meta is not None:
             self.limits.check_answers(meta)  # a set over this server's limits is refused before any model work
         plan: RankPlan | GeneratePlan
-        answers = await self.answers_for(meta) if job.mode == "rank" else None
+        answers = await self._answers_for(meta) if job.mode == "rank" else None
         out = await self._vision(job.visual, job.ref, job.deadline, embed=False)
         if answers is not None:
             size = len(answers.answers)
