@@ -21,22 +21,25 @@ from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.loading import load_backbone, local_folder
-from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
-from uniadapter_serve.service.batcher import Batcher
-from uniadapter_serve.service.engine import Engine
-from uniadapter_serve.service.metrics import ServiceMetrics
-from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
-from uniadapter_serve.service.settings import MB, Settings
-from uniadapter_serve.service.stages import (
+from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.stages import (
     AnswerInput,
     AnswerOutput,
     GeneratePlan,
     MatchInput,
     RankPlan,
+    Stage,
     TextInput,
     VisionOutput,
     make_stages,
 )
+from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
+from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.engine import Engine
+from uniadapter_serve.service.jobs import Handler, Job
+from uniadapter_serve.service.metrics import ServiceMetrics
+from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
+from uniadapter_serve.service.settings import MB, Settings
 from uniadapter_serve.service.tasks import (
     Answer,
     AnswerJob,
@@ -89,7 +92,8 @@ class LocalEngine(Engine):
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
         self.stages = make_stages(self.backbone, self.tokenizer)
-        self.batcher = Batcher(self.manager, dict(self.stages), max_batch_size=settings.max_batch_size,
+        self.batcher = Batcher(self.manager, {name: _on_payloads(stage) for name, stage in self.stages.items()},
+                               max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=workers,
@@ -295,6 +299,13 @@ class LocalEngine(Engine):
         return {"rows": m.table(), "device_budget": m.device_budget, "cpu_budget": m.cpu_budget,
                 "device_bytes": m.device_bytes(), "cpu_bytes": m.cpu_bytes(),
                 "itemsize": self.backbone.dtype.itemsize}
+
+
+def _on_payloads(stage: Stage[Any, Any, Any]) -> Handler:
+    """The batcher's handler for a stage: its jobs' payloads, run as one batch."""
+    def handler(jobs: Sequence[Job], routing: Routing) -> list[Any]:
+        return stage([j.payload for j in jobs], routing)
+    return handler
 
 
 def _sides(query: str | VisionInput, candidates: Sequence[str] | Sequence[VisionInput]

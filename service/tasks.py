@@ -20,6 +20,7 @@ import torch
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.errors import ConflictError
+from uniadapter_serve.model.stages import VisionInput
 
 R = TypeVar("R")
 
@@ -54,18 +55,6 @@ class Deadline:
 
     def __repr__(self) -> str:
         return f"Deadline(in {self.at - time.monotonic():.3f} s)"
-
-
-@dataclass
-class VisionInput:
-    """An image or a clip at model size, decoded and preprocessed outside the model thread."""
-
-    pixels: torch.Tensor
-    """(T, 3, S, S): one frame for an image, T frames for a video."""
-    video: bool = False
-    embed: bool = True
-    """compute the ITC embedding (retrieval); answering needs only the states, and a VQA checkpoint has no
-    projection head to compute it with"""
 
 
 def frames_for(meta: AdapterSetMeta | None, asked: int | None, default: int) -> int:

@@ -96,19 +96,16 @@ def test_mixed_batch_on_gpu_equals_each_sample_alone():
 
 
 def test_vision_stage_uploads_frames_and_returns_host_results():
-    from types import SimpleNamespace
-
-    from uniadapter_serve.service import stages
+    from uniadapter_serve.model import stages
 
     backbone = backbone_on("cuda", torch.float16)
+    from uniadapter_serve.model.stages import VisionInput
     from uniadapter_serve.model.tokenizer import BlipTokenizer
-    from uniadapter_serve.service.tasks import VisionInput
 
     handlers = stages.make_stages(backbone, BlipTokenizer.demo(backbone.config.text_config.vocab_size))
     size = backbone.config.vision_config.image_size
     frames = torch.randn(4, 3, size, size)
-    jobs = [SimpleNamespace(payload=VisionInput(frames[:1]), adapter=None),
-            SimpleNamespace(payload=VisionInput(frames, video=True), adapter=None)]
+    jobs = [VisionInput(frames[:1]), VisionInput(frames, video=True)]
     with torch.inference_mode():
         out = handlers["vision"](jobs, Routing.none(2))
     assert out[0].states.device.type == "cuda" and out[0].embedding.device.type == "cpu"

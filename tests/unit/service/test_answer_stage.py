@@ -3,17 +3,15 @@ answers never depend on the jobs it is batched with (other k, other score, gener
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.stages import AnswerInput, GeneratePlan, RankPlan, make_stages
 from uniadapter_serve.model.testing import random_answer_list, random_batch
 from uniadapter_serve.model.tokenizer import QUESTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.model.vqa import answer_log_likelihood
-from uniadapter_serve.service.stages import AnswerInput, GeneratePlan, RankPlan, make_stages
 
 BOS, SEP, PAD = 2, 3, 0
 C = 30
@@ -37,7 +35,7 @@ def setup(backbone, tiny_config, tokenizer):
 
 
 def run(stage, inputs):
-    return stage([SimpleNamespace(payload=x) for x in inputs], Routing.none(len(inputs)))
+    return stage(inputs, Routing.none(len(inputs)))
 
 
 def rank(question, candidates, top_k, rank_k, score="likelihood"):
@@ -90,7 +88,7 @@ def test_a_vqa_checkpoint_without_itc_heads_answers(tiny_config, tokenizer):
     from transformers import BlipForQuestionAnswering
 
     from uniadapter_serve.model.loading import backbone_from_state_dict
-    from uniadapter_serve.service.tasks import VisionInput
+    from uniadapter_serve.model.stages import VisionInput
 
     torch.manual_seed(0)
     vqa = backbone_from_state_dict(tiny_config, BlipForQuestionAnswering(tiny_config).state_dict()).eval()
@@ -98,10 +96,10 @@ def test_a_vqa_checkpoint_without_itc_heads_answers(tiny_config, tokenizer):
     handlers = make_stages(vqa, tokenizer)
     pixels = torch.randn(1, 3, tiny_config.vision_config.image_size, tiny_config.vision_config.image_size)
     with torch.inference_mode():
-        (out,) = handlers["vision"]([SimpleNamespace(payload=VisionInput(pixels, embed=False))], Routing.none(1))
+        (out,) = handlers["vision"]([VisionInput(pixels, embed=False)], Routing.none(1))
         assert out.embedding is None and out.states.shape[0] > 1
         (answer,) = run(handlers["answer"], [AnswerInput("what is it", out.states, GeneratePlan(max_length=3))])
         assert answer.texts is not None and len(answer.texts) == 1 and answer.indices is None
         with pytest.raises(Exception, match="vision_proj"):
-            handlers["vision"]([SimpleNamespace(payload=VisionInput(pixels, embed=False)),
-                                SimpleNamespace(payload=VisionInput(pixels))], Routing.none(2))
+            handlers["vision"]([VisionInput(pixels, embed=False),
+                                VisionInput(pixels)], Routing.none(2))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,19 +17,19 @@ import pytest
 import torch
 
 from uniadapter_serve.adapters.manager import device_copy
+from uniadapter_serve.model import stages
 from uniadapter_serve.model.loading import random_backbone
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.stages import VisionInput
 from uniadapter_serve.model.testing import random_adapter, random_batch
 from uniadapter_serve.model.tokenizer import BlipTokenizer
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
-from uniadapter_serve.service import stages
 from uniadapter_serve.service.collections import faiss_device
 from uniadapter_serve.service.collections.collection import SNAPSHOT_FILE, Collection
 from uniadapter_serve.service.collections.faiss_device import FaissDevice, GpuWorker
 from uniadapter_serve.service.collections.index import COMPACT_AT, VectorIndex
 from uniadapter_serve.service.collections.sqlite_backend import SqliteBackend
 from uniadapter_serve.service.collections.store import NewItem
-from uniadapter_serve.service.tasks import VisionInput
 
 DIM = 16
 
@@ -228,7 +227,7 @@ def test_each_stage_moves_its_results_to_the_host_once_per_batch(demo_backbone, 
     monkeypatch.setattr(stages, "to_host", lambda *t: (calls.append(len(t)), real(*t))[1])
     handlers = stages.make_stages(demo_backbone, BlipTokenizer.demo(demo_backbone.config.text_config.vocab_size))
     b = random_batch(demo_backbone, 3, seed=4)
-    jobs = lambda payloads: [SimpleNamespace(payload=p, adapter=None) for p in payloads]  # noqa: E731
+    jobs = list
     texts_in = ["a red circle", "two blue squares on the left", "a cat"]
     with torch.inference_mode():
         visual = handlers["vision"](jobs([VisionInput(b.pixel_values[i:i + 1]) for i in range(3)]),

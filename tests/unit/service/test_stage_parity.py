@@ -4,8 +4,6 @@ tiny weights and the same tokens, so the parity the model tests show holds for w
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +11,9 @@ from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from uniadapter_serve.model.loading import backbone_from_state_dict
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.stages import AnswerInput, GeneratePlan, MatchInput, TextInput, VisionInput, make_stages
 from uniadapter_serve.model.testing import random_transformers_model
 from uniadapter_serve.model.tokenizer import CAPTION_WORDS, QUESTION_WORDS, BlipTokenizer, clean_text
-from uniadapter_serve.service.stages import AnswerInput, GeneratePlan, MatchInput, TextInput, make_stages
-from uniadapter_serve.service.tasks import VisionInput
 
 TOL = 1e-5
 TEXTS = ["A red circle, on the left!", "two blue squares", "is there a cat?"]
@@ -28,7 +25,7 @@ def tokenizer(tiny_config):
 
 
 def run(stage, payloads):
-    return stage([SimpleNamespace(payload=p) for p in payloads], Routing.none(len(payloads)))
+    return stage(payloads, Routing.none(len(payloads)))
 
 
 def ids_of(tokenizer, texts, words, mode):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from uniadapter_serve.model.loading import load_config
-from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.stages import (
+from uniadapter_serve.model.stages import (
     AnswerInput,
     AnswerStage,
     GeneratePlan,
@@ -14,9 +13,10 @@ from uniadapter_serve.service.stages import (
     RankPlan,
     TextInput,
     TextStage,
+    VisionInput,
     VisionStage,
 )
-from uniadapter_serve.service.tasks import VisionInput
+from uniadapter_serve.service.settings import Settings
 
 THRESHOLD = Settings().parallel_min_mmacs * 1e6
 STAGES = {"vision": VisionStage, "text": TextStage, "itm": MatchStage, "answer": AnswerStage}

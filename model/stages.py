@@ -1,6 +1,9 @@
-"""The batcher's stages: each runs a list of jobs as one forward pass over the backbone, in the model thread.
+"""The stages of the model thread: each runs a batch of payloads as one forward pass over the backbone.
 
-A stage has three named hooks, run in order on one batch (`Stage.__call__`, what the batcher calls):
+The service's batcher calls them with its batches; golden records (`adapters/golden.py`) run their probes
+through them too, so the code that serves requests is the code every record checks.
+
+A stage has three named hooks, run in order on one batch (`Stage.__call__`):
 - `prepare(payloads)`: tokenise texts, pad and stack, move to the device (host work, one batch at a time);
 - `forward(batch, routing)`: the backbone's own task functions (`image_features`, `video_features`,
   `text_features`, `itm_logits`, `encode_multimodal` + the VQA decoders) with a per-sample `Routing`, so one
@@ -26,8 +29,6 @@ from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_co
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.tokenizer import CAPTION_WORDS, QUESTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.model.vqa import RankScore, beam_search_answers, generate_answers, rank_answers
-from uniadapter_serve.service.jobs import Job
-from uniadapter_serve.service.tasks import VisionInput
 
 P = TypeVar("P")  # a job's payload
 B = TypeVar("B")  # a prepared batch
@@ -35,6 +36,18 @@ Out = TypeVar("Out")  # what forward computed (on the device)
 
 
 # -- payloads and results ----------------------------------------------------------------------------------
+
+@dataclass
+class VisionInput:
+    """An image or a clip at model size, decoded and preprocessed outside the model thread."""
+
+    pixels: torch.Tensor
+    """(T, 3, S, S): one frame for an image, T frames for a video."""
+    video: bool = False
+    embed: bool = True
+    """compute the ITC embedding (retrieval); answering needs only the states, and a VQA checkpoint has no
+    projection head to compute it with"""
+
 
 @dataclass
 class VisionOutput:
@@ -147,8 +160,8 @@ class Stage(abc.ABC, Generic[P, B, Out]):
         self.tokenizer = tokenizer
         self.device = backbone.device
 
-    def __call__(self, jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        batch = self.prepare([j.payload for j in jobs])
+    def __call__(self, payloads: Sequence[P], routing: Routing) -> list[Any]:
+        batch = self.prepare(list(payloads))
         return self.finish(batch, self.forward(batch, routing))
 
     @abc.abstractmethod
@@ -327,9 +340,9 @@ class MatchStage(Stage[MatchInput, _Pairs, torch.Tensor]):
         return self.backbone.itm_logits(batch.ids, batch.mask, batch.states, routing, states_mask=batch.states_mask,
                                         key_scale=batch.key_scale).float().softmax(dim=-1)[:, 1]
 
-    def __call__(self, jobs: Sequence[Job], routing: Routing) -> list[Any]:
-        batch = self.prepare([j.payload for j in jobs])
-        batch.key_scale = self._frame_aware_scale([j.payload for j in jobs], routing, batch.states.shape[1])
+    def __call__(self, payloads: Sequence[MatchInput], routing: Routing) -> list[Any]:
+        batch = self.prepare(list(payloads))
+        batch.key_scale = self._frame_aware_scale(list(payloads), routing, batch.states.shape[1])
         return self.finish(batch, self.forward(batch, routing))
 
     def finish(self, batch: _Pairs, outputs: torch.Tensor) -> list[Any]:
