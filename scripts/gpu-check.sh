@@ -30,6 +30,10 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 print("faiss", faiss.__version__, "gpu support", hasattr(faiss, "StandardGpuResources"))
+# which build (the README's table gives its compute capabilities: faiss exposes no list of them), what it sees
+from importlib.metadata import packages_distributions
+print("faiss build", packages_distributions().get("faiss"), "gpus", faiss.get_num_gpus(),
+      "compile options", faiss.get_compile_options().strip())
 EOF
 
 step gpu-tests "$PY" -m pytest -m gpu tests/gpu -v -p no:randomly -p no:cacheprovider

@@ -1,9 +1,10 @@
 """Where collection indexes live: the CPU, or one GPU that FAISS was shown to run on.
 
-FAISS GPU builds carry kernels for a fixed list of compute capabilities (the `faiss-gpu-cu12` wheels:
-sm_70 and sm_80, no PTX, so an H100/H200 at 9.0 fails with "no kernel image"), and a failing kernel
-aborts the process. So a GPU is used only after a self-test, one tiny search, passed on that very device
-in a subprocess: an unsupported device costs a warning in /readyz, never the server.
+FAISS GPU builds carry kernels for a fixed list of compute capabilities (the community `faiss-gpu-cu12`
+wheels: sm_70 and sm_80 only, so an H100/H200 at 9.0 fails with "no kernel image"; the gpu extra's
+`faiss-gpu` 1.15 adds sm_90), and a failing kernel aborts the process. So a GPU is used only after a
+self-test, one tiny search, passed on that very device in a subprocess: an unsupported device costs a
+warning in /readyz, never the server.
 
 The device itself (`FaissDevice`, with its `GpuWorker` thread) is defined beside the index that runs on it
 (`index.py`).
@@ -21,7 +22,7 @@ import faiss
 
 from uniadapter_serve.service.collections.index import CPU, FaissDevice, GpuWorker
 
-__all__ = ["CPU", "FaissDevice", "GpuWorker", "capability", "choose", "faiss_has_gpu", "self_test"]
+__all__ = ["CPU", "FaissDevice", "GpuWorker", "builds_for", "capability", "choose", "faiss_has_gpu", "self_test"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def choose(setting: str, torch_device: Any, *, has_gpu: Callable[[], bool] = fai
         return CPU
     gpu = torch_device.index if getattr(torch_device, "type", "cpu") == "cuda" and torch_device.index else 0
     if not has_gpu():
-        why = "this faiss build has no GPU support or sees no device (install the gpu extra: faiss-gpu-cu12)"
+        why = "this faiss build has no GPU support or sees no device (install the gpu extra: faiss-gpu>=1.15)"
     else:
         ok, why = test(gpu)
         if ok:
@@ -80,10 +81,26 @@ def choose(setting: str, torch_device: Any, *, has_gpu: Callable[[], bool] = fai
 
 
 def capability(gpu: int) -> str:
+    """The warning's tail: the device's compute capability and which FAISS builds serve it ("" without CUDA)."""
     try:
         import torch
 
         major, minor = torch.cuda.get_device_capability(gpu)
-        return f"; the device has compute capability {major}.{minor}"
     except Exception:  # no CUDA here: nothing to add
         return ""
+    return f"; the device has compute capability {major}.{minor}; {builds_for(major, minor)}"
+
+
+def builds_for(major: int, minor: int) -> str:
+    """Which FAISS builds carry kernels for compute capability `major.minor` (what each was built with, as the
+    README's table lists; a cubin also serves later minors of its major)."""
+    if (major, minor) < (7, 0):
+        return "no current FAISS GPU build covers it (7.0 is their lowest): collections stay on the CPU"
+    if major < 9:
+        return "the gpu extra's faiss-gpu>=1.15 (7.0-9.0) serves it, as does the community faiss-gpu-cu12 (7.0-8.9)"
+    if major == 9:
+        return ("the gpu extra's faiss-gpu>=1.15 serves it (sm_90 kernels); the community faiss-gpu-cu12 "
+                "(7.0-8.9) does not")
+    return ("the gpu extra's faiss-gpu 1.15 has no kernels for it (only sm_90 PTX, for the driver to JIT-compile "
+            "if it can); conda's faiss-gpu or faiss-gpu-cuvs 1.15 (CUDA 13, kernels for 10.0 and 12.0) is the one "
+            "to try")

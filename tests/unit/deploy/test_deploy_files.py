@@ -92,11 +92,30 @@ def test_dockerfile_layers_and_runtime(dockerfile):
 
 def test_faiss_extras_never_mix():
     import tomllib
+    from packaging.requirements import Requirement
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert not any("faiss-cpu" in d for d in extras["gpu"])
-    assert any("faiss-gpu" in d for d in extras["gpu"])
+    gpu = {r.name: r for r in map(Requirement, extras["gpu"])}
+    assert not any(name.startswith("faiss") and name != "faiss-gpu" for name in gpu)  # not faiss-cpu, faiss-gpu-cu12
+    # Meta's own wheel (sm_90 kernels): 1.15 or newer, never the PyPI name's old unofficial 1.7.x
+    assert "faiss-gpu" in gpu and "1.15" in gpu["faiss-gpu"].specifier and "1.7.2" not in gpu["faiss-gpu"].specifier
+    assert "1.14.3" not in gpu["faiss-gpu"].specifier
     assert any("faiss-cpu" in d for d in extras["cpu"])
+    assert not any("faiss-gpu" in d for name in ("cpu", "dev") for d in extras[name])
+
+
+def test_gpu_image_installs_the_gpu_extra_on_cuda_12_6_or_newer():
+    """faiss-gpu needs the CUDA 12 runtime >= 12.6: the base image and torch's build must be CUDA 12, >= 12.6."""
+    text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    assert re.search(r"^ARG EXTRAS=gpu\b", code, re.M)
+    installs = [ln for ln in code.splitlines() if "pip install" in ln and '".[$EXTRAS]"' in ln]
+    assert len(installs) == 1
+    assert "faiss" not in code  # FAISS comes from the extra alone, never a second faiss package beside it
+    cuda = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", code, re.M)
+    assert cuda is not None and int(cuda[1]) == 12 and int(cuda[2]) >= 6
+    torch_cuda = re.search(r'^ARG TORCH_INDEX_URL="\S+/whl/cu(\d+)"', code, re.M)
+    assert torch_cuda is not None and 126 <= int(torch_cuda[1]) < 130
 
 
 def test_package_data_carries_the_shipped_demo():

@@ -110,10 +110,25 @@ def test_auto_uses_the_gpu_only_when_the_self_test_passes_there():
     failed = faiss_device.choose("auto", cuda1, has_gpu=lambda: True, test=lambda g: (False, "no kernel image"))
     assert failed.gpu is None and "no kernel image" in (failed.warning or "")
     no_faiss_gpu = faiss_device.choose("gpu", cuda1, has_gpu=lambda: False, test=passes)
-    assert no_faiss_gpu.gpu is None and "faiss-gpu-cu12" in (no_faiss_gpu.warning or "")
+    assert no_faiss_gpu.gpu is None and "faiss-gpu>=1.15" in (no_faiss_gpu.warning or "")
     assert faiss_device.choose("cpu", cuda1, has_gpu=lambda: True, test=passes).gpu is None
     assert faiss_device.choose("auto", torch.device("cpu")).warning is None  # a CPU backbone: nothing to say
     assert tested == [1]
+
+
+@pytest.mark.parametrize(("cc", "serves", "does_not"), [
+    ((6, 1), "no current FAISS GPU build", "faiss-gpu>=1.15 serves"),
+    ((8, 6), "faiss-gpu>=1.15 (7.0-9.0) serves it, as does the community faiss-gpu-cu12", "does not"),
+    ((9, 0), "faiss-gpu>=1.15 serves it (sm_90 kernels); the community faiss-gpu-cu12 (7.0-8.9) does not", "conda"),
+    ((12, 0), "conda's faiss-gpu or faiss-gpu-cuvs 1.15", "faiss-gpu>=1.15 serves"),
+])
+def test_a_degraded_warning_names_the_build_that_serves_the_gpu(monkeypatch, cc, serves, does_not):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda gpu: cc)
+    failed = faiss_device.choose("gpu", torch.device("cuda", 0), has_gpu=lambda: True,
+                                 test=lambda g: (False, "CUDA error 209 no kernel image"))
+    warning = failed.warning or ""
+    assert failed.gpu is None and "no kernel image" in warning
+    assert f"compute capability {cc[0]}.{cc[1]}; " in warning and serves in warning and does_not not in warning
 
 
 def test_the_self_test_survives_a_process_that_aborts():
