@@ -4,7 +4,8 @@
 - CPU tier: CPU copies, so re-promoting an evicted set skips disk and validation (budget in bytes).
 
 A batch takes a `Lease` per set it routes to; a leased or pinned set is never evicted, and
-making room when everything resident is pinned or leased raises `AdapterCapacityError`.
+making room when everything resident is pinned or leased raises `AdapterCapacityError`. A set's device copy
+passes the `verify` hook (its golden record) before it first serves.
 Evicting happens before loading. Every removal goes through `_on_remove`. Using a resident
 set copies no weights: batches route to it (see `model/routing.py`).
 A version published while requests run does not disturb them: their leases hold the old
@@ -19,7 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class AdapterManager:
     """Loads, caches, pins and leases adapter sets for one backbone. Thread-safe."""
 
     def __init__(self, backbone: BlipBackbone, registry: AdapterRegistry, *, device_budget_bytes: int,
-                 cpu_budget_bytes: int, wait_timeout_s: float = 10.0) -> None:
+                 cpu_budget_bytes: int, wait_timeout_s: float = 10.0,
+                 verify: Callable[[AdapterSetMeta, AdapterSetModule], None] | None = None) -> None:
         if device_budget_bytes <= 0 or cpu_budget_bytes < 0:
             raise ConfigError(
                 f"adapter budgets must be device > 0 and cpu >= 0 bytes, got {device_budget_bytes}, {cpu_budget_bytes}"
@@ -91,6 +93,9 @@ class AdapterManager:
         self.cpu_budget = cpu_budget_bytes
         self.wait_timeout_s = wait_timeout_s
         """How long a load waits for running batches to release room before AdapterCapacityError."""
+        self.verify = verify
+        """called with each set's device copy before it first serves (`Verifier.check_set`: its golden record);
+        raising keeps the set out of both tiers"""
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)
         self._device: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
@@ -255,6 +260,8 @@ class AdapterManager:
             self._reserved += nbytes  # the room stays ours while the copy runs off the lock
         try:
             device_module = device_copy(cpu_module, self.backbone.device)
+            if self.verify is not None:
+                self.verify(meta, device_module)
         except BaseException:
             with self._lock:
                 self._reserved -= nbytes

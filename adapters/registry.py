@@ -5,6 +5,7 @@
         3f9a1c0e4b2d/            adapter_config.json + adapter_model.safetensors
         8e11aa02c4f7/
       vqa/                       a set folder directly under its name is one version too
+        adapter_config.json      (+ golden.json, its golden record, when it has one)
         adapter_config.json
 
 `name` resolves to the newest version, `name@version` to exactly that one. Newest means most
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from uniadapter_serve.adapters.format import (
     read_adapter_meta,
     save_adapter_set,
 )
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, GoldenRecord, write_record
 from uniadapter_serve.errors import AdapterError, AdapterNotFoundError, AdapterVersionNotFoundError, ConfigError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.uniadapter import AdapterSetModule
@@ -185,14 +188,18 @@ class AdapterRegistry:
         return hits[0] if len(hits) == 1 else None
 
     def publish(self, module: AdapterSetModule, name: str, backbone: BackboneInfo, *,
-                answer_list: list[str] | None = None, extra: dict[str, Any] | None = None) -> AdapterSetMeta:
-        """Write `module` as a new version of `name` and make it the newest."""
+                answer_list: list[str] | None = None, extra: dict[str, Any] | None = None,
+                golden: Callable[[AdapterSetMeta], GoldenRecord] | None = None) -> AdapterSetMeta:
+        """Write `module` as a new version of `name` and make it the newest; `golden` makes its record (e.g.
+        `lambda meta: prober.record(module, ref=meta.ref, answer_list=meta.answer_list)`), written with it."""
         parse_ref(name)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
         try:
             version = save_adapter_set(module, staging, name=name, backbone=backbone, answer_list=answer_list,
                                        extra=extra)
+            if golden is not None:
+                write_record(staging, golden(read_adapter_meta(staging)))
             return self._install(staging, name, version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -209,6 +216,8 @@ class AdapterRegistry:
         try:
             for file in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copy2(Path(source) / file, staging / file)
+            if (Path(source) / GOLDEN_FILE).is_file():  # its golden record travels with it (checked at load)
+                shutil.copy2(Path(source) / GOLDEN_FILE, staging / GOLDEN_FILE)
             return self._install(staging, name, meta.version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -154,6 +154,9 @@ class Stage(abc.ABC, Generic[P, B, Out]):
     """One stage of the model thread; the batcher calls it with a batch of jobs and their routing."""
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "unit"
+    """what `difference` measures: "unit" (unit vectors, or relative for states), "prob" or "logp" (the
+    tolerance kinds of golden records)"""
 
     def __init__(self, backbone: BlipBackbone, tokenizer: BlipTokenizer) -> None:
         self.backbone = backbone
@@ -175,6 +178,10 @@ class Stage(abc.ABC, Generic[P, B, Out]):
     @abc.abstractmethod
     def finish(self, batch: B, outputs: Out) -> list[Any]:
         """One result per job, on the host (one transfer per batch)."""
+
+    @abc.abstractmethod
+    def difference(self, batched: Any, alone: Any) -> float:
+        """How far a job's result in a batch is from its result computed alone (the live self-check)."""
 
     @classmethod
     @abc.abstractmethod
@@ -280,6 +287,12 @@ class VisionStage(Stage[VisionInput, _Frames, _Seen]):
         return [VisionOutput(states=s, embedding=embeddings.get(i), frame_embeddings=per_frame.get(i),
                              tokens_per_frame=outputs.tokens_per_frame[i]) for i, s in enumerate(outputs.states)]
 
+    def difference(self, batched: VisionOutput, alone: VisionOutput) -> float:
+        d = relative_difference(batched.states, alone.states)
+        if batched.embedding is not None and alone.embedding is not None:
+            d = max(d, float((batched.embedding - alone.embedding).abs().max()))
+        return d
+
     @classmethod
     def macs(cls, config: BlipConfig, payloads: Sequence[VisionInput]) -> float:
         return vision_macs(config, sum(int(p.pixels.shape[0]) for p in payloads))
@@ -311,6 +324,9 @@ class TextStage(Stage[TextInput, tuple[torch.Tensor, torch.Tensor | None], torch
         (host,) = to_host(outputs)
         return list(host)
 
+    def difference(self, batched: torch.Tensor, alone: torch.Tensor) -> float:
+        return float((batched - alone).abs().max())
+
     @classmethod
     def macs(cls, config: BlipConfig, payloads: Sequence[TextInput]) -> float:
         return text_macs(config, [p.text for p in payloads])
@@ -330,6 +346,7 @@ class MatchStage(Stage[MatchInput, _Pairs, torch.Tensor]):
     with frame-aware attention, the clip's frames weighted by their similarity to the text."""
 
     name = "itm"
+    kind = "prob"
 
     def prepare(self, payloads: list[MatchInput]) -> _Pairs:
         ids, mask = self._tokens([p.text for p in payloads], CAPTION_WORDS, "multimodal")
@@ -348,6 +365,9 @@ class MatchStage(Stage[MatchInput, _Pairs, torch.Tensor]):
     def finish(self, batch: _Pairs, outputs: torch.Tensor) -> list[Any]:
         (probs,) = to_host(outputs)
         return list(probs.tolist())
+
+    def difference(self, batched: float, alone: float) -> float:
+        return abs(batched - alone)
 
     @classmethod
     def macs(cls, config: BlipConfig, payloads: Sequence[MatchInput]) -> float:
@@ -397,6 +417,7 @@ class AnswerStage(Stage[AnswerInput, _Questions, list[_Group]]):
     `GenerateGroup`); every group's results come back in one transfer."""
 
     name = "answer"
+    kind = "logp"
 
     def prepare(self, payloads: list[AnswerInput]) -> _Questions:
         ids, mask = self._tokens([p.question for p in payloads], QUESTION_WORDS, "multimodal")
@@ -448,6 +469,12 @@ class AnswerStage(Stage[AnswerInput, _Questions, list[_Group]]):
                                               scores[row, :top].tolist())
         return results
 
+    def difference(self, batched: AnswerOutput, alone: AnswerOutput) -> float:
+        """The answers' scores, best first (near-tied answers may swap places; their scores do not move)."""
+        if len(batched.scores) != len(alone.scores):
+            return float("inf")
+        return max((abs(a - b) for a, b in zip(batched.scores, alone.scores, strict=True)), default=0.0)
+
     @classmethod
     def macs(cls, config: BlipConfig, payloads: Sequence[AnswerInput]) -> float:
         tc = text_config(config)
@@ -479,6 +506,13 @@ def pad_stack(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Ten
         return out, None
     mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
     return out, mask.to(rows[0].device, non_blocking=True)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b| (hidden states have no fixed scale); inf when the shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -7,6 +7,10 @@ alone owns queues, deadlines, 429/504, dropping jobs whose client went away, and
 errors: a batch that raises is re-run one job at a time so a failing sample fails only its
 own request. Model work never runs on the event loop.
 
+Live consistency check (`SelfCheck`): in a sampled share of mixed-set batches, one row is run again alone after the
+batch has answered, and the two results are compared; a mismatch (a routing bug: one set's row computed with
+another's weights) is logged with the sets involved and counted.
+
 `Batcher.hold(*stages)` is a test hook (unused by the service): while held, no batch of those stages starts,
 so a test can queue several requests' jobs and then release them as one batch, whatever the scheduling.
 """
@@ -16,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,20 +33,39 @@ import torch
 from uniadapter_serve.adapters.manager import AdapterManager, Lease
 from uniadapter_serve.errors import AdapterCapacityError, DeadlineExceededError, OverloadedError, UniAdapterError
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.uniadapter import AdapterSetModule
 from uniadapter_serve.service.jobs import CURRENT_ADMISSION, Admission, Handler, Job
 from uniadapter_serve.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Admission", "Batcher", "Handler", "Job"]
+__all__ = ["Admission", "Batcher", "Handler", "Job", "SelfCheck"]
+
+
+@dataclass
+class SelfCheck:
+    """Which mixed batches get a row recomputed alone, and how far apart the two results may be."""
+
+    rate: float
+    """share of mixed-set batches checked (0: none)"""
+    difference: dict[str, Callable[[Any, Any], float]]
+    """stage -> (result in the batch, result alone) -> difference (`Stage.difference`)"""
+    tolerance: dict[str, float]
+    """stage -> the largest difference that passes"""
+    rng: random.Random = field(default_factory=random.Random)
+
+    def sample(self) -> bool:
+        return self.rate > 0 and self.rng.random() < self.rate
 
 
 class Batcher:
     def __init__(self, manager: AdapterManager, handlers: dict[str, Handler], *, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
                  stage_batch_sizes: dict[str, int] | None = None, workers: int = 1,
-                 threads: int | None = None, parallel: Callable[[str, list[Any]], bool] | None = None) -> None:
+                 threads: int | None = None, parallel: Callable[[str, list[Any]], bool] | None = None,
+                 self_check: SelfCheck | None = None) -> None:
         self.manager = manager
+        self.self_check = self_check
         self.workers = workers
         """model threads taking batches from the same queues (each runs one batch at a time)"""
         self.threads = threads
@@ -361,6 +386,29 @@ class Batcher:
         self._done(stage, jobs, started)
         for job, result in zip(jobs, results, strict=True):
             job.finish(result)
+        if distinct > 1 and self.self_check is not None and self.self_check.sample():
+            self._check_a_row(stage, jobs, modules, results, self.self_check)
+
+    def _check_a_row(self, stage: str, jobs: list[Job], modules: list[AdapterSetModule | None], results: Any,
+                     check: SelfCheck) -> None:
+        """After the batch has answered: one row run again alone and compared with its result in the batch."""
+        row = check.rng.randrange(len(jobs))
+        try:
+            with torch.inference_mode():
+                alone = self.handlers[stage]([jobs[row]], Routing.single(modules[row], 1))[0]
+            difference = check.difference[stage](results[row], alone)
+        except Exception:
+            log.exception("self-check of a %s row could not run", stage)
+            return
+        tolerance = check.tolerance[stage]
+        ok = difference <= tolerance
+        self.metrics.self_checks.labels(stage=stage, result="pass" if ok else "mismatch").inc()
+        if not ok:
+            mine = jobs[row].adapter or "(the bare backbone)"
+            others = sorted({j.adapter or "(the bare backbone)" for j in jobs} - {mine})
+            log.error("self-check mismatch: a %s row of set %s, batched with %s (%d rows), differs from the same job "
+                      "run alone by %.3g (tolerance %.3g): mixed-set routing is wrong on %s", stage, mine,
+                      ", ".join(others), len(jobs), difference, tolerance, self.manager.backbone.device)
 
     def _done(self, stage: str, jobs: list[Job], started: float) -> None:
         ended = time.monotonic()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
@@ -76,6 +77,17 @@ class Engine(abc.ABC):
         """{"rows": [{"ref", "tier", "pinned", "leases", "bytes"}...], "device_budget": ..., "cpu_budget": ...,
         "device_bytes": ..., "cpu_bytes": ..., "itemsize": bytes per parameter}; with several replicas, what
         each holds (rows name the replica)."""
+
+    @abc.abstractmethod
+    async def golden(self, folder: Path) -> bytes:
+        """The golden record to publish with the set in `folder` (`adapter_config.json` + weights, maybe a
+        `golden.json` from where it was trained): the uploaded one once the model reproduces it
+        (GoldenMismatchError otherwise), else one computed by the model."""
+
+    def verification(self) -> dict[str, Any]:
+        """Golden-record outcomes: {"enabled", "backbone": outcome or None, "sets": {ref: outcome},
+        "self_check_rate"} (outcome: {"result": pass|mismatch|unrecorded|recorded, "detail", ...})."""
+        return {"enabled": False, "backbone": None, "sets": {}}
 
     def describe(self) -> dict[str, Any]:
         """What /readyz?verbose=true shows of the model side."""

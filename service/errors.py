@@ -30,6 +30,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (e.NotFoundError, 404),
     (e.AdapterIncompatibleError, 409),
     (e.AdapterInUseError, 409),
+    (e.GoldenMismatchError, 409),
     (e.ConflictError, 409),
     (e.AdapterFormatError, 422),
     (e.ConfigError, 422),
@@ -38,6 +39,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (e.OverloadedError, 429),
     (e.DeadlineExceededError, 504),
     (e.CheckpointError, 503),
+    (e.BackboneMismatchError, 503),
 ]
 
 

@@ -12,13 +12,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
 
-from uniadapter_serve.adapters.format import AdapterSetMeta, SetLimits, check_compatible
+from uniadapter_serve.adapters.format import AdapterSetMeta, SetLimits, check_compatible, load_adapter_set
+from uniadapter_serve.adapters.golden import Prober, read_record, tolerance
 from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
+from uniadapter_serve.adapters.verification import Verifier
+from uniadapter_serve.errors import BackboneMismatchError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.loading import load_backbone, local_folder
 from uniadapter_serve.model.routing import Routing
@@ -34,7 +38,7 @@ from uniadapter_serve.model.stages import (
     make_stages,
 )
 from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
-from uniadapter_serve.service.batcher import Batcher
+from uniadapter_serve.service.batcher import Batcher, SelfCheck
 from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.jobs import Handler, Job
 from uniadapter_serve.service.metrics import ServiceMetrics
@@ -92,12 +96,15 @@ class LocalEngine(Engine):
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
         self.stages = make_stages(self.backbone, self.tokenizer)
+        where = str(self.device), str(dtype).removeprefix("torch.")
+        check = SelfCheck(settings.self_check_rate, {n: st.difference for n, st in self.stages.items()},
+                          {n: 2 * tolerance(st.kind, where[1], where[0]) for n, st in self.stages.items()})
         self.batcher = Batcher(self.manager, {name: _on_payloads(stage) for name, stage in self.stages.items()},
                                max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=workers,
-                               threads=torch.get_num_threads(), parallel=self._parallel)
+                               threads=torch.get_num_threads(), parallel=self._parallel, self_check=check)
         self.limits = SetLimits(max_rank_k=settings.max_rank_k, max_answers=settings.max_answer_list)
         """what a set may ask of this server (checked at publish, applied on every request)"""
         self._clamped: set[str] = set()
@@ -108,6 +115,16 @@ class LocalEngine(Engine):
         requests share the one tokenisation"""
         self._lists_lock = threading.Lock()
         self._tokenising = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uniadapter-answers")
+        self.verifier = Verifier(Prober(self.backbone, self.tokenizer, self.default_answers.answers, self.stages),
+                                 required=settings.golden_required)
+        """golden records: each set's checked before it first serves here (the manager's hook), the backbone's at
+        start"""
+        if settings.golden_check:
+            self.manager.verify = self.verifier.check_set
+        metrics.golden_checks.collect_from(lambda: [({"subject": s, "result": r}, float(n))
+                                                    for (s, r), n in sorted(self.verifier.counts.items())])
+        self.backbone_error: str | None = None
+        """why the backbone failed its golden record (the engine then refuses every task: 503)"""
         self._ready = False
 
     @property
@@ -115,9 +132,33 @@ class LocalEngine(Engine):
         return self._ready
 
     def start(self) -> None:
+        if self.settings.golden_check:
+            outcome = self.verifier.check_backbone(local_folder(self.settings.backbone), self.settings.data_root)
+            if outcome.result == "mismatch":
+                self.backbone_error = outcome.detail
         self.batcher.start()
         self._ready = True
         log.info("model on %s (%s)", self.backbone.device, self.backbone.dtype)
+
+    def verification(self) -> dict[str, Any]:
+        table = self.verifier.table()
+        return {"enabled": self.settings.golden_check, "backbone": table.pop("backbone", None), "sets": table,
+                "self_check_rate": self.settings.self_check_rate}
+
+    async def golden(self, folder: Path) -> bytes:
+        return await asyncio.to_thread(self._golden, folder)
+
+    def _golden(self, folder: Path) -> bytes:
+        """The record to publish with the set in `folder`: the one uploaded with it, once this server reproduces
+        it (GoldenMismatchError otherwise), else one computed here."""
+        loaded = load_adapter_set(folder, self.backbone, device=self.backbone.device, dtype=self.backbone.dtype)
+        uploaded = read_record(folder)
+        if uploaded is not None:
+            self.verifier.verify(uploaded, loaded.module, loaded.meta.ref, loaded.meta.answer_list
+                                 ).raise_for_mismatch()
+            return uploaded.to_json()
+        return self.verifier.prober.record(loaded.module, ref=loaded.meta.ref,
+                                           answer_list=loaded.meta.answer_list).to_json()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         self._ready = False
@@ -187,6 +228,8 @@ class LocalEngine(Engine):
     # -- tasks ---------------------------------------------------------------------------------------------
 
     async def run(self, job: Task[R]) -> R:
+        if self.backbone_error is not None:
+            raise BackboneMismatchError(f"this server does not serve: {self.backbone_error}")
         if isinstance(job, AnswerJob):
             return cast(R, await self._answer(job))
         if isinstance(job, EmbedJob):

@@ -76,6 +76,11 @@ class ServiceMetrics:
         self.adapter_events = self._callback(
             "uniadapter_adapter_events", "Adapter manager events: device_hits, cpu_hits, disk_loads, evictions, "
             "unloads.", ("event",), kind="counter")
+        self.golden_checks = self._callback(
+            "uniadapter_golden_checks", "Golden-record checks before serving, by subject (set, backbone) and result "
+            "(pass, mismatch, unrecorded, recorded).", ("subject", "result"), kind="counter")
+        self.self_checks = Counter("uniadapter_self_checks", "Rows of mixed-set batches recomputed alone and "
+                                   "compared, by stage and result (pass, mismatch).", ["stage", "result"], registry=r)
         self.cache = Counter("uniadapter_embedding_cache", "Embedding cache lookups by result (hit, miss).",
                              ["result"], registry=r)
         self.decode_pixels = self._callback("uniadapter_decode_pixels",

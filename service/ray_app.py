@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
@@ -39,7 +41,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from uniadapter_serve.adapters.format import AdapterSetMeta
+from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta
+from uniadapter_serve.adapters.golden import GOLDEN_FILE
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import AdapterInUseError, OverloadedError, ServerBusyError, UniAdapterError
 from uniadapter_serve.model.backbone import vision_config
@@ -116,7 +119,9 @@ class ModelReplica:
         table = self.engine.residency()
         for row in table["rows"]:
             row["replica"] = self.replica
-        return {**table, "stats": {**self.engine.manager.stats, **self.places.stats}, "queued": self.engine.queued()}
+        return {**table, "stats": {**self.engine.manager.stats, **self.places.stats}, "queued": self.engine.queued(),
+                "verification": self.engine.verification(),
+                "golden_counts": [[s, r, n] for (s, r), n in sorted(self.engine.verifier.counts.items())]}
 
     def _post_loop(self) -> None:
         while not self._stop.wait(POST_INTERVAL_S):
@@ -168,6 +173,13 @@ class ModelReplica:
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         self.engine.check_compatible(meta)
 
+    async def golden(self, files: dict[str, bytes]) -> bytes:
+        """The record of an uploaded set, sent whole (the ingress's temporary folder is not on this host)."""
+        with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(data)
+            return await self.engine.golden(Path(tmp))
+
     def describe(self) -> dict[str, Any]:
         return {**self.engine.describe(), "replica": self.replica}
 
@@ -210,6 +222,7 @@ class RayEngine(Engine):
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="uniadapter-residency", daemon=True)
         metrics.adapter_events.collect_from(lambda: [({"event": k}, v) for k, v in sorted(self.stats().items())])
+        metrics.golden_checks.collect_from(self._golden_counts)
 
     @property
     def ready(self) -> bool:
@@ -288,6 +301,34 @@ class RayEngine(Engine):
 
     def check_compatible(self, meta: AdapterSetMeta) -> None:
         self.handle.options(method_name="check_compatible").remote(meta).result()
+
+    async def golden(self, folder: Path) -> bytes:
+        files = {name: (folder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE, GOLDEN_FILE)
+                 if (folder / name).is_file()}
+        record: bytes = await self._call("golden", None, files)
+        return record
+
+    def _golden_counts(self) -> list[tuple[dict[str, str], float]]:
+        total: dict[tuple[str, str], float] = {}
+        for table in self._tables.values():
+            for subject, result, n in table.get("golden_counts", []):
+                total[(subject, result)] = total.get((subject, result), 0.0) + float(n)
+        return [({"subject": s, "result": r}, n) for (s, r), n in sorted(total.items())]
+
+    def verification(self) -> dict[str, Any]:
+        """Every model replica's outcomes: a set or backbone check that failed on any replica shows as failed."""
+        tables = [t.get("verification") or {} for t in self._tables.values()]
+        sets: dict[str, Any] = {}
+        backbone = None
+        for table in tables:
+            for ref, outcome in (table.get("sets") or {}).items():
+                if ref not in sets or outcome.get("result") == "mismatch":
+                    sets[ref] = outcome
+            mine = table.get("backbone")
+            if mine is not None and (backbone is None or mine.get("result") == "mismatch"):
+                backbone = mine
+        return {"enabled": any(t.get("enabled") for t in tables), "backbone": backbone, "sets": sets,
+                "replicas": len(tables)}
 
 
     def residency(self) -> dict[str, Any]:

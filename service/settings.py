@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     device_adapter_budget_mb: float = Field(2048, gt=0, description="Bytes of adapter sets kept on the device.")
     cpu_adapter_budget_mb: float = Field(4096, ge=0, description="Bytes of CPU copies of evicted sets.")
 
+    # -- verification ----------------------------------------------------------------------------
+    golden_check: bool = Field(True, description=(
+        "Recompute each set's golden record (golden.json: its outputs on fixed probes) on this device and dtype "
+        "before it first serves, and the backbone's at start; a mismatch refuses the set (409) or keeps the "
+        "server unready."))
+    golden_required: bool = Field(False, description="Refuse sets that have no golden record (else they serve "
+                                  "unverified, shown in /readyz?verbose=true).")
+    self_check_rate: float = Field(0.001, ge=0, le=1, description=(
+        "Share of mixed-set batches in which one sampled row is recomputed alone afterwards and compared "
+        "(a mismatch is logged with the sets involved and counted in uniadapter_self_checks); 0 = off."))
+
     # -- batching --------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="A batch closes at this many jobs ...")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="... or when its oldest job waited this long.")

@@ -12,10 +12,13 @@ from starlette.datastructures import UploadFile
 
 from uniadapter_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterSetMeta
 from uniadapter_serve.adapters.format import read_adapter_meta as read_meta
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, MAX_RECORD_BYTES, GoldenRecord
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import (
     AdapterFormatError,
     ConflictError,
+    GoldenMismatchError,
+    GoldenRecordError,
     InputError,
     MalformedUploadError,
     UnsupportedMediaTypeError,
@@ -97,11 +100,16 @@ async def unpin(ref: str, registry: RegistryDep, engine: EngineDep) -> AdapterIn
 
 @router.post(
     "/{name}/publish", response_model=AdapterInfo, dependencies=[AdminAuth], status_code=201,
-    summary="Publish a new version (multipart: adapter_config.json + adapter_model.safetensors)",
+    summary="Publish a new version (multipart: adapter_config.json + adapter_model.safetensors [+ golden.json])",
+    description="The set's golden record (its outputs on fixed probes, `golden.json`) is published with it: the one "
+                "uploaded as `golden` (from where the set was trained) once this server reproduces it within the "
+                "dtypes' tolerance (409 naming the first probe that differs otherwise), else one this server computes.",
     openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["config", "weights"],
         "properties": {"config": {"type": "string", "format": "binary", "description": CONFIG_FILE},
-                       "weights": {"type": "string", "format": "binary", "description": WEIGHTS_FILE}}}}}}},
+                       "weights": {"type": "string", "format": "binary", "description": WEIGHTS_FILE},
+                       "golden": {"type": "string", "format": "binary",
+                                  "description": f"{GOLDEN_FILE} (optional)"}}}}}}},
 )
 async def publish(name: str, request: Request, registry: RegistryDep, engine: EngineDep,
                   events: EventsDep) -> AdapterInfo:
@@ -113,25 +121,44 @@ async def publish(name: str, request: Request, registry: RegistryDep, engine: En
     if missing:
         raise InputError(f"missing file field(s) {missing}: send 'config' ({CONFIG_FILE}) "
                          f"and 'weights' ({WEIGHTS_FILE})")
+    golden = form.get("golden")
+    if golden is not None and not isinstance(golden, UploadFile):
+        raise InputError(f"'golden' must be a file ({GOLDEN_FILE})")
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         folder = Path(tmp)
+
+        def upload_named(message: str) -> str:  # name the uploaded files, not the server's temporary folder
+            return message.replace(str(folder / CONFIG_FILE), "config").replace(
+                str(folder / WEIGHTS_FILE), "weights").replace(str(folder / GOLDEN_FILE), "golden").replace(
+                str(folder), "the upload")
+
         for key, filename in (("config", CONFIG_FILE), ("weights", WEIGHTS_FILE)):
             upload = files[key]
             assert isinstance(upload, UploadFile)
             (folder / filename).write_bytes(await upload.read())
+        if golden is not None:
+            data = await golden.read(MAX_RECORD_BYTES + 1)
+            try:
+                GoldenRecord.from_json(data, "golden")
+            except GoldenRecordError as e:
+                raise MalformedUploadError(f"not a golden record: {e}") from None
+            (folder / GOLDEN_FILE).write_bytes(data)
 
-        def validate_and_install() -> AdapterSetMeta:
+        def validate() -> None:
             try:
                 meta = read_meta(folder)
-            except AdapterFormatError as e:  # name the uploaded files, not the server's temporary folder
-                message = str(e).replace(str(folder / CONFIG_FILE), "config").replace(
-                    str(folder / WEIGHTS_FILE), "weights").replace(str(folder), "the upload")
-                raise MalformedUploadError(f"not a valid adapter set: {message}") from None
+            except AdapterFormatError as e:
+                raise MalformedUploadError(f"not a valid adapter set: {upload_named(str(e))}") from None
             if meta.name != name:
                 raise ConflictError(f"the uploaded set is named {meta.name!r} in its config, not {name!r}")
             engine.check_compatible(meta)
-            return registry.publish_folder(folder, name)
 
-        meta = await run_in_threadpool(validate_and_install)
+        await run_in_threadpool(validate)
+        try:
+            record = await engine.golden(folder)
+        except (AdapterFormatError, GoldenMismatchError) as e:
+            raise type(e)(upload_named(str(e))) from None
+        (folder / GOLDEN_FILE).write_bytes(record)
+        meta = await run_in_threadpool(registry.publish_folder, folder, name)
     events.publish({"type": "adapter", "ref": meta.ref})
     return _info(registry, engine, meta)

@@ -43,6 +43,7 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
         check_key("admin", request)
     redis = redis_link.status()
     store = store_backend.status()
+    golden = engine.verification()
     states = {
         "store": "ok" if store.get("ok") else "degraded",
         "backbone": "ok",
@@ -50,6 +51,7 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
         "adapters": "ok" if not registry.errors() else "degraded",
         "redis": "off" if not redis.get("configured") else ("ok" if redis.get("ok") else "degraded"),
         "faiss": "degraded" if faiss.warning else ("gpu" if faiss.on_gpu else "cpu"),
+        "golden": _golden_state(golden),
     }
     warnings = []
     if states["redis"] == "degraded":
@@ -61,9 +63,14 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
     if faiss.warning:
         warnings.append("collection indexes on the CPU: FAISS cannot run on this GPU" +
                         (f" ({faiss.warning})" if verbose else " (verbose=true says why)"))
+    if states["golden"] == "mismatch":
+        warnings.append("the backbone does not reproduce its golden record on this device and dtype: not serving"
+                        + (f" ({golden['backbone']['detail']})" if verbose else " (verbose=true says why)"))
+    elif states["golden"] == "degraded":
+        warnings.append("some adapter sets failed their golden record and are refused (verbose=true names them)")
     if states["adapters"] == "degraded":
         warnings.append("some adapter-set folders cannot be read (GET /adapters lists them)")
-    ready = serving
+    ready = serving and states["golden"] != "mismatch"
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": states, "warnings": warnings}
     if verbose:
         body["version"], body["torch"] = __version__, torch.__version__
@@ -76,10 +83,22 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
                               "waiting": decoder.budget.waiting},
             "collections": len(collections.names()),
             "faiss": {"gpu": faiss.gpu, "warning": faiss.warning},
+            "golden": golden,
             "redis": redis,
             "store": store,
         }
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _golden_state(golden: dict[str, Any]) -> str:
+    """off (not checked), mismatch (the backbone failed: not ready), degraded (a set failed), ok."""
+    if not golden.get("enabled"):
+        return "off"
+    if (golden.get("backbone") or {}).get("result") == "mismatch":
+        return "mismatch"
+    if any(o.get("result") == "mismatch" for o in (golden.get("sets") or {}).values()):
+        return "degraded"
+    return "ok"
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

@@ -7,6 +7,10 @@ class UniAdapterError(Exception):
     """Base class of every error this project raises on purpose."""
 
 
+class BackboneMismatchError(UniAdapterError):
+    """The backbone does not reproduce its golden record on this device and dtype: the server stays unready."""
+
+
 class ConfigError(UniAdapterError):
     """A configuration value is invalid; the message names the value and the accepted range."""
 
@@ -25,6 +29,14 @@ class AdapterFormatError(AdapterError):
 
 class AdapterIncompatibleError(AdapterError):
     """An adapter set does not fit the backbone (fingerprint or tensor shape mismatch)."""
+
+
+class GoldenMismatchError(AdapterError):
+    """A set (or the backbone) does not reproduce its golden record on this device and dtype."""
+
+
+class GoldenRecordError(AdapterFormatError):
+    """A golden.json that cannot be read (malformed, too large, wrong shapes)."""
 
 
 class AdapterNotFoundError(AdapterError):
