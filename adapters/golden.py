@@ -244,6 +244,7 @@ def read_record(folder: str | Path, file: str = GOLDEN_FILE) -> GoldenRecord | N
 
 def write_record(folder: str | Path, record: GoldenRecord, file: str = GOLDEN_FILE) -> Path:
     path = Path(folder) / file
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, record.to_json())
     return path
 

@@ -100,7 +100,7 @@ class Verifier:
             if known.result == "mismatch":
                 raise GoldenMismatchError(known.detail)
             return
-        verdict = self.verify(record, module, meta.ref, meta.answer_list)
+        verdict = self.verify(record, module, f"adapter set {meta.ref}", meta.answer_list)
         outcome = self._outcome(verdict)
         with self._lock:
             self._known[key] = outcome
@@ -140,7 +140,6 @@ class Verifier:
         if record is None:
             started = time.perf_counter()
             made = self.prober.record()
-            fallback.mkdir(parents=True, exist_ok=True)
             path = write_record(fallback, made, fallback_file)
             log.info("backbone golden record written to %s (%s/%s)", path, made.device, made.dtype)
             return self._settle("backbone", "backbone", Outcome(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from uniadapter_serve.adapters.format import AdapterSetMeta, SetLimits, check_compatible, load_adapter_set
-from uniadapter_serve.adapters.golden import Prober, read_record, tolerance
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, read_record, tolerance
 from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.adapters.verification import Verifier
@@ -156,7 +156,7 @@ class LocalEngine(Engine):
         if uploaded is not None:
             self.verifier.verify(uploaded, loaded.module, loaded.meta.ref, loaded.meta.answer_list
                                  ).raise_for_mismatch()
-            return uploaded.to_json()
+            return (folder / GOLDEN_FILE).read_bytes()  # as uploaded
         return self.verifier.prober.record(loaded.module, ref=loaded.meta.ref,
                                            answer_list=loaded.meta.answer_list).to_json()
 

@@ -247,9 +247,10 @@ def test_health_readiness_and_metrics(client):
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "checks": {
-        "store": "ok", "backbone": "ok", "engine": "ok", "adapters": "ok", "redis": "off", "faiss": "cpu"},
-        "warnings": []}
+        "store": "ok", "backbone": "ok", "engine": "ok", "adapters": "ok", "redis": "off", "faiss": "cpu",
+        "golden": "ok"}, "warnings": []}
     verbose = client.get("/readyz", params={"verbose": "true"}).json()  # no keys configured: open to all
+    assert verbose["details"]["golden"]["backbone"]["result"] == "pass"  # the shipped record, verified at start
     assert verbose["details"]["backbone"]["source"] == "demo" and verbose["details"]["backbone"]["image_size"] == 96
     assert verbose["details"]["collections"] >= 2
 

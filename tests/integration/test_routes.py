@@ -33,13 +33,16 @@ def test_health_ready_metrics(client, admin):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready == {"status": "ready", "checks": {"store": "ok", "backbone": "ok", "engine": "ok", "adapters": "ok",
-                                                   "redis": "off", "faiss": "cpu"}, "warnings": []}
+                                                   "redis": "off", "faiss": "cpu", "golden": "ok"}, "warnings": []}
     assert client.get("/readyz", params={"verbose": "true"}).status_code == 403  # the read key is not enough
     detail = admin.get("/readyz", params={"verbose": "true"}).json()["details"]
     assert detail["backbone"]["components"] == ["vision_model", "text_encoder", "text_decoder", "heads"]
     assert detail["adapters"]["available"] >= 6
+    # the backbone's first start wrote its record in the data root (blip-tiny has no folder to hold one)
+    assert detail["golden"]["backbone"]["result"] in ("recorded", "pass"), detail["golden"]
     text = client.get("/metrics").text
     assert "# TYPE uniadapter_batch_size histogram" in text and "uniadapter_queue_depth" in text
+    assert 'uniadapter_golden_checks_total{result="' in text
 
 
 def test_vqa_json_and_multipart_agree(client, refs):

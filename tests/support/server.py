@@ -15,9 +15,11 @@ from pathlib import Path
 import httpx
 
 from uniadapter_serve.adapters.format import BackboneInfo
+from uniadapter_serve.adapters.golden import Prober
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
 
 _STARTED: list[subprocess.Popen[bytes]] = []
@@ -59,24 +61,26 @@ class Server:
 
 
 def publish_test_sets(data_root: Path) -> dict[str, str]:
-    """Sets for the 'blip-tiny' backbone (the server builds the same seeded model): name -> ref."""
+    """Sets for the 'blip-tiny' backbone (the server builds the same seeded model), each with its golden record
+    (so every server of the tests verifies them before serving): name -> ref."""
     backbone = load_backbone("blip-tiny")
+    prober = Prober(backbone, load_tokenizer("blip-tiny", backbone.config), load_answer_list(None))
     registry = AdapterRegistry(data_root / "adapters")
     info = BackboneInfo.of(backbone)
     refs = {}
+
+    def publish(name: str, config: UniAdapterConfig, seed: int, answers: list[str] | None = None) -> None:
+        module = random_adapter(backbone, config, seed=seed)
+        refs[name] = registry.publish(module, name, info, answer_list=answers, golden=lambda meta: prober.record(
+            module, ref=meta.ref, answer_list=meta.answer_list)).ref
+
     for i, name in enumerate(("ret-a", "ret-b")):
-        module = random_adapter(backbone, UniAdapterConfig.for_task("retrieval", bottleneck=8, kv_rank=4), seed=100 + i)
-        refs[name] = registry.publish(module, name, info).ref
+        publish(name, UniAdapterConfig.for_task("retrieval", bottleneck=8, kv_rank=4), 100 + i)
     for i, name in enumerate(("vqa-a", "vqa-b")):
-        module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), seed=200 + i)
-        refs[name] = registry.publish(module, name, info, answer_list=ANSWERS).ref
-    module = random_adapter(backbone, UniAdapterConfig.for_task("videoqa", bottleneck=8, kv_rank=4, num_frames=4),
-                            seed=300)
-    refs["video-a"] = registry.publish(module, "video-a", info, answer_list=ANSWERS).ref
-    module = random_adapter(backbone, UniAdapterConfig.for_task(
-        "retrieval", bottleneck=8, kv_rank=4, num_frames=4, temporal_embedding=True, frame_aware_attention=True),
-        seed=400)
-    refs["ret-video"] = registry.publish(module, "ret-video", info).ref
+        publish(name, UniAdapterConfig.for_task("vqa", bottleneck=8, kv_rank=4), 200 + i, ANSWERS)
+    publish("video-a", UniAdapterConfig.for_task("videoqa", bottleneck=8, kv_rank=4, num_frames=4), 300, ANSWERS)
+    publish("ret-video", UniAdapterConfig.for_task("retrieval", bottleneck=8, kv_rank=4, num_frames=4,
+                                                   temporal_embedding=True, frame_aware_attention=True), 400)
     return refs
 
 
