@@ -5,6 +5,7 @@ reaching every replica. Select with `-m ray`."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import signal
@@ -26,10 +27,12 @@ from uniadapter_serve.adapters.format import (
     read_adapter_meta,
     save_adapter_set,
 )
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober
 from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.model.demo.shipped import ANSWERS
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.testing import random_adapter
+from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import UniAdapterConfig
 from uniadapter_serve.service import demo
 
@@ -46,15 +49,26 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def publish_sets(root: Path) -> int:
-    """Four VQA sets for the demo backbone -> the bytes of the largest set the app serves (the shipped demo
-    sets included)."""
+def demo_prober() -> Prober:
     backbone = load_backbone("demo")
+    return Prober(backbone, load_tokenizer("demo", backbone.config), load_answer_list(None))
+
+
+def publish_sets(root: Path) -> int:
+    """Four VQA sets for the demo backbone with their golden records, and one ('vqa-tampered') whose record was
+    edited -> the bytes of the largest set the app serves (the shipped demo sets included)."""
+    prober = demo_prober()
+    backbone = prober.backbone
     registry = AdapterRegistry(root / "adapters")
-    for i, name in enumerate(SETS):
+    for i, name in enumerate([*SETS, "vqa-tampered"]):
         module = random_adapter(backbone, UniAdapterConfig.for_task("vqa", bottleneck=64, kv_rank=16), seed=50 + i,
                                 std=0.05)  # as large as the shipped demo sets: the budget holds 2 of any
-        registry.publish(module, name, BackboneInfo.of(backbone), answer_list=ANSWERS)
+        registry.publish(module, name, BackboneInfo.of(backbone), answer_list=ANSWERS,
+                         golden=lambda meta, m=module: prober.record(m, ref=meta.ref, answer_list=meta.answer_list))
+    record = registry.resolve("vqa-tampered").path / GOLDEN_FILE
+    doc = json.loads(record.read_text())
+    doc["probes"]["greedy"]["scores"][0] -= 2.0
+    record.write_text(json.dumps(doc))
     shipped = [read_adapter_meta(demo.SETS_DIR / name / "v1") for name in demo.DEMO_SETS.values()]
     return max(m.num_parameters * 4 for m in [*shipped, *map(registry.resolve, SETS)])
 
@@ -201,6 +215,46 @@ def test_a_published_version_reaches_every_replica(cluster, tmp_path):
         replies = list(pool.map(lambda _: httpx.post(f"{url}/vqa", timeout=60, json={
             "image": scene, "question": "what colour?", "adapter": SETS[0]}).json()["adapter"], range(20)))
     assert set(replies) == {f"{SETS[0]}@{version}"}
+
+
+def test_model_replicas_verify_sets_before_serving(cluster, tmp_path):
+    """Each replica checks a set's golden record before serving it: the tampered one is refused (409 naming the
+    probe); a published upload's record is computed on a replica, and one it does not reproduce is refused."""
+    url = cluster["url"]
+    scene = b64(image_bytes())
+    refused = httpx.post(f"{url}/vqa", timeout=60, json={"image": scene, "question": "what colour?",
+                                                         "adapter": "vqa-tampered", "mode": "generate"})
+    assert refused.status_code == 409 and "greedy[0]" in refused.json()["detail"], refused.text
+    prober = demo_prober()
+    module = random_adapter(prober.backbone, UniAdapterConfig.for_task("vqa", bottleneck=64, kv_rank=16), seed=77,
+                            std=0.05)
+    folder = tmp_path / "upload"
+    save_adapter_set(module, folder, name="vqa-uploaded", backbone=BackboneInfo.of(prober.backbone),
+                     answer_list=ANSWERS)
+    record = prober.record(module, ref=read_adapter_meta(folder).ref, answer_list=ANSWERS)
+    doc = json.loads(record.to_json())
+    doc["probes"]["answer_scores"]["values"][0][0] += 1.0
+    files = {"config": (CONFIG_FILE, (folder / CONFIG_FILE).read_bytes()),
+             "weights": (WEIGHTS_FILE, (folder / WEIGHTS_FILE).read_bytes())}
+    bad = httpx.post(f"{url}/adapters/vqa-uploaded/publish", timeout=60,
+                     files={**files, "golden": (GOLDEN_FILE, json.dumps(doc).encode())})
+    assert bad.status_code == 409 and "answer_scores[0]" in bad.json()["detail"], bad.text
+    good = httpx.post(f"{url}/adapters/vqa-uploaded/publish", timeout=60, files=files)
+    assert good.status_code == 201, good.text
+    installed = AdapterRegistry(cluster["root"] / "adapters").resolve(good.json()["ref"]).path
+    assert json.loads((installed / GOLDEN_FILE).read_text())["ref"] == good.json()["ref"]
+    answer = httpx.post(f"{url}/vqa", timeout=60, json={"image": scene, "question": "what colour?",
+                                                        "adapter": good.json()["ref"]})
+    assert answer.status_code == 200, answer.text
+
+    def verified() -> dict | None:
+        golden = httpx.get(f"{url}/readyz", params={"verbose": "true"}, timeout=30).json()["details"]["golden"]
+        sets = golden["sets"]
+        return golden if sets.get(good.json()["ref"], {}).get("result") == "pass" and any(
+            r.startswith("vqa-tampered@") and o["result"] == "mismatch" for r, o in sets.items()) else None
+
+    golden = wait_until(verified, "the replicas' verification outcomes on the board", timeout=60)
+    assert golden["backbone"]["result"] == "pass"
 
 
 def kill_9(replica: str) -> None:
