@@ -235,7 +235,7 @@ def read_record(folder: str | Path, file: str = GOLDEN_FILE) -> GoldenRecord | N
     try:
         with path.open("rb") as f:
             data = f.read(MAX_RECORD_BYTES + 1)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         raise GoldenRecordError(f"cannot read {path}: {e.strerror}") from None

@@ -140,7 +140,13 @@ class Verifier:
         if record is None:
             started = time.perf_counter()
             made = self.prober.record()
-            path = write_record(fallback, made, fallback_file)
+            try:
+                path = write_record(fallback, made, fallback_file)
+            except OSError as e:  # a read-only data root: serve, unverified, and say so
+                log.warning("cannot write the backbone's golden record in %s (%s): it serves unverified", fallback,
+                            e.strerror)
+                return self._settle("backbone", "backbone", Outcome(
+                    "unrecorded", f"no record, and none can be written in {fallback}: {e.strerror}"))
             log.info("backbone golden record written to %s (%s/%s)", path, made.device, made.dtype)
             return self._settle("backbone", "backbone", Outcome(
                 "recorded", f"written to {path} on {made.device}/{made.dtype}", time.perf_counter() - started))
