@@ -18,11 +18,12 @@ from uniadapter_serve.adapters.datasets import (
 )
 from uniadapter_serve.adapters.evaluation import K_TEST, answer_accuracy, retrieval_recall
 from uniadapter_serve.adapters.format import BackboneInfo, load_adapter_set, save_adapter_set
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, write_record
 from uniadapter_serve.adapters.training import TrainConfig, train
 from uniadapter_serve.errors import ConfigError
 from uniadapter_serve.model.backbone import vision_config
 from uniadapter_serve.model.demo.world import World
-from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.loading import load_backbone, local_folder
 from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 
 
@@ -83,8 +84,20 @@ def run_train(args: Any) -> dict[str, Any]:
             sorted({a for q in items for a in q.answers})
         version = save_adapter_set(result.adapter, args.out, name=args.name, backbone=BackboneInfo.of(backbone),
                                    answer_list=answers, extra={"train": cfg.__dict__})
-        report.update(adapter_set=str(args.out), version=version)
+        # the record of the set as a server loads it, on the backbone it was trained on
+        saved = load_adapter_set(args.out, backbone)
+        prober = Prober(backbone, tokenizer, default_answers(args.backbone))
+        write_record(args.out, prober.record(saved.module, ref=saved.meta.ref, answer_list=saved.meta.answer_list))
+        report.update(adapter_set=str(args.out), version=version, golden=str(Path(args.out) / GOLDEN_FILE))
     return report
+
+
+def default_answers(backbone: str | Path) -> list[str]:
+    """The list a server on `backbone` ranks by default (without ANSWER_LIST): its folder's answer_list.json,
+    else the built-in one."""
+    folder = local_folder(backbone)
+    beside = folder / "answer_list.json" if folder is not None else None
+    return load_answer_list(beside if beside is not None and beside.is_file() else None)
 
 
 def run_eval(args: Any) -> dict[str, Any]:

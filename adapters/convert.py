@@ -36,6 +36,7 @@ import torch
 from transformers import BlipConfig
 
 from uniadapter_serve.adapters.format import BackboneInfo, load_adapter_set, save_adapter_set
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, write_record
 from uniadapter_serve.errors import CheckpointError
 from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.convert import (
@@ -51,6 +52,7 @@ from uniadapter_serve.model.convert import (
     write_backbone,
 )
 from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import HEAD_NAMES, AdapterSetModule, BackboneDims, UniAdapterConfig
 
 ADAPTER_ALIASES = (
@@ -272,7 +274,8 @@ def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, 
                                   name: str, task: str | None = None, vision_heads: int | None = None,
                                   text_heads: int | None = None, tokenizer: str | Path | None = None) -> dict[str, Any]:
     """Write the frozen backbone (transformers layout, with `tokenizer`'s files: see `write_backbone`) and the
-    adapter set; returns a report."""
+    adapter set, each with its golden record (`golden.json`: the bare backbone's and the set's, computed on the
+    CPU in float32 from the folders as a server loads them); returns a report."""
     source = Path(source)
     checkpoint = load_checkpoint(source)
     plan = plan_conversion(checkpoint.state, checkpoint.config, task=task, vision_heads=vision_heads,
@@ -287,8 +290,19 @@ def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, 
     version = save_adapter_set(module, set_dir, name=name, backbone=BackboneInfo.of(backbone),
                                extra={"source": str(source), "source_sha256": digest, "converted_from": "UniAdapter",
                                       "config_from": plan.config_from, "original_options": plan.original_options})
-    load_adapter_set(set_dir, backbone)  # round trip: the set loads on the backbone written beside it
-    return {"backbone": backbone_report, "dropped": dropped,
+    loaded = load_adapter_set(set_dir, backbone)  # round trip: the set loads on the backbone written beside it
+    prober = Prober(backbone, load_tokenizer(backbone_dir, backbone.config), _default_answers(Path(backbone_dir)))
+    write_record(backbone_dir, prober.record())
+    write_record(set_dir, prober.record(loaded.module, ref=loaded.meta.ref, answer_list=loaded.meta.answer_list))
+    return {"backbone": {**backbone_report, "golden": str(Path(backbone_dir) / GOLDEN_FILE)}, "dropped": dropped,
             "adapter_set": {"folder": str(set_dir), "name": name, "version": version, "task": plan.task,
                             "config": plan.adapter_config.to_dict(), "config_from": plan.config_from,
-                            "tunable_parameters": module.num_parameters()}}
+                            "tunable_parameters": module.num_parameters(),
+                            "golden": str(Path(set_dir) / GOLDEN_FILE)}}
+
+
+def _default_answers(backbone_dir: Path) -> list[str]:
+    """The list a server on this folder ranks by default (without ANSWER_LIST): the folder's answer_list.json,
+    else the built-in one."""
+    beside = backbone_dir / "answer_list.json"
+    return load_answer_list(beside if beside.is_file() else None)

@@ -1,6 +1,6 @@
 """Build the shipped demo: pre-train the tiny BLIP, train the UniAdapter sets, evaluate the paper's
 comparison in miniature (heads only / UniAdapter / full fine-tuning), and write everything under
-`model/demo/`. Reproducible from the seed:
+`model/demo/` (the backbone and each set with its golden record, `golden.json`). Reproducible from the seed:
 
     python -m uniadapter_serve.adapters.demo.build --seed 0
 
@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,14 @@ from safetensors.torch import save_file
 from uniadapter_serve.adapters.datasets import demo_images, demo_videoqa, demo_vqa
 from uniadapter_serve.adapters.demo.pretrain import pretrain
 from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
-from uniadapter_serve.adapters.format import BackboneInfo, save_adapter_set
+from uniadapter_serve.adapters.format import BackboneInfo, load_adapter_set, save_adapter_set
+from uniadapter_serve.adapters.golden import GoldenRecord, Prober, write_record
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
 from uniadapter_serve.model.demo.shipped import ANSWERS, DEMO_ROOT, SET_NAMES
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.preprocess import write_preprocessor_config
-from uniadapter_serve.model.tokenizer import BlipTokenizer
+from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,26 @@ def write_processing_files(tokenizer: BlipTokenizer, folder: Path, image_size: i
     """The tokenizer and preprocessor files alone (they can be rewritten without touching the weights)."""
     tokenizer.save(folder)
     write_preprocessor_config(folder, image_size)
+
+
+def write_golden(out: Path, subjects: Sequence[str]) -> dict[str, GoldenRecord]:
+    """golden.json beside the backbone (subject "backbone") and in each named set's folder (out/adapters/<name>/v1),
+    computed as a server started on `out/backbone` recomputes them: its backbone, tokenizer and default answer list
+    (answer_list.json) as loaded from that folder, float32 on the CPU."""
+    folder = out / "backbone"
+    backbone = load_backbone(folder)
+    prober = Prober(backbone, load_tokenizer(folder, backbone.config), load_answer_list(folder / "answer_list.json"))
+    written = {}
+    for subject in subjects:
+        if subject == "backbone":
+            record = prober.record()
+            write_record(folder, record)
+        else:
+            loaded = load_adapter_set(out / "adapters" / subject / "v1", backbone)
+            record = prober.record(loaded.module, ref=loaded.meta.ref, answer_list=loaded.meta.answer_list)
+            write_record(loaded.meta.path, record)
+        written[subject] = record
+    return written
 
 
 def evaluate(task: str, backbone: Any, tok: BlipTokenizer, adapter: Any, world: World) -> dict[str, float]:
@@ -107,6 +129,7 @@ def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> 
     log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
              losses[0], sum(tail) / len(tail))
     write_backbone(model, tok, args.out / "backbone")
+    write_golden(args.out, ["backbone"])
     results = {"tasks": {}, "seed": args.seed,
                "backbone": {"pretrain_steps": len(losses), "seconds": round(time.monotonic() - started),
                             "parameters": load_backbone(args.out / "backbone").component_parameters()}}
@@ -152,6 +175,7 @@ def train_sets(args: argparse.Namespace, world: World, tok: BlipTokenizer, modes
                                  answer_list=None if task == "retrieval" else ANSWERS,
                                  extra={"trained_on": "demo world", "metrics": metrics, "seed": args.seed,
                                         "steps": len(result.losses)})
+                write_golden(args.out, [SET_NAMES[task]])
             write_row(args.out, task, mode, row)
             shutil.rmtree(args.out / ".checkpoints" / f"{task}-{mode}", ignore_errors=True)
     assert unchanged(), "training changed the shared backbone"

@@ -381,3 +381,53 @@ def test_the_cli_writes_the_tokenizer_it_is_given(tmp_path, capsys):
                  *heads]) == 0
     assert "demo vocabulary" in json.loads(capsys.readouterr().out)["tokenizer"]
     assert BlipTokenizer.from_folder(tmp_path / "demo").count("zebra") > 1  # the demo vocabulary spells it out
+
+
+# -- golden records -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["retrieval_temporalTrue", "vqa_temporal"])
+def test_converted_folders_carry_golden_records_that_verify(kind, tmp_path):
+    """Both folders get golden.json; publishing the set keeps it; it verifies on the converted backbone and is
+    refused, naming a probe, on one whose vision layer is perturbed; so is the backbone's own record."""
+    from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, read_record
+    from uniadapter_serve.adapters.manager import AdapterManager
+    from uniadapter_serve.adapters.registry import AdapterRegistry
+    from uniadapter_serve.adapters.verification import Verifier
+    from uniadapter_serve.errors import GoldenMismatchError
+    from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
+
+    _, report, bb, _ = _convert(tmp_path, kind)
+    assert report["adapter_set"]["golden"] == str(tmp_path / "set" / GOLDEN_FILE)
+    bare, own = read_record(tmp_path / "bb"), read_record(tmp_path / "set")
+    assert bare is not None and bare.subject == "backbone" and bare.ref is None
+    assert own is not None and own.subject == "set" and own.ref == f"ua@{report['adapter_set']['version']}"
+    assert (bare.device, bare.dtype) == (own.device, own.dtype) == ("cpu", "float32")
+    expected = {"itm", "clip_itm", "clip_itc"} if kind.startswith("retrieval") else {"answer_scores", "greedy"}
+    assert expected <= set(own.probes)
+    if "answer_scores" in own.probes:  # no list of its own: the default list's first answers
+        assert own.probes["answer_scores"]["answers"] == load_answer_list(None)[:8]
+
+    registry = AdapterRegistry(tmp_path / "adapters")
+    meta = registry.publish_folder(tmp_path / "set")
+    assert (meta.path / GOLDEN_FILE).read_bytes() == (tmp_path / "set" / GOLDEN_FILE).read_bytes()
+
+    def verifier(backbone):
+        return Verifier(Prober(backbone, load_tokenizer(tmp_path / "bb", backbone.config), load_answer_list(None)))
+
+    good = verifier(bb)
+    with AdapterManager(bb, registry, device_budget_bytes=1 << 30, cpu_budget_bytes=0,
+                        verify=good.check_set).lease("ua") as lease:
+        assert lease.meta.ref == meta.ref
+    assert good.outcomes[meta.ref].result == "pass"
+    assert good.check_backbone(tmp_path / "bb", tmp_path / "data").result == "pass"
+
+    noisy = load_backbone(tmp_path / "bb")
+    fc = noisy.vision_model.encoder.layers[LAYER].mlp.fc1.weight
+    with torch.no_grad():
+        fc.add_(torch.randn(fc.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    bad = verifier(noisy)
+    with pytest.raises(GoldenMismatchError, match=r"probe \w+\[\d+\] differs by"):
+        AdapterManager(noisy, registry, device_budget_bytes=1 << 30, cpu_budget_bytes=0,
+                       verify=bad.check_set).acquire("ua")
+    assert bad.outcomes[meta.ref].result == "mismatch"
+    assert bad.check_backbone(tmp_path / "bb", tmp_path / "data").result == "mismatch"

@@ -1,5 +1,6 @@
 """The shipped demo model: its held-out scores reach the issue's targets and are the ones results.json
-and the README report; and a short adapter training on it learns without touching the backbone."""
+and the README report; a short adapter training on it learns without touching the backbone; and every shipped set
+and the backbone carry a small golden record that they reproduce."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
 from uniadapter_serve.adapters.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
 from uniadapter_serve.adapters.format import load_adapter_set
+from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, read_record
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
+from uniadapter_serve.adapters.verification import Verifier
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
@@ -126,3 +129,31 @@ def test_adapter_training_from_the_shipped_backbone(shipped):
 
 def test_default_answer_list_is_the_demo_worlds():
     assert load_answer_list() == ANSWERS == json.loads((DEMO_ROOT / "backbone" / "answer_list.json").read_text())
+
+
+GOLDEN_SUBJECTS = {"backbone": DEMO_ROOT / "backbone",
+                   **{name: DEMO_ROOT / "adapters" / name / "v1" for name in SET_NAMES.values()}}
+"""every shipped golden record's folder"""
+
+
+@pytest.mark.parametrize("subject", list(GOLDEN_SUBJECTS))
+def test_shipped_golden_records_verify(shipped, subject):
+    """Each shipped record (fp32, CPU) is reproduced by the shipped backbone in fp32, as a server checks it."""
+    backbone, tok, _ = shipped
+    record = read_record(GOLDEN_SUBJECTS[subject])
+    assert record is not None, f"{subject} ships no {GOLDEN_FILE}"
+    assert (record.device, record.dtype) == ("cpu", "float32")
+    verifier = Verifier(Prober(backbone, tok, load_answer_list(DEMO_ROOT / "backbone" / "answer_list.json")))
+    if subject == "backbone":
+        assert record.subject == "backbone"
+        verdict = verifier.verify(record, None, subject)
+    else:
+        loaded = load_adapter_set(GOLDEN_SUBJECTS[subject], backbone)
+        assert record.subject == "set" and record.ref == loaded.meta.ref
+        verdict = verifier.verify(record, loaded.module, subject, loaded.meta.answer_list)
+    assert verdict.ok, verdict.message()
+
+
+@pytest.mark.parametrize("subject", list(GOLDEN_SUBJECTS))
+def test_shipped_golden_records_are_small(subject):
+    assert (GOLDEN_SUBJECTS[subject] / GOLDEN_FILE).stat().st_size < 8 * 1024
