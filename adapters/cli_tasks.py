@@ -23,8 +23,8 @@ from uniadapter_serve.adapters.training import TrainConfig, train
 from uniadapter_serve.errors import ConfigError
 from uniadapter_serve.model.backbone import vision_config
 from uniadapter_serve.model.demo.world import World
-from uniadapter_serve.model.loading import load_backbone, local_folder
-from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
+from uniadapter_serve.model.loading import load_backbone
+from uniadapter_serve.model.tokenizer import default_answer_list, load_answer_list, load_tokenizer
 
 
 def load_data(task: str, split: str, *, data: str, n: int, image_size: int, seed: int,
@@ -92,12 +92,7 @@ def run_train(args: Any) -> dict[str, Any]:
     return report
 
 
-def default_answers(backbone: str | Path) -> list[str]:
-    """The list a server on `backbone` ranks by default (without ANSWER_LIST): its folder's answer_list.json,
-    else the built-in one."""
-    folder = local_folder(backbone)
-    beside = folder / "answer_list.json" if folder is not None else None
-    return load_answer_list(beside if beside is not None and beside.is_file() else None)
+default_answers = default_answer_list
 
 
 def run_eval(args: Any) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from uniadapter_serve.model.convert import (
     write_backbone,
 )
 from uniadapter_serve.model.loading import load_backbone
-from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
+from uniadapter_serve.model.tokenizer import default_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import HEAD_NAMES, AdapterSetModule, BackboneDims, UniAdapterConfig
 
 ADAPTER_ALIASES = (
@@ -291,7 +291,7 @@ def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, 
                                extra={"source": str(source), "source_sha256": digest, "converted_from": "UniAdapter",
                                       "config_from": plan.config_from, "original_options": plan.original_options})
     loaded = load_adapter_set(set_dir, backbone)  # round trip: the set loads on the backbone written beside it
-    prober = Prober(backbone, load_tokenizer(backbone_dir, backbone.config), _default_answers(Path(backbone_dir)))
+    prober = Prober(backbone, load_tokenizer(backbone_dir, backbone.config), default_answer_list(backbone_dir))
     write_record(backbone_dir, prober.record())
     write_record(set_dir, prober.record(loaded.module, ref=loaded.meta.ref, answer_list=loaded.meta.answer_list))
     return {"backbone": {**backbone_report, "golden": str(Path(backbone_dir) / GOLDEN_FILE)}, "dropped": dropped,
@@ -300,9 +300,3 @@ def convert_uniadapter_checkpoint(source: str | Path, backbone_dir: str | Path, 
                             "tunable_parameters": module.num_parameters(),
                             "golden": str(Path(set_dir) / GOLDEN_FILE)}}
 
-
-def _default_answers(backbone_dir: Path) -> list[str]:
-    """The list a server on this folder ranks by default (without ANSWER_LIST): the folder's answer_list.json,
-    else the built-in one."""
-    beside = backbone_dir / "answer_list.json"
-    return load_answer_list(beside if beside.is_file() else None)

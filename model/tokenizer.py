@@ -133,6 +133,14 @@ def load_tokenizer(source: str | Path, config: BlipConfig) -> BlipTokenizer:
     return tok
 
 
+def default_answer_list(backbone: str | Path) -> list[str]:
+    """The list a server on `backbone` ranks by default (without ANSWER_LIST): the answer_list.json beside the
+    backbone, else the built-in one."""
+    folder = local_folder(backbone)
+    beside = folder / "answer_list.json" if folder is not None else None
+    return load_answer_list(beside if beside is not None and beside.is_file() else None)
+
+
 def load_answer_list(path: str | Path | None = None) -> list[str]:
     """A VQA candidate answer list (JSON list of strings); the demo list by default."""
     data = json.loads(Path(path or DEMO_ANSWERS).read_text())

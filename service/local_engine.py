@@ -37,7 +37,7 @@ from uniadapter_serve.model.stages import (
     VisionOutput,
     make_stages,
 )
-from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
+from uniadapter_serve.model.tokenizer import BlipTokenizer, default_answer_list, load_answer_list, load_tokenizer
 from uniadapter_serve.service.batcher import Batcher, SelfCheck
 from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.jobs import Handler, Job
@@ -218,9 +218,7 @@ class LocalEngine(Engine):
     def _default_answer_strings(self) -> list[str]:
         if self.settings.answer_list is not None:
             return load_answer_list(self.settings.answer_list)
-        folder = local_folder(self.settings.backbone)
-        beside = folder / "answer_list.json" if folder is not None else None
-        return load_answer_list(beside if beside is not None and beside.is_file() else None)
+        return default_answer_list(self.settings.backbone)
 
     def _answer_list(self, answers: list[str]) -> AnswerList:
         return AnswerList(answers, self.tokenizer.encode_answers(answers))
