@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU (the device tool's H200, or yours):
-#   1. the GPU tests (pytest -m gpu): fp16/bf16 against fp32 with adapters, mixed batches, frame uploads,
+#   1. `uniadapter verify` on the demo, fp16 then bf16: the backbone's and the three demo sets' golden records
+#      (fp32 CPU ones) recomputed on the GPU, and a mixed batch of them against each row alone, so the first GPU
+#      run diagnoses itself (a table: worst probe, difference / tolerance, pass or mismatch);
+#   2. the GPU tests (pytest -m gpu): fp16/bf16 against fp32 with adapters, mixed batches, frame uploads,
 #      CPU-tier -> device copies, FAISS on the GPU (or why not), the service on the GPU;
-#   2. BLIP-base fp16 and bf16: images/s, VQA answers/s, GPU memory of the backbone + 3 sets;
-#   3. /vqa req/s through HTTP at 1 and 32 clients, fp16 then bf16 (short scenarios).
+#   3. BLIP-base fp16 and bf16: images/s, VQA answers/s, GPU memory of the backbone + 3 sets;
+#   4. /vqa req/s through HTTP at 1 and 32 clients, fp16 then bf16 (short scenarios).
 # Prints figures; every step runs even if an earlier one fails; the exit code is the first failure's.
 # Needs a CUDA torch in .venv (TORCH_SPEC with a CUDA build) or any python with the project installed
 # (PYTHON=...). Output is also written under ${OUT:-gpu-check-out}/.
@@ -36,6 +39,10 @@ print("faiss build", packages_distributions().get("faiss"), "gpus", faiss.get_nu
       "compile options", faiss.get_compile_options().strip())
 EOF
 
+for dtype in float16 bfloat16; do  # an empty data root: the demo's own records, nothing from a local data/ folder
+  step "verify-$dtype" "$PY" -m uniadapter_serve.service.cli verify --backbone demo --device cuda --dtype "$dtype" \
+    --data-root "$OUT/verify-data"
+done
 step gpu-tests "$PY" -m pytest -m gpu tests/gpu -v -p no:randomly -p no:cacheprovider
 step throughput "$PY" bench/gpu_throughput.py --backbone blip-base --dtypes float16,bfloat16 --rounds 10
 for dtype in float16 bfloat16; do

@@ -7,10 +7,15 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uniadapter_serve.errors import ConfigError, UniAdapterError
+
+if TYPE_CHECKING:
+    from uniadapter_serve.service.verify_tool import Bench
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -43,13 +48,71 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def _cmd_adapters_inspect(args: argparse.Namespace) -> int:
+    from uniadapter_serve.adapters.golden import Prober
     from uniadapter_serve.adapters.inspect import format_report, inspect_adapter_set
+    from uniadapter_serve.adapters.verification import Verifier
     from uniadapter_serve.model.loading import load_backbone
+    from uniadapter_serve.model.tokenizer import load_tokenizer
 
-    backbone = load_backbone(args.backbone) if args.backbone else None
-    report = inspect_adapter_set(args.path, backbone)
+    verifier = None
+    if args.backbone:
+        backbone = load_backbone(args.backbone)
+        verifier = Verifier(Prober(backbone, load_tokenizer(args.backbone, backbone.config)))
+    report = inspect_adapter_set(args.path, verifier=verifier)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report.get("compatible", True) else 3
+    if not report.get("compatible", True):
+        return 3
+    return 1 if report.get("verified", {}).get("result") == "mismatch" else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from uniadapter_serve.service import verify_tool
+
+    settings = verify_tool.settings_with(backbone=args.backbone, device=args.device, dtype=args.dtype,
+                                         data_root=args.data_root)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    bench = verify_tool.open_backbone(settings)
+    rows = verify_tool.verify(bench, args.adapter or (), adapters_dir=args.adapters_dir, record=args.record)
+    bad = verify_tool.failed(rows, strict=args.strict or settings.golden_required)
+    if args.json:
+        print(json.dumps({"backbone": settings.backbone, "on": bench.where, "ok": not bad,
+                          "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(verify_tool.format_table(rows))
+        counts = Counter(r.result for r in rows)
+        print(f"\nverify: {', '.join(f'{n} {result}' for result, n in sorted(counts.items()))} on {bench.where} "
+              f"(backbone {settings.backbone}): {'FAILED' if bad else 'ok'}")
+    return 1 if bad else 0
+
+
+def _record_bench(args: argparse.Namespace, backbone: str | None) -> Bench:
+    from uniadapter_serve.service import verify_tool
+
+    settings = verify_tool.settings_with(backbone=backbone, device=args.device, dtype=args.dtype)
+    return verify_tool.open_backbone(settings)
+
+
+def _cmd_adapters_record(args: argparse.Namespace) -> int:
+    from uniadapter_serve.service import verify_tool
+
+    folder = Path(args.folder)
+    if args.backbone_record:
+        if args.backbone:
+            raise ConfigError("--backbone-record records the backbone in FOLDER: leave out --backbone")
+        report = verify_tool.record_backbone(_record_bench(args, str(folder)), folder, force=args.force)
+    else:
+        report = verify_tool.record_set(_record_bench(args, args.backbone), folder, force=args.force)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_adapters_publish(args: argparse.Namespace) -> int:
+    from uniadapter_serve.service import verify_tool
+
+    bench = _record_bench(args, args.backbone)
+    target = Path(args.adapters_dir) if args.adapters_dir else bench.settings.adapters_dir
+    print(json.dumps(verify_tool.publish(bench, Path(args.folder), target, args.name), indent=2))
+    return 0
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
@@ -110,6 +173,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+GOLDEN = "golden.json"
+
+
+def _record_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="backbone source (default: UNIADAPTER_BACKBONE or 'demo')")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda[:N] | auto")
+    p.add_argument("--dtype", default="float32", help="float32 (default: a record is compared within the sum of "
+                   "both sides' tolerances, so float32 on the CPU makes the tightest one) | float16 | bfloat16")
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=["retrieval", "vqa", "videoqa"])
     p.add_argument("--backbone", default="demo", help="backbone source (default: demo)")
@@ -142,9 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
     inspect = adapters_sub.add_parser("inspect", help="task, version, size and compatibility of a set")
     inspect.add_argument("path", help="adapter-set folder")
-    inspect.add_argument("--backbone", help="check compatibility with this backbone source")
+    inspect.add_argument("--backbone", help="check compatibility with this backbone source, and recompute the "
+                         "set's golden record on it (CPU, float32; exit code 1 if it does not reproduce)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_cmd_adapters_inspect)
+    record = adapters_sub.add_parser("record", help=f"write a set's (or a backbone's) golden record, {GOLDEN}")
+    record.add_argument("folder", help="adapter-set folder (or backbone folder, with --backbone-record)")
+    record.add_argument("--backbone-record", action="store_true",
+                        help="FOLDER is a backbone: record the bare backbone into FOLDER/golden.json")
+    _record_args(record)
+    record.add_argument("--force", action="store_true", help=f"replace an existing {GOLDEN}")
+    record.set_defaults(func=_cmd_adapters_record)
+    publish = adapters_sub.add_parser("publish", help="validate a set folder, verify its golden record (or write "
+                                      "one), and publish it as a new version")
+    publish.add_argument("folder", help="adapter-set folder (left unchanged: the record goes into the new version)")
+    publish.add_argument("--adapters-dir", help="adapters root to publish into (default: UNIADAPTER_ADAPTERS_ROOT "
+                         "or DATA_ROOT/adapters); a running server sees the version within seconds")
+    publish.add_argument("--name", help="set name (must match the folder's config)")
+    _record_args(publish)
+    publish.set_defaults(func=_cmd_adapters_publish)
     convert = adapters_sub.add_parser("convert", help="UniAdapter checkpoint_XX.pth -> backbone folder + adapter set")
     convert.add_argument("checkpoint")
     convert.add_argument("--backbone-out", required=True, help="folder for the frozen backbone")
@@ -155,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--text-heads", type=int)
     convert.add_argument("--tokenizer", help=TOKENIZER_HELP)
     convert.set_defaults(func=_cmd_adapters_convert)
+
+    verify = sub.add_parser("verify", help="recompute the golden records of the backbone and the adapter sets on "
+                            "a device/dtype, and a mixed batch of every set against each row alone; prints a table "
+                            "(exit code 1 on any mismatch)")
+    verify.add_argument("--adapter", action="append", metavar="REF",
+                        help="check only this set (name or name@version); repeat for more (default: every set)")
+    verify.add_argument("--backbone", help="backbone source (default: UNIADAPTER_BACKBONE or 'demo')")
+    verify.add_argument("--device", help="auto | cpu | cuda[:N] (default: UNIADAPTER_DEVICE or auto)")
+    verify.add_argument("--dtype", help="auto | float32 | float16 | bfloat16 (default: UNIADAPTER_DTYPE or auto)")
+    verify.add_argument("--adapters-dir", type=Path, help="check the sets in this adapters root only (default: "
+                        "the server's, plus the shipped demo sets with the demo backbone)")
+    verify.add_argument("--data-root", help="where the backbone's record is looked for when none is beside it "
+                        "(DATA_ROOT/golden/), and the default adapters root")
+    verify.add_argument("--record", action="store_true", help="write the backbone's record to DATA_ROOT/golden/ "
+                        "when it has none (as the server does on its first start)")
+    verify.add_argument("--strict", action="store_true", help="unrecorded or incompatible sets (and an unrecorded "
+                        "backbone) fail too; so does UNIADAPTER_GOLDEN_REQUIRED")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=_cmd_verify)
 
     backbone = sub.add_parser("backbone", help="backbone tools")
     backbone_sub = backbone.add_subparsers(dest="backbone_command", required=True)
