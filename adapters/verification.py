@@ -8,6 +8,7 @@ A set without a record serves unverified (or is refused, with `required`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,9 +29,28 @@ from uniadapter_serve.adapters.golden import (
     write_record,
 )
 from uniadapter_serve.errors import GoldenMismatchError, GoldenRecordError
+from uniadapter_serve.model.backbone import BlipBackbone
 from uniadapter_serve.model.uniadapter import AdapterSetModule
 
 log = logging.getLogger(__name__)
+
+
+def record_of_another(record: GoldenRecord, meta: AdapterSetMeta) -> str:
+    """Why `record` is not the record of `meta`'s version ("" when it is)."""
+    if record.subject != "set" or (record.ref or "").rpartition("@")[2] != meta.version:
+        return f"its {GOLDEN_FILE} is the record of {record.ref or record.subject}, not of version {meta.version}"
+    return ""
+
+
+def backbone_record_home(backbone: BlipBackbone, data_root: Path) -> tuple[Path, str]:
+    """Where a backbone's record is written when its own folder holds none: (DATA_ROOT/golden, file name)."""
+    return data_root / "golden", f"backbone-{backbone_fingerprint(backbone)}.json"
+
+
+def find_backbone_record(backbone: BlipBackbone, folder: Path | None, data_root: Path) -> GoldenRecord | None:
+    """The backbone's record: beside it (`folder`/golden.json), else in the data root; None when neither has one."""
+    record = read_record(folder) if folder is not None else None
+    return record if record is not None else read_record(*backbone_record_home(backbone, data_root))
 
 
 @dataclass(frozen=True)
@@ -88,9 +108,9 @@ class Verifier:
                 log.warning("adapter set %s has no %s: it serves unverified", meta.ref, GOLDEN_FILE)
             self._settle("set", meta.ref, Outcome("unrecorded", f"no {GOLDEN_FILE}: serves unverified"))
             return
-        if record.subject != "set" or (record.ref or "").rpartition("@")[2] != meta.version:
-            detail = (f"adapter set {meta.ref}: its {GOLDEN_FILE} is the record of {record.ref or record.subject}, "
-                      f"not of version {meta.version}")
+        other = record_of_another(record, meta)
+        if other:
+            detail = f"adapter set {meta.ref}: {other}"
             self._settle("set", meta.ref, Outcome("mismatch", detail))
             raise GoldenMismatchError(detail)
         key = (meta.version, record.digest, backbone_fingerprint(self.prober.backbone), *self.where)
@@ -128,13 +148,9 @@ class Verifier:
         """The backbone's record: beside it (`folder`), else in `data_root/golden/`; verified when one exists,
         written there (never into the backbone's folder) on the first start without one. Returns the outcome;
         a mismatch is for the caller to act on (the server stays unready)."""
-        fingerprint = backbone_fingerprint(self.prober.backbone)
-        fallback = data_root / "golden"
-        fallback_file = f"backbone-{fingerprint}.json"
+        fallback, fallback_file = backbone_record_home(self.prober.backbone, data_root)
         try:
-            record = read_record(folder) if folder is not None else None
-            if record is None:
-                record = read_record(fallback, fallback_file)
+            record = find_backbone_record(self.prober.backbone, folder, data_root)
         except GoldenRecordError as e:
             return self._settle("backbone", "backbone", Outcome("mismatch", f"the backbone's golden record: {e}"))
         if record is None:
@@ -151,7 +167,12 @@ class Verifier:
             return self._settle("backbone", "backbone", Outcome(
                 "recorded", f"written to {path} on {made.device}/{made.dtype}", time.perf_counter() - started))
         verdict = self.verify(record, None, "the backbone")
-        outcome = self._settle("backbone", "backbone", self._outcome(verdict))
+        outcome = self._outcome(verdict)
+        fingerprint = backbone_fingerprint(self.prober.backbone)
+        if not verdict.ok and record.backbone != fingerprint:
+            outcome = dataclasses.replace(outcome, detail=f"{outcome.detail} (the record was computed on backbone "
+                                                          f"{record.backbone}; this one is {fingerprint})")
+        self._settle("backbone", "backbone", outcome)
         if verdict.ok:
             log.info("backbone verified on %s/%s in %.3f s (closest: %s)", *self.where, outcome.seconds, outcome.worst)
         else:

@@ -50,7 +50,12 @@ from uniadapter_serve.adapters.golden import (
 )
 from uniadapter_serve.adapters.inspect import probe_sizes
 from uniadapter_serve.adapters.registry import AdapterRegistry
-from uniadapter_serve.adapters.verification import Verifier
+from uniadapter_serve.adapters.verification import (
+    Verifier,
+    backbone_record_home,
+    find_backbone_record,
+    record_of_another,
+)
 from uniadapter_serve.errors import (
     AdapterFormatError,
     AdapterIncompatibleError,
@@ -233,13 +238,10 @@ def verify(bench: Bench, refs: Sequence[str] = (), *, adapters_dir: Path | None 
 def backbone_row(bench: Bench, *, record: bool = False) -> Row:
     """The backbone's record: beside it, else DATA_ROOT/golden/backbone-<fingerprint>.json (where the server writes
     it on its first start); none is written unless `record`."""
-    fingerprint = backbone_fingerprint(bench.backbone)
-    fallback, fallback_file = bench.settings.data_root / "golden", f"backbone-{fingerprint}.json"
+    fallback, fallback_file = backbone_record_home(bench.backbone, bench.settings.data_root)
     folder = local_folder(bench.settings.backbone)
     try:
-        found = read_record(folder) if folder is not None else None
-        if found is None:
-            found = read_record(fallback, fallback_file)
+        found = find_backbone_record(bench.backbone, folder, bench.settings.data_root)
     except GoldenRecordError as e:
         return Row("backbone", "-", bench.where, 0, "", 0.0, "mismatch", f"unreadable golden record: {e}")
     if found is None:
@@ -260,6 +262,7 @@ def backbone_row(bench: Bench, *, record: bool = False) -> Row:
         return Row("backbone", f"{found.device}/{found.dtype}", bench.where, len(found.probes), "", 0.0, "mismatch",
                    f"the record beside the backbone is the record of {found.ref or found.subject}")
     row = _verdict_row("backbone", bench.verifier.verify(found, None, "the backbone"), bench.where)
+    fingerprint = backbone_fingerprint(bench.backbone)
     if found.backbone != fingerprint and row.result != "pass":
         row.detail += f" (the record was computed on backbone {found.backbone}; this one is {fingerprint})"
     return row
@@ -325,13 +328,6 @@ def set_row(bench: Bench, meta: AdapterSetMeta) -> tuple[Row, AdapterSetModule |
         return Row(meta.ref, f"{found.device}/{found.dtype}", bench.where, len(found.probes), "", 0.0, "mismatch",
                    wrong), module
     return _verdict_row(meta.ref, bench.verifier.verify(found, module, meta.ref, meta.answer_list), bench.where), module
-
-
-def record_of_another(record: GoldenRecord, meta: AdapterSetMeta) -> str:
-    """Why `record` is not the record of `meta`'s version ("" when it is), as `Verifier.check_set` decides."""
-    if record.subject != "set" or (record.ref or "").rpartition("@")[2] != meta.version:
-        return f"its {GOLDEN_FILE} is the record of {record.ref or record.subject}, not of version {meta.version}"
-    return ""
 
 
 # -- the mixed batch ------------------------------------------------------------------------------------------
