@@ -243,9 +243,14 @@ def test_model_replicas_verify_sets_before_serving(cluster, tmp_path):
     assert good.status_code == 201, good.text
     installed = AdapterRegistry(cluster["root"] / "adapters").resolve(good.json()["ref"]).path
     assert json.loads((installed / GOLDEN_FILE).read_text())["ref"] == good.json()["ref"]
-    answer = httpx.post(f"{url}/vqa", timeout=60, json={"image": scene, "question": "what colour?",
-                                                        "adapter": good.json()["ref"]})
-    assert answer.status_code == 200, answer.text
+
+    def answered() -> httpx.Response | None:  # a replica without Redis events sees the new set within seconds
+        reply = httpx.post(f"{url}/vqa", timeout=60, json={"image": scene, "question": "what colour?",
+                                                           "adapter": good.json()["ref"]})
+        assert reply.status_code in (200, 404), reply.text
+        return reply if reply.status_code == 200 else None
+
+    wait_until(answered, "a model replica to serve the published set", timeout=60)
 
     def verified() -> dict | None:
         golden = httpx.get(f"{url}/readyz", params={"verbose": "true"}, timeout=30).json()["details"]["golden"]
