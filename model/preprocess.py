@@ -1,12 +1,16 @@
 """Image and frame preprocessing as BLIP does it: transparency composited onto white, resize (S, S)
 bicubic, scale to [0, 1], normalise with the CLIP mean/std. Plain torch on a PIL image (no torchvision).
 
+The service stops at the resized uint8 RGB (`image_to_pixels`, `array_to_pixels`): a quarter of the bytes of
+float32 to move between processes and to the device; the vision stage normalises there (`normalize`).
+
 The same settings, written as `preprocessor_config.json` beside a backbone (`write_preprocessor_config`),
 make transformers' `BlipProcessor.from_pretrained(folder)` compute the tensor the service computes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -35,20 +39,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) float32."""
+def image_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) uint8 RGB at model size, not yet normalised (`normalize` does that)."""
     rgb = to_rgb(image)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return array_to_tensor(np.asarray(rgb))
+    return array_to_pixels(np.asarray(rgb))
+
+
+def array_to_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) uint8, contiguous (a copy: PIL and PyAV arrays are read-only or reused)."""
+    return torch.tensor(pixels).permute(2, 0, 1).contiguous()
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) normalised float32."""
+    return normalize(image_to_pixels(image, size))
 
 
 def array_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 at model size -> (3, H, W) normalised float32."""
-    x = torch.tensor(pixels).permute(2, 0, 1).float().div_(255.0)  # copies: PIL arrays are read-only
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(array_to_pixels(pixels))
+
+
+@functools.cache
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) CLIP mean and std on `device`, made once per device (no host->device copy per batch)."""
+    return (torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(3, 1, 1))
+
+
+def normalize(pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(..., 3, H, W) uint8 RGB -> normalised: /255, minus the CLIP mean, over the CLIP std, on `pixels`'
+    device. The one place this arithmetic is written (host preprocessing and the vision stage both call it).
+    Computed in float32 then cast to `dtype` (None: float32), so a uint8 batch normalised on the device
+    equals, bit for bit, frames normalised on the host in float32 and then cast, whatever the dtype."""
+    mean, std = _clip_stats(pixels.device)
+    x = (pixels.float().div_(255.0) - mean) / std  # (..., 3, H, W) float32
+    return x if dtype is None or dtype == x.dtype else x.to(dtype)
 
 
 def preprocessor_config(size: int) -> dict[str, Any]:

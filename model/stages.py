@@ -26,6 +26,7 @@ import torch
 from transformers import BlipConfig
 
 from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
+from uniadapter_serve.model.preprocess import normalize
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.tokenizer import CAPTION_WORDS, QUESTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.model.vqa import RankScore, beam_search_answers, generate_answers, rank_answers
@@ -42,7 +43,9 @@ class VisionInput:
     """An image or a clip at model size, decoded and preprocessed outside the model thread."""
 
     pixels: torch.Tensor
-    """(T, 3, S, S): one frame for an image, T frames for a video."""
+    """(T, 3, S, S): one frame for an image, T frames for a video. uint8 RGB at model size as decoded (what
+    uploads carry: a quarter of float32's bytes to pickle and copy; the stage normalises on the device), or
+    float already normalised (`preprocess.image_to_tensor`: probes, tools, tests)."""
     video: bool = False
     embed: bool = True
     """compute the ITC embedding (retrieval); answering needs only the states, and a VQA checkpoint has no
@@ -234,10 +237,17 @@ class VisionStage(Stage[VisionInput, _Frames, _Seen]):
     name = "vision"
 
     def prepare(self, payloads: list[VisionInput]) -> _Frames:
-        frames = torch.cat([x.pixels for x in payloads])
+        raw = [x.pixels.dtype == torch.uint8 for x in payloads]
+        if all(raw) or not any(raw):
+            host = torch.cat([x.pixels for x in payloads])  # (sum T, 3, S, S) uint8, or normalised floats
+        else:  # uint8 uploads beside float probes (rare): those normalised here, the same numbers
+            host = torch.cat([normalize(x.pixels) if r else x.pixels for x, r in zip(payloads, raw, strict=True)])
         if self.device.type == "cuda":
-            frames = frames.pin_memory()  # page-locked: the copy overlaps with queued GPU work
-        frames = frames.to(self.device, self.backbone.dtype, non_blocking=True)
+            host = host.pin_memory()  # page-locked: the copy overlaps with queued GPU work
+        if host.dtype == torch.uint8:  # a quarter of the bytes over the bus; normalised on the device
+            frames = normalize(host.to(self.device, non_blocking=True), self.backbone.dtype)
+        else:
+            frames = host.to(self.device, self.backbone.dtype, non_blocking=True)
         return _Frames(payloads, frames, [x.pixels.shape[0] for x in payloads])
 
     def forward(self, batch: _Frames, routing: Routing) -> _Seen:
