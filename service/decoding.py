@@ -1,5 +1,7 @@
-"""Uploads to model inputs: an image or a clip decoded and preprocessed in worker threads (never on the event
-loop or the model thread), each holding its pixels of the decode budget until it is at model size."""
+"""Uploads to model inputs: an image or a clip decoded and resized in worker threads (never on the event
+loop or the model thread), each holding its pixels of the decode budget until it is at model size. The
+inputs carry uint8 RGB (a quarter of float32's bytes to a Ray replica and over the bus): the vision stage
+normalises on the device."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.model.media.budget import DecodeBudget
 from uniadapter_serve.model.media.image import load_image, probe_image
 from uniadapter_serve.model.media.video import decode_video, probe_video
-from uniadapter_serve.model.preprocess import image_to_tensor
+from uniadapter_serve.model.preprocess import image_to_pixels
 from uniadapter_serve.service import timing
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.settings import Settings
@@ -63,7 +65,7 @@ class VisionDecoder:
                                             target_size=size)
 
             def work() -> VisionInput:
-                return VisionInput(image_to_tensor(load_image(probe, size), size)[None])
+                return VisionInput(image_to_pixels(load_image(probe, size), size)[None])  # (1, 3, S, S) uint8
 
             async with self.hold(probe.pixels, field, bulk=bulk, deadline=deadline):
                 return await run_in_threadpool(work)
@@ -78,8 +80,8 @@ class VisionDecoder:
             async with self.hold(pixels, field, bulk=bulk, deadline=deadline):
                 frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
                                                  max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
-                                                 max_pixels=s.max_video_pixels, field=field)
-        return VisionInput(frames, video=True)
+                                                 max_pixels=s.max_video_pixels, field=field, normalised=False)
+        return VisionInput(frames, video=True)  # (T, 3, S, S) uint8
 
     async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str, *,
                           bulk: bool = False, deadline: Deadline | None = None) -> VisionInput:

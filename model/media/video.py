@@ -35,7 +35,7 @@ from uniadapter_serve.model.media.containers import (
 )
 from uniadapter_serve.model.media.containers import sniff_video_type as sniff_video_type  # callers import it here
 from uniadapter_serve.model.media.image import sniff_image_type
-from uniadapter_serve.model.preprocess import array_to_tensor
+from uniadapter_serve.model.preprocess import array_to_pixels, normalize
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def sample_times(start: float, duration: float, num_samples: int) -> list[float]
 @dataclass
 class DecodedClip:
     frames: torch.Tensor
-    """(T, 3, size, size) normalised"""
+    """(T, 3, size, size) normalised float32, or uint8 RGB with `normalised=False`"""
     timestamps: list[float]
     """presentation time (s) of each sampled frame"""
     decoded: int
@@ -78,14 +78,18 @@ def probe_video(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "v
 
 
 def decode_video(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
-                 field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> torch.Tensor:
-    """-> (num_frames, 3, size, size) normalised frames, or a MediaError naming the problem."""
+                 field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000,
+                 normalised: bool = True) -> torch.Tensor:
+    """-> (num_frames, 3, size, size) frames, or a MediaError naming the problem. Normalised float32, or with
+    normalised=False the uint8 RGB the model's vision stage normalises itself (what the service sends it)."""
     return decode_clip(data, num_frames=num_frames, size=size, max_bytes=max_bytes, max_seconds=max_seconds,
-                       max_pixels=max_pixels, field=field, timeout_s=timeout_s, max_decoded=max_decoded).frames
+                       max_pixels=max_pixels, field=field, timeout_s=timeout_s, max_decoded=max_decoded,
+                       normalised=normalised).frames
 
 
 def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_seconds: float, max_pixels: int,
-                field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000) -> DecodedClip:
+                field: str = "video", timeout_s: float = 30.0, max_decoded: int = 20_000,
+                normalised: bool = True) -> DecodedClip:
     with open_video(data, max_bytes=max_bytes, field=field) as container:
         stream = _video_stream(container, max_pixels, field)
         start, duration = _span(container, stream)
@@ -99,8 +103,8 @@ def decode_clip(data: bytes, *, num_frames: int, size: int, max_bytes: int, max_
                 picked = sampler.by_index(num_frames, max_seconds)
         except av.error.FFmpegError as e:
             raise CorruptMediaError(f"{field}: the video does not decode ({e})") from e
-    frames = [array_to_tensor(f) for f, _ in picked]
-    return DecodedClip(torch.stack(frames), [t for _, t in picked], sampler.decoded)
+    frames = torch.stack([array_to_pixels(f) for f, _ in picked])  # (T, 3, size, size) uint8
+    return DecodedClip(normalize(frames) if normalised else frames, [t for _, t in picked], sampler.decoded)
 
 
 def open_video(data: bytes, *, max_bytes: int, field: str = "video") -> av.container.InputContainer:
