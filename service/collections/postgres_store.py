@@ -8,6 +8,12 @@ which locks the collection's row until the transaction ends: writers to one coll
 become visible in seq order, so a replica replaying "ops after seq N" never skips one. The same transaction
 sends `NOTIFY uniadapter_collections, '<name>'`, delivered to every replica's listener at commit.
 
+An add is three statements whatever its size: one statement bumps `last_seq`, takes the item ids from the
+sequence, logs the ops and notifies (`RESERVE_ADDS`), then a binary `COPY` of the items and one of the
+embeddings (one INSERT per row through `executemany` ingested at 0.24x SQLite's rate; see
+bench/store_backends.py). COPY has no ON CONFLICT: a taken external id fails the items' COPY inside a
+savepoint, and the ids are then named under the lock the transaction still holds.
+
 Schema migrations are numbered and applied at start-up under an advisory lock, so replicas starting together
 apply each exactly once. When PostgreSQL cannot be reached, calls raise `StoreUnavailableError` (503 with
 Retry-After for writes; reads keep answering from the in-memory index).
@@ -88,10 +94,38 @@ TAKEN = ("SELECT i.external_id FROM unnest(%s::text[]) AS u (external_id) JOIN u
          "ON i.collection_id = %s::bigint AND i.external_id = u.external_id")
 """which of these external ids a collection has: one unique-index probe per id (`= ANY(array)` let the planner
 scan every item of the collection: the cost of an add grew with the collection)"""
+RESERVE_ADDS = """
+WITH bumped AS (
+    UPDATE uniadapter_collections SET last_seq = last_seq + %(n)s::bigint WHERE id = %(id)s::bigint
+    RETURNING last_seq - %(n)s::bigint AS base, generation
+), fresh AS (
+    SELECT bumped.base + k AS seq, nextval('uniadapter_items_item_id_seq') AS item_id
+    FROM bumped, generate_series(1, %(n)s::int) AS k
+), logged AS (
+    INSERT INTO uniadapter_ops (collection_id, seq, op, item_id) SELECT %(id)s::bigint, seq, 'add', item_id FROM fresh
+    RETURNING seq, item_id
+)
+SELECT generation, ARRAY(SELECT item_id FROM logged ORDER BY seq), pg_notify(%(channel)s, %(name)s) FROM bumped
+"""
+"""an add's first statement: no row if the collection is gone; the ops log item ids that have no row yet (the
+transaction writes them next, or rolls everything back); BIGSERIAL named the sequence"""
+COPY_ITEMS = ("COPY uniadapter_items (item_id, collection_id, external_id, source, sha256, metadata, created) "
+              "FROM STDIN (FORMAT BINARY)")
+COPY_EMBEDDINGS = "COPY uniadapter_embeddings (item_id, generation, vector) FROM STDIN (FORMAT BINARY)"
+NUL_IN_TEXT = "PostgreSQL text fields cannot contain NUL (0x00) bytes"
 
 
 def _item(row: Sequence[Any]) -> Item:
     return Item(int(row[0]), row[1], row[2], row[3], read_metadata(row[4]), float(row[5]))
+
+
+def refuse_nul(rows: Sequence[Sequence[Any]]) -> None:
+    """psycopg's text parameters refuse a NUL before PostgreSQL sees it; binary COPY sends text as it is, so
+    the same refusal (the same error) is made here."""
+    for row in rows:
+        for value in row:
+            if isinstance(value, str) and "\x00" in value:
+                raise psycopg.DataError(NUL_IN_TEXT)
 
 
 class PostgresBackend(StoreBackend):
@@ -278,38 +312,50 @@ class PostgresStore(Store):
         if len(set(ids)) != len(ids):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise ConflictError(f"duplicate ids in the request: {dupes[:5]}")
+        now = time.time()
+        rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), now) for it in items]
+        blobs = [{generation: vector_bytes(it.vector)} for it in items]
         with self._write() as conn, conn.transaction():
-            first, current = self._bump(conn, len(items))
+            current, item_ids = self._reserve_adds(conn, len(items))
             if current != generation:
                 raise GenerationChanged()
-            taken = [r[0] for r in conn.execute(TAKEN, (ids, self.id)).fetchall()]
-            if taken:
-                raise ConflictError(f"ids already in the collection: {sorted(taken)[:5]}")
-            now = time.time()
-            item_ids = self._insert_items(conn, [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), now)
-                                                 for it in items])
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s)",
-                                [(i, generation, vector_bytes(it.vector))
-                                 for i, it in zip(item_ids, items, strict=True)])
-                cur.executemany("INSERT INTO uniadapter_ops VALUES (%s, %s, 'add', %s)",
-                                [(self.id, first + k, i) for k, i in enumerate(item_ids)])
-            self._notify(conn)
+            refuse_nul(rows)
+            try:
+                with conn.transaction():  # a savepoint: a taken id fails the COPY, the collection stays locked
+                    self._copy_items(conn, item_ids, rows)
+            except psycopg.errors.UniqueViolation:
+                taken = [r[0] for r in conn.execute(TAKEN, (ids, self.id)).fetchall()]
+                if not taken:
+                    raise
+                raise ConflictError(f"ids already in the collection: {sorted(taken)[:5]}") from None
+            self._copy_vectors(conn, item_ids, blobs)
             return item_ids
 
-    def _insert_items(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> list[int]:
-        out: list[int] = []
-        with conn.cursor() as cur:
-            cur.executemany("INSERT INTO uniadapter_items (collection_id, external_id, source, sha256, metadata, "
-                            "created) VALUES (%s, %s, %s, %s, %s, %s) RETURNING item_id",
-                            [(self.id, *r) for r in rows], returning=True)
-            while True:
-                row = cur.fetchone()
-                assert row is not None
-                out.append(int(row[0]))
-                if not cur.nextset():
-                    break
-        return out
+    def _reserve_adds(self, conn: psycopg.Connection[Any], n: int) -> tuple[int, list[int]]:
+        """One statement for what an add of n items needs before its rows: n op seqs (locking the
+        collection's row until commit), n item ids, the n 'add' ops and the notification -> (generation,
+        item ids in op order)."""
+        row = conn.execute(RESERVE_ADDS, {"n": n, "id": self.id, "channel": CHANNEL, "name": self.name}).fetchone()
+        if row is None:
+            raise CollectionGone(self.name)
+        return int(row[0]), [int(i) for i in row[1]]
+
+    def _copy_items(self, conn: psycopg.Connection[Any], item_ids: list[int],
+                    rows: list[tuple[str, str, str | None, str, float]]) -> None:
+        """rows: (external id, source, sha256, metadata JSON, created), one per item id."""
+        with conn.cursor() as cur, cur.copy(COPY_ITEMS) as copy:
+            copy.set_types(["int8", "int8", "text", "text", "text", "text", "float8"])
+            for item_id, row in zip(item_ids, rows, strict=True):
+                copy.write_row((item_id, self.id, *row))
+
+    def _copy_vectors(self, conn: psycopg.Connection[Any], item_ids: list[int], blobs: list[dict[int, bytes]]
+                      ) -> None:
+        """blobs: generation -> float32 bytes, one dict per item id."""
+        with conn.cursor() as cur, cur.copy(COPY_EMBEDDINGS) as copy:
+            copy.set_types(["int8", "int4", "bytea"])
+            for item_id, vectors in zip(item_ids, blobs, strict=True):
+                for gen, blob in vectors.items():
+                    copy.write_row((item_id, gen, blob))
 
     def import_items(self, rows: Sequence[tuple[Item, float, dict[int, bytes]]]) -> None:
         """Migration: insert items as they are (with their created time and an embedding per generation),
@@ -319,16 +365,12 @@ class PostgresStore(Store):
             todo = [r for r in rows if r[0].external_id not in taken]
             if not todo:
                 return
-            first, _ = self._bump(conn, len(todo))
-            item_ids = self._insert_items(conn, [(it.external_id, it.source, it.sha256, json.dumps(it.metadata),
-                                                  created) for it, created, _ in todo])
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s)",
-                                [(i, gen, blob) for i, (_, _, vectors) in zip(item_ids, todo, strict=True)
-                                 for gen, blob in vectors.items()])
-                cur.executemany("INSERT INTO uniadapter_ops VALUES (%s, %s, 'add', %s)",
-                                [(self.id, first + k, i) for k, i in enumerate(item_ids)])
-            self._notify(conn)
+            item_rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), created)
+                         for it, created, _ in todo]
+            refuse_nul(item_rows)
+            _, item_ids = self._reserve_adds(conn, len(todo))
+            self._copy_items(conn, item_ids, item_rows)
+            self._copy_vectors(conn, item_ids, [vectors for _, _, vectors in todo])
 
     def set_state(self, meta: CollectionMeta) -> None:
         """Migration: the source's generation, adapter binding and creation time."""

@@ -8,7 +8,7 @@ import pytest
 from uniadapter_serve.errors import ConfigError, ConflictError, NotFoundError
 from uniadapter_serve.service.collections.collection import SNAPSHOT_FILE, Collection
 from uniadapter_serve.service.collections.index import VectorIndex
-from uniadapter_serve.service.collections.store import NewItem
+from uniadapter_serve.service.collections.store import GenerationChanged, NewItem
 
 DIM = 16
 
@@ -144,3 +144,49 @@ def test_bad_factory():
         VectorIndex(DIM, "NotAnIndex")
     with pytest.raises(ConfigError, match="leave out IDMap"):
         VectorIndex(DIM, "IDMap2,Flat")
+
+
+def test_a_rejected_batch_writes_nothing(coll):
+    """A conflict anywhere in a large batch (inside it, or against a stored item) rejects all of it: no item,
+    no vector, no op, the seq unchanged (PostgreSQL finds the stored one when its bulk COPY fails)."""
+    new(coll, unit(10, 20))
+    seq, before = coll.store.last_seq(), coll.store.all_items()
+    batch = [NewItem(f"b{i}", "upload:x", None, {}, v) for i, v in enumerate(unit(600, 21))]
+    with pytest.raises(ConflictError, match=r"duplicate ids in the request: \['b7'\]"):
+        coll.store.add([*batch, NewItem("b7", "s", None, {}, batch[0].vector)], 0)
+    with pytest.raises(ConflictError, match=r"ids already in the collection: \['x3', 'x9'\]"):
+        coll.store.add([*batch[:300], NewItem("x9", "s", None, {}, batch[0].vector), *batch[300:],
+                        NewItem("x3", "s", None, {}, batch[1].vector)], 0)
+    with pytest.raises(GenerationChanged):
+        coll.store.add(batch, 1)
+    assert coll.store.last_seq() == seq and coll.store.ops_after(seq) == []
+    assert coll.store.all_items() == before and len(coll.store.all_vectors(0, DIM)[0]) == 10
+    assert coll.store.add(batch, 0)  # and the same batch goes in once nothing conflicts
+    assert coll.store.count() == 610
+
+
+def test_a_large_batch_round_trips_exactly(coll):
+    """5,000 items in one add: ids in order, fields and metadata as given, vectors bit for bit (-0.0,
+    subnormals, NaN payloads, extremes), one 'add' op per item in order."""
+    n = 5000
+    x = unit(n, 22)
+    x[0, :4] = [-0.0, np.float32(1e-45), np.finfo(np.float32).max, np.finfo(np.float32).min]
+    x[1, 0] = np.frombuffer(b"\x01\x00\xc0\x7f", np.float32)[0]  # a NaN with a payload
+    items = [NewItem(f"id-{i}-ü\u4e2d{'é' * (i % 7)}", f"upload:{i:05x}.png", None if i % 3 else f"{i:064x}",
+                     {"i": i, "caption": "a 'quoted' \"thing\"\t\\n", "nested": {"list": [i, None, True, 1.5]},
+                      "nul\x00key": "nul\x00value", "emoji": "\U0001f600"} if i % 2 else {}, v)
+             for i, v in enumerate(x)]
+    seq = coll.store.last_seq()
+    ids = coll.store.add(items, 0)
+    assert len(ids) == n and ids == sorted(ids) and len(set(ids)) == n
+    got = {it.item_id: it for it in coll.store.all_items()}
+    for item_id, it in zip(ids, items, strict=True):
+        stored = got[item_id]
+        assert (stored.external_id, stored.source, stored.sha256, stored.metadata) == (
+            it.external_id, it.source, it.sha256, it.metadata)
+    assert len({it.created for it in got.values()}) == 1
+    stored_ids, vectors = coll.store.all_vectors(0, DIM)
+    assert list(stored_ids) == ids and vectors.tobytes() == x.tobytes()
+    assert coll.store.ops_after(seq) == [(seq + 1 + k, "add", i) for k, i in enumerate(ids)]
+    coll.sync()
+    assert coll.index.ntotal == n and coll.search(x[4000], 1)[0].item.external_id == items[4000].external_id
