@@ -1,6 +1,7 @@
-"""Hot-swapping adapter sets on one frozen BLIP backbone (CPU, fp32): swap, cold load, mixed batches.
+"""Hot-swapping adapter sets on one frozen BLIP backbone (CPU, fp32): swap, cold load, mixed batches, cold load
+with golden verification.
 
-Three measurements, each printed with its median and, where there is a target, the ratio or
+Four measurements, each printed with its median and, where there is a target, the ratio or
 value next to it with "ok" or "MISSED":
 
 1. swap: routing a batch to another already-resident set is `AdapterManager.acquire(ref)` +
@@ -21,6 +22,15 @@ value next to it with "ok" or "MISSED":
    then on `blip-base` with image batch 4 and text batch 16 (one row per set in the image
    batch: the worst case; `--base-image-batch 0 --base-text-batch 0` skips it). Target: mixed
    >= 0.8x single. The routing is built inside every call for both variants, as a server would.
+4. cold load with golden verification (issue 24): on the shipped demo backbone, per task (--verify-tasks:
+   retrieval, vqa), two random sets of about 20 M parameters (--verify-params; bottleneck ~9,700 at 128-d),
+   published with their golden records; timed side by side: a cold load without verification, with a first
+   verification (`AdapterManager(verify=Verifier(Prober(...)).check_set)`, a fresh Verifier per load, so the
+   probes run; target < 0.3 s), a reload from disk with the pass remembered, and a hot swap (a reload from the
+   CPU tier after the other set evicted it; the pass remembered, so no probe runs: the count printed must be 0).
+   Then a first verification step by step (read golden.json, probe inputs, each served stage, the rest of the
+   probes, compare()). The same for a ~20 M retrieval set on the blip-base backbone (--base-verify-rounds,
+   --base-verify-tasks; each round runs BLIP-base's probes once on the CPU: 3-6 s on two cores).
 
 Machines are noisy, so the variants of each measurement are timed side by side in one run:
 every round takes one sample of each variant (the order rotating from round to round), a
@@ -35,7 +45,8 @@ Run from the repository root:
     .venv/bin/python bench/hot_swap.py
     .venv/bin/python bench/hot_swap.py --rounds 15 --cold-rounds 7 --threads 4 --base-image-batch 8
 
-The defaults take about 75 s on two cores and peak near 3.3 GB of memory (two BLIP-base
+The defaults take about 75 s on two cores (section 4 adds about 15 s on the demo model and about 40 s on
+blip-base; `--verify-rounds 0 --base-verify-rounds 0` skips it) and peak near 3.3 GB of memory (two BLIP-base
 backbones alive while the reload is timed; `--skip-cold`: about 2.2 GB).
 """
 
@@ -49,8 +60,11 @@ import platform
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from benchkit import half_iqr, rotating_rounds
@@ -59,21 +73,29 @@ from safetensors.torch import save_file
 from uniadapter_serve.adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    AdapterSetMeta,
     BackboneInfo,
     check_compatible,
+    load_adapter_set,
     read_adapter_meta,
 )
+from uniadapter_serve.adapters.golden import GoldenRecord, Prober, compare, probe_clip, probe_images, read_record
 from uniadapter_serve.adapters.manager import AdapterManager
 from uniadapter_serve.adapters.registry import AdapterRegistry
-from uniadapter_serve.model.backbone import BlipBackbone
-from uniadapter_serve.model.loading import load_backbone, random_backbone
+from uniadapter_serve.adapters.verification import Verifier
+from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
+from uniadapter_serve.model.loading import DEMO_DIR, load_backbone, random_backbone
 from uniadapter_serve.model.routing import Routing
+from uniadapter_serve.model.stages import RankPlan, make_stages
 from uniadapter_serve.model.testing import random_adapter, random_batch
+from uniadapter_serve.model.tokenizer import BlipTokenizer, load_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import AdapterSetModule, UniAdapterConfig
 
 SWAP_TARGET_S = 1e-3
 COLD_TARGET_S = 0.3
 COLD_RATIO_TARGET = 50.0
+VERIFIED_TARGET_S = 0.3
+"""a cold load with golden verification of a 20 M set on the demo model (issue 24)"""
 MIX_RATIO_TARGET = 0.8
 N_SETS = 4
 TEXT_LEN = 32
@@ -353,13 +375,17 @@ def bench_cold(args: argparse.Namespace, root: Path, backbone: BlipBackbone) -> 
 def bench_base(args: argparse.Namespace, root: Path) -> None:
     """Section 2 and the blip-base part of section 3, on one BLIP-base backbone built here."""
     batches = {path: n for path, n in (("image", args.base_image_batch), ("text", args.base_text_batch)) if n > 0}
-    if args.skip_cold and not batches:
+    if args.skip_cold and not batches and args.base_verify_rounds <= 0:
         return
     start = time.perf_counter()
     backbone = build_backbone("blip-base")
     print(f"\n(blip-base backbone built in {time.perf_counter() - start:.1f} s)")
     if not args.skip_cold:
         bench_cold(args, root, backbone)
+    if args.base_verify_rounds > 0:
+        setup = VerifiedSetup("blip-base (random backbone)", backbone,
+                              BlipTokenizer.demo(text_config(backbone.config).vocab_size), load_answer_list(), False)
+        bench_verified(setup, root, args, args.base_verify_rounds, args.base_verify_tasks)
     if batches:
         config = UniAdapterConfig.for_task("retrieval", bottleneck=args.cold_bottleneck)
         modules = [random_adapter(backbone, config, seed=10 + k) for k in range(N_SETS)]
@@ -367,6 +393,197 @@ def bench_base(args: argparse.Namespace, root: Path) -> None:
         del modules
     del backbone
     collect()
+
+
+# -- 4. cold load with golden verification ----------------------------------------------------
+
+
+class TimedStage:
+    """A served stage that adds its seconds to `clock[name]` (the verifier's probes run through the stages)."""
+
+    def __init__(self, stage: Any, clock: defaultdict[str, float]) -> None:
+        self.stage, self.clock, self.name, self.kind = stage, clock, stage.name, stage.kind
+
+    def __call__(self, payloads: Sequence[Any], routing: Routing) -> list[Any]:
+        plan = getattr(payloads[0], "plan", None) if payloads else None
+        key = self.name if plan is None else f"{self.name} ({'rank' if isinstance(plan, RankPlan) else 'generate'})"
+        start = time.perf_counter()
+        try:
+            return self.stage(payloads, routing)
+        finally:
+            self.clock[key] += time.perf_counter() - start
+
+
+def bottleneck_for(dims: Any, task: str, params: float) -> int:
+    """The bottleneck whose set for `task` has about `params` parameters (counted on the meta device)."""
+    def count(bottleneck: int) -> int:
+        with torch.device("meta"):
+            return AdapterSetModule(UniAdapterConfig.for_task(task, bottleneck=bottleneck), dims,
+                                    init=False).num_parameters()
+    base, per = count(1), count(2) - count(1)
+    return max(1, round((params - base + per) / per))
+
+
+@dataclass
+class VerifiedSetup:
+    label: str
+    backbone: BlipBackbone
+    tokenizer: BlipTokenizer
+    answers: list[str]
+    """the server's default answer list"""
+    target: bool
+    """whether VERIFIED_TARGET_S applies"""
+
+
+def demo_setup() -> VerifiedSetup:
+    backbone = load_backbone("demo")
+    return VerifiedSetup("demo model (the shipped backbone)", backbone, load_tokenizer("demo", backbone.config),
+                         load_answer_list(DEMO_DIR / "answer_list.json"), True)
+
+
+def verify_breakdown(prober: Prober, clock: defaultdict[str, float], meta: AdapterSetMeta, module: AdapterSetModule,
+                     n: int) -> dict[str, float]:
+    """Median seconds of each step of a first verification (what `Verifier.check_set` does on a miss), over `n`
+    runs: read golden.json, make the probe inputs, each served stage (the answer stage's rank and generate calls
+    apart), the rest of the probes (mostly the greedy margins' teacher-forced passes, one question at a time),
+    compare()."""
+    steps: dict[str, list[float]] = {}
+    size = prober.size
+    frames = meta.config.num_frames if meta.config.temporal_embedding else 4
+    for _ in range(n):
+        collect()
+        clock.clear()
+        t0 = time.perf_counter()
+        record = read_record(meta.path)
+        t1 = time.perf_counter()
+        probe_images(size)
+        if meta.config.task == "videoqa" or meta.config.temporal_embedding:
+            probe_clip(size, frames)
+        t2 = time.perf_counter()
+        assert record is not None
+        answers = record.probes.get("answer_scores", {}).get("answers")
+        got = prober.record(module, ref=record.ref, answer_list=meta.answer_list, answers=answers,
+                            probes=list(record.probes))
+        t3 = time.perf_counter()
+        verdict = compare(meta.ref, record, got, prober.tokenizer)
+        t4 = time.perf_counter()
+        if not verdict.ok:
+            print(f"  warning: {verdict.message()}")
+        staged = dict(clock)
+        row = {"read golden.json": t1 - t0, "probe inputs (PIL, preprocess)": t2 - t1,
+               **{f"stage {k}": v for k, v in sorted(staged.items())},
+               "rest of the probes (greedy margins, sketches)": max(t3 - t2 - sum(staged.values()), 0.0),
+               "whole Prober.record": t3 - t2,
+               "compare()": t4 - t3}
+        for k, v in row.items():
+            steps.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in steps.items()}
+
+
+def bench_verified(setup: VerifiedSetup, root: Path, args: argparse.Namespace, rounds: int,
+                   tasks: Sequence[str]) -> None:
+    """Per task in --verify-tasks, for a set of about --verify-params parameters: a cold load without and with
+    golden verification, a reload from disk with the pass remembered, and a hot swap (a reload from the CPU tier
+    after eviction); then where a first verification's time goes."""
+    b = setup.backbone
+    section(f"4. cold load with golden verification: {setup.label}, {text_config(b.config).hidden_size}-d, "
+            f"{vision_config(b.config).image_size} px, CPU, fp32")
+    clock: defaultdict[str, float] = defaultdict(float)
+    stages = {name: TimedStage(st, clock) for name, st in make_stages(b, setup.tokenizer).items()}
+    prober = Prober(b, setup.tokenizer, setup.answers, stages)  # type: ignore[arg-type]
+    for task in tasks:
+        verified_task(setup, prober, clock, task, root, args, rounds)
+        collect()
+
+
+def record_of(prober: Prober, module: AdapterSetModule) -> Callable[[AdapterSetMeta], GoldenRecord]:
+    """The `golden` hook of `AdapterRegistry.publish`, as the publish route passes it."""
+    def make(meta: AdapterSetMeta) -> GoldenRecord:
+        return prober.record(module, ref=meta.ref, answer_list=meta.answer_list)
+    return make
+
+
+def verified_task(setup: VerifiedSetup, prober: Prober, clock: defaultdict[str, float], task: str, root: Path,
+                  args: argparse.Namespace, rounds: int) -> None:
+    t0 = time.perf_counter()
+    b = setup.backbone
+    bottleneck = bottleneck_for(b.dims, task, args.verify_params)
+    registry = AdapterRegistry(root / f"verified-{task}-{text_config(b.config).hidden_size}")
+    config = UniAdapterConfig.for_task(task, bottleneck=bottleneck)
+    info = BackboneInfo.of(b)
+    refs = []
+    for k in range(2):  # two sets: the hot swap alternates them through a device tier that holds one
+        module = random_adapter(b, config, seed=50 + k, std=0.02)
+        meta = registry.publish(module, f"{task}-{k}", info, golden=record_of(prober, module))
+        refs.append(meta.ref)
+    del module
+    meta = registry.resolve(refs[0])
+    set_bytes = (meta.path / WEIGHTS_FILE).stat().st_size
+    warm_page_cache([registry.resolve(r).path / f for r in refs for f in (WEIGHTS_FILE, CONFIG_FILE, "golden.json")])
+    print(f"  {task}: bottleneck {bottleneck}, {meta.num_parameters / 1e6:.1f} M params, {set_bytes / 1e6:.0f} MB, "
+          f"golden.json {(meta.path / 'golden.json').stat().st_size / 1e3:.1f} KB "
+          f"(two sets published with their records in {time.perf_counter() - t0:.1f} s)")
+
+    plain = AdapterManager(b, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0)
+    first = AdapterManager(b, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0)
+    kept = Verifier(prober)
+    cached = AdapterManager(b, registry, device_budget_bytes=DEVICE_BUDGET, cpu_budget_bytes=0,
+                            verify=kept.check_set)
+    one_set = int(set_bytes * 1.05)  # the device tier holds one set: each acquire evicts the other to the CPU tier
+    swapping = AdapterManager(b, registry, device_budget_bytes=one_set, cpu_budget_bytes=3 * one_set,
+                              verify=kept.check_set)
+
+    def verified_first() -> float:
+        first.verify = Verifier(prober).check_set  # nothing remembered: the probes run
+        return cold_acquire(first, refs[0])
+
+    def hot_swap() -> float:
+        """acquire refs[1] (refs[0] goes to the CPU tier), then time re-acquiring refs[0] from there"""
+        swapping.acquire(refs[1]).release()
+        collect()
+        start = time.perf_counter()
+        swapping.acquire(refs[0]).release()
+        return time.perf_counter() - start
+
+    calls: list[Callable[[], float]] = [lambda: cold_acquire(plain, refs[0]), verified_first,
+                                        lambda: cold_acquire(cached, refs[0]), hot_swap]
+    for call in (calls[0], calls[2], calls[3]):  # warm-up (untimed), which runs the probes once: the pass kept
+        call()
+    checks_before = sum(kept.counts.values())
+    hits_before = swapping.stats["cpu_hits"]
+    samples = rotating_rounds(calls, rounds)
+    new_checks = sum(kept.counts.values()) - checks_before
+    plain_s, first_s, cached_s, swap_s = (statistics.median(x) for x in samples)
+    target = ("< 0.3 s", verdict(first_s < VERIFIED_TARGET_S)) if setup.target else ("", "")
+    report(f"  cold load, no verification (n={rounds})", fmt_s(plain_s))
+    report("  cold load, first verification (the probes run)", fmt_s(first_s), *target)
+    report("  reload from disk after unload, pass remembered", fmt_s(cached_s))
+    report("  hot swap: reload from the CPU tier after eviction, pass remembered", fmt_s(swap_s))
+    report("  verified / plain cold load", f"{first_s / plain_s:.2f}x")
+    report("  remembered / plain cold load | hot swap / plain", f"{cached_s / plain_s:.2f}x | {swap_s / plain_s:.2f}x")
+    report("  verifications during the remembered loads (0: every pass came from the cache)", str(new_checks))
+    if new_checks or swapping.stats["cpu_hits"] - hits_before < rounds:
+        print(f"  warning: expected remembered passes and CPU-tier hits; verifier {dict(kept.counts)}, "
+              f"swap manager {dict(swapping.stats)}")
+    remembered = []
+    for _ in range(max(3, rounds)):
+        with swapping.lease(refs[0]) as lease:  # resident: only the check is timed
+            start = time.perf_counter()
+            kept.check_set(meta, lease.module)
+            remembered.append(time.perf_counter() - start)
+    report("  of a remembered load: check_set (read golden.json, digests, lookup)",
+           fmt_s(statistics.median(remembered)))
+    module = load_adapter_set(meta.path, b, meta=meta).module
+    steps = verify_breakdown(prober, clock, meta, module, rounds)
+    whole = steps.pop("whole Prober.record")
+    total = sum(steps.values())
+    print(f"  a first verification step by step, {rounds} more runs, medians (sum {fmt_s(total)}; the probes, "
+          f"Prober.record, {fmt_s(whole)}):")
+    for step, seconds in steps.items():
+        report(f"    {step}", f"{fmt_s(seconds)} ({seconds / total:.0%})")
+    for manager in (plain, first, cached, swapping):
+        for ref in refs:
+            manager.unload(ref)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -387,6 +604,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-text-batch", type=int, default=16, help="blip-base mixed/single, text path (0: skip)")
     p.add_argument("--base-rounds", type=int, default=5, help="rounds of the blip-base mixed-batch comparison")
     p.add_argument("--base-min-time", type=float, default=0.0, help="seconds per blip-base sample (0: one call)")
+    p.add_argument("--verify-params", type=float, default=20e6, help="section 4: parameters of the sets")
+    p.add_argument("--verify-tasks", nargs="+", default=["retrieval", "vqa"], choices=("retrieval", "vqa", "videoqa"),
+                   help="section 4, demo model: a set per task")
+    p.add_argument("--verify-rounds", type=int, default=7, help="section 4, demo model: rounds (0: skip)")
+    p.add_argument("--base-verify-tasks", nargs="+", default=["retrieval"], choices=("retrieval", "vqa", "videoqa"),
+                   help="section 4, blip-base: a set per task")
+    p.add_argument("--base-verify-rounds", type=int, default=1,
+                   help="section 4, blip-base: rounds (0: skip; each round runs the probes once, ~10 s on 2 cores)")
     p.add_argument("--skip-cold", action="store_true", help="skip section 2 (the only one needing ~3.3 GB)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--tmpdir", default=None, help="where to write the temporary backbone and sets")
@@ -438,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         root = Path(tmp)
         bench_small(args, root)
         collect()
+        if args.verify_rounds > 0:
+            bench_verified(demo_setup(), root, args, args.verify_rounds, args.verify_tasks)
+            collect()
         bench_base(args, root)
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.1f} s; other processes used {foreign_share(busy, own, wall)} of the CPUs meanwhile "
