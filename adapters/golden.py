@@ -5,8 +5,8 @@ before it serves on a device and dtype (`adapters/verification.py`).
 The probes are made from a fixed seed at the backbone's size (structured images: a gradient and three shapes; a clip
 of a square crossing the frame; two captions and two questions), never stored media, and they run through the
 stages that serve requests (`model/stages.py`) with the set routed as in a batch. What is recorded, by task:
-- retrieval: ITC embeddings of the images, texts (and the clip, for video sets) and ITM probabilities of every
-  image/text pair;
+- retrieval: ITC embeddings of the images, texts (and the clip, for video sets) and the ITM log-odds of every
+  image/text pair (log-odds, not probabilities: a probability near 0 or 1 hides a change);
 - VQA / VideoQA: the log-likelihood of the first answers of the list (the strings are recorded, so verifying does
   not depend on the server's list) and the greedy answer with its score;
 - the bare backbone: each image's [CLS] state, plus the above for the heads and decoder it has.
@@ -47,6 +47,7 @@ from uniadapter_serve.model.stages import (
     AnswerInput,
     GeneratePlan,
     MatchInput,
+    MatchStage,
     RankPlan,
     Stage,
     TextInput,
@@ -70,18 +71,22 @@ CLIP_FRAMES = 4
 TEXTS = ("a red circle on the left of a blue square", "two green triangles above a yellow line")
 QUESTIONS = ("what color is the circle?", "is the square on the left or the right?")
 
-KINDS = ("unit", "prob", "logp", "text")
+KINDS = ("unit", "logit", "logp", "text")
 TOLERANCES: dict[str, dict[str, float]] = {
-    # Measured (bench/golden_tolerance.py, demo model + demo sets and a BLIP-base-sized random model with random
-    # adapters): the largest difference from float32 on the CPU, times ~4. float32 itself differs only in
-    # summation order (thread count, batch shape).
-    "float32": {"unit": 2e-4, "prob": 2e-4, "logp": 2e-3, "margin": 2e-3},
-    "float16": {"unit": 4e-3, "prob": 4e-3, "logp": 6e-2, "margin": 6e-2},
-    "bfloat16": {"unit": 3e-2, "prob": 3e-2, "logp": 4e-1, "margin": 4e-1},
+    # Measured on the CPU (bench/golden_tolerance.py: the demo model with its sets, and a BLIP-base-sized random
+    # model with random sets of std 0.02 and 0.05), the largest difference from float32, times ~4: bfloat16 unit
+    # 2.3e-3, ITM probability 1.2e-2, ITM log-odds 6.1e-2, answer log-likelihood 0.22 (a 2-token answer: 0.11
+    # per token, the worst) and greedy score 0.39 (9 tokens), margin 5.3e-2; float16 3.2e-4, 7.6e-4, 4e-3, 1.1e-2,
+    # 6.6e-3, 3.5e-3.
+    # float32 on 1 vs 2 threads: 0 up to rounding (1e-5 on log-likelihoods).
+    "float32": {"unit": 2e-4, "prob": 2e-4, "logit": 1e-3, "logp": 1e-3, "margin": 2e-3},
+    "float16": {"unit": 2e-3, "prob": 4e-3, "logit": 2e-2, "logp": 3e-2, "margin": 2e-2},
+    "bfloat16": {"unit": 1e-2, "prob": 5e-2, "logit": 3e-1, "logp": 3e-1, "margin": 2e-1},
 }
-"""per dtype: `unit` sketch coordinates of unit vectors, `prob` ITM probabilities, `logp` an answer's summed
-log-likelihood, `margin` one token's log-probability (a greedy answer may change only where the recorded winner led
-the runner-up by less than twice that)"""
+"""per dtype: `unit` sketch coordinates of unit vectors, `logit` ITM log-odds (`prob`: ITM probabilities, for the live
+self-check), `logp` log-likelihood per answer token (an answer's tolerance is this times its tokens), `margin` one
+token's log-probability (a greedy answer may change only where the recorded winner led the runner-up by less than
+twice that)"""
 
 
 def tolerance(kind: str, dtype: str, device: str) -> float:
@@ -224,8 +229,8 @@ def _strings(row: Any) -> bool:
 
 
 PROBE_NAMES: dict[str, str] = {
-    "image_states": "unit", "image_itc": "unit", "text_itc": "unit", "clip_itc": "unit", "itm": "prob",
-    "clip_itm": "prob", "answer_scores": "logp", "greedy": "text"}
+    "image_states": "unit", "image_itc": "unit", "text_itc": "unit", "clip_itc": "unit", "itm": "logit",
+    "clip_itm": "logit", "answer_scores": "logp", "greedy": "text"}
 """every probe a record may hold, and its kind"""
 
 
@@ -309,6 +314,8 @@ class Prober:
     def _retrieval(self, module: AdapterSetModule | None, images: torch.Tensor,
                    config: UniAdapterConfig | None) -> dict[str, dict[str, Any]]:
         stages = self.stages
+        match = stages["itm"]
+        assert isinstance(match, MatchStage)
         seen: list[VisionOutput] = stages["vision"]([VisionInput(i[None]) for i in images],
                                                     _routing(module, len(images)))
         texts = stages["text"]([TextInput(t) for t in TEXTS], _routing(module, len(TEXTS)))
@@ -316,7 +323,8 @@ class Prober:
         out: dict[str, dict[str, Any]] = {
             "image_itc": {"kind": "unit", "values": sketch(torch.stack([_embedded(s) for s in seen]))},
             "text_itc": {"kind": "unit", "values": sketch(torch.stack(texts))},
-            "itm": {"kind": "prob", "values": _rows(stages["itm"](pairs, _routing(module, len(pairs))), len(TEXTS))},
+            "itm": {"kind": "logit", "values": _rows(match.log_odds(pairs, _routing(module, len(pairs))),
+                                                     len(TEXTS))},
         }
         if config is not None and (config.temporal_embedding or config.frame_aware_attention):
             (clip,) = stages["vision"]([VisionInput(probe_clip(self.size, _clip_frames(config)), video=True)],
@@ -325,7 +333,8 @@ class Prober:
             clip_pairs = [MatchInput(t, clip.states, e if clip.frame_embeddings is not None else None,
                                      clip.frame_embeddings, clip.tokens_per_frame) for t, e in zip(TEXTS, texts,
                                                                                                    strict=True)]
-            out["clip_itm"] = {"kind": "prob", "values": [stages["itm"](clip_pairs, _routing(module, len(TEXTS)))]}
+            out["clip_itm"] = {"kind": "logit", "values": [
+                [round(float(v), 6) for v in match.log_odds(clip_pairs, _routing(module, len(TEXTS)))]]}
         return out
 
     def _answers(self, module: AdapterSetModule | None, visual: torch.Tensor, video: bool,
@@ -438,7 +447,8 @@ class Verdict:
 
 
 def compare(subject: str, record: GoldenRecord, got: GoldenRecord, tokenizer: BlipTokenizer) -> Verdict:
-    """Every recorded probe row against the same row computed now."""
+    """Every recorded probe row against the same row computed now, within the sum of both sides' tolerances (an
+    answer's log-likelihood: per token, times its tokens)."""
     checks: list[Check] = []
     for name, want in record.probes.items():
         kind = want["kind"]
@@ -451,21 +461,39 @@ def compare(subject: str, record: GoldenRecord, got: GoldenRecord, tokenizer: Bl
             margin = tolerance("margin", record.dtype, record.device) + tolerance("margin", got.dtype, got.device)
             checks.extend(_compare_texts(name, want, have, tol, margin, tokenizer))
         else:
-            checks.extend(_compare_rows(name, want["values"], have["values"], tol))
+            per = [tol] * len(want["values"][0]) if want["values"] else []
+            if kind == "logp":
+                per = [tol * n for n in answer_tokens(tokenizer, want.get("answers") or [])]
+            checks.extend(_compare_rows(name, want["values"], have["values"], per))
     return Verdict(subject, record, got, checks)
 
 
-def _compare_rows(name: str, want: list[list[float]], have: list[list[float]], tol: float) -> list[Check]:
-    if len(want) != len(have) or any(len(a) != len(b) for a, b in zip(want, have, strict=False)):
-        return [Check(name, math.inf, tol, f"shape {[len(r) for r in want]} recorded, {[len(r) for r in have]} now")]
-    return [Check(f"{name}[{i}]", max((abs(a - b) for a, b in zip(w, h, strict=True)), default=0.0), tol)
-            for i, (w, h) in enumerate(zip(want, have, strict=True))]
+def answer_tokens(tokenizer: BlipTokenizer, answers: list[str]) -> list[int]:
+    """Tokens scored of each answer (its word pieces and [SEP]; [DEC] is given)."""
+    if not answers:
+        return []
+    _, mask = tokenizer.encode_answers(answers)
+    return [int(n) - 1 for n in mask.sum(dim=1).tolist()]
+
+
+def _compare_rows(name: str, want: list[list[float]], have: list[list[float]], tols: list[float]) -> list[Check]:
+    """One check per row: its element furthest past (or closest to) that element's tolerance."""
+    if (len(want) != len(have) or any(len(a) != len(b) for a, b in zip(want, have, strict=False))
+            or any(len(w) != len(tols) for w in want)):
+        return [Check(name, math.inf, min(tols, default=0.0),
+                      f"shape {[len(r) for r in want]} recorded, {[len(r) for r in have]} now")]
+    checks = []
+    for i, (w, h) in enumerate(zip(want, have, strict=True)):
+        worst = max(zip((abs(a - b) for a, b in zip(w, h, strict=True)), tols, strict=True),
+                    key=lambda dt: dt[0] / dt[1] if dt[1] else math.inf, default=(0.0, 1.0))
+        checks.append(Check(f"{name}[{i}]", *worst))
+    return checks
 
 
 def _compare_texts(name: str, want: dict[str, Any], have: dict[str, Any], tol: float, margin: float,
                    tokenizer: BlipTokenizer) -> list[Check]:
-    """The same greedy answer with its score within `tol`; or another answer, where the recorded answer led the
-    one now chosen by less than twice the per-token `margin` at the first token they differ."""
+    """The same greedy answer with its score within `tol` per token; or another answer, where the recorded answer
+    led the one now chosen by less than twice the per-token `margin` at the first token they differ."""
     checks = []
     for i, (text, score, ids, margins) in enumerate(zip(want["texts"], want["scores"], want["ids"], want["margins"],
                                                         strict=True)):
@@ -475,7 +503,7 @@ def _compare_texts(name: str, want: dict[str, Any], have: dict[str, Any], tol: f
             continue
         now = have["texts"][i]
         if now == text:
-            checks.append(Check(probe, abs(have["scores"][i] - score), tol))
+            checks.append(Check(probe, abs(have["scores"][i] - score), tol * max(1, len(ids) - 1)))
             continue
         now_ids = tokenizer.encode_answers([now])[0][0].tolist()
         shared = min(len(ids), len(now_ids))

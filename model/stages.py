@@ -364,17 +364,30 @@ class MatchStage(Stage[MatchInput, _Pairs, torch.Tensor]):
         return _Pairs(ids, mask, states, states_mask, None)
 
     def forward(self, batch: _Pairs, routing: Routing) -> torch.Tensor:
-        return self.backbone.itm_logits(batch.ids, batch.mask, batch.states, routing, states_mask=batch.states_mask,
-                                        key_scale=batch.key_scale).float().softmax(dim=-1)[:, 1]
+        """-> (B,) float32 log-odds of a match (logit[match] - logit[no match]); `finish` makes them
+        probabilities."""
+        logits = self.backbone.itm_logits(batch.ids, batch.mask, batch.states, routing, states_mask=batch.states_mask,
+                                          key_scale=batch.key_scale).float()
+        return logits[:, 1] - logits[:, 0]
 
     def __call__(self, payloads: Sequence[MatchInput], routing: Routing) -> list[Any]:
-        batch = self.prepare(list(payloads))
-        batch.key_scale = self._frame_aware_scale(list(payloads), routing, batch.states.shape[1])
+        batch = self._prepared(payloads, routing)
         return self.finish(batch, self.forward(batch, routing))
 
+    def log_odds(self, payloads: Sequence[MatchInput], routing: Routing) -> list[float]:
+        """The match log-odds themselves (golden records keep these: a probability near 0 or 1 hides changes)."""
+        batch = self._prepared(payloads, routing)
+        (odds,) = to_host(self.forward(batch, routing))
+        return list(odds.tolist())
+
+    def _prepared(self, payloads: Sequence[MatchInput], routing: Routing) -> _Pairs:
+        batch = self.prepare(list(payloads))
+        batch.key_scale = self._frame_aware_scale(list(payloads), routing, batch.states.shape[1])
+        return batch
+
     def finish(self, batch: _Pairs, outputs: torch.Tensor) -> list[Any]:
-        (probs,) = to_host(outputs)
-        return list(probs.tolist())
+        (odds,) = to_host(outputs)
+        return list(torch.sigmoid(odds).tolist())
 
     def difference(self, batched: float, alone: float) -> float:
         return abs(batched - alone)

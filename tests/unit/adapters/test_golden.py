@@ -107,9 +107,9 @@ def test_a_different_greedy_answer_passes_only_at_a_near_tie(prober):
     json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
                 "probes": {"secrets": {"kind": "unit", "values": [[1.0]]}}}).encode(),
     json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
-                "probes": {"itm": {"kind": "prob", "values": [[float("nan")]]}}}).encode(),
+                "probes": {"itm": {"kind": "logit", "values": [[float("nan")]]}}}).encode(),
     json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
-                "probes": {"itm": {"kind": "prob", "values": [[1.0]] * 17}}}).encode(),
+                "probes": {"itm": {"kind": "logit", "values": [[1.0]] * 17}}}).encode(),
     json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
                 "probes": {"greedy": {"kind": "text", "texts": ["a"], "scores": [1.0], "ids": [["x"]],
                                       "margins": [[1.0]]}}}).encode(),
@@ -178,7 +178,7 @@ def test_the_backbone_is_recorded_once_then_verified(prober, tmp_path):
     assert Verifier(prober).check_backbone(None, tmp_path).result == "pass"
     (tmp_path / "elsewhere").mkdir()
     write_record(tmp_path / "elsewhere", dataclasses.replace(prober.record(), probes={
-        **prober.record().probes, "itm": {"kind": "prob", "values": [[0.0, 0.0], [0.0, 0.0]]}}))
+        **prober.record().probes, "itm": {"kind": "logit", "values": [[9.0, 9.0], [9.0, 9.0]]}}))
     beside = Verifier(prober).check_backbone(tmp_path / "elsewhere", tmp_path)  # the record beside it wins
     assert beside.result == "mismatch" and "itm[" in beside.detail
 
@@ -187,3 +187,37 @@ def test_a_data_root_that_cannot_hold_a_record_does_not_stop_a_start(prober, tmp
     (tmp_path / "golden").write_text("a file where the folder would go")
     outcome = Verifier(prober).check_backbone(None, tmp_path)
     assert outcome.result == "unrecorded" and "none can be written" in outcome.detail, outcome
+
+
+def test_each_shipped_set_moves_its_probes_well_past_the_bfloat16_tolerance():
+    """A record is only worth checking if serving the bare backbone instead of the set (the routing bug the checks
+    exist for) would fail it: each shipped set's effect on every probe it shares with the bare backbone's record is
+    over twice the float32 + bfloat16 tolerance."""
+    from uniadapter_serve.adapters.golden import answer_tokens
+    from uniadapter_serve.adapters.verification import find_backbone_record
+    from uniadapter_serve.model.loading import DEMO_DIR, load_backbone
+    from uniadapter_serve.model.tokenizer import load_tokenizer
+    from uniadapter_serve.service.demo import DEMO_SETS, SETS_DIR
+
+    backbone = load_backbone("demo")
+    tokenizer = load_tokenizer("demo", backbone.config)
+    bare = find_backbone_record(backbone, DEMO_DIR, DEMO_DIR)
+    assert bare is not None
+    for name in DEMO_SETS.values():
+        record = read_record(SETS_DIR / name / "v1")
+        assert record is not None
+        shared = [p for p in record.probes if p in bare.probes and p != "greedy"
+                  and record.probes[p].get("answers") == bare.probes[p].get("answers")]
+        if record.probes.get("answer_scores", {}).get("answers") != bare.probes["answer_scores"]["answers"]:
+            shared = [p for p in shared if p != "answer_scores"]
+        assert shared or name == "demo-videoqa"  # its probes ask about the clip, the bare record about images
+        for probe in shared:
+            kind = record.probes[probe]["kind"]
+            tol = tolerance(kind, "float32", "cpu") + tolerance(kind, "bfloat16", "cpu")
+            scale = [1] * len(record.probes[probe]["values"][0])
+            if kind == "logp":
+                scale = answer_tokens(tokenizer, record.probes[probe]["answers"])
+            effect = max(abs(a - b) / s for w, h in zip(record.probes[probe]["values"], bare.probes[probe]["values"],
+                                                        strict=True)
+                         for a, b, s in zip(w, h, scale, strict=True))
+            assert effect > 2 * tol, f"{name} {probe}: effect {effect:.3g} within 2x the tolerance {tol:.3g}"
