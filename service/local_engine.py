@@ -24,7 +24,7 @@ from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.adapters.verification import Verifier
 from uniadapter_serve.errors import BackboneMismatchError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
-from uniadapter_serve.model.loading import load_backbone, local_folder
+from uniadapter_serve.model.loading import local_folder
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.stages import (
     AnswerInput,
@@ -42,7 +42,7 @@ from uniadapter_serve.service.batcher import Batcher, SelfCheck
 from uniadapter_serve.service.engine import Engine
 from uniadapter_serve.service.jobs import Handler, Job
 from uniadapter_serve.service.metrics import ServiceMetrics
-from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
+from uniadapter_serve.service.runtime import DtypeChoice, dtype_name, load_served_backbone, resolve_device
 from uniadapter_serve.service.settings import MB, Settings
 from uniadapter_serve.service.tasks import (
     Answer,
@@ -81,8 +81,11 @@ class LocalEngine(Engine):
             torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         workers = settings.model_workers or (1 if self.device.type == "cuda" else 2)
-        dtype = resolve_dtype(settings.dtype, self.device)
-        self.backbone: BlipBackbone = load_backbone(settings.backbone, device=self.device, dtype=dtype)
+        self.backbone: BlipBackbone
+        self.dtype_choice: DtypeChoice
+        """the compute dtype and why (DTYPE=auto on a CPU: timed at load, see runtime.load_served_backbone)"""
+        self.backbone, self.dtype_choice = load_served_backbone(settings.backbone, self.device, settings.dtype)
+        dtype = self.backbone.dtype
         self.tokenizer: BlipTokenizer = load_tokenizer(settings.backbone, self.backbone.config)
         self.image_size = int(vision_config(self.backbone.config).image_size)  # type: ignore[arg-type]
         self.embed_dim = self.backbone.dims.embed_dim
@@ -96,7 +99,7 @@ class LocalEngine(Engine):
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
         self.stages = make_stages(self.backbone, self.tokenizer)
-        where = str(self.device), str(dtype).removeprefix("torch.")
+        where = str(self.device), dtype_name(dtype)
         check = SelfCheck(settings.self_check_rate, {n: st.difference for n, st in self.stages.items()},
                           {n: 2 * tolerance(st.kind, where[1], where[0]) for n, st in self.stages.items()})
         self.batcher = Batcher(self.manager, {name: _on_payloads(stage) for name, stage in self.stages.items()},
@@ -176,7 +179,7 @@ class LocalEngine(Engine):
     def describe(self) -> dict[str, Any]:
         b = self.backbone
         return {**super().describe(), "components": list(b.components), "fingerprints": b.fingerprints,
-                "device": str(b.device), "dtype": str(b.dtype).removeprefix("torch.")}
+                "device": str(b.device), "dtype": dtype_name(b.dtype), "dtype_choice": self.dtype_choice.describe()}
 
     # -- answer lists ---------------------------------------------------------------------------------
 
