@@ -13,7 +13,7 @@ def test_readyz_verbose_shows_the_timed_dtype_choice(admin):
     assert choice["setting"] == "auto" and choice["dtype"] == backbone["dtype"]
     measured = choice["measured"]
     assert measured["images"] == [1, 8] and measured["rounds"] >= PROBE_MIN_ROUNDS
-    assert len(measured["float32_ms"]) == len(measured["bfloat16_ms"]) == 2
-    assert all(t > 0 for t in measured["float32_ms"] + measured["bfloat16_ms"])
+    assert len(measured["float32_cpu_ms"]) == len(measured["bfloat16_cpu_ms"]) == 2
+    assert all(t > 0 for t in measured["float32_cpu_ms"] + measured["bfloat16_cpu_ms"])
     faster = min(measured["speedup"]) >= BF16_MIN_SPEEDUP
     assert choice["dtype"] == ("bfloat16" if faster else "float32"), choice
