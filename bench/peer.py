@@ -5,10 +5,14 @@ the same weights and the same torch thread count.
 Both servers run as subprocesses on 127.0.0.1. For each thread count (`--threads 1,2`) both are started with
 that many torch intra-op threads, then driven with `POST /vqa` (generate mode, greedy) by C concurrent clients
 (`--clients 1,4,32`), in interleaved rounds whose order rotates (machine drift falls on both alike): each
-round gives every variant `--seconds` of back-to-back requests. Variants: the plain server, this service on the
-bare backbone, and (on the demo model) this service with its VQA set. Printed per thread count and C:
-throughput and p50 latency of each, the paired ratios project / plain (median over rounds, with the spread),
-and at the end each server's resident memory (RSS now and peak).
+round gives every variant `--seconds` of back-to-back requests. Variants: the plain server in `--dtype` (on a CPU
+by default float32: transformers loads the checkpoint's dtype), the plain server in bfloat16
+(`from_pretrained(..., dtype=torch.bfloat16)`, the `torch_dtype` of older transformers; `--no-bf16-peer` drops
+it, and it is not run twice where `--dtype bfloat16`), this service on the bare backbone, and (on the demo model)
+this service with its VQA set. Printed per thread count and C: throughput and p50 latency of each, the paired
+ratios of each service variant to each plain one and of plain-bf16 to plain (median over rounds, with the
+spread), the dtype the service chose (`/readyz?verbose=true`: under DTYPE=auto on a CPU, timed at start), and at
+the end each server's resident memory (RSS now and peak).
 
 Both decode their answers greedily with a KV cache; the answers are compared too (the plain server keeps
 transformers' [CLS] at the question's start where BLIP puts [ENC], so they may differ on real weights).
@@ -221,15 +225,21 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 "UNIADAPTER_MODEL_WORKERS": str(args.workers)}
             workers = stack.enter_context(started(f"ours-{args.workers}w-{threads}", serve, workers_env,
                                                   port_workers, work))
-        plain = stack.enter_context(started(
-            f"plain-{threads}", [sys.executable, __file__, "plain", "--folder", str(folder), "--port",
-                                 str(port_plain), "--threads", str(threads), "--device", args.device,
-                                 "--dtype", args.dtype], env, port_plain, work))
+        peer_dtypes = {"plain": args.dtype}
+        if args.bf16_peer and args.dtype != "bfloat16":
+            peer_dtypes["plain-bf16"] = "bfloat16"
+        peers: dict[str, Server] = {}
+        for name, dtype in peer_dtypes.items():
+            port = port_plain if name == "plain" else free_port()
+            peers[name] = stack.enter_context(started(
+                f"{name}-{threads}", [sys.executable, __file__, "plain", "--folder", str(folder), "--port",
+                                      str(port), "--threads", str(threads), "--device", args.device,
+                                      "--dtype", dtype], env, port, work))
+        choice = httpx.get(f"{ours.url}/readyz", params={"verbose": "true"}, timeout=30).json()
+        lines.append(f"  service dtype: {choice['details']['backbone'].get('dtype_choice')}")
         body = {"image": scene(), "question": QUESTION, "max_answer_length": args.max_answer_length}
-        variants: dict[str, tuple[str, dict[str, Any]]] = {
-            "plain": (plain.url, body),
-            "ours-bare": (ours.url, body | {"mode": "generate", "adapter": "none"}),
-        }
+        variants: dict[str, tuple[str, dict[str, Any]]] = {name: (peer.url, body) for name, peer in peers.items()}
+        variants["ours-bare"] = (ours.url, body | {"mode": "generate", "adapter": "none"})
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
         if workers is not None:
@@ -253,14 +263,17 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 p50 = percentile(lat, 50) * 1000
                 lines.append(f"  {name:10s} {statistics.median(tput):8.1f} req/s   p50 {p50:7.1f}"
                              f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   errors {errs}   answers {answers[:3]}")
-            plain_t = [s.throughput for s in results["plain"]]
-            plain_p50 = [percentile(s.latencies, 50) for s in results["plain"]]
-            for name in names[1:]:
-                lines.append(ratio_line(f"{name} / plain throughput", [s.throughput for s in results[name]],
-                                        plain_t, True))
-                lines.append(ratio_line(f"{name} / plain p50 latency",
-                                        [percentile(s.latencies, 50) for s in results[name]], plain_p50, False))
-        for server in (ours, plain, *([workers] if workers is not None else [])):
+            for peer in peers:
+                peer_t = [s.throughput for s in results[peer]]
+                peer_p50 = [percentile(s.latencies, 50) for s in results[peer]]
+                for name in names:
+                    if name in peers and (name == peer or peer != "plain"):
+                        continue  # each service variant against each peer, and plain-bf16 against plain
+                    lines.append(ratio_line(f"{name} / {peer} throughput", [s.throughput for s in results[name]],
+                                            peer_t, True))
+                    lines.append(ratio_line(f"{name} / {peer} p50 latency",
+                                            [percentile(s.latencies, 50) for s in results[name]], peer_p50, False))
+        for server in (ours, *peers.values(), *([workers] if workers is not None else [])):
             now, peak = rss_mb(server.pid)
             lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
     return lines
@@ -286,7 +299,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="also run the service with this many model workers (MODEL_WORKERS) sharing the threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="the service's DTYPE and the plain peer's dtype")
+    p.add_argument("--no-bf16-peer", dest="bf16_peer", action="store_false",
+                   help="leave out the plain server in bfloat16")
     args = p.parse_args()
     if args.command == "plain":
         plain_server(args.folder, args.port, args.threads, args.device, args.dtype)
