@@ -63,11 +63,12 @@ from uniadapter_serve.model.uniadapter import HEAD_NAMES, AdapterSetModule, UniA
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BACKBONE = ROOT / "model" / "demo" / "backbone"
 DEMO_SETS = ROOT / "model" / "demo" / "adapters"
-SHOWN = ("unit", "prob", "logodds", "logp", "text", "margin")
-TOL_KIND: dict[str, str | None] = {"unit": "unit", "prob": "prob", "logodds": None, "logp": "logp", "text": "logp",
-                                   "margin": "margin"}
-"""the TOLERANCES row each kind shown is held to; logodds (log(p / (1 - p)) of the ITM probabilities, derived here
-from the recorded ones) has none: no record holds it"""
+SHOWN = ("unit", "logit", "logp", "text", "margin")
+TOL_KIND: dict[str, str | None] = {"unit": "unit", "prob": "prob", "logit": "logit", "logodds": None, "logp": "logp",
+                                   "text": "logp", "margin": "margin"}
+"""the TOLERANCES row each kind shown is held to (logp and text: against ONE token's tolerance, so the ratio shown
+over-states how close a multi-token answer is; the "compare" row applies the real per-token rule); logodds (of
+probabilities, for records made before ITM was recorded as log-odds) has none"""
 P_FLOOR = 1e-6
 """log-odds of recorded probabilities (7 decimals) are taken at no less than this"""
 SAFETY = 4.0

@@ -67,7 +67,7 @@ from uniadapter_serve.errors import (
 )
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.demo.shipped import DEMO_ROOT, SET_NAMES
-from uniadapter_serve.model.loading import load_backbone, local_folder
+from uniadapter_serve.model.loading import local_folder
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.stages import (
     AnswerInput,
@@ -80,7 +80,7 @@ from uniadapter_serve.model.stages import (
 )
 from uniadapter_serve.model.tokenizer import BlipTokenizer, default_answer_list, load_answer_list, load_tokenizer
 from uniadapter_serve.model.uniadapter import AdapterSetModule
-from uniadapter_serve.service.runtime import resolve_device, resolve_dtype
+from uniadapter_serve.service.runtime import load_served_backbone, resolve_device
 from uniadapter_serve.service.settings import Settings
 
 SHIPPED_SETS = DEMO_ROOT / "adapters"
@@ -129,8 +129,7 @@ def open_backbone(settings: Settings) -> Bench:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    backbone = load_backbone(settings.backbone, device=device, dtype=dtype)
+    backbone, _ = load_served_backbone(settings.backbone, device, settings.dtype)  # DTYPE=auto: as the server decides
     tokenizer = load_tokenizer(settings.backbone, backbone.config)
     prober = Prober(backbone, tokenizer, default_answers(settings))
     return Bench(settings, backbone, tokenizer, Verifier(prober, required=settings.golden_required))
