@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 from uniadapter_serve.errors import GoldenMismatchError, GoldenRecordError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
-from uniadapter_serve.model.preprocess import image_to_tensor
+from uniadapter_serve.model.preprocess import image_to_pixels
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.stages import (
     AnswerInput,
@@ -100,7 +100,8 @@ def tolerance(kind: str, dtype: str, device: str) -> float:
 # -- probe inputs -----------------------------------------------------------------------------------------------
 
 def probe_images(size: int, n: int = 2) -> torch.Tensor:
-    """(n, 3, S, S) preprocessed like an upload: a vertical gradient and three shapes each, from PROBE_SEED."""
+    """(n, 3, S, S) uint8 RGB at model size, as an upload reaches the vision stage (which normalises it): a vertical
+    gradient and three shapes each, from PROBE_SEED."""
     rng = np.random.default_rng(PROBE_SEED)
     out = []
     for _ in range(n):
@@ -115,19 +116,19 @@ def probe_images(size: int, n: int = 2) -> torch.Tensor:
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
             shape((x0, y0, x0 + w, y0 + h), fill=colour)
-        out.append(image_to_tensor(image, size))
+        out.append(image_to_pixels(image, size))
     return torch.stack(out)
 
 
 def probe_clip(size: int, frames: int) -> torch.Tensor:
-    """(T, 3, S, S): a red square crossing a blue-grey frame from left to right."""
+    """(T, 3, S, S) uint8: a red square crossing a blue-grey frame from left to right."""
     out = []
     side = max(2, size // 4)
     for t in range(frames):
         image = Image.new("RGB", (size, size), (70, 90, 120))
         x = int((size - side) * t / max(1, frames - 1))
         ImageDraw.Draw(image).rectangle((x, size // 3, x + side, size // 3 + side), fill=(220, 40, 40))
-        out.append(image_to_tensor(image, size))
+        out.append(image_to_pixels(image, size))
     return torch.stack(out)
 
 
@@ -211,10 +212,11 @@ def _checked_probe(name: Any, probe: Any, source: str) -> dict[str, Any]:
     if not (isinstance(values, list) and 0 < len(values) <= 16 and all(_numbers(row) for row in values)):
         raise GoldenRecordError(f"{where}: values must be up to 16 rows of finite numbers")
     checked: dict[str, Any] = {"kind": kind, "values": values}
-    if "answers" in probe:
-        if not _strings(probe["answers"]):
-            raise GoldenRecordError(f"{where}: answers must be a list of strings")
-        checked["answers"] = probe["answers"]
+    if kind == "logp":  # the answers scored: one per value of every row
+        answers = probe.get("answers")
+        if not isinstance(answers, list) or not _strings(answers) or any(len(row) != len(answers) for row in values):
+            raise GoldenRecordError(f"{where}: answers must list the strings scored, one per value of each row")
+        checked["answers"] = answers
     return checked
 
 
@@ -224,8 +226,18 @@ def _numbers(row: Any, n: int | None = None) -> bool:
 
 
 def _strings(row: Any) -> bool:
+    """Up to 64 strings of up to 200 characters, each valid UTF-8 (JSON's \\ud800 escapes make lone surrogates,
+    which the tokenizer cannot encode)."""
     return (isinstance(row, list) and 0 < len(row) <= 64
-            and all(isinstance(s, str) and len(s) <= 200 for s in row))
+            and all(isinstance(s, str) and len(s) <= 200 and _utf8(s) for s in row))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 PROBE_NAMES: dict[str, str] = {

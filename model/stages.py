@@ -12,7 +12,7 @@ A stage has three named hooks, run in order on one batch (`Stage.__call__`):
 - `finish(batch, outputs)`: results back to the host in one transfer per batch, one result per job.
 
 Payloads carry raw text: tokenising happens here, never on the event loop. Media arrive decoded and at model
-size (`tasks.VisionInput`, built in worker threads under the decode budget).
+size (`VisionInput`, built in worker threads under the decode budget).
 """
 
 from __future__ import annotations
@@ -154,12 +154,12 @@ class AnswerOutput:
 # -- the stages ----------------------------------------------------------------------------------------------
 
 class Stage(abc.ABC, Generic[P, B, Out]):
-    """One stage of the model thread; the batcher calls it with a batch of jobs and their routing."""
+    """One stage of the model thread; the batcher calls it with its jobs' payloads and their routing."""
 
     name: ClassVar[str]
     kind: ClassVar[str] = "unit"
-    """what `difference` measures: "unit" (unit vectors, or relative for states), "prob" or "logp" (the
-    tolerance kinds of golden records)"""
+    """what `difference` measures, a kind of `adapters/golden.TOLERANCES`: "unit" (unit vectors, or relative for
+    states), "prob" (ITM probabilities) or "logp" (answer scores)"""
 
     def __init__(self, backbone: BlipBackbone, tokenizer: BlipTokenizer) -> None:
         self.backbone = backbone

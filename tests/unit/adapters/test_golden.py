@@ -113,7 +113,14 @@ def test_a_different_greedy_answer_passes_only_at_a_near_tie(prober):
     json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
                 "probes": {"greedy": {"kind": "text", "texts": ["a"], "scores": [1.0], "ids": [["x"]],
                                       "margins": [[1.0]]}}}).encode(),
-], ids=["empty", "truncated", "deep", "huge", "format", "fields", "unknown-probe", "nan", "rows", "ids"])
+    json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
+                "probes": {"answer_scores": {"kind": "logp", "values": [[1.0, 2.0]]}}}).encode(),
+    json.dumps({"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f",
+                "probes": {"answer_scores": {"kind": "logp", "answers": ["a"], "values": [[1.0, 2.0]]}}}).encode(),
+    b'{"format": 1, "subject": "set", "device": "cpu", "dtype": "float32", "backbone": "f", "probes": '
+    b'{"answer_scores": {"kind": "logp", "answers": ["\\ud800"], "values": [[1.0]]}}}',
+], ids=["empty", "truncated", "deep", "huge", "format", "fields", "unknown-probe", "nan", "rows", "ids",
+        "no-answers", "answers-vs-values", "lone-surrogate"])
 def test_a_malformed_record_is_refused_by_name(body, tmp_path):
     (tmp_path / GOLDEN_FILE).write_bytes(body)
     with pytest.raises(GoldenRecordError, match=GOLDEN_FILE):
