@@ -1,7 +1,8 @@
 """The demo world: seeded scenes of coloured shapes and short clips of moving shapes, each with
 captions and question/answer pairs. Small enough to learn on two CPU cores, rich enough to need
 vision, language and their fusion: colour, shape, count, position, size, pairwise relations, direction
-of motion and what changed.
+of motion and what changed. Long videos (`World.long_video`) string scenes together as timed events, for search
+inside a video.
 
 Pre-training and the downstream tasks see different things, as in the paper's setting: pre-training
 captions name the shapes and colours only (`Scene.pretrain_caption`), while retrieval captions
@@ -125,6 +126,61 @@ class Clip:
                 ("what happens in the video", "change")]
 
 
+@dataclass(frozen=True)
+class Event:
+    """One segment of a long video: a scene whose shapes bob up and down, shown over [start_s, end_s)."""
+
+    scene: Scene
+    """the layout at the event's start (sides and sizes hold throughout: only heights move)"""
+    start_s: float
+    end_s: float
+    bob: tuple[tuple[float, float, float], ...] = ()
+    """per shape: (amplitude, period s, phase) of its vertical motion"""
+
+    def caption(self) -> str:
+        return self.scene.caption()
+
+    def scene_at(self, t: float) -> Scene:
+        """The scene at `t` seconds into the video (t in [start_s, end_s))."""
+        dt = t - self.start_s
+        shapes = [Shape(s.shape, s.color, s.size, s.x, s.y + a * math.sin(2 * math.pi * dt / period + phase))
+                  for s, (a, period, phase) in zip(self.scene.shapes, self.bob, strict=True)]
+        return Scene(shapes, self.scene.background, self.scene.family)
+
+
+@dataclass(frozen=True)
+class LongVideo:
+    """Events back to back from 0 s; every boundary is on a frame (a multiple of 1 / fps)."""
+
+    events: tuple[Event, ...]
+    fps: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.events[-1].end_s
+
+    @property
+    def num_frames(self) -> int:
+        return round(self.duration_s * self.fps)
+
+    def event_at(self, t: float) -> Event:
+        for event in self.events:
+            if event.start_s <= t < event.end_s:
+                return event
+        raise ValueError(f"{t} s is outside the video (0 to {self.duration_s} s)")
+
+    def scene_at_frame(self, k: int) -> Scene:
+        """Frame k is shown from k / fps to (k + 1) / fps."""
+        t = k / self.fps
+        return self.event_at(t).scene_at(t)
+
+
+LONG_VIDEO_S = (60.0, 120.0)
+"""a long video's duration range"""
+EVENT_S = (8.0, 12.0)
+"""an event's length range: at least one window of 8 s (stride 4 s) overlaps it with IoU >= 0.6"""
+
+
 class World:
     """All randomness comes from one seed, so a data set is reproducible from (seed, index)."""
 
@@ -179,6 +235,45 @@ class World:
                   for t in range(num_frames)]
         return Clip(frames, "change", frames[0].shapes[0], new_color=new_color)
 
+    def long_video(self, index: int, fps: int = 2, duration_s: tuple[float, float] = LONG_VIDEO_S,
+                   event_s: tuple[float, float] = EVENT_S) -> LongVideo:
+        """Long video `index`: events of `event_s` seconds (on frame boundaries) back to back until the video
+        lasts within `duration_s`. Each event is a scene of one or two shapes on its own background, drawn so
+        that no two events of the video share a shape of the same colour (a caption names one event only)."""
+        lo, hi = duration_s
+        if not 0 < event_s[0] <= event_s[1] or hi - lo < event_s[1]:
+            raise ValueError(f"cannot fill {duration_s} s with events of {event_s} s")
+        rng = self._rng("long", index)
+        target = rng.uniform(lo, hi - event_s[1])  # stop at the first total >= target: lands in [lo, hi)
+        steps = (round(event_s[0] * fps), round(event_s[1] * fps))
+        free = [(kind, color) for kind in SHAPES for color in COLORS]
+        rng.shuffle(free)
+        events: list[Event] = []
+        start = 0  # frames
+        while start / fps < target:
+            length = rng.randint(*steps)
+            picked = [free.pop()]
+            other = [p for p in free if p[0] != picked[0][0] and p[1] != picked[0][1]]
+            if other and rng.random() < 0.5:  # a second shape, of another shape and colour (as in `scene`)
+                picked.append(other[-1])
+                free.remove(other[-1])
+            slots = list(range(len(picked)))
+            rng.shuffle(slots)
+            shapes = [self._place(rng, kind, color, slot, len(picked))
+                      for (kind, color), slot in zip(picked, slots, strict=True)]
+            bob = []
+            for s in shapes:
+                r = 0.13 if s.size == "small" else 0.2
+                room = min(s.y - r, 1 - r - s.y)
+                bob.append((min(0.12, room), rng.uniform(3.0, 6.0), rng.uniform(0, 2 * math.pi)))
+            events.append(Event(Scene(shapes, rng.choice(list(BACKGROUNDS))), start / fps, (start + length) / fps,
+                                tuple(bob)))
+            start += length
+            if not free:
+                free = [(kind, color) for kind in SHAPES for color in COLORS]
+                rng.shuffle(free)
+        return LongVideo(tuple(events), fps)
+
     # -- rendering -------------------------------------------------------------------------------
 
     def render(self, scene: Scene) -> Image.Image:
@@ -192,6 +287,10 @@ class World:
 
     def render_clip(self, clip: Clip) -> list[np.ndarray]:
         return [np.asarray(self.render(frame)) for frame in clip.frames]
+
+    def render_long_video(self, video: LongVideo) -> list[np.ndarray]:
+        """Every frame, (H, W, 3) uint8, frame k shown from k / fps."""
+        return [np.asarray(self.render(video.scene_at_frame(k))) for k in range(video.num_frames)]
 
 
 def _draw(draw: ImageDraw.ImageDraw, s: Shape, side: int) -> None:
