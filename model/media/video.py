@@ -196,8 +196,9 @@ class MomentDecoder:
     `spans` are given (seconds from the first frame, each checked like `decode_clip`'s span) or planned with
     `plan_moments(duration, window_s, stride_s)`; they are known right after __init__, which opens the file,
     checks its limits (bytes, pixels, `max_seconds`) and demuxes it once (no decoding) for its keyframes (and its
-    duration when the header has none; a stream ending short of the header's duration is a truncated file). `chunks()` then walks every window's instants in time order, seeking
-    ahead past keyframes, so a frame shared by overlapping windows is decoded and resized once. The deadline
+    duration when the header has none; a stream ending short of the header's duration is a truncated file).
+    `chunks()` then walks every window's instants in time order, seeking ahead past keyframes, so a frame shared
+    by overlapping windows is decoded and resized once. The deadline
     (`timeout_s` of decoder time: the caller's time between chunks is not counted) and `max_decoded` bound the
     whole pass. Use as a context manager (closes the container)."""
 
