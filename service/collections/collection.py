@@ -1,6 +1,9 @@
 """One collection in this process: its store (the truth, SQLite or PostgreSQL) + a FAISS index and the item
 rows it holds, kept in step by replaying the store's op log, so every process sharing the store sees each
-other's writes. When the store cannot be reached, searches answer from what is in memory."""
+other's writes. When the store cannot be reached, searches answer from what is in memory.
+
+In a moment collection the index holds one vector per moment, under the vector id item_id * MOMENT_SLOTS +
+the moment's index; a search maps hits back to (item, moment) and, by default, keeps each item's best moment."""
 
 from __future__ import annotations
 
@@ -20,11 +23,14 @@ import numpy as np
 from uniadapter_serve.errors import CorruptMediaError, NotFoundError
 from uniadapter_serve.service.collections.index import CPU, FaissDevice, VectorIndex
 from uniadapter_serve.service.collections.store import (
+    MOMENT_SLOTS,
     CollectionGone,
     CollectionMeta,
     Item,
+    Span,
     Store,
     StoreUnavailableError,
+    moment_vector_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,13 @@ SNAPSHOT_EVERY_OPS = 2000
 class Hit:
     item: Item
     score: float
+    moment: int | None = None
+    """the index of the moment that matched, in a moment collection"""
+
+    @property
+    def span(self) -> Span | None:
+        """(start_s, end_s) of the moment that matched."""
+        return None if self.moment is None else self.item.moments[self.moment]
 
 
 class Collection:
@@ -57,6 +70,8 @@ class Collection:
         """set once the store said the collection was deleted: the manager forgets this handle"""
         self._items: dict[int, Item] = {}
         """the rows of the indexed items, so hits are answered without the store"""
+        self.moments = self._meta.moments is not None
+        """one vector per moment (fixed for the collection's life)"""
         self._sync_lock = threading.Lock()
         self.index = self._open_index(self._meta)
         self._snapshot_seq = self.index.seq
@@ -114,12 +129,12 @@ class Collection:
             else:
                 deleted = {i for _, o, i in ops if o == "delete" and i is not None}
                 added = [i for _, o, i in ops if o == "add" and i is not None and i not in deleted]
-                self.index.remove(np.asarray(sorted(deleted), np.int64))
+                self.index.remove(self._vector_ids_of(sorted(deleted)))
                 for item_id in deleted:
                     self._items.pop(item_id, None)
                 ids, vectors = self.store.vectors(added, meta.generation, meta.dim)
                 self._items.update(self.store.items(added))
-                self.index.add(ids, vectors)
+                self.index.add(self._vector_ids(ids), vectors)
                 if self.index.needs_compaction:  # deletions an index cannot remove: rebuild from the store
                     log.info("compacting the index of %s (%d tombstones)", meta.name, self.index.tombstones)
                     self._rebuild(meta)
@@ -135,9 +150,20 @@ class Collection:
     def _rebuild(self, meta: CollectionMeta) -> None:
         """The index and item rows from one consistent snapshot of the store, at the seq it reflects."""
         seq, items, ids, vectors = self.store.state(meta.generation, meta.dim)
-        self.index.rebuild(ids, vectors)
+        self.index.rebuild(self._vector_ids(ids), vectors)
         self.index.generation, self.index.seq, self.index.owner = meta.generation, seq, _owner(meta)
         self._items = {it.item_id: it for it in items}
+
+    def _vector_ids(self, item_ids: np.ndarray) -> np.ndarray:
+        """The store's ids of vectors (one per item; in a moment collection, repeated per moment) -> index ids."""
+        return moment_vector_ids(item_ids) if self.moments else item_ids
+
+    def _vector_ids_of(self, item_ids: list[int]) -> np.ndarray:
+        """Every index id of these items (those this process holds: the others were never indexed here)."""
+        if not self.moments:
+            return np.asarray(item_ids, np.int64)
+        return np.asarray([i * MOMENT_SLOTS + m for i in item_ids if i in self._items
+                           for m in range(len(self._items[i].moments))], np.int64)
 
     def snapshot(self) -> None:
         if self.gone:  # its folder is gone with it: never make it again
@@ -159,17 +185,47 @@ class Collection:
         self.unavailable_since = None
         return True
 
-    def search(self, query: np.ndarray, k: int, keep: Callable[[Item], bool] | None = None) -> list[Hit]:
+    def search(self, query: np.ndarray, k: int, keep: Callable[[Item], bool] | None = None, *,
+               group_by_item: bool = True) -> list[Hit]:
         """(D,) L2-normalised query -> up to k hits, best first; with `keep`, only among the items it accepts
-        (applied inside the index search, so k hits come back whenever k items pass)."""
+        (applied inside the index search, so k hits come back whenever k items pass). In a moment collection a
+        hit is a moment: with `group_by_item` only each item's best one (k items), else every moment (k moments)."""
         self.fresh()
         items = self._items
-        if keep is None:
-            scores, ids = self.index.search(query[None].astype(np.float32), k)
-        else:
-            allowed = np.asarray([i for i, it in list(items.items()) if keep(it)], np.int64)
-            scores, ids = self.index.search_allowed(query[None].astype(np.float32), k, allowed)
-        return [Hit(items[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=False) if int(i) in items]
+        q = query[None].astype(np.float32)
+        allowed = None if keep is None else [i for i, it in list(items.items()) if keep(it)]
+        if not self.moments:
+            if allowed is None:
+                scores, ids = self.index.search(q, k)
+            else:
+                scores, ids = self.index.search_allowed(q, k, np.asarray(allowed, np.int64))
+            return [Hit(items[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=False)
+                    if int(i) in items]
+        vectors = self._vector_ids_of(allowed) if allowed is not None else None
+        available = self.index.ntotal if vectors is None else len(vectors)
+        fetch = k if not group_by_item else min(available, 4 * k)
+        while True:
+            if vectors is None:
+                scores, ids = self.index.search(q, max(1, fetch))
+            else:
+                scores, ids = self.index.search_allowed(q, max(1, fetch), vectors)
+            hits = self._moment_hits(scores[0], ids[0], k, group_by_item)
+            if len(hits) >= k or fetch >= available:
+                return hits
+            fetch = min(available, fetch * 4)
+
+    def _moment_hits(self, scores: np.ndarray, ids: np.ndarray, k: int, group_by_item: bool) -> list[Hit]:
+        items, hits, seen = self._items, [], set()
+        for s, vid in zip(scores.tolist(), ids.tolist(), strict=False):
+            item_id, moment = divmod(int(vid), MOMENT_SLOTS)
+            item = items.get(item_id)
+            if vid < 0 or item is None or moment >= len(item.moments) or (group_by_item and item_id in seen):
+                continue
+            seen.add(item_id)
+            hits.append(Hit(item, float(s), moment))
+            if len(hits) == k:
+                break
+        return hits
 
     def page(self, after: int, limit: int) -> tuple[list[Item], int | None]:
         """Indexed items in the order they were added, those with an item id above `after` -> (up to `limit`
@@ -199,7 +255,11 @@ class Collection:
         except StoreUnavailableError:
             count = len(self._items)
         return {"name": meta.name, "uid": self.uid, "kind": meta.kind, "adapter": meta.adapter_ref,
-                "index": meta.factory, "dim": meta.dim, "items": count, "indexed": self.index.ntotal,
+                "index": meta.factory, "dim": meta.dim, "items": count,
+                "indexed": len(self._items) if self.moments else self.index.ntotal,
+                "moments": None if meta.moments is None else {"window_s": meta.moments.window_s,
+                                                              "stride_s": meta.moments.stride_s,
+                                                              "indexed": self.index.ntotal},
                 "generation": meta.generation,
                 "reindex_target": meta.reindex_target, "exact_fallback": self.index.exact_fallback,
                 "store_available": fresh}

@@ -1,5 +1,5 @@
 """`uniadapter collections migrate --from DATA_ROOT --to postgresql://...`: every SQLite collection into
-PostgreSQL, losslessly (items with their ids, sources, metadata and creation times; embeddings of every
+PostgreSQL, losslessly (items with their ids, sources, metadata, creation times and moments; embeddings of every
 generation; the adapter binding and generation; uploaded media into the shared media root) and resumably
 (items already copied are skipped, so an interrupted run continues where it stopped). Each collection is
 checked at the end: the same number of items, and for a sample of them the same vector bytes.
@@ -43,10 +43,12 @@ def migrate(data_root: Path, url: str, *, media_root: Path, batch_size: int = 50
             try:
                 dst = target.open(name)
                 existing = dst.meta()
-                if (existing.kind, existing.factory, existing.dim) != (meta.kind, meta.factory, meta.dim):
-                    raise MigrationError(f"collection {name!r} exists in the database with another kind, index or dim")
+                if ((existing.kind, existing.factory, existing.dim, existing.moments)
+                        != (meta.kind, meta.factory, meta.dim, meta.moments)):
+                    raise MigrationError(f"collection {name!r} exists in the database with another kind, index, dim "
+                                         "or moments")
             except NotFoundError:
-                dst = target.create(name, meta.kind, meta.adapter_ref, meta.factory, meta.dim)
+                dst = target.create(name, meta.kind, meta.adapter_ref, meta.factory, meta.dim, meta.moments)
             assert isinstance(dst, PostgresStore)
             dst.set_state(meta)
             _copy_media(source.media_dir(name), dst.media_folder())
@@ -84,7 +86,11 @@ def _verify(src: SqliteStore, dst: PostgresStore, items: list[Any], sample: int)
     if count != len(items):
         raise MigrationError(f"collection {src.meta().name!r}: {len(items)} items in SQLite, {count} in PostgreSQL")
     picked = random.Random(0).sample(items, min(sample, len(items)))
-    theirs = {dst.get(it.external_id).item_id: it for it in picked}
+    rows = {it.external_id: dst.get(it.external_id) for it in picked}
+    for it in picked:
+        if rows[it.external_id].moments != it.moments:
+            raise MigrationError(f"collection {src.meta().name!r}: the moments of item {it.external_id!r} differ")
+    theirs = {rows[it.external_id].item_id: it for it in picked}
     ours = src.export([it.item_id for it in picked])
     copied = dst.embeddings_of(list(theirs))
     for new_id, it in theirs.items():

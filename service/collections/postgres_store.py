@@ -42,13 +42,16 @@ from uniadapter_serve.service.collections.store import (
     CollectionMeta,
     GenerationChanged,
     Item,
+    MomentSpec,
     NewItem,
     Op,
     Store,
     StoreBackend,
     StoreUnavailableError,
     Swept,
+    moments_json,
     read_metadata,
+    read_moments,
     stack,
     vector_bytes,
 )
@@ -118,8 +121,14 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER uniadapter_collection_rows AFTER DELETE ON uniadapter_collections
         FOR EACH ROW EXECUTE FUNCTION uniadapter_delete_collection_rows();
     """,
+    # 4: moments of long videos: a collection's window / stride (JSON), an item's moments (JSON spans); their
+    # embeddings stay one row per item and generation (one vector per moment, concatenated)
+    """
+    ALTER TABLE uniadapter_collections ADD COLUMN moments TEXT;
+    ALTER TABLE uniadapter_items ADD COLUMN moments TEXT;
+    """,
 ]
-ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
+ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created, moments"
 TAKEN = ("SELECT i.external_id FROM unnest(%s::text[]) AS u (external_id) JOIN uniadapter_items i "
          "ON i.collection_id = %s::bigint AND i.external_id = u.external_id")
 """which of these external ids a collection has: one unique-index probe per id (`= ANY(array)` let the planner
@@ -139,8 +148,8 @@ SELECT generation, ARRAY(SELECT item_id FROM logged ORDER BY seq), pg_notify(%(c
 """
 """an add's first statement: no row if the collection is gone; the ops log item ids that have no row yet (the
 transaction writes them next, or rolls everything back); BIGSERIAL named the sequence"""
-COPY_ITEMS = ("COPY uniadapter_items (item_id, collection_id, external_id, source, sha256, metadata, created) "
-              "FROM STDIN (FORMAT BINARY)")
+COPY_ITEMS = ("COPY uniadapter_items (item_id, collection_id, external_id, source, sha256, metadata, created, "
+              "moments) FROM STDIN (FORMAT BINARY)")
 COPY_EMBEDDINGS = "COPY uniadapter_embeddings (item_id, generation, vector) FROM STDIN (FORMAT BINARY)"
 NUL_IN_TEXT = "PostgreSQL text fields cannot contain NUL (0x00) bytes"
 ADD_ATTEMPTS = 3
@@ -148,7 +157,7 @@ ADD_ATTEMPTS = 3
 
 
 def _item(row: Sequence[Any]) -> Item:
-    return Item(int(row[0]), row[1], row[2], row[3], read_metadata(row[4]), float(row[5]))
+    return Item(int(row[0]), row[1], row[2], row[3], read_metadata(row[4]), float(row[5]), read_moments(row[6]))
 
 
 def refuse_nul(rows: Sequence[Sequence[Any]]) -> None:
@@ -203,14 +212,16 @@ class PostgresBackend(StoreBackend):
         rows = self.read(lambda c: c.execute("SELECT name, uid FROM uniadapter_collections").fetchall())
         return {r[0]: r[1] for r in rows}
 
-    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
+               moments: MomentSpec | None = None) -> Store:
         uid = uuid.uuid4().hex
         folder = f"{name}@{uid[:16]}"
         with self.connection() as conn, conn.transaction():
             row = conn.execute(
-                "INSERT INTO uniadapter_collections (name, kind, adapter_ref, factory, dim, created, uid, media_dir) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-                (name, kind, adapter_ref, factory, dim, time.time(), uid, folder)).fetchone()
+                "INSERT INTO uniadapter_collections (name, kind, adapter_ref, factory, dim, created, uid, media_dir, "
+                "moments) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (name, kind, adapter_ref, factory, dim, time.time(), uid, folder,
+                 moments.to_json() if moments else None)).fetchone()
             if row is None:
                 raise ConflictError(f"collection {name!r} already exists")
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
@@ -323,12 +334,12 @@ class PostgresStore(Store):
 
     def meta(self) -> CollectionMeta:
         row = self.backend.read(lambda c: c.execute(
-            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid "
+            "SELECT name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid, moments "
             "FROM uniadapter_collections WHERE id = %s", (self.id,)).fetchone())
         if row is None:
             raise CollectionGone(self.name)
         return CollectionMeta(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), row[6], float(row[7]),
-                              row[8])
+                              row[8], MomentSpec.from_json(row[9]))
 
     def set_reindex_target(self, ref: str | None) -> None:
         with self._write() as conn, conn.transaction():
@@ -345,7 +356,8 @@ class PostgresStore(Store):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise ConflictError(f"duplicate ids in the request: {dupes[:5]}")
         now = time.time()
-        rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), now) for it in items]
+        rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), now, moments_json(it.moments))
+                for it in items]
         blobs = [{generation: vector_bytes(it.vector)} for it in items]
         for _ in range(ADD_ATTEMPTS):
             try:
@@ -376,10 +388,10 @@ class PostgresStore(Store):
         return int(row[0]), [int(i) for i in row[1]]
 
     def _copy_items(self, conn: psycopg.Connection[Any], item_ids: list[int],
-                    rows: list[tuple[str, str, str | None, str, float]]) -> None:
-        """rows: (external id, source, sha256, metadata JSON, created), one per item id."""
+                    rows: list[tuple[str, str, str | None, str, float, str | None]]) -> None:
+        """rows: (external id, source, sha256, metadata JSON, created, moments JSON), one per item id."""
         with conn.cursor() as cur, cur.copy(COPY_ITEMS) as copy:
-            copy.set_types(["int8", "int8", "text", "text", "text", "text", "float8"])
+            copy.set_types(["int8", "int8", "text", "text", "text", "text", "float8", "text"])
             for item_id, row in zip(item_ids, rows, strict=True):
                 copy.write_row((item_id, self.id, *row))
 
@@ -400,8 +412,8 @@ class PostgresStore(Store):
             todo = [r for r in rows if r[0].external_id not in taken]
             if not todo:
                 return
-            item_rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), created)
-                         for it, created, _ in todo]
+            item_rows = [(it.external_id, it.source, it.sha256, json.dumps(it.metadata), created,
+                          moments_json(it.moments)) for it, created, _ in todo]
             refuse_nul(item_rows)
             _, item_ids = self._reserve_adds(conn, len(todo))
             self._copy_items(conn, item_ids, item_rows)
@@ -429,7 +441,7 @@ class PostgresStore(Store):
         if not item_ids:
             return {}
         rows = self.backend.read(lambda c: c.execute(
-            "SELECT i.item_id, i.external_id, i.source, i.sha256, i.metadata, i.created "
+            "SELECT i.item_id, i.external_id, i.source, i.sha256, i.metadata, i.created, i.moments "
             "FROM unnest(%s::bigint[]) AS u (item_id) "
             "JOIN uniadapter_items i USING (item_id) WHERE i.collection_id = %s::bigint",
             (list(item_ids), self.id)).fetchall())

@@ -22,7 +22,7 @@ from uniadapter_serve.service.collections.sqlite_store import (
     TRASH_PREFIX,
     SqliteStore,
 )
-from uniadapter_serve.service.collections.store import CollectionGone, Store, StoreBackend, Swept
+from uniadapter_serve.service.collections.store import CollectionGone, MomentSpec, Store, StoreBackend, Swept
 
 
 class SqliteBackend(StoreBackend):
@@ -60,14 +60,15 @@ class SqliteBackend(StoreBackend):
                 out[name] = uid
         return out
 
-    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
+               moments: MomentSpec | None = None) -> Store:
         folder = self.root / name
         staging = self.root / f"{CREATING_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
         try:
             (staging / "media").mkdir(parents=True)
             store = SqliteStore(staging / STORE_FILE, create=True)
             try:
-                store.init_meta(name, kind, adapter_ref, factory, dim)
+                store.init_meta(name, kind, adapter_ref, factory, dim, moments)
             finally:
                 store.close()
             with self._names_lock():

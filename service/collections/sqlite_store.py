@@ -2,9 +2,11 @@
 
 Tables:
   meta        one row: name, kind, adapter ref, index factory, dim, generation, reindex target, uid (the
-              collection's identity), deleted (set by a drop, before its files go: every handle sees it)
-  items       item_id, external_id (unique), source, media sha256, user metadata (JSON), created
-  embeddings  (item_id, generation) -> float32 vector
+              collection's identity), moments (JSON window/stride, video collections of moments), deleted (set
+              by a drop, before its files go: every handle sees it)
+  items       item_id, external_id (unique), source, media sha256, user metadata (JSON), created, moments
+              (JSON [[start_s, end_s], ...], items of moment collections)
+  embeddings  (item_id, generation) -> float32 vector (one per moment, concatenated, in moment collections)
   ops         seq, op ('add' | 'delete' | 'switch' | 'drop'), item_id: the ordered log replicas replay.
 Writers take the database lock first (BEGIN IMMEDIATE), so ops are numbered in commit order. Every write is
 one transaction; an item is acknowledged only after its transaction committed, so a kill -9 loses at most
@@ -32,10 +34,13 @@ from uniadapter_serve.service.collections.store import (
     CollectionMeta,
     GenerationChanged,
     Item,
+    MomentSpec,
     NewItem,
     Op,
     Store,
+    moments_json,
     read_metadata,
+    read_moments,
     stack,
     vector_bytes,
 )
@@ -43,7 +48,7 @@ from uniadapter_serve.service.collections.store import (
 log = logging.getLogger(__name__)
 
 STORE_FILE = "items.sqlite"
-ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created"
+ITEM_COLUMNS = "item_id, external_id, source, sha256, metadata, created, moments"
 TRASH_PREFIX = ".deleted-"
 CREATING_PREFIX = ".creating-"
 
@@ -52,7 +57,7 @@ CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     name TEXT NOT NULL, kind TEXT NOT NULL, adapter_ref TEXT NOT NULL, factory TEXT NOT NULL,
     dim INTEGER NOT NULL, generation INTEGER NOT NULL, reindex_target TEXT, created REAL NOT NULL,
-    uid TEXT, deleted INTEGER NOT NULL DEFAULT 0
+    uid TEXT, deleted INTEGER NOT NULL DEFAULT 0, moments TEXT
 );
 CREATE TABLE IF NOT EXISTS items (
     item_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -60,7 +65,8 @@ CREATE TABLE IF NOT EXISTS items (
     source TEXT NOT NULL,
     sha256 TEXT,
     metadata TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    moments TEXT
 );
 CREATE TABLE IF NOT EXISTS embeddings (
     item_id INTEGER NOT NULL, generation INTEGER NOT NULL, vector BLOB NOT NULL,
@@ -70,13 +76,14 @@ CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, item_id INTEGER
 );
 """
-META_COLUMNS = "name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid"
-ADDED_COLUMNS = {"uid": "TEXT", "deleted": "INTEGER NOT NULL DEFAULT 0"}
-"""columns stores made before collection identities lack (added on first open)"""
+META_COLUMNS = "name, kind, adapter_ref, factory, dim, generation, reindex_target, created, uid, moments"
+ADDED_COLUMNS = {"meta": {"uid": "TEXT", "deleted": "INTEGER NOT NULL DEFAULT 0", "moments": "TEXT"},
+                 "items": {"moments": "TEXT"}}
+"""columns stores made before collection identities (uid, deleted) or moments lack (added on first open)"""
 
 
 def _item(r: Sequence[Any]) -> Item:
-    return Item(r[0], r[1], r[2], r[3], read_metadata(r[4]), float(r[5]))
+    return Item(r[0], r[1], r[2], r[3], read_metadata(r[4]), float(r[5]), read_moments(r[6]))
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
@@ -115,13 +122,14 @@ class SqliteStore(Store):
             raise
 
     def _upgrade(self) -> None:
-        """Stores from before identities: add `uid` / `deleted`, and give the collection its uid (once, under
-        the write lock, so replicas opening it together agree)."""
+        """Stores from before identities or moments: add the columns they lack, and give the collection its uid
+        (once, under the write lock, so replicas opening it together agree)."""
         with self.transaction() as db:
-            have = {r[1] for r in db.execute("PRAGMA table_info(meta)")}
-            for column, decl in ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE meta ADD COLUMN {column} {decl}")
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for column, decl in columns.items():
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             db.execute("UPDATE meta SET uid = ? WHERE uid IS NULL", (uuid.uuid4().hex,))
 
     @contextmanager
@@ -172,18 +180,22 @@ class SqliteStore(Store):
 
     # -- meta ------------------------------------------------------------------------------------
 
-    def init_meta(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> None:
+    def init_meta(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
+                  moments: MomentSpec | None = None) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO meta (id, name, kind, adapter_ref, factory, dim, generation, reindex_target, "
-                       "created, uid) VALUES (1, ?, ?, ?, ?, ?, 0, NULL, ?, ?)",
-                       (name, kind, adapter_ref, factory, dim, time.time(), uuid.uuid4().hex))
+                       "created, uid, moments) VALUES (1, ?, ?, ?, ?, ?, 0, NULL, ?, ?, ?)",
+                       (name, kind, adapter_ref, factory, dim, time.time(), uuid.uuid4().hex,
+                        moments.to_json() if moments else None))
 
     def meta(self) -> CollectionMeta:
         with self._use() as db:
             row = db.execute(f"SELECT {META_COLUMNS}, deleted FROM meta").fetchone()
         if row is None or row[-1]:
             raise CollectionGone(self.name)
-        return CollectionMeta(*row[:-1])
+        name, kind, adapter_ref, factory, dim, generation, target, created, uid, moments, _ = row
+        return CollectionMeta(name, kind, adapter_ref, factory, dim, generation, target, created, uid,
+                              MomentSpec.from_json(moments))
 
     def set_reindex_target(self, ref: str | None) -> None:
         with self.write() as db:
@@ -211,8 +223,9 @@ class SqliteStore(Store):
             out = []
             for it in items:
                 cur = db.execute(
-                    "INSERT INTO items (external_id, source, sha256, metadata, created) VALUES (?, ?, ?, ?, ?)",
-                    (it.external_id, it.source, it.sha256, json.dumps(it.metadata), now))
+                    "INSERT INTO items (external_id, source, sha256, metadata, created, moments) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (it.external_id, it.source, it.sha256, json.dumps(it.metadata), now, moments_json(it.moments)))
                 item_id = int(cur.lastrowid or 0)
                 db.execute("INSERT INTO embeddings VALUES (?, ?, ?)",
                            (item_id, generation, vector_bytes(it.vector)))

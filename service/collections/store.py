@@ -43,6 +43,35 @@ class Swept:
 
 
 @dataclass(frozen=True)
+class MomentSpec:
+    """How a video collection cuts each video into searchable moments: windows of `window_s` seconds every
+    `stride_s` seconds (a video no longer than a window is one moment)."""
+
+    window_s: float
+    stride_s: float
+
+    def to_json(self) -> str:
+        return json.dumps({"window_s": self.window_s, "stride_s": self.stride_s})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> MomentSpec | None:
+        """A stored spec; None for collections without moments (or a row no reader can take back)."""
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+            return cls(float(value["window_s"]), float(value["stride_s"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+Span = tuple[float, float]
+"""(start_s, end_s) of a moment, in seconds from the video's first frame"""
+MOMENT_SLOTS = 1 << 16
+"""vector ids of a moment collection: item_id * MOMENT_SLOTS + the moment's index (at most this many per video)"""
+
+
+@dataclass(frozen=True)
 class CollectionMeta:
     name: str
     kind: str
@@ -55,6 +84,8 @@ class CollectionMeta:
     uid: str = ""
     """the collection's identity: a name deleted and created again gets a new one (snapshots, replicas and
     handles compare it, never the name)"""
+    moments: MomentSpec | None = None
+    """video collections indexing moments: how videos are cut (None: one embedding per item)"""
 
 
 @dataclass(frozen=True)
@@ -66,6 +97,8 @@ class Item:
     metadata: dict[str, Any]
     created: float = 0.0
     """when the item was added (seconds since the epoch)"""
+    moments: tuple[Span, ...] = ()
+    """the item's moments in a moment collection, in order (each has one embedding per generation)"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +108,8 @@ class NewItem:
     sha256: str | None
     metadata: dict[str, Any]
     vector: np.ndarray
+    """(dim,), or (len(moments), dim) in a moment collection"""
+    moments: tuple[Span, ...] = ()
 
 
 Op = tuple[int, str, int | None]
@@ -190,7 +225,8 @@ class StoreBackend(abc.ABC):
         """name -> uid of every collection (what a replica compares its open handles with)."""
 
     @abc.abstractmethod
-    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int) -> Store:
+    def create(self, name: str, kind: str, adapter_ref: str, factory: str, dim: int,
+               moments: MomentSpec | None = None) -> Store:
         """ConflictError if the name is taken."""
 
     @abc.abstractmethod
@@ -236,11 +272,40 @@ def read_metadata(text: str) -> dict[str, Any]:
 
 
 def stack(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 vector blobs -> (ids (n,), vectors (n, dim))."""
+    """float32 vector blobs, one per item -> (ids (n,), vectors (n, dim)). An item of a moment collection has
+    one vector per moment in its blob: its id is repeated once per vector, in order (`vector_ids` numbers them)."""
     if not ids:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
-    return np.asarray(ids, np.int64), vectors
+    vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim)
+    counts = [len(b) // (4 * dim) for b in blobs]
+    if len(vectors) == len(ids):
+        return np.asarray(ids, np.int64), vectors
+    return np.repeat(np.asarray(ids, np.int64), counts), vectors
+
+
+def moment_vector_ids(item_ids: np.ndarray) -> np.ndarray:
+    """Item ids as `stack` repeats them (each item's run contiguous) -> the vector id of each row:
+    item_id * MOMENT_SLOTS + its index within the item."""
+    if len(item_ids) == 0:
+        return item_ids.astype(np.int64)
+    item_ids = np.asarray(item_ids, np.int64)
+    starts = np.flatnonzero(np.r_[True, item_ids[1:] != item_ids[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(item_ids)]))
+    return item_ids * MOMENT_SLOTS + (np.arange(len(item_ids)) - run_start)
+
+
+def read_moments(text: str | None) -> tuple[Span, ...]:
+    """An item's stored moments (JSON [[start, end], ...]); () for items without (or an unreadable row)."""
+    if not text:
+        return ()
+    try:
+        return tuple((float(a), float(b)) for a, b in json.loads(text))
+    except (ValueError, TypeError):
+        return ()
+
+
+def moments_json(moments: Sequence[Span]) -> str | None:
+    return json.dumps([[round(a, 6), round(b, 6)] for a, b in moments]) if moments else None
 
 
 def vector_bytes(vector: np.ndarray) -> bytes:
