@@ -5,19 +5,27 @@ normalises on the device."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 
+import torch
 from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.model.media.budget import DecodeBudget
 from uniadapter_serve.model.media.image import load_image, probe_image
-from uniadapter_serve.model.media.video import decode_video, probe_video
+from uniadapter_serve.model.media.video import MomentDecoder, decode_video, probe_video
 from uniadapter_serve.model.preprocess import image_to_pixels
 from uniadapter_serve.service import timing
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.settings import Settings
 from uniadapter_serve.service.tasks import Deadline, VisionInput, frames_for
+
+MOMENT_CHUNK = 16
+"""windows a moment decode hands over at once (what it holds at model size)"""
 
 
 class VisionDecoder:
@@ -71,23 +79,91 @@ class VisionDecoder:
                 return await run_in_threadpool(work)
 
     async def video_input(self, data: bytes, num_frames: int, field: str, *, bulk: bool = False,
-                          deadline: Deadline | None = None) -> VisionInput:
-        """Sample and preprocess `num_frames` frames in a worker thread, holding the decode budget."""
+                          deadline: Deadline | None = None, span: tuple[float, float] | None = None,
+                          long: bool = False) -> VisionInput:
+        """Sample and preprocess `num_frames` frames (of the whole video, or of `span`) in a worker thread,
+        holding the decode budget. long=True: a moment collection's video (its own, larger limits)."""
         s = self.settings
+        max_bytes, max_seconds = self.video_limits(long)
         with timing.span("decode"):
-            pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes,
+            pixels = await run_in_threadpool(probe_video, data, max_bytes=max_bytes,
                                              max_pixels=s.max_video_pixels, field=field)
             async with self.hold(pixels, field, bulk=bulk, deadline=deadline):
                 frames = await run_in_threadpool(decode_video, data, num_frames=num_frames, size=self.image_size,
-                                                 max_bytes=s.max_video_bytes, max_seconds=s.max_video_seconds,
-                                                 max_pixels=s.max_video_pixels, field=field, normalised=False)
+                                                 max_bytes=max_bytes, max_seconds=max_seconds,
+                                                 max_pixels=s.max_video_pixels, field=field, normalised=False,
+                                                 span=span)
         return VisionInput(frames, video=True)  # (T, 3, S, S) uint8
 
+    def video_limits(self, long: bool) -> tuple[int, float]:
+        """(max bytes, max seconds) of a video: a moment collection's (long) or any other."""
+        s = self.settings
+        if long:
+            return s.max_moment_video_bytes, s.max_moment_video_seconds
+        return s.max_video_bytes, s.max_video_seconds
+
     async def media_input(self, kind: str, data: bytes, meta: AdapterSetMeta | None, field: str, *,
-                          bulk: bool = False, deadline: Deadline | None = None) -> VisionInput:
-        """An image, or a clip sampled at the set's frame count. bulk=True: collection work, which waits its turn
-        for the decode budget up to the deadline and leaves task routes their share (`hold`)."""
+                          bulk: bool = False, deadline: Deadline | None = None,
+                          span: tuple[float, float] | None = None, long: bool = False) -> VisionInput:
+        """An image, or a clip (or a moment of a video: `span`) sampled at the set's frame count. bulk=True:
+        collection work, which waits its turn for the decode budget up to the deadline and leaves task routes
+        their share (`hold`)."""
         if kind == "image":
             return await self.image_input(data, None, field, bulk=bulk, deadline=deadline)
         frames = frames_for(meta, None, self.settings.num_frames)
-        return await self.video_input(data, frames, field, bulk=bulk, deadline=deadline)
+        return await self.video_input(data, frames, field, bulk=bulk, deadline=deadline, span=span, long=long)
+
+    @contextlib.asynccontextmanager
+    async def moments(self, data: bytes, num_frames: int, field: str, *, deadline: Deadline,
+                      spans: list[tuple[float, float]] | None = None, window_s: float | None = None,
+                      stride_s: float | None = None, chunk: int = MOMENT_CHUNK) -> AsyncIterator[Moments]:
+        """A moment collection's video, cut into windows (planned from its duration, or the `spans` stored with it)
+        and decoded in one streaming pass, `chunk` windows at a time, in worker threads: bulk work, holding the
+        decoder's frames plus one chunk at model size of the budget for the whole pass."""
+        s = self.settings
+        max_bytes, max_seconds = self.video_limits(True)
+        pixels = await run_in_threadpool(probe_video, data, max_bytes=max_bytes, max_pixels=s.max_video_pixels,
+                                         field=field)
+        pixels += chunk * num_frames * self.image_size ** 2
+        async with self.hold(pixels, field, bulk=True, deadline=deadline):
+            decoder = await run_in_threadpool(
+                MomentDecoder, data, num_frames=num_frames, size=self.image_size, max_bytes=max_bytes,
+                max_seconds=max_seconds, max_pixels=s.max_video_pixels, spans=spans, window_s=window_s,
+                stride_s=stride_s, field=field, timeout_s=max(1.0, deadline.remaining()))
+            with decoder:
+                moments = Moments(list(decoder.spans), decoder.chunks(chunk))
+                try:
+                    yield moments
+                finally:
+                    await moments.settle()  # no worker thread still reads the container it closes
+
+
+
+@dataclass
+class Moments:
+    """A video's moments being decoded: their spans (known before any frame is decoded), then their clips."""
+
+    spans: list[tuple[float, float]]
+    _chunks: Iterator[torch.Tensor]
+    _pending: asyncio.Future[torch.Tensor | None] | None = None
+
+    def _next(self) -> asyncio.Future[torch.Tensor | None]:
+        self._pending = asyncio.ensure_future(run_in_threadpool(next, self._chunks, None))
+        return self._pending
+
+    async def clips(self) -> AsyncIterator[list[VisionInput]]:
+        """Each chunk of consecutive windows as clips, in order; the next chunk decodes (in a worker thread)
+        while the caller embeds this one."""
+        pending = self._next()
+        while True:
+            frames = await pending
+            if frames is None:
+                return
+            pending = self._next()
+            yield [VisionInput(f, video=True) for f in frames]  # each (T, 3, S, S) uint8
+
+    async def settle(self) -> None:
+        """Wait for a chunk still being decoded (its result or error is dropped)."""
+        if self._pending is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._pending)

@@ -115,11 +115,25 @@ class VqaRequest(BaseModel):
         return _check_beams(self)
 
 
+SECONDS: Any = {"ge": 0, "le": 86_400, "allow_inf_nan": False}
+
+
 class VideoQaRequest(BaseModel):
+    """A question about a video: an upload (`video`), or a collection's item (`collection` + `item`); the whole
+    video, a part of it (`start_s` / `end_s`), or one of the item's moments (`moment`)."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra=_beams_schema)
 
-    video: str = Field(description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file.",
-                       min_length=1, json_schema_extra=BASE64)
+    video: str | None = Field(None, description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file. Or name "
+                              "a collection item instead.", min_length=1, json_schema_extra=BASE64)
+    collection: str | None = Field(None, description="Ask about an item of this video collection (with `item`).",
+                                   json_schema_extra=NAME)
+    item: str | None = Field(None, description="The item's id (with `collection`).", min_length=1, max_length=256)
+    moment: int | None = Field(None, ge=0, description="One of the item's moments (its index, as /retrieve "
+                               "returns it), in a moment collection.")
+    start_s: float | None = Field(None, description="Ask about the part of the video from this second (default: "
+                                  "its start).", **SECONDS)
+    end_s: float | None = Field(None, description="... to this second (default: its end).", **SECONDS)
     question: str = Field(min_length=1, json_schema_extra=WORD, examples=["what colour does the square become?"])
     mode: Literal["rank", "generate"] = "rank"
     top_k: int = Field(3, ge=1, le=100)
@@ -132,6 +146,20 @@ class VideoQaRequest(BaseModel):
     @model_validator(mode="after")
     def _beams_need_generate(self) -> VideoQaRequest:
         return _check_beams(self)
+
+    @model_validator(mode="after")
+    def _one_video(self) -> VideoQaRequest:
+        if (self.video is None) == (self.collection is None):
+            raise ValueError("give exactly one of video (an upload) and collection + item")
+        if (self.collection is None) != (self.item is None):
+            raise ValueError("collection and item go together")
+        if self.moment is not None and self.collection is None:
+            raise ValueError("moment: names a moment of a collection item (give collection and item)")
+        if self.moment is not None and (self.start_s is not None or self.end_s is not None):
+            raise ValueError("give either a moment or start_s / end_s, not both")
+        if self.start_s is not None and self.end_s is not None and self.start_s >= self.end_s:
+            raise ValueError(f"start_s ({self.start_s:g}) must be before end_s ({self.end_s:g})")
+        return self
 
 
 class AnswerItem(BaseModel):
@@ -187,6 +215,8 @@ class RetrieveRequest(BaseModel):
     top_k: int = Field(10, ge=1, description="Results returned.")
     rerank_k: int = Field(0, ge=0, description="Re-score the top rerank_k by image-text matching (ITM); text <-> "
                           "image/video only (ignored when query and hits are both images or videos).")
+    group_by_item: bool = Field(True, description="Moment collections: the best moment of each video (true), or "
+                                "every moment, best first (false). Other collections ignore it.")
     adapter: str | None = ADAPTER_FIELD
 
     @field_validator("filter", mode="before")
@@ -229,7 +259,12 @@ class RetrieveHit(_SendsMetadata):
     metadata_error: str | None = METADATA_ERROR_FIELD
     media_url: str | None = Field(None, description="The hit's media, relative to the server (collection images "
                                   "and videos; null for texts and inline candidates).")
-    thumbnail_url: str | None = Field(None, description="Its thumbnail (add ?size=N to choose another side).")
+    thumbnail_url: str | None = Field(None, description="Its thumbnail (add ?size=N to choose another side); of the "
+                                      "moment's middle frame for a moment.")
+    moment: int | None = Field(None, description="Moment collections: which of the video's moments matched (pass "
+                               "it to /videoqa with the collection and item).")
+    start_s: float | None = Field(None, description="Moment collections: where the moment starts (seconds).")
+    end_s: float | None = Field(None, description="... and ends.")
 
 
 class RetrieveResponse(BaseModel):
@@ -252,6 +287,13 @@ class ItemInfo(_SendsMetadata):
     media_url: str | None = None
     thumbnail_url: str | None = None
     metadata_error: str | None = METADATA_ERROR_FIELD
+    moments: list[MomentSpan] | None = Field(None, description="Moment collections: the video's moments in order "
+                                             "(a moment's index is its place here).")
+
+
+class MomentSpan(BaseModel):
+    start_s: float
+    end_s: float
 
 
 class ItemPage(BaseModel):
@@ -305,6 +347,24 @@ class CollectionCreate(BaseModel):
     index: str = Field("flat", description="'flat' (exact), 'IVFn,Flat', 'IVFn,SQ8', 'HNSWm' (the pattern); the "
                        "server also takes any other FAISS factory string it can build (e.g. 'IVF1024,PQ32').",
                        json_schema_extra=INDEX)
+    moments: MomentsIn | None = Field(None, description="Video collections: index moments (windows of each video, "
+                                      "each embedded) instead of one embedding per video; `{}` takes the server's "
+                                      "MOMENT_WINDOW_S / MOMENT_STRIDE_S.")
+
+
+class MomentsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds per moment "
+                                   "(default MOMENT_WINDOW_S); a video no longer than this is one moment.")
+    stride_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds from one "
+                                   "moment's start to the next (default MOMENT_STRIDE_S; at most window_s).")
+
+
+class MomentsInfo(BaseModel):
+    window_s: float
+    stride_s: float
+    indexed: int = Field(description="Moments in this replica's index.")
 
 
 class ItemIn(BaseModel):
@@ -364,6 +424,8 @@ class CollectionStats(BaseModel):
     exact_fallback: bool
     store_available: bool = Field(True, description="False while the store (PostgreSQL) cannot be reached: "
                                   "searches answer from this replica's memory, writes get 503.")
+    moments: MomentsInfo | None = Field(None, description="How videos are cut into moments; null: one embedding per "
+                                        "item.")
 
 
 LIMITS: dict[str, dict[str, dict[str, str]]] = {

@@ -117,6 +117,19 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(50 * MB, ge=1024, description="Largest video file.")
     max_video_seconds: float = Field(600.0, gt=0, description="Longest video.")
     max_video_pixels: int = Field(1920 * 1080, ge=1, description="Largest video frame (width x height).")
+    moment_window_s: float = Field(8.0, gt=0, description=(
+        "Moment collections: the window (seconds) a collection created with `\"moments\": {}` cuts its videos "
+        "into; each window is sampled like a clip and embedded."))
+    moment_stride_s: float = Field(4.0, gt=0, description="Moment collections: the default step between windows.")
+    max_moment_video_seconds: float = Field(3600.0, gt=0, description=(
+        "Longest video a moment collection takes (its own limit, above MAX_VIDEO_SECONDS: long videos are what "
+        "moments are for)."))
+    max_moment_video_bytes: int = Field(512 * MB, ge=1024, description=(
+        "Largest video file a moment collection takes (a path under the media root; uploads are also bounded by "
+        "MAX_REQUEST_BYTES)."))
+    max_moments_per_video: int = Field(2048, ge=1, le=65536, description=(
+        "Most moments one video may have: a collection whose window and stride would cut a video of "
+        "MAX_MOMENT_VIDEO_SECONDS into more is refused at creation."))
     max_text_chars: int = Field(512, ge=1, description="Longest question or query text.")
     max_top_k: int = Field(100, ge=1, description="Largest top_k.")
     max_candidates: int = Field(64, ge=1, description="Most inline candidates in one /retrieve request.")

@@ -53,8 +53,10 @@ class MediaFiles:
         self.media_root = media_root
         self.settings = settings
 
-    def prepare(self, kind: str, i: int, item: IncomingItem, check_text: Callable[[str, str], str]) -> Prepared:
-        """Check one item against the collection's kind and read its bytes -> Prepared (a 4xx naming it)."""
+    def prepare(self, kind: str, i: int, item: IncomingItem, check_text: Callable[[str, str], str], *,
+                long: bool = False) -> Prepared:
+        """Check one item against the collection's kind and read its bytes -> Prepared (a 4xx naming it); long:
+        a moment collection's video (MAX_MOMENT_VIDEO_BYTES)."""
         filename = item.metadata.get("filename")
         label = f"items[{i}]" + (f" ({str(filename)[:80]})" if filename else "")
         if kind == "text":
@@ -69,7 +71,7 @@ class MediaFiles:
             raise InputError(f"{label}: give exactly one of an uploaded file and a path")
         if item.path is not None:
             path = self.resolve(item.path, f"{label}.path")
-            data = self.read(path, kind, f"{label}.path")
+            data = self.read(path, kind, f"{label}.path", long=long)
             source = f"path:{path.relative_to(self.media_root.resolve())}"
         else:
             assert item.data is not None
@@ -98,9 +100,10 @@ class MediaFiles:
             raise NotFoundError(f"{field_name}: no file {shown} under the media root")
         return candidate
 
-    def read(self, path: Path, kind: str, field_name: str) -> bytes:
+    def read(self, path: Path, kind: str, field_name: str, *, long: bool = False) -> bytes:
         s = self.settings
-        limit = s.max_video_bytes if kind == "video" else s.max_image_bytes
+        video = s.max_moment_video_bytes if long else s.max_video_bytes
+        limit = video if kind == "video" else s.max_image_bytes
         try:
             size = path.stat().st_size
             if size > limit:
@@ -133,9 +136,9 @@ class MediaFiles:
             except FileNotFoundError:  # its folder went away under us: another replica deleted the collection
                 raise CollectionGone(name) from None
 
-    def load(self, media_dir: Path, kind: str, item: Item) -> bytes | str:
+    def load(self, media_dir: Path, kind: str, item: Item, *, long: bool = False) -> bytes | str:
         """The media bytes (or text) of an item of a `kind` collection keeping its uploads in `media_dir`, for
-        re-ranking and re-indexing."""
+        re-ranking and re-indexing (long: of a moment collection)."""
         source, _, rest = item.source.partition(":")
         field_name = f"item {item.external_id[:80]!r}"
         if source == "text":
@@ -146,5 +149,5 @@ class MediaFiles:
             except FileNotFoundError:
                 raise NotFoundError(f"{field_name}: its stored media file is missing") from None
         if source == "path":
-            return self.read(self.resolve(rest, field_name), kind, field_name)
+            return self.read(self.resolve(rest, field_name), kind, field_name, long=long)
         raise NotFoundError(f"{field_name} has no stored media")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.adapters.registry import NAME_RE
-from uniadapter_serve.errors import ConflictError, InputError, NotFoundError, OverloadedError
+from uniadapter_serve.errors import ConflictError, InputError, MediaTooLargeError, NotFoundError, OverloadedError
+from uniadapter_serve.model.media.video import plan_moments
 from uniadapter_serve.service.collections.cleanup import (
     ORPHAN_GRACE_S,
     ServingLock,
@@ -37,11 +40,14 @@ from uniadapter_serve.service.collections.store import (
     CollectionGone,
     GenerationChanged,
     Item,
+    MomentSpec,
     NewItem,
+    Span,
     Store,
     StoreBackend,
     StoreUnavailableError,
     Swept,
+    moments_json,
 )
 from uniadapter_serve.service.decoding import VisionDecoder
 from uniadapter_serve.service.engine import Engine
@@ -49,7 +55,7 @@ from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.redis_glue import EmbeddingCache, EventBus
 from uniadapter_serve.service.resolver import AdapterResolver
 from uniadapter_serve.service.settings import Settings
-from uniadapter_serve.service.tasks import Deadline, EmbedJob
+from uniadapter_serve.service.tasks import Deadline, EmbedJob, frames_for
 from uniadapter_serve.service.texts import check_text
 
 log = logging.getLogger(__name__)
@@ -211,12 +217,15 @@ class CollectionManager:
                 continue
         return out
 
-    def create(self, name: str, kind: str, adapter: str | None, factory: str = "flat") -> Collection:
+    def create(self, name: str, kind: str, adapter: str | None, factory: str = "flat",
+               moments: MomentSpec | None = None) -> Collection:
         if not NAME_RE.fullmatch(name):
             raise InputError(f"invalid collection name {name[:80]!r}: 1-64 ASCII letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
+        if moments is not None:
+            self.check_moments(kind, moments)
         meta = self.adapters.resolve(adapter, "retrieval")  # None: the default retrieval set
         dim = self.engine.embed_dim
         factory = validate_factory(factory, dim)
@@ -224,11 +233,30 @@ class CollectionManager:
         with self._lock:
             if name in self._collections:
                 raise ConflictError(f"collection {name!r} already exists")
-            store = self.backend.create(name, kind, meta.ref if meta else "none", factory, dim)
+            store = self.backend.create(name, kind, meta.ref if meta else "none", factory, dim, moments)
             collection = self._collections[name] = self._open(name, store)
             self._epoch += 1
         self.events.publish({"type": "collection", "name": name})
         return collection
+
+    def check_moments(self, kind: str, spec: MomentSpec) -> None:
+        """A moment spec a `kind` collection can use (a 4xx naming the field otherwise)."""
+        s = self.settings
+        if kind != "video":
+            raise InputError(f"moments: only video collections index moments (kind is {kind!r})")
+        for field, value in (("window_s", spec.window_s), ("stride_s", spec.stride_s)):
+            if not math.isfinite(value) or value <= 0:
+                raise InputError(f"moments.{field}: must be a positive number of seconds, got {value!r}")
+        if spec.window_s > s.max_moment_video_seconds:
+            raise InputError(f"moments.window_s: {spec.window_s:g} s is longer than the longest video a moment "
+                             f"collection takes (MAX_MOMENT_VIDEO_SECONDS, {s.max_moment_video_seconds:g} s)")
+        if spec.stride_s > spec.window_s:
+            raise InputError(f"moments.stride_s: {spec.stride_s:g} s is longer than the window ({spec.window_s:g} s): "
+                             "parts of each video would be in no moment")
+        most = len(plan_moments(s.max_moment_video_seconds, spec.window_s, spec.stride_s))
+        if most > s.max_moments_per_video:
+            raise InputError(f"moments.stride_s: at {spec.stride_s:g} s a video of {s.max_moment_video_seconds:g} s "
+                             f"has {most} moments, over MAX_MOMENTS_PER_VIDEO ({s.max_moments_per_video})")
 
     def drop(self, name: str) -> None:
         """Delete the collection: writes through any handle of it fail from now on (404), in every replica;
@@ -282,12 +310,18 @@ class CollectionManager:
         for _ in range(3):
             meta = collection.meta
             adapter = self.adapter_of(collection)
-            vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label, deadline)
-                                             for p in prepared))
+            if meta.moments is None:
+                vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label,
+                                                             deadline) for p in prepared))
+                spans: list[tuple[Span, ...]] = [()] * len(prepared)
+            else:
+                cut = await asyncio.gather(*(self._embed_moments(p.content, p.sha256, adapter, p.label, deadline,
+                                                                 spec=meta.moments) for p in prepared))
+                spans, vectors = [c[0] for c in cut], [c[1] for c in cut]
             await run_in_threadpool(self.files.store, collection.media_dir, prepared, collection.name,
                                     lambda: collection.gone)
-            news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v)
-                    for p, v in zip(prepared, vectors, strict=True)]
+            news = [NewItem(p.external_id, p.source, p.sha256, p.metadata, v, m)
+                    for p, v, m in zip(prepared, vectors, spans, strict=True)]
             try:
                 await run_in_threadpool(collection.store.add, news, meta.generation)
                 break
@@ -306,8 +340,9 @@ class CollectionManager:
         self.events.publish({"type": "collection", "name": collection.name})
 
     def _prepare_all(self, collection: Collection, items: list[IncomingItem]) -> list[Prepared]:
-        kind = collection.meta.kind
-        out = [self.files.prepare(kind, i, it, self._check_text) for i, it in enumerate(items)]
+        meta = collection.meta
+        long = meta.moments is not None
+        out = [self.files.prepare(meta.kind, i, it, self._check_text, long=long) for i, it in enumerate(items)]
         taken = collection.store.existing([p.external_id for p in out])
         if taken:
             raise ConflictError(f"ids already in collection {collection.meta.name!r}: {sorted(taken)[:5]}")
@@ -350,9 +385,45 @@ class CollectionManager:
         self.cache.set(key, vector.tobytes())
         return vector
 
+    async def _embed_moments(self, content: bytes | str, sha256: str, adapter: AdapterSetMeta | None, field: str,
+                             deadline: Deadline, *, spec: MomentSpec | None = None,
+                             spans: tuple[Span, ...] | None = None) -> tuple[tuple[Span, ...], np.ndarray]:
+        """A video of a moment collection -> (its moments, their embeddings (n, D)): cut by `spec` (an add), or
+        at the `spans` stored with it (a re-index); decoded in one streaming pass while earlier windows embed.
+        Cached per (version, media, window and stride) as [n, spans..., vectors...] float32."""
+        assert isinstance(content, bytes)
+        ref = adapter.ref if adapter else None
+        cut = f"{spec.window_s:g}/{spec.stride_s:g}" if spec is not None else moments_json(spans or ()) or ""
+        key = self.cache.key(ref or "none", sha256, f"moments:{hashlib.sha256(cut.encode()).hexdigest()[:16]}")
+        cached = await self.cache.get(key)
+        if cached is not None:
+            found = _unpack_moments(cached, self.engine.embed_dim)
+            if found is not None:
+                self.metrics.cache.labels(result="hit").inc()
+                return found
+        self.metrics.cache.labels(result="miss").inc()
+        frames = frames_for(adapter, None, self.settings.num_frames)
+        vectors: list[np.ndarray] = []
+        async with self.decoder.moments(content, frames, field, deadline=deadline,
+                                        spans=list(spans) if spans is not None else None,
+                                        window_s=spec.window_s if spec else None,
+                                        stride_s=spec.stride_s if spec else None) as moments:
+            if len(moments.spans) > self.settings.max_moments_per_video:
+                raise MediaTooLargeError(f"{field}: {len(moments.spans)} moments is over MAX_MOMENTS_PER_VIDEO "
+                                         f"({self.settings.max_moments_per_video})")
+            async for clips in moments.clips():
+                embedded = await asyncio.gather(*(self.engine.run(EmbedJob(query=c, ref=ref, deadline=deadline))
+                                                  for c in clips))
+                vectors += [e.numpy() for e in embedded]
+            found_spans = tuple((float(a), float(b)) for a, b in moments.spans)
+        stacked = np.ascontiguousarray(np.stack(vectors), np.float32)
+        self.cache.set(key, _pack_moments(found_spans, stacked))
+        return found_spans, stacked
+
     def load_content(self, collection: Collection, item: Item) -> bytes | str:
         """The item's media bytes (or text), for re-ranking and re-indexing."""
-        return self.files.load(collection.media_dir, collection.meta.kind, item)
+        meta = collection.meta
+        return self.files.load(collection.media_dir, meta.kind, item, long=meta.moments is not None)
 
     def _contents(self, collection: Collection, items: list[Item]) -> list[bytes | str]:
         return [self.load_content(collection, it) for it in items]
@@ -395,8 +466,7 @@ class CollectionManager:
                 try:
                     with self.engine.admit(len(batch)):
                         vectors = await asyncio.gather(*(
-                            self._embed(collection.meta.kind, c, it.sha256 or "", adapter, f"item {it.external_id!r}",
-                                        deadline)
+                            self._embed_again(collection.meta.kind, c, it, adapter, deadline)
                             for c, it in zip(contents, batch, strict=True)))
                 except OverloadedError as e:  # live traffic first: re-index when there is room
                     await asyncio.sleep(e.retry_after)
@@ -414,6 +484,33 @@ class CollectionManager:
             log.exception("re-indexing %s to %s failed", name, ref)
             with contextlib.suppress(Exception):
                 collection.store.set_reindex_target(None)
+
+
+    async def _embed_again(self, kind: str, content: bytes | str, item: Item, adapter: AdapterSetMeta | None,
+                           deadline: Deadline) -> np.ndarray:
+        """A stored item under another version: one embedding, or one per moment at its stored spans."""
+        field = f"item {item.external_id!r}"
+        if item.moments:
+            return (await self._embed_moments(content, item.sha256 or "", adapter, field, deadline,
+                                              spans=item.moments))[1]
+        return await self._embed(kind, content, item.sha256 or "", adapter, field, deadline)
+
+
+def _pack_moments(spans: tuple[Span, ...], vectors: np.ndarray) -> bytes:
+    head = np.asarray([len(spans), *(t for span in spans for t in span)], np.float32)
+    return head.tobytes() + np.ascontiguousarray(vectors, np.float32).tobytes()
+
+
+def _unpack_moments(blob: bytes, dim: int) -> tuple[tuple[Span, ...], np.ndarray] | None:
+    """A cached moment embedding; None when it is not one of `dim` (written by another model: embed again)."""
+    values = np.frombuffer(blob, np.float32)
+    if len(values) == 0:
+        return None
+    n = int(values[0])
+    if n < 1 or len(values) != 1 + 2 * n + n * dim:
+        return None
+    spans = tuple((float(a), float(b)) for a, b in values[1:1 + 2 * n].reshape(n, 2))
+    return spans, values[1 + 2 * n:].reshape(n, dim).copy()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from uniadapter_serve.errors import InputError, UnsupportedMediaTypeError
 from uniadapter_serve.service.auth import AdminAuth, ReadAuth
 from uniadapter_serve.service.bodies import b64decode, component_ref, read_form
 from uniadapter_serve.service.collections.ingest import IncomingItem
+from uniadapter_serve.service.collections.store import MomentSpec
 from uniadapter_serve.service.deps import CollectionsDep, DeadlineDep, SettingsDep
 from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.schemas import (
@@ -52,8 +53,13 @@ ITEMS_BODY = {"requestBody": {"required": True, "content": {
 
 @router.post("", response_model=CollectionStats, status_code=201, dependencies=[AdminAuth],
              summary="Create a collection bound to one adapter version")
-async def create(body: CollectionCreate, collections: CollectionsDep) -> CollectionStats:
-    collection = await run_in_threadpool(collections.create, body.name, body.kind, body.adapter, body.index)
+async def create(body: CollectionCreate, collections: CollectionsDep, settings: SettingsDep) -> CollectionStats:
+    moments = None
+    if body.moments is not None:
+        moments = MomentSpec(body.moments.window_s or settings.moment_window_s,
+                             body.moments.stride_s or settings.moment_stride_s)
+    collection = await run_in_threadpool(collections.create, body.name, body.kind, body.adapter, body.index,
+                                         moments)
     return CollectionStats(**collection.stats())
 
 

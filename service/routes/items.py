@@ -23,7 +23,7 @@ from uniadapter_serve.service.deps import CollectionsDep, DecoderDep, SettingsDe
 from uniadapter_serve.service.errors import error_response
 from uniadapter_serve.service.openapi_errors import ERRORS
 from uniadapter_serve.service.routes.search import item_text, item_urls
-from uniadapter_serve.service.schemas import ItemInfo, ItemPage
+from uniadapter_serve.service.schemas import ItemInfo, ItemPage, MomentSpan
 from uniadapter_serve.service.validation import lookup_id
 
 router = APIRouter(prefix="/collections", tags=["items"], dependencies=[ReadAuth], responses=ERRORS)
@@ -57,7 +57,8 @@ def info(collection: Collection, item: Item, media_root: Path) -> ItemInfo:
     media_url, thumbnail_url = item_urls(meta.name, item.external_id)
     return ItemInfo(id=item.external_id, kind="video" if meta.kind == "video" else "image", metadata=item.metadata,
                     size=found.size, content_type=found.content_type, sha256=item.sha256, added=item.created,
-                    adapter=meta.adapter_ref, media_url=media_url, thumbnail_url=thumbnail_url)
+                    adapter=meta.adapter_ref, media_url=media_url, thumbnail_url=thumbnail_url,
+                    moments=[MomentSpan(start_s=a, end_s=b) for a, b in item.moments] if meta.moments else None)
 
 
 def _row(media_root: Path, collection: Collection, item: Item) -> ItemInfo:

@@ -4,6 +4,7 @@ optional ITM re-rank, and the URLs of each hit's media and thumbnail."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -44,10 +45,14 @@ def item_text(item: Item) -> str | None:
     return rest if kind == "text" else None
 
 
-def item_urls(collection: str, item_id: str) -> tuple[str, str]:
-    """Relative URLs of an item's media and thumbnail (ids are quoted whole: they may hold '/')."""
+def item_urls(collection: str, item_id: str, span: tuple[float, float] | None = None) -> tuple[str, str]:
+    """Relative URLs of an item's media and thumbnail (ids are quoted whole: they may hold '/'); for a moment
+    (`span`), the media plays from its start (a media fragment) and the thumbnail is its middle frame."""
     base = f"/collections/{quote(collection, safe='')}/items/{quote(item_id, safe='')}"
-    return f"{base}/media", f"{base}/thumbnail"
+    if span is None:
+        return f"{base}/media", f"{base}/thumbnail"
+    start, end = span
+    return f"{base}/media#t={start:.3f},{end:.3f}", f"{base}/thumbnail?t={(start + end) / 2:.3f}"
 
 
 async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]], deadline: Deadline, *,
@@ -84,7 +89,9 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]
             visual = await decoder.media_input("video", media["query_video"][0].data, adapter, "query_video",
                                                deadline=deadline)
         vector = await engine.run(EmbedJob(query=visual, ref=ref, deadline=deadline))
-    hits = await run_in_threadpool(collection.search, vector.numpy(), k, keep)
+    hits = await run_in_threadpool(partial(collection.search, group_by_item=body.group_by_item), vector.numpy(), k,
+                                   keep)
+    long = cmeta.moments is not None
 
     async def rerank(top: list[int]) -> list[float]:
         if visual is not None:  # an image or video query: the hits are texts
@@ -92,9 +99,9 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]
             return await engine.run(MatchJob(query=visual, candidates=texts, ref=ref, deadline=deadline))
         contents = await asyncio.gather(*(run_in_threadpool(collections.load_content, collection,
                                                             hits[i].item) for i in top))
-        visuals = await asyncio.gather(*(
+        visuals = await asyncio.gather(*(  # a moment: its own frames
             decoder.media_input(cmeta.kind, content, adapter, f"item {hits[i].item.external_id!r}",
-                                deadline=deadline)
+                                deadline=deadline, span=hits[i].span, long=long)
             for i, content in zip(top, contents, strict=True) if isinstance(content, bytes)))
         assert len(visuals) == len(top)  # media collections hold bytes
         return await engine.run(MatchJob(query=body.query_text or "", candidates=visuals, ref=ref,
@@ -115,9 +122,11 @@ async def search_collection(body: RetrieveRequest, media: dict[str, list[Upload]
         if cmeta.kind == "text":
             metadata.setdefault("text", item_text(item))
         else:
-            media_url, thumbnail_url = item_urls(cmeta.name, item.external_id)
+            media_url, thumbnail_url = item_urls(cmeta.name, item.external_id, hits[i].span)
+        span = hits[i].span
         results.append(RetrieveHit(id=item.external_id, score=itm_scores.get(i, hits[i].score),
                                    itc_score=hits[i].score, itm_score=itm_scores.get(i), metadata=metadata,
-                                   media_url=media_url, thumbnail_url=thumbnail_url))
+                                   media_url=media_url, thumbnail_url=thumbnail_url, moment=hits[i].moment,
+                                   start_s=None if span is None else span[0], end_s=None if span is None else span[1]))
     return RetrieveResponse(results=results, adapter=None if cmeta.adapter_ref == "none" else cmeta.adapter_ref,
                             collection=cmeta.name)

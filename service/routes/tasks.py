@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from uniadapter_serve.adapters.format import AdapterSetMeta
-from uniadapter_serve.errors import InputError
+from uniadapter_serve.errors import ConflictError, InputError
+from uniadapter_serve.model.media.video import video_duration
 from uniadapter_serve.service import demo
 from uniadapter_serve.service.auth import ReadAuth
 from uniadapter_serve.service.bodies import Upload, body_openapi, parse_body
+from uniadapter_serve.service.collections.manager import CollectionManager
 from uniadapter_serve.service.decoding import VisionDecoder
 from uniadapter_serve.service.deps import (
     AdaptersDep,
@@ -77,15 +80,57 @@ async def vqa(request: Request, deadline: DeadlineDep, settings: SettingsDep, ad
              openapi_extra=body_openapi(VideoQaRequest, VIDEOQA_MEDIA, EXAMPLES["videoqa"]),
              summary="Answer a question about a video")
 async def videoqa(request: Request, deadline: DeadlineDep, settings: SettingsDep, adapters: AdaptersDep,
-                  decoder: DecoderDep, engine: EngineDep) -> VqaResponse:
+                  decoder: DecoderDep, engine: EngineDep, collections: CollectionsDep) -> VqaResponse:
     body, media = await parse_body(request, VideoQaRequest, VIDEOQA_MEDIA)
     check_text(body.question, "question", settings.max_text_chars)
     meta = adapters.resolve(body.adapter, "videoqa")
     frames = frames_for(meta, body.num_frames, settings.num_frames)
     with engine.admit(2):
-        visual = await decoder.video_input(media["video"][0].data, frames, "video", deadline=deadline)
+        if body.collection is not None:
+            data, field, span, long = await _collection_video(body, collections)
+        else:
+            data, field, span, long = media["video"][0].data, "video", None, False
+        if span is None and (body.start_s is not None or body.end_s is not None):
+            span = await _asked_span(body, data, field, decoder, long)
+        visual = await decoder.video_input(data, frames, field, deadline=deadline, span=span, long=long)
         answers = await engine.run(_answer_job(body, visual, _ref(meta), deadline))
     return _vqa_response(answers, body, _ref(meta))
+
+
+async def _collection_video(body: VideoQaRequest, collections: CollectionManager
+                            ) -> tuple[bytes, str, tuple[float, float] | None, bool]:
+    """The item a /videoqa body names -> (its bytes, how errors name it, the moment's span, moment collection)."""
+    assert body.collection is not None and body.item is not None
+    collection = collections.get(body.collection)
+    cmeta = collection.meta
+    if cmeta.kind != "video":
+        raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: /videoqa asks about videos")
+    item = await run_in_threadpool(collection.find, body.item)
+    span = None
+    if body.moment is not None:
+        if cmeta.moments is None:
+            raise InputError(f"moment: collection {cmeta.name!r} does not index moments (ask with start_s / end_s)")
+        if body.moment >= len(item.moments):
+            raise InputError(f"moment: item {item.external_id[:80]!r} has {len(item.moments)} moments "
+                             f"(0-{len(item.moments) - 1}), not {body.moment}")
+        span = item.moments[body.moment]
+    content = await run_in_threadpool(collections.load_content, collection, item)
+    assert isinstance(content, bytes)
+    return content, f"item {item.external_id[:80]!r}", span, cmeta.moments is not None
+
+
+async def _asked_span(body: VideoQaRequest, data: bytes, field: str, decoder: VisionDecoder,
+                      long: bool) -> tuple[float, float]:
+    """start_s / end_s, the missing one taken from the video (its start, or its end from the header)."""
+    start = body.start_s or 0.0
+    if body.end_s is not None:
+        return start, body.end_s
+    max_bytes, _ = decoder.video_limits(long)
+    duration = await run_in_threadpool(video_duration, data, max_bytes=max_bytes,
+                                       max_pixels=decoder.settings.max_video_pixels, field=field)
+    if start >= duration:
+        raise InputError(f"start_s: {start:g} s is at or past the end of the video ({duration:.3f} s)")
+    return start, duration
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERRORS,

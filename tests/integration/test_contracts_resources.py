@@ -128,7 +128,7 @@ def test_collection_life_from_create_to_delete(client, spec):
     assert created | {"uid": None} == {
         "name": name, "uid": None, "kind": "image", "adapter": REF["retrieval"], "index": "flat", "dim": 64,
         "items": 0, "indexed": 0, "generation": 0, "reindex_target": None, "exact_fallback": False,
-        "store_available": True}
+        "store_available": True, "moments": None}
     try:
         again = valid(spec, "post", "/collections", client.post("/collections", json={"name": name}), 409)
         assert again == {"error": "ConflictError", "detail": f"collection '{name}' already exists"}

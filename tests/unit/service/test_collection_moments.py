@@ -104,7 +104,7 @@ def test_grouped_search_finds_k_videos_when_one_video_holds_the_best_moments(col
     items = [NewItem("long", "upload:x", None, {}, long.astype(np.float32), spans(40)), *videos(6, [2, 2, 2])]
     coll.store.add(items, 0)
     hits = coll.search(query, 4)
-    assert [h.item.external_id for h in hits][0] == "long"
+    assert hits[0].item.external_id == "long"
     assert sorted(h.item.external_id for h in hits) == ["long", "v0", "v1", "v2"]
 
 
