@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     max_moment_video_bytes: int = Field(512 * MB, ge=1024, description=(
         "Largest video file a moment collection takes (a path under the media root; uploads are also bounded by "
         "MAX_REQUEST_BYTES)."))
+    moment_add_timeout_s: float = Field(1800.0, gt=0, le=86_400, description=(
+        "Deadline of an add to a moment collection, and of each re-index chunk of one (REQUEST_TIMEOUT_S is for one "
+        "clip: a long video's windows take minutes to embed on a CPU)."))
     max_moments_per_video: int = Field(2048, ge=1, le=65536, description=(
         "Most moments one video may have: a collection whose window and stride would cut a video of "
         "MAX_MOMENT_VIDEO_SECONDS into more is refused at creation."))

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("image", "video", "text")
 REINDEX_CHUNK = 64
+MOMENT_REINDEX_CHUNK = 4
+"""videos of a moment collection re-embedded per chunk (each is many windows)"""
 WATCH_EVERY_S = 5.0
 """How often collections deleted or made by other processes are noticed when no event says so (SQLite replicas
 on one volume have no events without Redis): a deleted one's files are released within this."""
@@ -296,6 +298,8 @@ class CollectionManager:
         collection: one deleted meanwhile answers 404 and keeps nothing."""
         deadline = deadline or Deadline.after(self.settings.request_timeout_s)
         collection = self.get(name)
+        if collection.meta.moments is not None:  # a long video's windows: minutes, not a request's seconds
+            deadline = Deadline.after(max(deadline.remaining(), self.settings.moment_add_timeout_s))
         with self.engine.admit(len(items)), _noting_gone(collection):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
             ids = await self._add_prepared(collection, prepared, deadline)
@@ -454,15 +458,18 @@ class CollectionManager:
         Queries keep using the current generation until the switch."""
         name = collection.meta.name
         generation = collection.meta.generation + 1
+        long = collection.meta.moments is not None
+        chunk, chunk_s = ((MOMENT_REINDEX_CHUNK, self.settings.moment_add_timeout_s) if long
+                          else (REINDEX_CHUNK, self.settings.request_timeout_s))
         try:
             while True:
-                batch = await run_in_threadpool(collection.store.missing, generation, REINDEX_CHUNK)
+                batch = await run_in_threadpool(collection.store.missing, generation, chunk)
                 if not batch:
                     if await run_in_threadpool(collection.store.switch, generation, ref):
                         break
                     continue
                 contents = await run_in_threadpool(self._contents, collection, batch)
-                deadline = Deadline.after(self.settings.request_timeout_s)  # each chunk: a request's time
+                deadline = Deadline.after(chunk_s)  # each chunk: a request's time (an add's, for moments)
                 try:
                     with self.engine.admit(len(batch)):
                         vectors = await asyncio.gather(*(

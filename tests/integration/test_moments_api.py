@@ -247,3 +247,14 @@ def test_reindex_embeds_every_moment_again_at_its_stored_times(client, admin, mo
         (h["id"], h["moment"], h["start_s"], h["end_s"]) for h in before}
     assert {(h["id"], h["moment"]): round(h["itc_score"], 4) for h in after} != {
         (h["id"], h["moment"]): round(h["itc_score"], 4) for h in before}  # another model's embeddings
+
+
+def test_an_image_query_searches_moments_too(client, moments):
+    from support.media import image_bytes
+
+    r = client.post("/retrieve", json={"query_image": b64(image_bytes()), "collection": moments, "top_k": 3,
+                                       "group_by_item": False})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert len(hits) == 3 and all(h["moment"] is not None and h["end_s"] > h["start_s"] for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
