@@ -6,9 +6,10 @@ With the backbone 'demo' and its trained weights present (model/demo/, built by
 - publishes the three shipped adapter sets (demo-retrieval, demo-vqa, demo-videoqa) into the
   adapters root and uses them when a request names no set (explicit `default_*_adapter` settings
   win);
-- creates two collections of held-out demo-world media, `demo-images` and `demo-videos`, bound to
-  the exact demo-retrieval version. Their files are written under MEDIA_ROOT/demo/, so they can be
-  opened, uploaded from Swagger, or re-indexed like any user media.
+- creates three collections of held-out demo-world media, bound to the exact demo-retrieval version:
+  `demo-images`, `demo-videos` and `demo-long-videos` (60-120 s videos of timed events, indexed as moments
+  of 8 s every 4 s; each item's metadata lists its events). Their files are written under MEDIA_ROOT/demo/,
+  so they can be opened, uploaded from Swagger, or re-indexed like any user media.
 
 Everything is created only where missing: a restart, or a second replica on the same volume,
 changes nothing, and an interrupted start finishes the collections on the next one.
@@ -20,6 +21,7 @@ import asyncio
 import base64
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,7 +35,7 @@ from uniadapter_serve.adapters.registry import AdapterRegistry
 from uniadapter_serve.errors import ConflictError, NotFoundError, OverloadedError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.demo.shipped import SET_NAMES
-from uniadapter_serve.model.demo.world import Clip, Scene, World
+from uniadapter_serve.model.demo.world import Clip, LongVideo, Scene, World
 from uniadapter_serve.model.loading import DEMO_DIR
 
 if TYPE_CHECKING:
@@ -44,11 +46,14 @@ log = logging.getLogger(__name__)
 
 SETS_DIR = DEMO_DIR.parent / "adapters"
 DEMO_SETS = SET_NAMES
-IMAGES, VIDEOS = "demo-images", "demo-videos"
-NUM_IMAGES, NUM_VIDEOS = 64, 16
+IMAGES, VIDEOS, LONG_VIDEOS = "demo-images", "demo-videos", "demo-long-videos"
+NUM_IMAGES, NUM_VIDEOS, NUM_LONG_VIDEOS = 64, 16, 3
 FIRST_INDEX = 3_000_000
 """held out: training uses indices from 0, evaluation from 2,000,000"""
 FPS = 4
+LONG_FPS = 2
+"""long videos: 2 frames a second keep the start fast (a window of 8 s still has 16 frames to sample 8 from)"""
+MOMENT_WINDOW_S, MOMENT_STRIDE_S = 8.0, 4.0
 BATCH = 16
 
 
@@ -117,15 +122,41 @@ def _metadata(content: Scene | Clip) -> dict[str, Any]:
 def image_items(n: int = NUM_IMAGES) -> list[DemoItem]:
     world = _world()
     scenes = [world.scene(FIRST_INDEX + i) for i in range(n)]
-    return [DemoItem(f"scene-{i:04d}", f"demo/images/scene-{i:04d}.png", png(np.asarray(world.render(scene))),
-                     _metadata(scene)) for i, scene in enumerate(scenes)]
+    return [DemoItem(item_id, f"demo/images/{item_id}.png", png(np.asarray(world.render(scene))), _metadata(scene))
+            for item_id, scene in zip(_ids("scene", n), scenes, strict=True)]
 
 
 def video_items(n: int = NUM_VIDEOS) -> list[DemoItem]:
     world = _world()
     clips = [world.clip(FIRST_INDEX + i) for i in range(n)]
-    return [DemoItem(f"clip-{i:04d}", f"demo/videos/clip-{i:04d}.mp4", mp4(world.render_clip(clip)), _metadata(clip))
-            for i, clip in enumerate(clips)]
+    return [DemoItem(item_id, f"demo/videos/{item_id}.mp4", mp4(world.render_clip(clip)), _metadata(clip))
+            for item_id, clip in zip(_ids("clip", n), clips, strict=True)]
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:04d}" for i in range(n)]
+
+
+def long_video(i: int) -> LongVideo:
+    """The i-th shipped long video's events (held out like the other demo media)."""
+    return _world().long_video(FIRST_INDEX + i, fps=LONG_FPS)
+
+
+def long_video_items(n: int = NUM_LONG_VIDEOS, only: set[str] | None = None) -> list[DemoItem]:
+    """The long videos (those of `only` when given: rendering and encoding is the cost), each item's metadata
+    listing its events (caption, start_s, end_s) and naming the video (`video`: its id, to filter a search by)."""
+    world = _world()
+    out = []
+    for i, item_id in enumerate(_ids("long", n)):
+        if only is not None and item_id not in only:
+            continue
+        video = long_video(i)
+        events = [{"caption": e.caption(), "start_s": e.start_s, "end_s": e.end_s} for e in video.events]
+        out.append(DemoItem(item_id, f"demo/long-videos/{item_id}.mp4",
+                            mp4(world.render_long_video(video), fps=LONG_FPS),
+                            {"caption": "; ".join(e.caption() for e in video.events), "video": item_id,
+                             "duration_s": video.duration_s, "events": events}))
+    return out
 
 
 @cache
@@ -166,24 +197,29 @@ def request_examples() -> dict[str, dict[str, Any]]:
 
 
 async def ensure_collections(collections: CollectionManager, registry: AdapterRegistry, media_dir: Path) -> None:
-    """Create demo-images / demo-videos (and their media files) where missing, bound to the shipped
-    demo-retrieval version even if a newer one was published."""
+    """Create demo-images / demo-videos / demo-long-videos (and their media files) where missing, bound to the
+    shipped demo-retrieval version even if a newer one was published."""
     from uniadapter_serve.service.collections.ingest import IncomingItem  # the manager imports the schemas
+    from uniadapter_serve.service.collections.store import MomentSpec
 
     retrieval = DEMO_SETS["retrieval"]
     ref = registry.resolve(f"{retrieval}@{read_adapter_meta(SETS_DIR / retrieval / 'v1').version}").ref
-    for name, kind, make in ((IMAGES, "image", image_items), (VIDEOS, "video", video_items)):
+    made: list[tuple[str, str, MomentSpec | None, list[str], Callable[[set[str]], list[DemoItem]]]] = [
+        (IMAGES, "image", None, _ids("scene", NUM_IMAGES), lambda ids: image_items()),
+        (VIDEOS, "video", None, _ids("clip", NUM_VIDEOS), lambda ids: video_items()),
+        (LONG_VIDEOS, "video", MomentSpec(MOMENT_WINDOW_S, MOMENT_STRIDE_S), _ids("long", NUM_LONG_VIDEOS),
+         lambda ids: long_video_items(only=ids))]  # make(missing ids): long videos are rendered only when missing
+    for name, kind, moments, ids, make in made:
         try:
             collection = collections.get(name)
         except NotFoundError:
             try:
-                collection = collections.create(name, kind, ref)
+                collection = collections.create(name, kind, ref, moments=moments)
                 log.info("creating the demo collection %s (%s)", name, ref)
             except ConflictError:  # another replica created it a moment ago
                 collection = collections.get(name)
-        items = make()
-        present = collection.store.existing([it.id for it in items])
-        todo = [it for it in items if it.id not in present]
+        present = collection.store.existing(ids)
+        todo = [it for it in make({i for i in ids if i not in present}) if it.id not in present]
         for it in todo:
             _write_media(media_dir / it.path, it.data)
         start = 0
