@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 from PIL import Image
 
-from uniadapter_serve.errors import CorruptMediaError, MediaTooLargeError, NotFoundError
+from uniadapter_serve.errors import CorruptMediaError, InputError, MediaTooLargeError, NotFoundError
 from uniadapter_serve.fileio import atomic_write
 from uniadapter_serve.model.media.image import ImageProbe, load_image, sniff_image_type
-from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type
+from uniadapter_serve.model.media.video import decode_clip, open_video, sniff_video_type, video_duration
 from uniadapter_serve.service.collections.store import Item
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,11 @@ THUMB_SIZES = (64, 128, 256, 512)
 """The only thumbnail sides served (the longer side, in pixels): a bounded set, so the cache is bounded too."""
 SNIFF_BYTES = 64
 VIDEO_THUMB_MAX_FRAMES = 2000
-"""Frames decoded at most to reach a clip's first sampled frame."""
+"""Frames decoded at most to reach a clip's first sampled frame, or (after the seek) the frame at `t`."""
+THUMB_T_STEP = 0.1
+"""A thumbnail at a time `t` is taken at t rounded to this (seconds), and cached so: a bounded cache per video."""
+THUMB_T_TIMEOUT_S = 30.0
+"""Decoder time for one thumbnail at `t` (a seek, then at most a GOP of frames)."""
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 """One byte range (full match; ASCII digits only: `\\d` also takes other scripts' digits, which int() reads)."""
 _HUGE = 10**18
@@ -104,11 +110,26 @@ def read_range(path: Path, first: int, last: int) -> bytes:
         return f.read(last - first + 1)
 
 
-def thumb_path(thumbs_dir: Path, kind: str, item: Item, size: int, num_frames: int) -> Path:
+def thumb_path(thumbs_dir: Path, kind: str, item: Item, size: int, num_frames: int, t: float | None = None) -> Path:
     """Where this replica caches a thumbnail in the collection's `thumbs_dir` (a video's depends on the frame
-    count it is sampled at)."""
-    suffix = f"-{num_frames}f" if kind == "video" else ""
-    return thumbs_dir / f"{item.sha256 or item.item_id}-{size}{suffix}.jpg"
+    count it is sampled at; a frame at a time `t`, on t in tenths of a second: see `thumb_time`)."""
+    return thumbs_dir / f"{thumb_key(kind, item, size, num_frames, t)}.jpg"
+
+
+def thumb_key(kind: str, item: Item, size: int, num_frames: int, t: float | None = None) -> str:
+    """What a thumbnail depends on, as a name: the content, the size, and a video's frame count or time `t`
+    (its cache file's stem and its ETag)."""
+    if t is not None:
+        return f"{item.sha256 or item.item_id}-{size}-t{round(t / THUMB_T_STEP)}"
+    return f"{item.sha256 or item.item_id}-{size}" + (f"-{num_frames}f" if kind == "video" else "")
+
+
+def thumb_time(t: float) -> float:
+    """`t` (seconds) checked (a finite number >= 0: else an InputError naming `t`) and rounded to THUMB_T_STEP,
+    the time a thumbnail at `t` shows and is cached under."""
+    if not math.isfinite(t) or t < 0:
+        raise InputError(f"t: must be a finite number of seconds >= 0 (from the video's first frame), got {t!r}")
+    return round(t / THUMB_T_STEP) * THUMB_T_STEP
 
 
 def image_thumbnail(probe: ImageProbe, size: int) -> bytes:
@@ -137,6 +158,70 @@ def video_thumbnail(data: bytes, size: int, num_frames: int, *, max_bytes: int, 
     if picked is None:
         raise CorruptMediaError(f"{field}: the video has no frames")
     return _jpeg(picked, size)
+
+
+@dataclass(frozen=True)
+class FrameAt:
+    image: Image.Image
+    time_s: float
+    """the frame's own time, seconds from the first frame"""
+    decoded: int
+    """frames decoded to reach it (after the seek)"""
+
+
+def video_frame_at(data: bytes, t: float, *, max_bytes: int, max_seconds: float, max_pixels: int, field: str,
+                   timeout_s: float = THUMB_T_TIMEOUT_S) -> FrameAt:
+    """The frame on screen at `t` seconds from the first frame (the last one shown at or before it), full size.
+    Seeks to the keyframe at or before `t` and decodes forward from there (a frame an hour in costs one GOP, not
+    an hour of frames), at most VIDEO_THUMB_MAX_FRAMES frames and `timeout_s` of decoding. InputError naming `t`
+    when it lies past the video's end by more than THUMB_T_STEP / 2 (its duration from the header, else from one
+    demux pass); MediaError subclasses naming `field` for the limits and for files that do not decode."""
+    duration = video_duration(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field)
+    if duration > max_seconds:
+        raise MediaTooLargeError(f"{field}: {duration:.1f} s is over the limit of {max_seconds:g} s")
+    if t > duration + THUMB_T_STEP / 2 + 1e-6:  # slack: a time near the end may round up past it
+        raise InputError(f"t: {t:g} s is past the end of the video ({duration:.3f} s)")
+    deadline = time.monotonic() + timeout_s
+    picked: av.VideoFrame | None = None
+    decoded = 0
+    try:
+        with open_video(data, max_bytes=max_bytes, field=field) as container:
+            stream = container.streams.video[0]
+            tb = stream.time_base
+            start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else 0.0
+            target = start + min(t, duration)
+            if tb is not None and target > 0:
+                try:
+                    container.seek(max(0, int(target / tb)), stream=stream, backward=True)
+                except av.error.FFmpegError:
+                    log.debug("%s: cannot seek, decoding from the start", field)
+            for frame in container.decode(stream):
+                if picked is not None and _frame_time(frame) > target + 1e-6:
+                    break
+                picked = frame
+                decoded += 1
+                if decoded > VIDEO_THUMB_MAX_FRAMES:
+                    raise MediaTooLargeError(f"{field}: more than {VIDEO_THUMB_MAX_FRAMES} frames to reach {t:g} s")
+                if time.monotonic() > deadline:
+                    raise MediaTooLargeError(f"{field}: took longer than the decode time limit to reach {t:g} s")
+            if picked is None:
+                raise CorruptMediaError(f"{field}: the video has no frames")
+            return FrameAt(picked.to_image(), _frame_time(picked) - start, decoded)
+    except av.error.FFmpegError as e:
+        raise CorruptMediaError(f"{field}: the video does not decode ({e})") from e
+
+
+def video_thumbnail_at(data: bytes, size: int, t: float, *, max_bytes: int, max_seconds: float, max_pixels: int,
+                       field: str) -> bytes:
+    """JPEG of the frame on screen at `t` (`video_frame_at`), the longer side at most `size`."""
+    return _jpeg(video_frame_at(data, t, max_bytes=max_bytes, max_seconds=max_seconds, max_pixels=max_pixels,
+                                field=field).image, size)
+
+
+def _frame_time(frame: av.VideoFrame) -> float:
+    if frame.time is not None:
+        return float(frame.time)
+    return float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base is not None else 0.0
 
 
 def _jpeg(image: Image.Image, size: int) -> bytes:

@@ -122,37 +122,47 @@ def item_media(name: str, item_id: ItemId, request: Request, collections: Collec
 
 
 @router.get("/{name}/items/{item_id:path}/thumbnail", responses=THUMB_RESPONSES, response_class=Response,
-            summary="A JPEG thumbnail of the item (a video's first sampled frame); cached")
+            summary="A JPEG thumbnail of the item (a video's first sampled frame, or its frame at `t`); cached")
 async def item_thumbnail(name: str, item_id: ItemId, request: Request, collections: CollectionsDep,
                          settings: SettingsDep, decoder: DecoderDep,
                          size: Annotated[int, Query(description="Longer side in pixels (never enlarged): one of "
                                                     f"{list(item_files.THUMB_SIZES)}.",
                                                     json_schema_extra={"enum": list(item_files.THUMB_SIZES)})] = 256,
+                         t: Annotated[float | None, Query(description="Videos: the frame on screen at this second "
+                                                          "(from the first frame; rounded to 0.1 s), e.g. a "
+                                                          "moment's middle. Not for images.")] = None,
                          ) -> Response:
     if size not in item_files.THUMB_SIZES:
         raise InputError(f"size: {size} is not one of {list(item_files.THUMB_SIZES)}")
+    at = None if t is None else item_files.thumb_time(t)
     collection = collections.get(name)
+    kind = collection.meta.kind
+    if at is not None and kind != "video":
+        raise InputError(f"t: collection {collection.name!r} holds {kind}s; a time applies to videos only")
     item = await run_in_threadpool(collection.find, lookup_id(item_id))
     found = await run_in_threadpool(item_files.locate, collection.media_dir, item, settings.media_dir)
-    kind = collection.meta.kind
     adapter = collections.adapter_of(collection) if kind == "video" else None
     frames = adapter.config.num_frames if adapter is not None else settings.num_frames
-    etag = f'"{item.sha256 or item.item_id}-{size}' + (f'-{frames}f"' if kind == "video" else '"')
+    etag = f'"{item_files.thumb_key(kind, item, size, frames, at)}"'
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if _not_modified(request, etag):
         return Response(status_code=304, headers=headers)
-    cache = item_files.thumb_path(collection.thumbs_dir, kind, item, size, frames)
+    cache = item_files.thumb_path(collection.thumbs_dir, kind, item, size, frames, at)
     jpeg = await run_in_threadpool(item_files.cached_thumbnail, cache)
     if jpeg is None:
-        jpeg = await _make_thumbnail(decoder, kind, found.path, int(size), frames, f"item {item.external_id[:80]!r}")
+        field = f"item {item.external_id[:80]!r}"
+        jpeg = await _make_thumbnail(decoder, kind, found.path, int(size), frames, field, at=at,
+                                     long=collection.meta.moments is not None)
         await run_in_threadpool(item_files.store_thumbnail, cache, jpeg)
     return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
-async def _make_thumbnail(decoder: VisionDecoder, kind: str, path: Path, size: int, frames: int, field: str) -> bytes:
+async def _make_thumbnail(decoder: VisionDecoder, kind: str, path: Path, size: int, frames: int, field: str, *,
+                          at: float | None = None, long: bool = False) -> bytes:
     """Decode under the decode budget, like any upload (a stored file may be as large as the limits allow), as
     bulk work: a page asks for dozens at once and nobody's answer waits on them (they are cached after), so they
-    wait their turn up to the request deadline within the bulk share and never crowd out task decodes."""
+    wait their turn up to the request deadline within the bulk share and never crowd out task decodes. A video
+    of a moment collection (`long`) has that collection's limits; `at`: the frame at that second (a seek)."""
     s = decoder.settings
     data = await run_in_threadpool(path.read_bytes)
     if kind == "image":
@@ -160,11 +170,15 @@ async def _make_thumbnail(decoder: VisionDecoder, kind: str, path: Path, size: i
                                         max_pixels=s.max_image_pixels, field=field, target_size=size)
         async with decoder.hold(probe.pixels, field, bulk=True):
             return await run_in_threadpool(item_files.image_thumbnail, probe, size)
-    pixels = await run_in_threadpool(probe_video, data, max_bytes=s.max_video_bytes, max_pixels=s.max_video_pixels,
+    max_bytes, max_seconds = decoder.video_limits(long)
+    pixels = await run_in_threadpool(probe_video, data, max_bytes=max_bytes, max_pixels=s.max_video_pixels,
                                      field=field)
     async with decoder.hold(pixels, field, bulk=True):
-        return await run_in_threadpool(item_files.video_thumbnail, data, size, frames, max_bytes=s.max_video_bytes,
-                                       max_seconds=s.max_video_seconds, max_pixels=s.max_video_pixels, field=field)
+        if at is not None:
+            return await run_in_threadpool(item_files.video_thumbnail_at, data, size, at, max_bytes=max_bytes,
+                                           max_seconds=max_seconds, max_pixels=s.max_video_pixels, field=field)
+        return await run_in_threadpool(item_files.video_thumbnail, data, size, frames, max_bytes=max_bytes,
+                                       max_seconds=max_seconds, max_pixels=s.max_video_pixels, field=field)
 
 
 @router.get("/{name}/items/{item_id:path}", response_model=ItemInfo,
