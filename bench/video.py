@@ -8,16 +8,29 @@
    Measurements are interleaved (round-robin over clips and methods) and the median is reported,
    with frames decoded and the time growth against the length growth (vs the shortest clip).
 
-2. VideoQA throughput. The service runs as a subprocess (demo backbone, CPU, 127.0.0.1) with a
+2. Moments of a long video. A 10-minute 854x480 H.264/MP4 (25 fps, keyframe every 2 s; cached like the
+   clips) is cut into windows of 8 s every 4 s, 8 frames each, at 96 px (the demo's size) and 384 px
+   (BLIP-base's). Timed: `video_duration` (header read), `MomentDecoder` (one pass over the file) and,
+   side by side in the same run, the naive way: `decode_clip(span=...)` per window, each opening the
+   container. Printed per size: wall and CPU seconds (the process's, FFmpeg's threads included),
+   windows/s, frames decoded vs the file's frames, peak RSS above the start of the run (sampled every
+   2 ms from /proc) and the frames the decoder held at model size; the naive / one-pass ratios.
+   Then `ingest_http`: the same video added to a moment collection of a running service (demo backbone,
+   bare backbone, multipart upload): ingest wall time, server CPU, moments stored; skipped, with a printed
+   line, when the service does not take moment collections yet.
+
+3. VideoQA throughput. The service runs as a subprocess (demo backbone, CPU, 127.0.0.1) with a
    published videoqa adapter set; `POST /videoqa` with a 4 s 160x120 clip is sent N times at
    concurrency 1 and 8, split over interleaved rounds. Printed: req/s (median over rounds),
    p50 / p95 latency (all rounds pooled), errors, server CPU (cores busy, CPU ms per request), the
    mean batch size per stage from `/metrics` deltas, and the 8-client / 1-client ratio.
 
-Run from the repository root (about 2-5 minutes on two cores; the first run also encodes the clips):
+Run from the repository root (about 5-10 minutes on two cores; the first run also encodes the clips, the
+10-minute 480p one in a few minutes):
 
     .venv/bin/python bench/video.py
     .venv/bin/python bench/video.py --lengths 10,60 --requests 30 --skip-service
+    .venv/bin/python bench/video.py --skip-decode --skip-service  # moments only
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import io
 import json
 import os
@@ -33,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +59,7 @@ import httpx
 import numpy as np
 from benchkit import HOST, free_port, percentile, stop_process, wait_ready
 
-from uniadapter_serve.model.media.video import decode_clip
+from uniadapter_serve.model.media.video import MomentDecoder, decode_clip, video_duration
 
 FPS = 25
 GOP = 50
@@ -52,6 +67,12 @@ CLIP_W, CLIP_H = 320, 240
 QA_SECONDS, QA_W, QA_H = 4, 160, 120
 NUM_FRAMES = 8
 SAMPLE_SIZE = 64
+LONG_SECONDS, LONG_W, LONG_H = 600, 854, 480
+MOMENT_WINDOW_S, MOMENT_STRIDE_S = 8.0, 4.0
+MOMENT_SIZES = (96, 384)
+"""the demo model's image size, BLIP-base's"""
+MOMENT_CHUNK = 16
+MOMENT_COLLECTION = "bench-moments"
 REQUEST_TIMEOUT_S = 60.0
 SCENARIO_TIME_LIMIT_S = 120.0
 ADAPTER = "vqa-video"
@@ -104,9 +125,9 @@ class Encoded:
     cached: bool
 
 
-def cached_clip(cache_dir: Path, seconds: int, preset: str) -> Encoded:
+def cached_clip(cache_dir: Path, seconds: int, preset: str, width: int = CLIP_W, height: int = CLIP_H) -> Encoded:
     """The clip, encoded now or read from the cache (with the encode time recorded when it was made)."""
-    path = cache_dir / f"clip_{seconds}s_{CLIP_W}x{CLIP_H}_{FPS}fps_gop{GOP}_{preset}_v1.mp4"
+    path = cache_dir / f"clip_{seconds}s_{width}x{height}_{FPS}fps_gop{GOP}_{preset}_v1.mp4"
     timing = path.with_suffix(".encode_s")
     if path.exists() and path.stat().st_size > 0:
         try:
@@ -117,7 +138,7 @@ def cached_clip(cache_dir: Path, seconds: int, preset: str) -> Encoded:
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.part")
     started = time.perf_counter()
-    encode_clip(partial, seconds, CLIP_W, CLIP_H, preset)
+    encode_clip(partial, seconds, width, height, preset)
     elapsed = time.perf_counter() - started
     partial.replace(path)
     timing.write_text(f"{elapsed:.3f}")
@@ -210,7 +231,181 @@ def print_decode(rows: Sequence[DecodeRow], encoded: dict[int, Encoded], repeats
     print(f"  sampled timestamps ({last.seconds} s clip): {', '.join(f'{t:.2f}' for t in last.timestamps)}")
 
 
-# -- part 2: /videoqa under concurrency ------------------------------------------------------------
+# -- part 2: moments of a long video -----------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, int]]:
+    """Sample RSS every 2 ms while the block runs -> {'before', 'peak'} (bytes). getrusage's ru_maxrss is the
+    process's high-water mark since it started, which an earlier, bigger run would hide."""
+    out = {"before": rss_bytes(), "peak": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], rss_bytes())
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        sampler.join()
+        out["peak"] = max(out["peak"], rss_bytes())
+
+
+@dataclass
+class MomentRun:
+    method: str
+    size: int
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    windows: int = 0
+    decoded: int = 0
+    frames: int = 0
+    rss_delta: int = 0
+    held: int = 0
+    """distinct model-size frames held at once (MomentDecoder.peak_held); naive: one window's"""
+
+
+def run_one_pass(data: bytes, size: int) -> MomentRun:
+    run = MomentRun("one pass", size)
+    gc.collect()
+    with peak_rss() as rss:
+        wall, cpu = time.perf_counter(), time.process_time()
+        with MomentDecoder(data, num_frames=NUM_FRAMES, size=size, window_s=MOMENT_WINDOW_S,
+                           stride_s=MOMENT_STRIDE_S, max_bytes=10**10, max_seconds=10**5, max_pixels=10**8) as decoder:
+            for chunk in decoder.chunks(MOMENT_CHUNK):  # (n, T, 3, S, S) uint8: what an ingest embeds
+                run.windows += chunk.shape[0]
+                del chunk  # embedded and dropped before the next is made, as an ingest does
+            run.wall_s, run.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+            run.decoded, run.frames, run.held = decoder.decoded, decoder.packets, decoder.peak_held
+    run.rss_delta = rss["peak"] - rss["before"]
+    return run
+
+
+def run_naive_windows(data: bytes, size: int, spans: list[tuple[float, float]], frames: int) -> MomentRun:
+    run = MomentRun("decode_clip per window", size, frames=frames, held=NUM_FRAMES)
+    gc.collect()
+    with peak_rss() as rss:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for span in spans:  # each window opens the container, seeks and decodes on its own
+            clip = decode_clip(data, num_frames=NUM_FRAMES, size=size, span=span, normalised=False,
+                               max_bytes=10**10, max_seconds=10**5, max_pixels=10**8)
+            run.windows += 1
+            run.decoded += clip.decoded
+        run.wall_s, run.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    run.rss_delta = rss["peak"] - rss["before"]
+    return run
+
+
+def bench_moments(data: bytes, repeats: int, naive: bool) -> tuple[list[float], list[MomentRun]]:
+    durations = []
+    for _ in range(max(5, repeats)):
+        t0 = time.perf_counter()
+        duration = video_duration(data, max_bytes=10**10, max_pixels=10**8)
+        durations.append(time.perf_counter() - t0)
+    with MomentDecoder(data, num_frames=NUM_FRAMES, size=MOMENT_SIZES[0], window_s=MOMENT_WINDOW_S,
+                       stride_s=MOMENT_STRIDE_S, max_bytes=10**10, max_seconds=10**5, max_pixels=10**8) as planned:
+        spans, frames = planned.spans, planned.packets
+    assert abs(duration - planned.duration_s) < 1e-6
+    runs = []
+    for r in range(repeats):  # sizes and methods interleaved, the order flipped each round
+        for size in MOMENT_SIZES if r % 2 == 0 else MOMENT_SIZES[::-1]:
+            pair = [lambda s=size: run_one_pass(data, s)]
+            if naive:
+                pair.append(lambda s=size: run_naive_windows(data, s, spans, frames))
+            for run in pair if r % 2 == 0 else pair[::-1]:
+                runs.append(run())
+    return durations, runs
+
+
+def print_moments(data: bytes, encoded: Encoded, durations: list[float], runs: Sequence[MomentRun],
+                  repeats: int) -> None:
+    took = "unknown" if encoded.encode_s is None else f"{encoded.encode_s:.0f} s"
+    print(f"\n2. moments of a {LONG_SECONDS // 60}-minute video: H.264/MP4 {LONG_W}x{LONG_H} {FPS} fps, keyframe every "
+          f"{GOP} frames, {len(data) / 1e6:.1f} MB (encode {took}{', read from cache' if encoded.cached else ''}); "
+          f"windows of {MOMENT_WINDOW_S:g} s every {MOMENT_STRIDE_S:g} s, {NUM_FRAMES} frames each; "
+          f"{repeats} round(s), interleaved")
+    print(f"  video_duration (header): {statistics.median(durations) * 1e3:.2f} ms median of {len(durations)}")
+    print(f"\n  {'size':>5}  {'method':<24}{'wall s':>8}{'CPU s':>8}{'win/s':>8}{'decoded':>9}{'of frames':>10}"
+          f"{'RSS +MB':>9}{'held':>6}{'held MB':>9}")
+    for size in MOMENT_SIZES:
+        for method in ("one pass", "decode_clip per window"):
+            mine = [r for r in runs if r.size == size and r.method == method]
+            if not mine:
+                continue
+            wall = statistics.median(r.wall_s for r in mine)
+            cpu = statistics.median(r.cpu_s for r in mine)
+            rss = max(r.rss_delta for r in mine) / 2**20
+            r0 = mine[0]
+            held_mb = r0.held * 3 * size * size / 2**20
+            print(f"  {size:>5}  {method:<24}{wall:>8.1f}{cpu:>8.1f}{r0.windows / wall:>8.1f}{r0.decoded:>9}"
+                  f"{r0.decoded / r0.frames:>9.0%} {rss:>8.1f}{r0.held:>6}{held_mb:>9.1f}")
+        one = [r for r in runs if r.size == size and r.method == "one pass"]
+        naive = [r for r in runs if r.size == size and r.method != "one pass"]
+        if one and naive:
+            w = statistics.median(r.wall_s for r in naive) / statistics.median(r.wall_s for r in one)
+            c = statistics.median(r.cpu_s for r in naive) / statistics.median(r.cpu_s for r in one)
+            print(f"  {size:>5}  naive / one pass: wall {w:.2f}x, CPU {c:.2f}x, frames decoded "
+                  f"{naive[0].decoded / one[0].decoded:.2f}x")
+    print("  CPU s: the process's (FFmpeg's decoder threads included); RSS +MB: peak RSS above the run's start "
+          "(max over rounds);\n  held: distinct model-size frames the decoder kept at once (naive: one window's); "
+          f"one pass hands out chunks of {MOMENT_CHUNK} windows.")
+
+
+@dataclass
+class Ingest:
+    wall_s: float
+    server_cpu_s: float
+    size_bytes: int
+    stats: dict[str, object]
+    """GET /collections/{name} after the add"""
+
+
+def ingest_http(data: bytes, data_root: Path, max_wait_ms: float) -> Ingest | None:
+    """Add the long video to a moment collection of a running service (demo backbone, bare backbone adapter,
+    one multipart upload) and time it; None (and a printed line) when the service does not take moment
+    collections yet."""
+    env = {"UNIADAPTER_MAX_REQUEST_BYTES": str(max(64 * 2**20, 2 * len(data))),
+           "UNIADAPTER_MAX_MOMENT_VIDEO_BYTES": str(max(512 * 2**20, 2 * len(data))),
+           "UNIADAPTER_BODY_BUDGET_MB": str(max(96, 8 * len(data) // 2**20)),
+           "UNIADAPTER_REQUEST_TIMEOUT_S": "1800"}
+    with running_server(data_root, max_wait_ms, env) as (url, pid), httpx.Client(base_url=url, timeout=1800) as c:
+        r = c.post("/collections", json={"name": MOMENT_COLLECTION, "kind": "video", "adapter": "none",
+                                         "moments": {"window_s": MOMENT_WINDOW_S, "stride_s": MOMENT_STRIDE_S}})
+        if r.status_code != 201:
+            print(f"\n  ingest over HTTP skipped: the service does not create a moment collection yet "
+                  f"(POST /collections -> {r.status_code}: {r.text[:200]})")
+            return None
+        cpu = process_cpu_seconds(pid)
+        t0 = time.perf_counter()
+        r = c.post(f"/collections/{MOMENT_COLLECTION}/items",
+                   files={"files": ("long.mp4", data, "video/mp4")}, data={"ids": "long"})
+        wall = time.perf_counter() - t0
+        server_cpu = process_cpu_seconds(pid) - cpu
+        if r.status_code != 201:
+            print(f"\n  ingest over HTTP skipped: POST items -> {r.status_code}: {r.text[:300]}")
+            return None
+        stats: dict[str, object] = c.get(f"/collections/{MOMENT_COLLECTION}").json()
+    return Ingest(wall, server_cpu, len(data), stats)
+
+
+def print_ingest(result: Ingest | None) -> None:
+    if result is None:
+        return
+    print(f"\n  ingest over HTTP (demo backbone, bare backbone, one multipart upload of {result.size_bytes / 1e6:.1f} "
+          f"MB): {result.wall_s:.1f} s wall, server CPU {result.server_cpu_s:.1f} s "
+          f"({result.server_cpu_s / result.wall_s:.2f} cores), {LONG_SECONDS / result.wall_s:.1f}x real time")
+    print(f"  collection after the add: {json.dumps(result.stats)[:400]}")
+
+# -- part 3: /videoqa under concurrency ------------------------------------------------------------
 
 def publish_set(data_root: Path) -> int:
     """Publish the videoqa set for the demo backbone; -> the backbone's image size."""
@@ -242,13 +437,15 @@ def publish_set(data_root: Path) -> int:
 
 
 @contextmanager
-def running_server(data_root: Path, max_wait_ms: float) -> Iterator[tuple[str, int]]:
+def running_server(data_root: Path, max_wait_ms: float,
+                   extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """Start the service, wait for /readyz, yield (base url, pid); always stop it."""
     port = free_port()
     env = dict(os.environ)
     env.update({"UNIADAPTER_BACKBONE": "demo", "UNIADAPTER_DATA_ROOT": str(data_root),
                 "UNIADAPTER_PORT": str(port), "UNIADAPTER_HOST": HOST, "UNIADAPTER_DEVICE": "cpu",
-                "UNIADAPTER_MAX_WAIT_MS": f"{max_wait_ms:g}", "UNIADAPTER_LOG_LEVEL": "warning"})
+                "UNIADAPTER_MAX_WAIT_MS": f"{max_wait_ms:g}", "UNIADAPTER_LOG_LEVEL": "warning",
+                **(extra_env or {})})
     log_path = data_root / "server.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "uniadapter_serve.service.cli", "serve"], env=env,
@@ -373,7 +570,7 @@ async def bench_service(url: str, pid: int, body: bytes, args: argparse.Namespac
 
 def print_service(scenarios: Sequence[Scenario], clip_bytes: int, decode_ms: float, decoded: int,
                   args: argparse.Namespace) -> None:
-    print(f"\n2. POST /videoqa, demo backbone on cpu, max_wait_ms {args.max_wait_ms:g}: {QA_SECONDS} s {FPS} fps "
+    print(f"\n3. POST /videoqa, demo backbone on cpu, max_wait_ms {args.max_wait_ms:g}: {QA_SECONDS} s {FPS} fps "
           f"{QA_W}x{QA_H} H.264 clip ({clip_bytes / 1e3:.0f} kB), {args.requests} requests per scenario "
           f"in {args.rounds} interleaved rounds")
     print(f"  the same clip decoded + sampled in this process: {decode_ms:.1f} ms median, {decoded} frames decoded")
@@ -418,7 +615,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int_list, default=[1, 8], help="client counts (1 is the baseline)")
     p.add_argument("--warmup", type=int, default=5, help="/videoqa requests before timing")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--moment-rounds", type=int, default=1, help="rounds of the moment measurements")
+    p.add_argument("--no-naive-moments", action="store_true", help="skip decode_clip per window")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--skip-moments", action="store_true")
+    p.add_argument("--skip-ingest", action="store_true", help="skip the moment ingest over HTTP")
     p.add_argument("--skip-service", action="store_true")
     return p.parse_args(argv)
 
@@ -433,6 +634,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = bench_decode({s: e.data for s, e in encoded.items()}, args.repeats, naive=not args.no_naive)
         print_decode(rows, encoded, args.repeats)
         print(f"  clips cached in {args.cache_dir}")
+    if not args.skip_moments:
+        long = cached_clip(args.cache_dir, LONG_SECONDS, args.preset, LONG_W, LONG_H)
+        durations, runs = bench_moments(long.data, args.moment_rounds, naive=not args.no_naive_moments)
+        print_moments(long.data, long, durations, runs, args.moment_rounds)
+        if not args.skip_ingest:
+            with tempfile.TemporaryDirectory(prefix="uniadapter-bench-moments-") as tmp:
+                print_ingest(ingest_http(long.data, Path(tmp), args.max_wait_ms))
     if not args.skip_service:
         body_clip = qa_clip(args.preset)
         body = json.dumps({"video": base64.b64encode(body_clip).decode("ascii"), "question": QUESTION,
