@@ -123,8 +123,19 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
                                    "media_root": args.media_root}.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    moments = None
+    if args.moments is not None:
+        from uniadapter_serve.service.collections.store import MomentSpec
+
+        window, _, stride = args.moments.partition(",")
+        try:
+            moments = MomentSpec(float(window) if window else settings.moment_window_s,
+                                 float(stride) if stride else settings.moment_stride_s)
+        except ValueError:
+            print(f"--moments: give WINDOW_S[,STRIDE_S] in seconds, got {args.moments!r}", file=sys.stderr)
+            return 2
     report = index_paths(settings, args.collection, args.paths, batch_size=args.batch_size, create=args.create,
-                         adapter=args.adapter, index=args.index, progress=not args.quiet)
+                         adapter=args.adapter, index=args.index, progress=not args.quiet, moments=moments)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -306,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--create", choices=["image", "video", "text"], help="create the collection if missing")
     add.add_argument("--adapter", help="retrieval set for a new collection")
     add.add_argument("--index", default="flat", help="FAISS factory string for a new collection")
+    add.add_argument("--moments", nargs="?", const="", metavar="WINDOW_S[,STRIDE_S]",
+                     help="a new video collection indexes moments (windows of each video; default "
+                          "MOMENT_WINDOW_S / MOMENT_STRIDE_S)")
     add.add_argument("--batch-size", type=int, default=32)
     add.add_argument("--backbone")
     add.add_argument("--data-root")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from uniadapter_serve.errors import InputError, NotFoundError
 from uniadapter_serve.service.collections.ingest import IncomingItem
+from uniadapter_serve.service.collections.store import MomentSpec
 from uniadapter_serve.service.local_engine import LocalEngine
 from uniadapter_serve.service.metrics import ServiceMetrics
 from uniadapter_serve.service.parts import build_parts
@@ -47,7 +48,7 @@ def expand(paths: list[str], media_root: Path, kind: str) -> list[str]:
 
 def index_paths(settings: Settings, collection: str, paths: list[str], *, batch_size: int = 32,
                 create: str | None = None, adapter: str | None = None, index: str = "flat",
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, moments: MomentSpec | None = None) -> dict[str, Any]:
     parts = build_parts(settings, ServiceMetrics(), LocalEngine)
     parts.start()
     try:
@@ -56,7 +57,7 @@ def index_paths(settings: Settings, collection: str, paths: list[str], *, batch_
         except NotFoundError:
             if create is None:
                 raise
-            target = parts.collections.create(collection, create, adapter, index)
+            target = parts.collections.create(collection, create, adapter, index, moments)
         kind = target.meta.kind
         if kind == "text":
             raise InputError("index add takes media files; add texts through POST /collections/{name}/items")
