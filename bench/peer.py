@@ -9,7 +9,8 @@ round gives every variant `--seconds` of back-to-back requests. Variants: the pl
 by default float32: transformers loads the checkpoint's dtype), the plain server in bfloat16
 (`from_pretrained(..., dtype=torch.bfloat16)`, the `torch_dtype` of older transformers; `--no-bf16-peer` drops
 it, and it is not run twice where `--dtype bfloat16`), this service on the bare backbone, and (on the demo model)
-this service with its VQA set. Printed per thread count and C: throughput and p50 latency of each, the paired
+this service with its VQA set (`--split-peer`: also the service with SPLIT_BATCHES=false). Printed per thread
+count and C: throughput, p50 latency and the server's CPU use (a share of the machine) of each, the paired
 ratios of each service variant to each plain one and of plain-bf16 to plain (median over rounds, with the
 spread), the dtype the service chose (`/readyz?verbose=true`: under DTYPE=auto on a CPU, timed at start), and at
 the end each server's resident memory (RSS now and peak).
@@ -156,9 +157,17 @@ class Sample:
     latencies: list[float]
     errors: int
     answers: set[str]
+    cpu: float = 0.0
+    """the server process's CPU time over the run, as a share of the machine (every core busy = 1.0)"""
 
 
-async def drive(url: str, body: dict[str, Any], clients: int, seconds: float) -> Sample:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its threads) from /proc, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(url: str, body: dict[str, Any], clients: int, seconds: float, pid: int | None = None) -> Sample:
     latencies: list[float] = []
     answers: set[str] = set()
     errors = 0
@@ -182,9 +191,11 @@ async def drive(url: str, body: dict[str, Any], clients: int, seconds: float) ->
                 answers.add(r.json()["answer"])
 
         started_at = time.monotonic()
+        cpu_at = cpu_seconds(pid) if pid is not None else 0.0
         await asyncio.gather(*(one_client() for _ in range(clients)))
         elapsed = time.monotonic() - started_at
-    return Sample(len(latencies) / elapsed, latencies, errors, answers)
+        cpu = (cpu_seconds(pid) - cpu_at) / (elapsed * (os.cpu_count() or 1)) if pid is not None else 0.0
+    return Sample(len(latencies) / elapsed, latencies, errors, answers, cpu)
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -225,6 +236,12 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 "UNIADAPTER_MODEL_WORKERS": str(args.workers)}
             workers = stack.enter_context(started(f"ours-{args.workers}w-{threads}", serve, workers_env,
                                                   port_workers, work))
+        nosplit = None
+        if args.split_peer:  # the same service with a batch never shared out among idle workers
+            port_nosplit = free_port()
+            nosplit = stack.enter_context(started(f"ours-nosplit-{threads}", serve, ours_env | {
+                "UNIADAPTER_PORT": str(port_nosplit), "UNIADAPTER_DATA_ROOT": str(work / f"data-ns-{threads}"),
+                "UNIADAPTER_SPLIT_BATCHES": "false"}, port_nosplit, work))
         peer_dtypes = {"plain": args.dtype}
         if args.bf16_peer and args.dtype != "bfloat16":
             peer_dtypes["plain-bf16"] = "bfloat16"
@@ -239,11 +256,18 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         lines.append(f"  service dtype: {choice['details']['backbone'].get('dtype_choice')}")
         body = {"image": scene(), "question": QUESTION, "max_answer_length": args.max_answer_length}
         variants: dict[str, tuple[str, dict[str, Any]]] = {name: (peer.url, body) for name, peer in peers.items()}
+        pids = {name: peer.pid for name, peer in peers.items()}
         variants["ours-bare"] = (ours.url, body | {"mode": "generate", "adapter": "none"})
+        pids["ours-bare"] = ours.pid
+        if nosplit is not None:
+            variants["ours-nosplit"] = (nosplit.url, body | {"mode": "generate", "adapter": "none"})
+            pids["ours-nosplit"] = nosplit.pid
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
+            pids["ours-set"] = ours.pid
         if workers is not None:
             variants[f"ours-{args.workers}w"] = (workers.url, body | {"mode": "generate", "adapter": "none"})
+            pids[f"ours-{args.workers}w"] = workers.pid
         for url, b in variants.values():  # warm-up: first calls, lazy loads
             asyncio.run(drive(url, b, 1, args.warmup_seconds))
         for clients in args.clients:
@@ -253,7 +277,7 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 for k in range(len(names)):
                     name = names[(k + r) % len(names)]
                     url, b = variants[name]
-                    results[name].append(asyncio.run(drive(url, b, clients, args.seconds)))
+                    results[name].append(asyncio.run(drive(url, b, clients, args.seconds, pids[name])))
             lines.append(f"\n### {clients} client(s)")
             for name, samples in results.items():
                 tput = [s.throughput for s in samples]
@@ -261,8 +285,10 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 errs = sum(s.errors for s in samples)
                 answers = sorted(set().union(*(s.answers for s in samples)))
                 p50 = percentile(lat, 50) * 1000
+                cpu = statistics.median(s.cpu for s in samples)
                 lines.append(f"  {name:10s} {statistics.median(tput):8.1f} req/s   p50 {p50:7.1f}"
-                             f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   errors {errs}   answers {answers[:3]}")
+                             f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   CPU {cpu:.2f} of the machine   "
+                             f"errors {errs}   answers {answers[:3]}")
             for peer in peers:
                 peer_t = [s.throughput for s in results[peer]]
                 peer_p50 = [percentile(s.latencies, 50) for s in results[peer]]
@@ -273,7 +299,8 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                                             peer_t, True))
                     lines.append(ratio_line(f"{name} / {peer} p50 latency",
                                             [percentile(s.latencies, 50) for s in results[name]], peer_p50, False))
-        for server in (ours, *peers.values(), *([workers] if workers is not None else [])):
+        for server in (ours, *peers.values(), *([workers] if workers is not None else []),
+                       *([nosplit] if nosplit is not None else [])):
             now, peak = rss_mb(server.pid)
             lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
     return lines
@@ -300,6 +327,8 @@ def main() -> None:
                    help="also run the service with this many model workers (MODEL_WORKERS) sharing the threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="the service's DTYPE and the plain peer's dtype")
+    p.add_argument("--split-peer", action="store_true",
+                   help="also run the service with SPLIT_BATCHES=false (a batch never shared out among idle workers)")
     p.add_argument("--no-bf16-peer", dest="bf16_peer", action="store_false",
                    help="leave out the plain server in bfloat16")
     args = p.parse_args()

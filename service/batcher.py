@@ -63,7 +63,7 @@ class Batcher:
                  max_wait_ms: float, max_queue: int, metrics: ServiceMetrics,
                  stage_batch_sizes: dict[str, int] | None = None, workers: int = 1,
                  threads: int | None = None, parallel: Callable[[str, list[Any]], bool] | None = None,
-                 self_check: SelfCheck | None = None) -> None:
+                 self_check: SelfCheck | None = None, split: bool = True) -> None:
         self.manager = manager
         self.self_check = self_check
         self.workers = workers
@@ -73,6 +73,12 @@ class Batcher:
         beside others an equal share (torch's thread count is per calling thread)"""
         self.parallel = parallel
         """(stage, payloads) -> whether the batch has the work to split across threads (else it runs on one)"""
+        self.split = split and parallel is not None and workers > 1
+        """a batch that closes while other workers idle is shared out among them, when each share still has the
+        work to be worth a core (`parallel`): at one intra-op thread per worker, the only way a lone batch uses
+        more than one core"""
+        self._released: set[str] = set()
+        """stages whose queue holds the rest of a batch shared out: the next idle worker takes it at once"""
         self._busy = 0
         self.handlers = handlers
         self.max_batch_size = max_batch_size
@@ -283,11 +289,32 @@ class Batcher:
                 queue = self._queues[stage]
                 limit = self.stage_batch_sizes.get(stage, self.max_batch_size)
                 wait = queue[0].enqueued + self.max_wait - time.monotonic()
-                if len(queue) < limit and wait > 0 and self._running and not self._alone(queue):
+                if (len(queue) < limit and wait > 0 and self._running and stage not in self._released
+                        and not self._alone(queue)):
                     self._cond.wait(wait)
                     continue
                 self._busy += 1
-                return stage, [queue.popleft() for _ in range(min(limit, len(queue)))]
+                self._released.discard(stage)
+                n = min(limit, len(queue))
+                take = self._share(stage, queue, n)
+                jobs = [queue.popleft() for _ in range(take)]
+                if take < n:  # the rest of the batch: an idle worker's now
+                    self._released.add(stage)
+                    self._cond.notify_all()
+                return stage, jobs
+
+    def _share(self, stage: str, queue: deque[Job], n: int) -> int:
+        """Under the lock: how many of the n jobs closing a batch this worker takes. All of them, unless other
+        workers are idle and an equal share of the batch still has the work to be worth a core: then that share
+        (two workers at one intra-op thread each compute a batch of four BLIP-base images on two cores, not one)."""
+        idle = self.workers - self._busy
+        if not self.split or idle <= 0 or n < 2:
+            return n
+        share = -(-n // min(idle + 1, n))
+        assert self.parallel is not None
+        if share >= n or not self.parallel(stage, [queue[i].payload for i in range(share)]):
+            return n
+        return share
 
     def _alone(self, queue: deque[Job]) -> bool:
         """Under the lock: no other request could join this batch by waiting. Every job in it belongs to an

@@ -107,7 +107,8 @@ class LocalEngine(Engine):
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics,
                                stage_batch_sizes={"vision": settings.max_vision_batch_size}
                                if settings.max_vision_batch_size else None, workers=workers,
-                               threads=torch.get_num_threads(), parallel=self._parallel, self_check=check)
+                               threads=torch.get_num_threads(), parallel=self._parallel, self_check=check,
+                               split=settings.split_batches and self.device.type != "cuda")
         self.limits = SetLimits(max_rank_k=settings.max_rank_k, max_answers=settings.max_answer_list)
         """what a set may ask of this server (checked at publish, applied on every request)"""
         self._clamped: set[str] = set()

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         "CPU: a batch whose forward step does fewer million multiply-adds runs on one intra-op thread (splitting "
         "small matmuls costs more than it saves: the demo model's decoding is 1.1-1.35x slower on 2 threads); "
         "0 = always all threads."))
+    split_batches: bool = Field(True, description=(
+        "CPU, several model workers: a batch that closes while other workers idle is shared out among them when "
+        "each share still has PARALLEL_MIN_MMACS of work (at one intra-op thread per worker, the only way a lone "
+        "batch uses more than one core)."))
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
     )

@@ -426,3 +426,39 @@ def test_a_lone_request_does_not_wait_for_company_but_waits_for_an_admitted_one(
     finally:
         batcher.stop()
     assert [len(b) for b in rec.batches] == [1, 2]
+
+
+def test_a_heavy_batch_is_shared_out_among_idle_workers(manager):
+    """At one intra-op thread per worker, a batch of four heavy jobs closing while the other worker idles runs as
+    two batches of two, side by side (each waits for the other at a barrier: run one after the other, they would
+    time out); a batch whose share would be too light to be worth a core stays whole."""
+    meet = threading.Barrier(2, timeout=10)
+    seen: list[tuple[int, str]] = []
+
+    def handler(jobs, routing):
+        seen.append((len(jobs), threading.current_thread().name))
+        if len(jobs) == 2 and jobs[0].payload != "light":
+            meet.wait()
+        return [j.payload for j in jobs]
+
+    batcher = Batcher(manager, {"s": handler}, metrics=ServiceMetrics(), max_batch_size=8, max_wait_ms=0,
+                      max_queue=64, workers=2, threads=1, parallel=lambda stage, payloads: len(payloads) >= 2)
+    batcher.start()
+
+    async def submit_all(payloads):
+        with batcher.hold("s"):
+            jobs = [asyncio.ensure_future(batcher.submit("s", p, None, time.monotonic() + 20)) for p in payloads]
+            await until(lambda: batcher.queued("s") == len(payloads), "the jobs queued")
+        return await asyncio.gather(*jobs)
+
+    async def main():
+        heavy = await submit_all([1, 2, 3, 4])
+        light = await submit_all(["light", "light"])
+        return heavy, light
+
+    try:
+        assert asyncio.run(main()) == ([1, 2, 3, 4], ["light", "light"])
+    finally:
+        batcher.stop()
+    assert sorted(n for n, _ in seen[:2]) == [2, 2] and seen[0][1] != seen[1][1]
+    assert [n for n, _ in seen[2:]] == [2]  # a share of one is too light: the batch stays whole
