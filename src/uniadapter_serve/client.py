@@ -5,6 +5,8 @@
         print(c.vqa("cat.png", "what colour is the cat?").answer)
         for hit in c.retrieve(query_text="a red circle", collection="demo-images", top_k=3).results:
             print(hit.id, hit.score, hit.metadata.get("caption"))
+        for hit in c.retrieve(query_text="a red circle", collection="demo-long-videos").results:
+            print(hit.id, hit.moment, hit.start_s, hit.end_s)  # a moment collection: where in the video
 
 Media arguments take bytes or a path. Every non-2xx answer raises `ApiError` with the status, the server's error
 class and its detail. Only httpx is needed (`pip install uniadapter-serve[client]`); nothing here imports the server.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,12 @@ class Hit:
     metadata: dict[str, Any]
     media_url: str | None = None
     thumbnail_url: str | None = None
+    moment: int | None = None
+    """moment collections: which of the video's moments matched (its index in `ItemInfo.moments`)"""
+    start_s: float | None = None
+    """... where it starts, seconds from the video's first frame"""
+    end_s: float | None = None
+    """... and ends"""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,16 @@ class Retrieval:
 
 
 @dataclass(frozen=True)
+class Moments:
+    """How a moment collection cuts its videos: windows of `window_s` every `stride_s` seconds; `indexed`
+    moments in the server's index."""
+
+    window_s: float
+    stride_s: float
+    indexed: int
+
+
+@dataclass(frozen=True)
 class CollectionInfo:
     name: str
     kind: str
@@ -69,6 +87,8 @@ class CollectionInfo:
     items: int
     indexed: int
     raw: dict[str, Any] = field(repr=False)
+    moments: Moments | None = None
+    """None: one embedding per item"""
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class ItemInfo:
     text: str | None
     media_url: str | None
     thumbnail_url: str | None
+    moments: list[tuple[float, float]] | None = None
+    """moment collections: the video's moments (start_s, end_s), in order (a hit's `moment` indexes this)"""
 
 
 @dataclass(frozen=True)
@@ -150,17 +172,21 @@ def _answer(d: dict[str, Any]) -> Answer:
 
 def _retrieval(d: dict[str, Any]) -> Retrieval:
     hits = [Hit(h["id"], h["score"], h["itc_score"], h.get("itm_score"), h.get("metadata", {}), h.get("media_url"),
-                h.get("thumbnail_url")) for h in d["results"]]
+                h.get("thumbnail_url"), h.get("moment"), h.get("start_s"), h.get("end_s")) for h in d["results"]]
     return Retrieval(hits, d.get("adapter"), d.get("collection"))
 
 
 def _collection(d: dict[str, Any]) -> CollectionInfo:
-    return CollectionInfo(d["name"], d["kind"], d["adapter"], d["items"], d["indexed"], d)
+    m = d.get("moments")
+    moments = Moments(m["window_s"], m["stride_s"], m["indexed"]) if m else None
+    return CollectionInfo(d["name"], d["kind"], d["adapter"], d["items"], d["indexed"], d, moments)
 
 
 def _item(d: dict[str, Any]) -> ItemInfo:
+    spans = d.get("moments")
     return ItemInfo(d["id"], d["kind"], d["metadata"], d["size"], d.get("content_type"), d["added"], d["adapter"],
-                    d.get("text"), d.get("media_url"), d.get("thumbnail_url"))
+                    d.get("text"), d.get("media_url"), d.get("thumbnail_url"),
+                    None if spans is None else [(m["start_s"], m["end_s"]) for m in spans])
 
 
 def _page(d: dict[str, Any]) -> ItemPage:
@@ -172,19 +198,32 @@ def _adapter(d: dict[str, Any]) -> AdapterInfo:
                        d["percent_of_backbone"], d)
 
 
-def _qa(route: str, media_field: str, media: Media, question: str, opts: dict[str, Any]) -> _Call:
-    return _Call("POST", route, json=_drop_none({media_field: _b64(media), "question": question, **opts}))
+def _qa(route: str, media_field: str, media: Media | None, question: str, opts: dict[str, Any]) -> _Call:
+    return _Call("POST", route, json=_drop_none({media_field: None if media is None else _b64(media),
+                                                 "question": question, **opts}))
+
+
+MomentsArg = bool | Mapping[str, float] | None
+"""create_collection's `moments`: True (the server's MOMENT_WINDOW_S / MOMENT_STRIDE_S), {"window_s": 8,
+"stride_s": 4} (either may be left out; {} is True), or None / False (one embedding per video)."""
+
+
+def _create(name: str, kind: str, adapter: str | None, index: str | None, moments: MomentsArg) -> _Call:
+    spec = None if moments is None or moments is False else dict(moments) if isinstance(moments, Mapping) else {}
+    return _Call("POST", "/collections", json=_drop_none({"name": name, "kind": kind, "adapter": adapter,
+                                                          "index": index, "moments": spec}))
 
 
 def _retrieve(query_text: str | None, query_image: Media | None, query_video: Media | None, collection: str | None,
               candidate_texts: Sequence[str] | None, candidate_images: Sequence[Media] | None, top_k: int,
-              rerank_k: int, filter: dict[str, Any] | None, adapter: str | None) -> _Call:
+              rerank_k: int, filter: dict[str, Any] | None, adapter: str | None, group_by_item: bool | None
+              ) -> _Call:
     return _Call("POST", "/retrieve", json=_drop_none({
         "query_text": query_text, "query_image": None if query_image is None else _b64(query_image),
         "query_video": None if query_video is None else _b64(query_video), "collection": collection,
         "candidate_texts": list(candidate_texts) if candidate_texts else None,
         "candidate_images": [_b64(m) for m in candidate_images] if candidate_images else None,
-        "top_k": top_k, "rerank_k": rerank_k, "filter": filter, "adapter": adapter}))
+        "top_k": top_k, "rerank_k": rerank_k, "filter": filter, "adapter": adapter, "group_by_item": group_by_item}))
 
 
 def _add_items(name: str, files: Sequence[Media], ids: Sequence[str] | None) -> _Call:
@@ -225,18 +264,26 @@ class Client:
         return _answer(self._json(_qa("/vqa", "image", image, question,
                                       {"mode": mode, "top_k": top_k, "num_beams": num_beams, "adapter": adapter})))
 
-    def videoqa(self, video: Media, question: str, *, mode: str = "rank", top_k: int = 3,
-                num_frames: int | None = None, adapter: str | None = None) -> Answer:
+    def videoqa(self, video: Media | None = None, question: str = "", *, mode: str = "rank", top_k: int = 3,
+                num_frames: int | None = None, adapter: str | None = None, collection: str | None = None,
+                item: str | None = None, moment: int | None = None, start_s: float | None = None,
+                end_s: float | None = None) -> Answer:
+        """About an uploaded `video`, or a `collection`'s `item` (video=None); the whole video, its part from
+        `start_s` to `end_s` (either may be left out), or one of a moment collection item's moments (`moment`,
+        as a hit names it)."""
         return _answer(self._json(_qa("/videoqa", "video", video, question, {
-            "mode": mode, "top_k": top_k, "num_frames": num_frames, "adapter": adapter})))
+            "mode": mode, "top_k": top_k, "num_frames": num_frames, "adapter": adapter, "collection": collection,
+            "item": item, "moment": moment, "start_s": start_s, "end_s": end_s})))
 
     def retrieve(self, *, query_text: str | None = None, query_image: Media | None = None,
                  query_video: Media | None = None, collection: str | None = None,
                  candidate_texts: Sequence[str] | None = None, candidate_images: Sequence[Media] | None = None,
                  top_k: int = 10, rerank_k: int = 0, filter: dict[str, Any] | None = None,
-                 adapter: str | None = None) -> Retrieval:
+                 adapter: str | None = None, group_by_item: bool | None = None) -> Retrieval:
+        """`group_by_item` (moment collections): the best moment per video (True, the server's default) or every
+        moment, best first (False)."""
         return _retrieval(self._json(_retrieve(query_text, query_image, query_video, collection, candidate_texts,
-                                               candidate_images, top_k, rerank_k, filter, adapter)))
+                                               candidate_images, top_k, rerank_k, filter, adapter, group_by_item)))
 
     # collections
     def collections(self) -> list[CollectionInfo]:
@@ -245,9 +292,10 @@ class Client:
     def collection(self, name: str) -> CollectionInfo:
         return _collection(self._json(_Call("GET", f"/collections/{_q(name)}")))
 
-    def create_collection(self, name: str, kind: str = "image", adapter: str | None = None) -> CollectionInfo:
-        body = _drop_none({"name": name, "kind": kind, "adapter": adapter})
-        return _collection(self._json(_Call("POST", "/collections", json=body)))
+    def create_collection(self, name: str, kind: str = "image", adapter: str | None = None, *,
+                          index: str | None = None, moments: MomentsArg = None) -> CollectionInfo:
+        """`moments` (video collections): index each video's windows (see `MomentsArg`)."""
+        return _collection(self._json(_create(name, kind, adapter, index, moments)))
 
     def delete_collection(self, name: str) -> None:
         self._send(_Call("DELETE", f"/collections/{_q(name)}"))
@@ -275,9 +323,10 @@ class Client:
     def media(self, name: str, item_id: str) -> bytes:
         return self._send(_Call("GET", f"/collections/{_q(name)}/items/{_q(item_id)}/media")).content
 
-    def thumbnail(self, name: str, item_id: str, size: int = 256) -> bytes:
+    def thumbnail(self, name: str, item_id: str, size: int = 256, t: float | None = None) -> bytes:
+        """JPEG; `t`: a video's frame at that second (e.g. a moment hit's middle)."""
         return self._send(_Call("GET", f"/collections/{_q(name)}/items/{_q(item_id)}/thumbnail",
-                                params={"size": size})).content
+                                params=_drop_none({"size": size, "t": t}))).content
 
     # adapters
     def adapters(self) -> list[AdapterInfo]:
@@ -319,19 +368,22 @@ class AsyncClient:
         return _answer(await self._json(_qa("/vqa", "image", image, question, {
             "mode": mode, "top_k": top_k, "num_beams": num_beams, "adapter": adapter})))
 
-    async def videoqa(self, video: Media, question: str, *, mode: str = "rank", top_k: int = 3,
-                      num_frames: int | None = None, adapter: str | None = None) -> Answer:
+    async def videoqa(self, video: Media | None = None, question: str = "", *, mode: str = "rank", top_k: int = 3,
+                      num_frames: int | None = None, adapter: str | None = None, collection: str | None = None,
+                      item: str | None = None, moment: int | None = None, start_s: float | None = None,
+                      end_s: float | None = None) -> Answer:
         return _answer(await self._json(_qa("/videoqa", "video", video, question, {
-            "mode": mode, "top_k": top_k, "num_frames": num_frames, "adapter": adapter})))
+            "mode": mode, "top_k": top_k, "num_frames": num_frames, "adapter": adapter, "collection": collection,
+            "item": item, "moment": moment, "start_s": start_s, "end_s": end_s})))
 
     async def retrieve(self, *, query_text: str | None = None, query_image: Media | None = None,
                        query_video: Media | None = None, collection: str | None = None,
                        candidate_texts: Sequence[str] | None = None, candidate_images: Sequence[Media] | None = None,
                        top_k: int = 10, rerank_k: int = 0, filter: dict[str, Any] | None = None,
-                       adapter: str | None = None) -> Retrieval:
+                       adapter: str | None = None, group_by_item: bool | None = None) -> Retrieval:
         return _retrieval(await self._json(_retrieve(query_text, query_image, query_video, collection,
                                                      candidate_texts, candidate_images, top_k, rerank_k, filter,
-                                                     adapter)))
+                                                     adapter, group_by_item)))
 
     async def collections(self) -> list[CollectionInfo]:
         return [_collection(d) for d in await self._json(_Call("GET", "/collections"))]
@@ -339,9 +391,9 @@ class AsyncClient:
     async def collection(self, name: str) -> CollectionInfo:
         return _collection(await self._json(_Call("GET", f"/collections/{_q(name)}")))
 
-    async def create_collection(self, name: str, kind: str = "image", adapter: str | None = None) -> CollectionInfo:
-        body = _drop_none({"name": name, "kind": kind, "adapter": adapter})
-        return _collection(await self._json(_Call("POST", "/collections", json=body)))
+    async def create_collection(self, name: str, kind: str = "image", adapter: str | None = None, *,
+                                index: str | None = None, moments: MomentsArg = None) -> CollectionInfo:
+        return _collection(await self._json(_create(name, kind, adapter, index, moments)))
 
     async def delete_collection(self, name: str) -> None:
         await self._send(_Call("DELETE", f"/collections/{_q(name)}"))
@@ -362,9 +414,9 @@ class AsyncClient:
     async def media(self, name: str, item_id: str) -> bytes:
         return (await self._send(_Call("GET", f"/collections/{_q(name)}/items/{_q(item_id)}/media"))).content
 
-    async def thumbnail(self, name: str, item_id: str, size: int = 256) -> bytes:
+    async def thumbnail(self, name: str, item_id: str, size: int = 256, t: float | None = None) -> bytes:
         return (await self._send(_Call("GET", f"/collections/{_q(name)}/items/{_q(item_id)}/thumbnail",
-                                       params={"size": size}))).content
+                                       params=_drop_none({"size": size, "t": t})))).content
 
     async def adapters(self) -> list[AdapterInfo]:
         return [_adapter(d) for d in (await self._json(_Call("GET", "/adapters")))["adapters"]]
