@@ -1,6 +1,7 @@
 "use strict";
 // The page talks to the same HTTP API as any client. Media are fetched with the key and shown from blob URLs
-// (an <img src> cannot send the key).
+// (an <img src> cannot send the key). A video opened with no key typed plays from its media URL instead, so the
+// browser streams it with HTTP range requests (a long video starts at once and seeks to a moment).
 
 const $ = (sel) => document.querySelector(sel);
 const keyInput = $("#key");
@@ -79,12 +80,31 @@ function fileToBase64(file) {
 // -- search -------------------------------------------------------------------------------------------
 let collections = [];
 
+// Seconds -> "m:ss" ("h:mm:ss" from an hour); a range "1:04–1:12".
+function clock(s) {
+  const t = Math.max(0, Math.floor(s + 1e-6));
+  const h = Math.floor(t / 3600), m = Math.floor((t % 3600) / 60), sec = String(t % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
+}
+const span = (hit) => `${clock(hit.start_s)}–${clock(hit.end_s)}`;
+const kindLabel = (c) => c.moments ? `${c.kind}, moments of ${c.moments.window_s} s every ${c.moments.stride_s} s` : c.kind;
+
+function chosenCollection() {
+  return collections.find((c) => c.name === $("#search-collection").value);
+}
+
+function showGroupToggle() {
+  $("#search-group-label").hidden = !chosenCollection()?.moments;
+}
+$("#search-collection").addEventListener("change", showGroupToggle);
+
 async function loadCollectionPicker() {
   collections = await api("/collections");
   const picker = $("#search-collection");
   const chosen = picker.value;
-  picker.replaceChildren(...collections.map((c) => el("option", { value: c.name, text: `${c.name} (${c.kind}, ${c.items})` })));
+  picker.replaceChildren(...collections.map((c) => el("option", { value: c.name, text: `${c.name} (${c.moments ? "video moments" : c.kind}, ${c.items})` })));
   if (chosen && collections.some((c) => c.name === chosen)) picker.value = chosen;
+  showGroupToggle();
 }
 
 $("#search-form").addEventListener("submit", guard(async () => {
@@ -96,33 +116,55 @@ $("#search-form").addEventListener("submit", guard(async () => {
   else throw new Error("type a query or choose an image or video");
   const caption = $("#search-filter").value.trim();
   if (caption) body.filter = { caption_contains: caption };
+  if (chosenCollection()?.moments) body.group_by_item = $("#search-group").checked;
   const out = await api("/retrieve", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
   const grid = $("#results");
   grid.replaceChildren();
   for (const hit of out.results) {
-    const img = el("img", { alt: hit.id });
+    const moment = hit.start_s !== null && hit.start_s !== undefined;
+    const img = el("img", { alt: moment ? `${hit.id}, ${span(hit)}` : hit.id });
+    const open = guard(() => openHit(hit));
     const card = el("div", { class: "hit", "data-id": hit.id, title: hit.metadata.caption || hit.metadata.text || hit.id,
-                             onclick: guard(() => openHit(hit)) }, [
+                             role: "button", tabindex: "0", onclick: open,
+                             onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") open(e); } }, [
       img, el("div", { class: "score", text: hit.score.toFixed(3) + " · " + hit.id }),
+      ...(moment ? [el("div", { class: "when", text: span(hit) })] : []),
       el("div", { class: "cap", text: hit.metadata.caption || hit.metadata.text || "" })]);
+    if (moment) Object.assign(card.dataset, { moment: hit.moment, start: hit.start_s, end: hit.end_s });
     grid.append(card);
     if (hit.thumbnail_url) blobUrl(hit.thumbnail_url).then((u) => { img.src = u; }, (e) => showError(e.message));
   }
   if (!out.results.length) grid.append(el("p", { class: "hint", text: "no hits" }));
 }));
 
+// A moment hit's media_url ends in a media fragment (#t=start,end): the player starts at the moment and pauses at
+// its end (no loop); the controls play on from there.
 async function openHit(hit) {
   const box = $("#viewer-media");
   box.replaceChildren();
-  $("#viewer-meta").textContent = JSON.stringify({ id: hit.id, score: hit.score, ...hit.metadata }, null, 2);
+  const moment = hit.start_s !== null && hit.start_s !== undefined;
+  const when = $("#viewer-when");
+  when.hidden = !moment;
+  when.textContent = moment ? `moment ${hit.moment}: ${span(hit)}` : "";
+  const shown = { id: hit.id, score: hit.score, ...(moment ? { moment: hit.moment, start_s: hit.start_s, end_s: hit.end_s } : {}), ...hit.metadata };
+  $("#viewer-meta").textContent = JSON.stringify(shown, null, 2);
   if (hit.media_url) {
-    const info = await api(hit.media_url.replace(/\/media$/, ""));
-    const url = await blobUrl(hit.media_url);
-    box.append(info.kind === "video" ? el("video", { src: url, controls: "", autoplay: "", loop: "", muted: "", id: "viewer-full" })
-                                     : el("img", { src: url, alt: hit.id, id: "viewer-full" }));
+    const [path, fragment] = hit.media_url.split("#");
+    const info = await api(path.replace(/\/media$/, ""));
+    if (info.kind === "video") {
+      // no key typed: the media URL itself (range requests); a key: the whole file fetched with it, as a blob
+      const src = (keyInput.value ? await blobUrl(path) : path) + (fragment ? "#" + fragment : "");
+      box.append(el("video", { src, controls: "", autoplay: "", muted: "", id: "viewer-full", ...(moment ? {} : { loop: "" }) }));
+    } else {
+      box.append(el("img", { src: await blobUrl(path), alt: hit.id, id: "viewer-full" }));
+    }
   }
   $("#viewer").showModal();
 }
+$("#viewer").addEventListener("close", () => {
+  const media = $("#viewer-full");
+  if (media && media.tagName === "VIDEO") media.pause();
+});
 
 // -- ask ----------------------------------------------------------------------------------------------
 let askFile = null;
@@ -216,7 +258,8 @@ async function loadCollections() {
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
     zone.addEventListener("drop", guard(async (e) => { zone.classList.remove("over"); await upload(c.name, e.dataTransfer.files); await loadCollections(); }));
     return el("tr", { "data-collection": c.name }, [
-      el("td", { text: c.name }), el("td", { text: c.kind }), el("td", { class: "count", text: String(c.items) }),
+      el("td", { text: c.name }), el("td", { class: "kind", text: kindLabel(c) }),
+      el("td", { class: "count", text: String(c.items) + (c.moments ? ` (${c.moments.indexed} moments)` : "") }),
       el("td", { text: c.adapter }), el("td", {}, [zone]),
       el("td", {}, [el("button", { text: "delete", onclick: guard(async () => {
         if (!confirm(`delete collection ${c.name}?`)) return;
@@ -228,9 +271,18 @@ async function loadCollections() {
   $("#collection-table tbody").replaceChildren(...rows);
 }
 
+// Moments: video collections only; an empty window or stride takes the server's default.
+$("#create-kind").addEventListener("change", () => { $("#create-moments-set").disabled = $("#create-kind").value !== "video"; });
+
 $("#create-form").addEventListener("submit", guard(async () => {
-  await api("/collections", { method: "POST", headers: { "content-type": "application/json" },
-                              body: JSON.stringify({ name: $("#create-name").value.trim(), kind: $("#create-kind").value }) });
+  const body = { name: $("#create-name").value.trim(), kind: $("#create-kind").value };
+  if (body.kind === "video" && $("#create-moments").checked) {
+    body.moments = {};
+    for (const [field, input] of [["window_s", "#create-window"], ["stride_s", "#create-stride"]]) {
+      if ($(input).value.trim()) body.moments[field] = Number($(input).value);
+    }
+  }
+  await api("/collections", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
   $("#create-name").value = "";
   await loadCollections();
 }));
