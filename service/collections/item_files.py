@@ -139,25 +139,12 @@ def image_thumbnail(probe: ImageProbe, size: int) -> bytes:
 
 def video_thumbnail(data: bytes, size: int, num_frames: int, *, max_bytes: int, max_seconds: float,
                     max_pixels: int, field: str) -> bytes:
-    """The clip's first sampled frame (the one the model sees first when it samples `num_frames`)."""
+    """The clip's first sampled frame (the one the model sees first when it samples `num_frames`), full size,
+    reached by a seek like `video_frame_at` (in an hour-long video it lies minutes in)."""
     first = decode_clip(data, num_frames=num_frames, size=8, max_bytes=max_bytes, max_seconds=max_seconds,
                         max_pixels=max_pixels, field=field).timestamps[0]
-    picked: Image.Image | None = None
-    try:
-        with open_video(data, max_bytes=max_bytes, field=field) as container:  # the uploads' allow-list, again
-            stream = container.streams.video[0]
-            for n, frame in enumerate(container.decode(stream)):
-                t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
-                if picked is not None and t > first + 1e-6:
-                    break
-                picked = frame.to_image()
-                if n >= VIDEO_THUMB_MAX_FRAMES:
-                    raise MediaTooLargeError(f"{field}: more than {VIDEO_THUMB_MAX_FRAMES} frames to its first sample")
-    except av.error.FFmpegError as e:
-        raise CorruptMediaError(f"{field}: the video does not decode ({e})") from e
-    if picked is None:
-        raise CorruptMediaError(f"{field}: the video has no frames")
-    return _jpeg(picked, size)
+    return _jpeg(_seek_frame(data, first, absolute=True, max_bytes=max_bytes, field=field,
+                             timeout_s=THUMB_T_TIMEOUT_S).image, size)
 
 
 @dataclass(frozen=True)
@@ -181,15 +168,20 @@ def video_frame_at(data: bytes, t: float, *, max_bytes: int, max_seconds: float,
         raise MediaTooLargeError(f"{field}: {duration:.1f} s is over the limit of {max_seconds:g} s")
     if t > duration + THUMB_T_STEP / 2 + 1e-6:  # slack: a time near the end may round up past it
         raise InputError(f"t: {t:g} s is past the end of the video ({duration:.3f} s)")
+    return _seek_frame(data, min(t, duration), absolute=False, max_bytes=max_bytes, field=field, timeout_s=timeout_s)
+
+
+def _seek_frame(data: bytes, t: float, *, absolute: bool, max_bytes: int, field: str, timeout_s: float) -> FrameAt:
+    """The frame on screen at `t`: seconds from the first frame, or (`absolute`) a presentation time."""
     deadline = time.monotonic() + timeout_s
     picked: av.VideoFrame | None = None
     decoded = 0
     try:
-        with open_video(data, max_bytes=max_bytes, field=field) as container:
+        with open_video(data, max_bytes=max_bytes, field=field) as container:  # the uploads' allow-list, again
             stream = container.streams.video[0]
             tb = stream.time_base
             start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else 0.0
-            target = start + min(t, duration)
+            target = t if absolute else start + t
             if tb is not None and target > 0:
                 try:
                     container.seek(max(0, int(target / tb)), stream=stream, backward=True)
@@ -201,9 +193,11 @@ def video_frame_at(data: bytes, t: float, *, max_bytes: int, max_seconds: float,
                 picked = frame
                 decoded += 1
                 if decoded > VIDEO_THUMB_MAX_FRAMES:
-                    raise MediaTooLargeError(f"{field}: more than {VIDEO_THUMB_MAX_FRAMES} frames to reach {t:g} s")
+                    raise MediaTooLargeError(f"{field}: more than {VIDEO_THUMB_MAX_FRAMES} frames to reach "
+                                             f"{target - start:g} s")
                 if time.monotonic() > deadline:
-                    raise MediaTooLargeError(f"{field}: took longer than the decode time limit to reach {t:g} s")
+                    raise MediaTooLargeError(f"{field}: took longer than the decode time limit to reach "
+                                             f"{target - start:g} s")
             if picked is None:
                 raise CorruptMediaError(f"{field}: the video has no frames")
             return FrameAt(picked.to_image(), _frame_time(picked) - start, decoded)

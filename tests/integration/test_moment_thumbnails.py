@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 from support.media import image_bytes, video_bytes
 
-from uniadapter_serve.service.collections.item_files import VIDEO_THUMB_MAX_FRAMES, video_frame_at
+from uniadapter_serve.service.collections import item_files
+from uniadapter_serve.service.collections.item_files import video_frame_at, video_thumbnail
 
 FPS = 2
 SECONDS = 100  # over the session's MAX_VIDEO_SECONDS (30): only a moment collection takes it
@@ -109,6 +110,7 @@ def test_a_moment_hits_thumbnail_is_its_middle_frame(tiny_client, collections):
         assert index_of(got.content) == on_screen(middle), h
     whole = thumb(tiny_client, collections["moments"], "long")  # the item's own thumbnail: within the moment limits
     assert whole.status_code == 200, whole.text
+    assert index_of(whole.content) == on_screen(SECONDS / 4 / 2)  # ret-video's first of 4 sampled frames
 
 
 def test_thumbnails_at_t_are_cached_per_size_and_tenth_of_a_second(tiny_app, tiny_client, collections):
@@ -157,15 +159,20 @@ def test_t_on_an_image_is_422(tiny_client, collections):
     assert thumb(tiny_client, collections["images"], "red").status_code == 200
 
 
-def test_the_frame_is_reached_by_a_seek_not_from_the_start():
-    """A 20-minute file with a keyframe every 10 s: the frame at 1150 s costs at most one GOP of decoding."""
+def test_the_frame_is_reached_by_a_seek_not_from_the_start(monkeypatch):
+    """A 20-minute file with a keyframe every 10 s: the frame at 1150 s costs at most one GOP of decoding, and so
+    does the first sampled frame 150 s in (under a cap of 50 frames, which decoding from the start would pass)."""
     data = timed_video(1200)
+    monkeypatch.setattr(item_files, "VIDEO_THUMB_MAX_FRAMES", 50)
     for t in (0.0, 611.7, 1150.2, 1199.9):
         got = video_frame_at(data, t, max_bytes=len(data), max_seconds=3600, max_pixels=64 * 48, field="video")
         jpeg = io.BytesIO()
         got.image.save(jpeg, "JPEG")
         assert index_of(jpeg.getvalue()) == on_screen(t, 1200)
         assert got.time_s == pytest.approx(math.floor(t * FPS) / FPS)
-        assert got.decoded <= GOP + 1 < VIDEO_THUMB_MAX_FRAMES, (t, got.decoded)
+        assert got.decoded <= GOP + 1, (t, got.decoded)
+    limits = {"max_bytes": len(data), "max_seconds": 3600, "max_pixels": 64 * 48, "field": "video"}
+    first = video_thumbnail(data, 64, 4, **limits)  # no t: the first of 4 sampled frames, 150 s in (frame 300)
+    assert index_of(first) == on_screen(150.0, 1200)
     with pytest.raises(Exception, match="over the limit of 600 s"):
         video_frame_at(data, 5.0, max_bytes=len(data), max_seconds=600, max_pixels=64 * 48, field="video")
