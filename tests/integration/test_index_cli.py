@@ -35,9 +35,11 @@ def test_index_add_creates_a_moment_collection_and_resumes(tmp_path, capsys):
         assert store.meta().moments == MomentSpec(10.0, 5.0)
         one = store.get("lectures/one.mp4")
         assert np.allclose(one.moments, plan_moments(40.0, 10.0, 5.0), atol=1e-3) and len(one.moments) == 7
-        assert len(store.get("lectures/two.mp4").moments) == 1
-        ids, vectors = store.all_vectors(0, store.meta().dim)
-        assert len(vectors) == 8 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+        two = store.get("lectures/two.mp4")
+        assert len(two.moments) == 1
+        ids, vectors = store.all_vectors(0, store.meta().dim)  # one vector per moment, the item's id repeated
+        assert sorted(ids.tolist()) == sorted([one.item_id] * 7 + [two.item_id])
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
         store.close()
     finally:
         backend.close()
