@@ -35,6 +35,9 @@ class ImageText:
     group: str = ""
     """items of one group are each other's hard negatives (demo: a family of scenes with the same shapes and
     colours); training draws them into the same batch (`_sample`)"""
+    layout: tuple[tuple[float, float], ...] = ()
+    """demo: the shapes' centres (x, y in 0..1 of the image), left to right, for pre-training's layout objective
+    (never in a caption); () for real data"""
 
 
 @dataclass
@@ -74,7 +77,9 @@ def demo_images(world: World, split: str, n: int, *, pretraining: bool = False) 
     for i in range(start, start + n):
         scene = world.scene(i)
         caption = scene.pretrain_caption() if pretraining else scene.caption()
-        out.append(ImageText(np.asarray(world.render(scene)), [caption], key=caption, group=f"family-{scene.family}"))
+        layout = tuple(sorted((sh.x, sh.y) for sh in scene.shapes))
+        out.append(ImageText(np.asarray(world.render(scene)), [caption], key=caption, group=f"family-{scene.family}",
+                             layout=layout))
     return out
 
 

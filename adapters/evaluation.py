@@ -250,3 +250,38 @@ def demo_timed_videos(world: World, n: int, first: int = DEMO_MOMENT_FIRST, fps:
         out.append(TimedVideo(world.render_long_video(video), fps,
                               [TimedEvent(e.caption(), e.start_s, e.end_s) for e in video.events]))
     return out
+
+
+@torch.inference_mode()
+def position_probe(backbone: BlipBackbone, world: World, *, n_train: int = 1000, n_test: int = 500,
+                   batch_size: int = 64, ridge: float = 1e-2) -> dict[str, float]:
+    """How well a linear probe reads a lone shape's side (left / right) from the frozen vision tower: ridge
+    regression on the standardised [CLS] state (`cls`) or mean-pooled patch states (`mean_patches`) of
+    `n_train` training scenes of one shape, accuracy on `n_test` held-out ones (chance 0.5). What pre-training
+    kept of position, before any adapter."""
+    from uniadapter_serve.adapters.datasets import SPLIT_OFFSETS
+    from uniadapter_serve.model.preprocess import array_to_tensor
+
+    def features(start: int, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        scenes = [world.scene(i, num_shapes=1) for i in range(start, start + n)]
+        cls, mean = [], []
+        for at in range(0, n, batch_size):
+            chunk = scenes[at:at + batch_size]
+            px = torch.stack([array_to_tensor(np.asarray(world.render(s))) for s in chunk]).to(backbone.device)
+            tokens = backbone.encode_image(px.to(backbone.dtype), Routing.none(len(chunk))).float().cpu()
+            cls.append(tokens[:, 0])
+            mean.append(tokens[:, 1:].mean(1))
+        side = torch.tensor([1.0 if s.shapes[0].x >= 0.5 else -1.0 for s in scenes])
+        return {"cls": torch.cat(cls), "mean_patches": torch.cat(mean)}, side
+
+    train_x, train_y = features(SPLIT_OFFSETS["train"], n_train)
+    test_x, test_y = features(SPLIT_OFFSETS["test"], n_test)
+    out: dict[str, float] = {}
+    for name in train_x:
+        x, t = train_x[name], test_x[name]
+        mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+        x, t = (x - mu) / sd, (t - mu) / sd
+        x1, t1 = torch.cat([x, torch.ones(len(x), 1)], 1), torch.cat([t, torch.ones(len(t), 1)], 1)
+        w = torch.linalg.solve(x1.T @ x1 + ridge * len(x) * torch.eye(x1.shape[1]), x1.T @ train_y)
+        out[name] = float(((t1 @ w).sign() == test_y).float().mean())
+    return out

@@ -52,3 +52,31 @@ def lm_loss(backbone: BlipBackbone, ids: torch.Tensor, mask: torch.Tensor, state
     targets = dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=-100, label_smoothing=label_smoothing)
+
+
+class LayoutHeads(torch.nn.Module):
+    """Pre-training's layout objective (demo): from the image [CLS] state, the shapes' centres left to right
+    (up to `max_shapes`); from every patch state, where that patch is. Position is asked of the vision tower
+    without a word of it in any caption; the heads are dropped after pre-training."""
+
+    def __init__(self, hidden: int, grid: int, max_shapes: int = 2) -> None:
+        super().__init__()
+        self.grid, self.max_shapes = grid, max_shapes
+        self.shapes = torch.nn.Linear(hidden, 2 * max_shapes)
+        self.patches = torch.nn.Linear(hidden, 2)
+
+    def loss(self, tokens: torch.Tensor, layouts: list[tuple[tuple[float, float], ...]]) -> torch.Tensor:
+        """tokens (B, 1 + grid^2, H) from `encode_image`; layouts: per image, its shapes' (x, y), left to right."""
+        B = tokens.shape[0]
+        target = torch.zeros(B, self.max_shapes, 2, device=tokens.device)
+        present = torch.zeros(B, self.max_shapes, device=tokens.device)
+        for i, layout in enumerate(layouts):
+            for j, (x, y) in enumerate(layout[: self.max_shapes]):
+                target[i, j] = torch.tensor((x, y))
+                present[i, j] = 1.0
+        guess = self.shapes(tokens[:, 0].float()).view(B, self.max_shapes, 2)
+        shapes = (((guess - target) ** 2).sum(-1) * present).sum() / present.sum().clamp(min=1)
+        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        where = (torch.stack([cols, rows], -1).reshape(1, -1, 2).float() + 0.5) / self.grid  # (1, P, 2): x, y
+        patches = ((self.patches(tokens[:, 1:].float()) - where.to(tokens.device)) ** 2).sum(-1).mean()
+        return shapes + patches

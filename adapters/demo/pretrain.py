@@ -2,7 +2,9 @@
 
 Reproducible from a seed: `python -m uniadapter_serve.adapters.demo.build` runs it (and trains the
 demo adapter sets). Position embeddings start at std 0.5, not transformers' 1e-10, so position is
-learnable in a small model trained from scratch.
+learnable in a small model trained from scratch. With `layout_weight` > 0, a layout objective (`LayoutHeads`: the
+shapes' centres from the image [CLS], each patch's place from its state) keeps position in the vision tower
+without naming it in a caption; its heads are dropped after pre-training.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from uniadapter_serve.adapters.datasets import ImageText
-from uniadapter_serve.adapters.losses import itc_loss, itm_loss, lm_loss
+from uniadapter_serve.adapters.losses import LayoutHeads, itc_loss, itm_loss, lm_loss
 from uniadapter_serve.adapters.training import optimize, warmup_cosine
-from uniadapter_serve.model.backbone import BlipBackbone
+from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.loading import load_config, random_backbone
 from uniadapter_serve.model.preprocess import array_to_tensor
 from uniadapter_serve.model.routing import Routing
@@ -33,7 +35,7 @@ def new_demo_backbone(seed: int = 0) -> BlipBackbone:
 
 
 def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, batch_size: int = 64, lr: float = 5e-4,
-             seed: int = 0, time_budget_s: float | None = None,
+             seed: int = 0, time_budget_s: float | None = None, layout_weight: float = 0.0,
              progress: bool = True) -> tuple[BlipBackbone, list[float]]:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -41,6 +43,12 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     model.train()
     model.requires_grad_(True)
     params = list(model.parameters())
+    heads = None
+    if layout_weight > 0:
+        vision = vision_config(model.config)
+        grid = int(vision.image_size) // int(vision.patch_size)  # type: ignore[arg-type]
+        heads = LayoutHeads(int(vision.hidden_size), grid)
+        params += list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, steps, warmup=100)
     images = [array_to_tensor(it.image) for it in data]  # type: ignore[arg-type]
@@ -62,7 +70,10 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
             loss_itm = itm_loss(model, tokens, ids, mask, image_feat.detach(), text_feat.detach(), same, bare,
                                 tokenizer.enc_id)
             loss_lm = lm_loss(model, ids, mask, tokens, None, bare, tokenizer.dec_id)
-            losses.append(optimize(loss_itc + loss_itm + loss_lm, optimizer, schedule, params))
+            loss = loss_itc + loss_itm + loss_lm
+            if heads is not None:
+                loss = loss + layout_weight * heads.loss(tokens, [it.layout for it in items])
+            losses.append(optimize(loss, optimizer, schedule, params))
             bar.update(1)
             bar.set_postfix(itc=f"{loss_itc.item():.2f}", itm=f"{loss_itm.item():.2f}", lm=f"{loss_lm.item():.2f}")
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:
