@@ -118,11 +118,23 @@ class VqaRequest(BaseModel):
 SECONDS: Any = {"ge": 0, "le": 86_400, "allow_inf_nan": False}
 
 
+def _videoqa_schema(schema: dict[str, Any]) -> None:
+    """An upload or a collection item (with its moment, or a span: not both); num_beams as /vqa."""
+    _beams_schema(schema)
+    _omit_not_null(schema, ("video", "collection", "item", "moment", "start_s", "end_s"))
+    schema["oneOf"] = [
+        {"required": ["video"], "properties": {"collection": False, "item": False, "moment": False}},
+        {"required": ["collection", "item"], "properties": {"video": False, "moment": False}},
+        {"required": ["collection", "item", "moment"],
+         "properties": {"video": False, "start_s": False, "end_s": False}},
+    ]
+
+
 class VideoQaRequest(BaseModel):
     """A question about a video: an upload (`video`), or a collection's item (`collection` + `item`); the whole
     video, a part of it (`start_s` / `end_s`), or one of the item's moments (`moment`)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_beams_schema)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_videoqa_schema)
 
     video: str | None = Field(None, description="Base64 video (MP4, WebM, AVI, ...). In multipart: a file. Or name "
                               "a collection item instead.", min_length=1, json_schema_extra=BASE64)
@@ -149,6 +161,8 @@ class VideoQaRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_video(self) -> VideoQaRequest:
+        """Said in the schema too (`_videoqa_schema`); start_s before end_s and within the video are checked
+        against the video itself (`end_s: ...`, `start_s: ...`)."""
         if (self.video is None) == (self.collection is None):
             raise ValueError("give exactly one of video (an upload) and collection + item")
         if (self.collection is None) != (self.item is None):
@@ -157,8 +171,6 @@ class VideoQaRequest(BaseModel):
             raise ValueError("moment: names a moment of a collection item (give collection and item)")
         if self.moment is not None and (self.start_s is not None or self.end_s is not None):
             raise ValueError("give either a moment or start_s / end_s, not both")
-        if self.start_s is not None and self.end_s is not None and self.start_s >= self.end_s:
-            raise ValueError(f"start_s ({self.start_s:g}) must be before end_s ({self.end_s:g})")
         return self
 
 
@@ -335,8 +347,15 @@ class AdapterList(BaseModel):
     cpu_bytes: int
 
 
+def _collection_schema(schema: dict[str, Any]) -> None:
+    """Moments are for video collections: said in the schema too."""
+    _omit_not_null(schema, ("moments",))
+    schema["anyOf"] = [{"properties": {"moments": False}},
+                       {"required": ["kind"], "properties": {"kind": {"const": "video"}}}]
+
+
 class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_collection_schema)
 
     name: str = Field(examples=["shapes"], json_schema_extra=NAME)
     kind: Literal["image", "video", "text"] = "image"
@@ -356,9 +375,14 @@ class MomentsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     window_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds per moment "
-                                   "(default MOMENT_WINDOW_S); a video no longer than this is one moment.")
+                                   "(default MOMENT_WINDOW_S; at most MAX_MOMENT_VIDEO_SECONDS, at least the shortest "
+                                   "stride); a video no longer "
+                                   "than this is one moment.")
     stride_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds from one "
-                                   "moment's start to the next (default MOMENT_STRIDE_S; at most window_s).")
+                                   "moment's start to the next (default: MOMENT_STRIDE_S, or window_s if shorter; "
+                                   "longer than window_s leaves gaps: a sparse index). At least "
+                                   "MAX_MOMENT_VIDEO_SECONDS / (MAX_MOMENTS_PER_VIDEO - 2), so no video has more than "
+                                   "MAX_MOMENTS_PER_VIDEO.")
 
 
 class MomentsInfo(BaseModel):
@@ -437,6 +461,8 @@ LIMITS: dict[str, dict[str, dict[str, str]]] = {
                         "candidate_texts": {"maxItems": "max_candidates", "items.maxLength": "max_text_chars"}},
     "ItemsAdd": {"items": {"maxItems": "max_items_per_request"}},
     "ItemIn": {"text": {"maxLength": "max_text_chars"}},
+    "MomentsIn": {"window_s": {"maximum": "max_moment_video_seconds", "minimum": "min_moment_stride_s"},
+                  "stride_s": {"minimum": "min_moment_stride_s"}},
 }
 """Schema constraints whose values are settings (model -> property -> keyword -> setting name)."""
 FORM_MODELS = {"/vqa": "VqaRequest", "/videoqa": "VideoQaRequest", "/retrieve": "RetrieveRequest"}

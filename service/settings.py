@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     moment_add_timeout_s: float = Field(1800.0, gt=0, le=86_400, description=(
         "Deadline of an add to a moment collection, and of each re-index chunk of one (REQUEST_TIMEOUT_S is for one "
         "clip: a long video's windows take minutes to embed on a CPU)."))
-    max_moments_per_video: int = Field(2048, ge=1, le=65536, description=(
+    max_moments_per_video: int = Field(2048, ge=3, le=65536, description=(
         "Most moments one video may have: a collection whose window and stride would cut a video of "
         "MAX_MOMENT_VIDEO_SECONDS into more is refused at creation."))
     max_text_chars: int = Field(512, ge=1, description="Longest question or query text.")
@@ -220,6 +220,11 @@ class Settings(BaseSettings):
             if need > budget:
                 raise ValueError(f"DECODE_BUDGET_MPIX ({self.decode_budget_mpix:g}) is smaller than {name} "
                                  f"({need / 1e6:g} Mpix): the largest allowed upload could never decode")
+        for name, value in (("MOMENT_WINDOW_S", self.moment_window_s), ("MOMENT_STRIDE_S", self.moment_stride_s)):
+            if value < self.min_moment_stride_s:
+                raise ValueError(f"{name} ({value:g} s) is under MAX_MOMENT_VIDEO_SECONDS / "
+                                 f"(MAX_MOMENTS_PER_VIDEO - 2) ({self.min_moment_stride_s:.4g} s): a long video "
+                                 "would have too many moments")
         if self.rank_k > self.max_rank_k:
             raise ValueError(f"RANK_K ({self.rank_k}) is over MAX_RANK_K ({self.max_rank_k}): raise MAX_RANK_K too")
         if self.adapters_root is None:
@@ -227,6 +232,12 @@ class Settings(BaseSettings):
         if self.media_root is None:
             self.media_root = self.data_root / "media"
         return self
+
+    @property
+    def min_moment_stride_s(self) -> float:
+        """The shortest stride a moment collection may have: a video of MAX_MOMENT_VIDEO_SECONDS then has at most
+        MAX_MOMENTS_PER_VIDEO moments (duration / stride strided windows, plus a tail window)."""
+        return self.max_moment_video_seconds / (self.max_moments_per_video - 2)
 
     @property
     def decode_budget_pixels(self) -> int:

@@ -93,17 +93,21 @@ def probe_video(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "v
         return int(stream.codec_context.width * stream.codec_context.height * FRAMES_HELD)
 
 
+MAX_PLANNED = 1_000_000
+"""windows `plan_moments` plans at most (callers bound moments far lower; this bounds the planning itself)"""
+
+
 def plan_moments(duration_s: float, window_s: float, stride_s: float) -> list[tuple[float, float]]:
     """Windows covering [0, duration_s]: starts 0, stride, 2*stride, ... while start + window < duration; the last
     window ends at the duration (a final window [duration - window, duration] when the strides do not land there);
-    a video no longer than one window is one moment (0, duration). ValueError naming the number otherwise (not
-    finite, not positive, or a stride longer than the window, which would leave parts of the video unseen)."""
+    a video no longer than one window is one moment (0, duration). A stride longer than the window leaves gaps
+    between moments (a sparse index of a very long video). ValueError naming the number otherwise (not finite, not
+    positive)."""
     for name, value in (("duration_s", duration_s), ("window_s", window_s), ("stride_s", stride_s)):
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
-    if stride_s > window_s:
-        raise ValueError(f"stride_s: {stride_s:g} s is longer than window_s ({window_s:g} s): parts of each video "
-                         "would be in no moment")
+    if duration_s / stride_s > MAX_PLANNED:
+        raise ValueError(f"stride_s: {stride_s:g} s cuts {duration_s:g} s into more than {MAX_PLANNED} windows")
     if duration_s <= window_s:
         return [(0.0, float(duration_s))]
     spans: list[tuple[float, float]] = []

@@ -26,7 +26,6 @@ from starlette.concurrency import run_in_threadpool
 from uniadapter_serve.adapters.format import AdapterSetMeta
 from uniadapter_serve.adapters.registry import NAME_RE
 from uniadapter_serve.errors import ConflictError, InputError, MediaTooLargeError, NotFoundError, OverloadedError
-from uniadapter_serve.model.media.video import plan_moments
 from uniadapter_serve.service.collections.cleanup import (
     ORPHAN_GRACE_S,
     ServingLock,
@@ -249,16 +248,17 @@ class CollectionManager:
         for field, value in (("window_s", spec.window_s), ("stride_s", spec.stride_s)):
             if not math.isfinite(value) or value <= 0:
                 raise InputError(f"moments.{field}: must be a positive number of seconds, got {value!r}")
+        if spec.window_s < s.min_moment_stride_s:
+            raise InputError(f"moments.window_s: {spec.window_s:g} s is under the shortest moment this server cuts "
+                             f"({s.min_moment_stride_s:.4g} s: MAX_MOMENT_VIDEO_SECONDS / (MAX_MOMENTS_PER_VIDEO - 2))")
         if spec.window_s > s.max_moment_video_seconds:
             raise InputError(f"moments.window_s: {spec.window_s:g} s is longer than the longest video a moment "
                              f"collection takes (MAX_MOMENT_VIDEO_SECONDS, {s.max_moment_video_seconds:g} s)")
-        if spec.stride_s > spec.window_s:
-            raise InputError(f"moments.stride_s: {spec.stride_s:g} s is longer than the window ({spec.window_s:g} s): "
-                             "parts of each video would be in no moment")
-        most = len(plan_moments(s.max_moment_video_seconds, spec.window_s, spec.stride_s))
-        if most > s.max_moments_per_video:
-            raise InputError(f"moments.stride_s: at {spec.stride_s:g} s a video of {s.max_moment_video_seconds:g} s "
-                             f"has {most} moments, over MAX_MOMENTS_PER_VIDEO ({s.max_moments_per_video})")
+        if spec.stride_s < s.min_moment_stride_s:  # what the schema says too (MomentsIn.stride_s minimum)
+            most = math.floor((s.max_moment_video_seconds - spec.window_s) / spec.stride_s) + 2  # counted, not planned
+            raise InputError(f"moments.stride_s: {spec.stride_s:g} s is under {s.min_moment_stride_s:.4g} s: a video "
+                             f"of {s.max_moment_video_seconds:g} s would have up to {most:g} moments, over "
+                             f"MAX_MOMENTS_PER_VIDEO ({s.max_moments_per_video})")
 
     def drop(self, name: str) -> None:
         """Delete the collection: writes through any handle of it fail from now on (404), in every replica;

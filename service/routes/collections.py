@@ -56,8 +56,8 @@ ITEMS_BODY = {"requestBody": {"required": True, "content": {
 async def create(body: CollectionCreate, collections: CollectionsDep, settings: SettingsDep) -> CollectionStats:
     moments = None
     if body.moments is not None:
-        moments = MomentSpec(body.moments.window_s or settings.moment_window_s,
-                             body.moments.stride_s or settings.moment_stride_s)
+        window = body.moments.window_s or settings.moment_window_s
+        moments = MomentSpec(window, body.moments.stride_s or min(settings.moment_stride_s, window))
     collection = await run_in_threadpool(collections.create, body.name, body.kind, body.adapter, body.index,
                                          moments)
     return CollectionStats(**collection.stats())

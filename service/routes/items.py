@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from uniadapter_serve.errors import InputError, NotFoundError
+from uniadapter_serve.errors import ConflictError, InputError, NotFoundError
 from uniadapter_serve.model.media.image import probe_image
 from uniadapter_serve.model.media.video import probe_video
 from uniadapter_serve.service.auth import ReadAuth
@@ -138,7 +138,7 @@ async def item_thumbnail(name: str, item_id: ItemId, request: Request, collectio
     collection = collections.get(name)
     kind = collection.meta.kind
     if at is not None and kind != "video":
-        raise InputError(f"t: collection {collection.name!r} holds {kind}s; a time applies to videos only")
+        raise ConflictError(f"t: collection {collection.name!r} holds {kind}s; a time applies to videos only")
     item = await run_in_threadpool(collection.find, lookup_id(item_id))
     found = await run_in_threadpool(item_files.locate, collection.media_dir, item, settings.media_dir)
     adapter = collections.adapter_of(collection) if kind == "video" else None

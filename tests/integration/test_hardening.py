@@ -150,7 +150,7 @@ def test_a_request_larger_than_the_queue_is_admitted_whole_when_idle(tiny_queue)
 def test_demo_collections_build_with_a_queue_of_one(tmp_path):
     with running_app(tmp_path / "data", max_queue=1, max_batch_size=1) as server, server.client() as client:
         stats = {c["name"]: c["items"] for c in client.get("/collections").json()}
-        assert stats == {"demo-images": 64, "demo-videos": 16}
+        assert stats == {"demo-images": 64, "demo-videos": 16, "demo-long-videos": 3}
 
 
 # -- Redis hung --------------------------------------------------------------------------------------

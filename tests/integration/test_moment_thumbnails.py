@@ -155,7 +155,7 @@ def test_bad_t_is_422_naming_t(tiny_client, collections, t, says):
 
 def test_t_on_an_image_is_422(tiny_client, collections):
     r = thumb(tiny_client, collections["images"], "red", t=1)
-    assert r.status_code == 422 and r.json()["detail"].startswith("t: collection 'thumbs-images' holds images")
+    assert r.status_code == 409 and r.json()["detail"].startswith("t: collection 'thumbs-images' holds images")
     assert thumb(tiny_client, collections["images"], "red").status_code == 200
 
 

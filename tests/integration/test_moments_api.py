@@ -158,9 +158,10 @@ def test_videoqa_on_a_span_of_an_upload(client):
     ({"moments": {"stride_s": 0}}, 422, "stride_s"),
     ({"moments": {"window_s": -1}}, 422, "window_s"),
     ({"moments": {"window_s": "long"}}, 422, "window_s"),
-    ({"moments": {"window_s": 4, "stride_s": 8}}, 422, "moments.stride_s"),
     ({"moments": {"window_s": 7200}}, 422, "moments.window_s"),
     ({"moments": {"window_s": 8, "stride_s": 0.001}}, 422, "moments.stride_s"),
+    ({"moments": {"window_s": 5e-324}}, 422, "moments.window_s"),  # found by the fuzzer: it once planned 10^327
+    ({"moments": {"window_s": 1, "stride_s": 1}}, 422, "moments.window_s"),
     ({"moments": {"window_s": 8, "size": 3}}, 422, "size"),
     ({"kind": "image", "moments": {}}, 422, "moments"),
 ])
@@ -171,6 +172,27 @@ def test_bad_moment_specs_are_refused(admin, body, status, names):
     assert admin.get("/collections/bad-moments").status_code == 404
 
 
+def test_a_stride_longer_than_the_window_leaves_gaps(client, admin):
+    r = admin.post("/collections", json={"name": "sparse-moments", "kind": "video", "adapter": "ret-video",
+                                         "moments": {"window_s": 4, "stride_s": 15}})
+    try:
+        assert r.status_code == 201, r.text
+        assert admin.post("/collections/sparse-moments/items", json={"items": [{"id": "long", "video": b64(LONG)}]}
+                          ).status_code == 201
+        assert spans_of(client, "sparse-moments", "long") == [(0.0, 4.0), (15.0, 19.0), (30.0, 34.0), (36.0, 40.0)]
+    finally:
+        admin.delete("/collections/sparse-moments")
+
+
+def test_the_schema_says_the_moment_limits(client):
+    """The OpenAPI schema carries this server's moment limits, so a body it admits is never refused."""
+    spec = client.get("/openapi.json").json()["components"]["schemas"]
+    moments = spec["MomentsIn"]["properties"]
+    assert moments["window_s"]["maximum"] == 3600.0
+    assert moments["stride_s"]["minimum"] == pytest.approx(3600.0 / 2046)
+    assert {"required": ["kind"], "properties": {"kind": {"const": "video"}}} in spec["CollectionCreate"]["anyOf"]
+
+
 def test_defaults_come_from_the_settings(admin):
     r = admin.post("/collections", json={"name": "default-moments", "kind": "video", "adapter": "ret-video",
                                          "moments": {}})
@@ -179,6 +201,12 @@ def test_defaults_come_from_the_settings(admin):
         assert r.json()["moments"] == {"window_s": 8.0, "stride_s": 4.0, "indexed": 0}
     finally:
         admin.delete("/collections/default-moments")
+    r = admin.post("/collections", json={"name": "short-moments", "kind": "video", "adapter": "ret-video",
+                                         "moments": {"window_s": 2}})
+    try:  # the default stride is never longer than the window asked for
+        assert r.status_code == 201 and r.json()["moments"] == {"window_s": 2.0, "stride_s": 2.0, "indexed": 0}
+    finally:
+        admin.delete("/collections/short-moments")
 
 
 def test_bad_spans_and_moments_are_refused(client, admin, moments):

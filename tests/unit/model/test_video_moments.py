@@ -94,6 +94,7 @@ def video_300s() -> bytes:
         (16.0, 8.0, 4.0, [(0.0, 8.0), (4.0, 12.0), (8.0, 16.0)]),  # the strides land on the end
         (18.0, 8.0, 4.0, [(0.0, 8.0), (4.0, 12.0), (8.0, 16.0), (10.0, 18.0)]),  # a tail window ends at the end
         (24.0, 8.0, 8.0, [(0.0, 8.0), (8.0, 16.0), (16.0, 24.0)]),  # stride = window: no overlap
+        (60.0, 4.0, 30.0, [(0.0, 4.0), (30.0, 34.0), (56.0, 60.0)]),  # stride > window: gaps, the end still seen
         (0.04, 8.0, 4.0, [(0.0, 0.04)]),  # a one-frame video
     ],
 )
@@ -115,7 +116,7 @@ def test_planned_windows_cover_the_video_without_drift(duration, window, stride)
     ("duration", "window", "stride", "field"),
     [(0.0, 8.0, 4.0, "duration_s"), (-1.0, 8.0, 4.0, "duration_s"), (math.nan, 8.0, 4.0, "duration_s"),
      (60.0, 0.0, 4.0, "window_s"), (60.0, -8.0, 4.0, "window_s"), (60.0, math.inf, 4.0, "window_s"),
-     (60.0, 8.0, 0.0, "stride_s"), (60.0, 8.0, math.nan, "stride_s"), (60.0, 8.0, 9.0, "stride_s")],
+     (60.0, 8.0, 0.0, "stride_s"), (60.0, 8.0, math.nan, "stride_s"), (3600.0, 5e-324, 5e-324, "stride_s")],
 )
 def test_bad_numbers_are_refused_naming_them(duration, window, stride, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
