@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniadapter_serve.adapters.datasets import QA, ImageText
+from uniadapter_serve.adapters.datasets import QA, SPLIT_OFFSETS, ImageText
 from uniadapter_serve.adapters.training import visual
 from uniadapter_serve.errors import InputError
 from uniadapter_serve.model.backbone import BlipBackbone, vision_config
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.media.video import plan_moments, sample_times
+from uniadapter_serve.model.preprocess import array_to_tensor
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.tokenizer import CAPTION_WORDS, BlipTokenizer, clean_text
 from uniadapter_serve.model.uniadapter import AdapterSetModule
@@ -259,9 +260,6 @@ def position_probe(backbone: BlipBackbone, world: World, *, n_train: int = 1000,
     regression on the standardised [CLS] state (`cls`) or mean-pooled patch states (`mean_patches`) of
     `n_train` training scenes of one shape, accuracy on `n_test` held-out ones (chance 0.5). What pre-training
     kept of position, before any adapter."""
-    from uniadapter_serve.adapters.datasets import SPLIT_OFFSETS
-    from uniadapter_serve.model.preprocess import array_to_tensor
-
     def features(start: int, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         scenes = [world.scene(i, num_shapes=1) for i in range(start, start + n)]
         cls, mean = [], []

@@ -376,8 +376,7 @@ class MomentsIn(BaseModel):
 
     window_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds per moment "
                                    "(default MOMENT_WINDOW_S; at most MAX_MOMENT_VIDEO_SECONDS, at least the shortest "
-                                   "stride); a video no longer "
-                                   "than this is one moment.")
+                                   "stride); a video no longer than this is one moment.")
     stride_s: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False, description="Seconds from one "
                                    "moment's start to the next (default: MOMENT_STRIDE_S, or window_s if shorter; "
                                    "longer than window_s leaves gaps: a sparse index). At least "

@@ -40,6 +40,7 @@ from uniadapter_serve.service.schemas import (
 from uniadapter_serve.service.settings import Settings
 from uniadapter_serve.service.tasks import Answer, AnswerJob, Deadline, RankJob, VisionInput, frames_for
 from uniadapter_serve.service.texts import check_text
+from uniadapter_serve.service.validation import lookup_id
 
 router = APIRouter(tags=["tasks"], dependencies=[ReadAuth])
 
@@ -105,7 +106,7 @@ async def _collection_video(body: VideoQaRequest, collections: CollectionManager
     cmeta = collection.meta
     if cmeta.kind != "video":
         raise ConflictError(f"collection {cmeta.name!r} holds {cmeta.kind}s: /videoqa asks about videos")
-    item = await run_in_threadpool(collection.find, body.item)
+    item = await run_in_threadpool(collection.find, lookup_id(body.item))  # PostgreSQL text holds no NUL
     span = None
     if body.moment is not None:
         if cmeta.moments is None:

@@ -221,6 +221,7 @@ def test_bad_spans_and_moments_are_refused(client, admin, moments):
         ({"moment": -1}, 422, "moment"),
         ({"moment": 1, "start_s": 3}, 422, "either a moment or start_s"),
         ({"item": "nope"}, 404, "nope"),
+        ({"item": "lo\u0000ng"}, 404, "no NUL"),  # PostgreSQL text cannot hold one: never reaches the query
     ]
     for extra, status, names in cases:
         r = client.post("/videoqa", json={**ask, **extra})
