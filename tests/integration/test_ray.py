@@ -316,7 +316,9 @@ def test_a_killed_replica_leaves_the_board(cluster):
     kill_9(victim)
     wait_until(lambda: replaced(victim), "Serve replaced the killed replica")
     live = {replica_id(n) for n in model_replicas()}
-    assert running_replicas("uniadapter") == live  # Serve's view, as the ingress reads it
+    # Serve's view, as the ingress reads it (the controller's instance details), comes to the same live set;
+    # it is a second read of the controller's state, updated on its own loop, so it is waited on, not sampled
+    wait_until(lambda: running_replicas("uniadapter") == live, "the ingress's view of the live replicas")
 
     def settled() -> bool:
         count, rows, total = view()
