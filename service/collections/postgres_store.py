@@ -12,7 +12,8 @@ An add is three statements whatever its size: one statement bumps `last_seq`, ta
 sequence, logs the ops and notifies (`RESERVE_ADDS`), then a binary `COPY` of the items and one of the
 embeddings (one INSERT per row through `executemany` ingested at 0.24x SQLite's rate; see
 bench/store_backends.py). COPY has no ON CONFLICT: a taken external id fails the items' COPY (the unique
-index sees it: no query looks first) and the whole transaction, and the taken ids are then named.
+index sees it: no query looks first) and the whole transaction, and the taken ids are then named. A re-index's
+vectors (`put_vectors`) go in the same way: one COPY into a temporary table, one upsert from it.
 
 Schema migrations are numbered and applied at start-up under an advisory lock, so replicas starting together
 apply each exactly once. When PostgreSQL cannot be reached, calls raise `StoreUnavailableError` (503 with
@@ -151,6 +152,13 @@ transaction writes them next, or rolls everything back); BIGSERIAL named the seq
 COPY_ITEMS = ("COPY uniadapter_items (item_id, collection_id, external_id, source, sha256, metadata, created, "
               "moments) FROM STDIN (FORMAT BINARY)")
 COPY_EMBEDDINGS = "COPY uniadapter_embeddings (item_id, generation, vector) FROM STDIN (FORMAT BINARY)"
+CREATE_PUT_TABLE = ("CREATE TEMPORARY TABLE IF NOT EXISTS uniadapter_put (item_id int8, vector bytea) "
+                    "ON COMMIT DELETE ROWS")
+"""a connection's own staging table for `put_vectors` (emptied at each commit)"""
+COPY_PUT = "COPY uniadapter_put (item_id, vector) FROM STDIN (FORMAT BINARY)"
+UPSERT_PUT = ("INSERT INTO uniadapter_embeddings (item_id, generation, vector) SELECT p.item_id, %s, p.vector "
+              "FROM uniadapter_put p JOIN uniadapter_items i ON i.item_id = p.item_id AND i.collection_id = %s "
+              "ON CONFLICT (item_id, generation) DO UPDATE SET vector = EXCLUDED.vector")
 NUL_IN_TEXT = "PostgreSQL text fields cannot contain NUL (0x00) bytes"
 ADD_ATTEMPTS = 3
 """an add whose COPY met a taken id that was deleted before the conflict could be named is tried again"""
@@ -542,13 +550,14 @@ class PostgresStore(Store):
         if not vectors:
             return
         with self._write() as conn, conn.transaction():
-            live = {int(r[0]) for r in conn.execute(
-                "SELECT item_id FROM uniadapter_items WHERE collection_id = %s AND item_id = ANY(%s)",
-                (self.id, list(vectors))).fetchall()}
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO uniadapter_embeddings VALUES (%s, %s, %s) "
-                                "ON CONFLICT (item_id, generation) DO UPDATE SET vector = EXCLUDED.vector",
-                                [(i, generation, vector_bytes(v)) for i, v in vectors.items() if i in live])
+            # the vectors go in by one binary COPY into a temporary table, then one upsert of those whose item is
+            # still in this collection (an item deleted meanwhile gets none); `executemany` sent a statement a row
+            conn.execute(CREATE_PUT_TABLE)
+            with conn.cursor() as cur, cur.copy(COPY_PUT) as copy:
+                copy.set_types(["int8", "bytea"])
+                for item_id, vector in vectors.items():
+                    copy.write_row((item_id, vector_bytes(vector)))
+            conn.execute(UPSERT_PUT, (generation, self.id))
 
     def switch(self, generation: int, adapter_ref: str) -> bool:
         with self._write() as conn, conn.transaction():
