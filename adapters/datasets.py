@@ -69,14 +69,15 @@ class QA:
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 
 
-def demo_images(world: World, split: str, n: int, *, pretraining: bool = False) -> list[ImageText]:
+def demo_images(world: World, split: str, n: int, *, pretraining: bool = False, ordered: bool = False
+                ) -> list[ImageText]:
     """Scenes with their retrieval captions (size, side, relation), or with the pre-training captions
-    (shapes and colours only); grouped by family."""
+    (shapes and colours only; `ordered`: named left to right); grouped by family."""
     start = SPLIT_OFFSETS[split]
     out = []
     for i in range(start, start + n):
         scene = world.scene(i)
-        caption = scene.pretrain_caption() if pretraining else scene.caption()
+        caption = scene.pretrain_caption(ordered) if pretraining else scene.caption()
         layout = tuple(sorted((sh.x, sh.y) for sh in scene.shapes))
         out.append(ImageText(np.asarray(world.render(scene)), [caption], key=caption, group=f"family-{scene.family}",
                              layout=layout))

@@ -26,6 +26,7 @@ RANK_K = 128
 """VQA answers kept by the first-token pruning and scored in full, ranked by BLIP's score (BLIP's k_test)"""
 K_TEST = 256
 """ITC candidates re-ranked by ITM per query in UniAdapter's COCO config (its Flickr config: 128)"""
+ITM_SCORES = ("match_logit", "log_odds")
 ITC_WEIGHT = 0.0
 """beta in UniAdapter's configs: the re-ranking score is the ITM match logit + beta * ITC similarity, so 0 ranks
 by the ITM logit alone"""
@@ -35,7 +36,8 @@ by the ITM logit alone"""
 def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Sequence[ImageText],
                      adapter: AdapterSetModule | None = None, batch_size: int = 64,
                      ks: tuple[int, ...] = (1, 5, 10), num_frames: int = 8, rerank_k: int = 0,
-                     itc_weight: float = ITC_WEIGHT) -> dict[str, float]:
+                     itc_weight: float = ITC_WEIGHT, caption_kinds: Sequence[str] | None = None,
+                     itm_score: str = "match_logit") -> dict[str, float]:
     """Recall@k both ways over every caption of every item (COCO and Flickr: 5 per image), as BLIP and
     UniAdapter evaluate:
 
@@ -46,9 +48,18 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
     `t2i_r@k` / `i2t_r@k` rank by ITC similarity alone. With `rerank_k` > 0 (the paper's protocol: `K_TEST`),
     also `itm_t2i_r@k` / `itm_i2t_r@k`: each query's top `rerank_k` candidates by ITC are re-scored by the
     ITM match logit + `itc_weight` * ITC similarity (the paper: `ITC_WEIGHT` = 0, the ITM logit alone), and
-    rank above every other candidate. Those are reported for the k that the re-ranked candidates cover."""
+    rank above every other candidate. Those are reported for the k that the re-ranked candidates cover.
+
+    `itm_score` is what the ITM head gives each pair: "match_logit" (BLIP's and UniAdapter's evaluation code: the
+    match class's logit alone) or "log_odds" (match minus no-match logit: the order of the match probability, as
+    the service re-ranks and reports `itm_score`).
+
+    `caption_kinds` (one per caption, in item order) adds text->image R@1 per kind: `t2i_r@1_<kind>` (and
+    `itm_t2i_r@1_<kind>` with `rerank_k`)."""
     if not items or not any(it.captions for it in items):
         raise InputError("retrieval needs at least one item with a caption")
+    if itm_score not in ITM_SCORES:
+        raise InputError(f"itm_score: {itm_score!r} is not one of {', '.join(ITM_SCORES)}")
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     device = backbone.device
     captions = [clean_text(c, 30) for it in items for c in it.captions]
@@ -69,6 +80,11 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
                                                  Routing.single(adapter, len(chunk_text))).float())
     sims = (torch.cat(text_feats) @ torch.cat(image_feats).T).cpu()  # (captions T, images I)
     out = _recall(sims, sims.T, text_key, image_key, ks, "")
+    kinds = list(caption_kinds) if caption_kinds is not None else None
+    if kinds is not None:
+        if len(kinds) != len(captions):
+            raise InputError(f"caption_kinds: {len(kinds)} kinds for {len(captions)} captions")
+        out.update(_recall_at_1_by_kind(sims, text_key, image_key, kinds, ""))
     if rerank_k <= 0:
         return out
     n_texts, n_images = sims.shape
@@ -80,9 +96,9 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
         logits = []
         for start in range(0, text_of.numel(), batch_size):
             t, i = text_of[start:start + batch_size], image_of[start:start + batch_size]
-            logits.append(backbone.itm_logits(mm_ids[t].to(device), mm_mask[t].to(device),
-                                              states_all[i.to(states_all.device)],
-                                              Routing.single(adapter, t.numel()))[:, 1].float().cpu())
+            pair = backbone.itm_logits(mm_ids[t].to(device), mm_mask[t].to(device), states_all[i.to(states_all.device)],
+                                       Routing.single(adapter, t.numel())).float().cpu()
+            logits.append(pair[:, 1] - pair[:, 0] if itm_score == "log_odds" else pair[:, 1])
         return torch.cat(logits)
 
     k_images, k_texts = min(rerank_k, n_images), min(rerank_k, n_texts)
@@ -96,7 +112,15 @@ def retrieval_recall(backbone: BlipBackbone, tokenizer: BlipTokenizer, items: Se
     out.update({name: value for name, value in covered.items()
                 if int(name.rsplit("@", 1)[1]) <= rerank_k
                 or rerank_k >= (n_images if name.startswith("itm_t2i") else n_texts)})
+    if kinds is not None:
+        out.update(_recall_at_1_by_kind(t2i, text_key, image_key, kinds, "itm_"))
     return out
+
+
+def _recall_at_1_by_kind(t2i: torch.Tensor, text_key: torch.Tensor, image_key: torch.Tensor, kinds: list[str],
+                         prefix: str) -> dict[str, float]:
+    hits = (image_key[t2i.argmax(dim=1)] == text_key).float().tolist()
+    return {f"{prefix}t2i_r@1_{kind}": value for kind, value in by_kind(hits, kinds).items()}
 
 
 def _recall(t2i: torch.Tensor, i2t: torch.Tensor, text_key: torch.Tensor, image_key: torch.Tensor,
@@ -112,15 +136,22 @@ def _recall(t2i: torch.Tensor, i2t: torch.Tensor, text_key: torch.Tensor, image_
     return out
 
 
-@torch.inference_mode()
 def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Sequence[QA], answers: list[str],
                     adapter: AdapterSetModule | None = None, batch_size: int = 32, num_frames: int = 8) -> float:
     """Mean accuracy of rank-mode answers over `answers`: the official VQA v2 accuracy for questions with
     human answers (`QA.humans` > 0), exact match otherwise (demo, MSRVTT-QA); see `QA.accuracy`."""
+    scores = answer_scores(backbone, tokenizer, qas, answers, adapter, batch_size, num_frames)
+    return sum(scores) / max(1, len(scores))
+
+
+@torch.inference_mode()
+def answer_scores(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Sequence[QA], answers: list[str],
+                  adapter: AdapterSetModule | None = None, batch_size: int = 32, num_frames: int = 8) -> list[float]:
+    """Each question's accuracy (`QA.accuracy` of its best-ranked answer), in the order of `qas`."""
     size = int(vision_config(backbone.config).image_size)  # type: ignore[arg-type]
     cand_ids, cand_mask = tokenizer.encode_answers(answers)
     cand_ids, cand_mask = cand_ids.to(backbone.device), cand_mask.to(backbone.device)
-    total = 0.0
+    scores: list[float] = []
     for start in range(0, len(qas), batch_size):
         chunk = qas[start:start + batch_size]
         r = Routing.single(adapter, len(chunk))
@@ -130,9 +161,16 @@ def answer_accuracy(backbone: BlipBackbone, tokenizer: BlipTokenizer, qas: Seque
         question = backbone.encode_multimodal(ids, mask, states, None, r)
         ranked = rank_answers(backbone, question, mask, cand_ids, cand_mask, k=min(RANK_K, len(answers)),
                               routing=r, score="blip")
-        for q, best in zip(chunk, ranked.indices[:, 0].tolist(), strict=True):
-            total += q.accuracy(answers[best])
-    return total / max(1, len(qas))
+        scores += [q.accuracy(answers[best]) for q, best in zip(chunk, ranked.indices[:, 0].tolist(), strict=True)]
+    return scores
+
+
+def by_kind(scores: Sequence[float], kinds: Sequence[str]) -> dict[str, float]:
+    """Mean score per kind (e.g. per question type), kinds in sorted order."""
+    groups: dict[str, list[float]] = {}
+    for score, kind in zip(scores, kinds, strict=True):
+        groups.setdefault(kind, []).append(score)
+    return {kind: sum(g) / len(g) for kind, g in sorted(groups.items())}
 
 
 # -- moments in long videos ------------------------------------------------------------------------------

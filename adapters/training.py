@@ -272,6 +272,22 @@ def _answer_step(model: BlipBackbone, tok: BlipTokenizer, batch: Sequence[Any], 
                    cfg.label_smoothing)
 
 
+def trained_from(backbone: BlipBackbone, cfg: TrainConfig, weights: str | Path) -> tuple[BlipBackbone, Any]:
+    """A finished run of `cfg` rebuilt from its trained weights (a checkpoint's `weights.safetensors`): the
+    (model, adapter) that `train` returned, to evaluate again without training again."""
+    state = load_file(str(weights))
+    if cfg.mode == "full" or (cfg.mode == "heads" and cfg.task != "retrieval"):
+        model = copy.deepcopy(backbone)
+        model.load_state_dict(state)
+        model.requires_grad_(False)
+        return model, None
+    adapter = AdapterSetModule(adapter_config_for(cfg), backbone.dims).to(backbone.device)
+    adapter.load_state_dict(state)
+    adapter.requires_grad_(False)
+    adapter.eval()
+    return backbone, adapter
+
+
 def _checkpoint(folder: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: Any, step: int, cfg: TrainConfig) -> None:
     folder = Path(folder)

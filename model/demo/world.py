@@ -35,6 +35,38 @@ FAMILY_SIZE = 8
 """consecutive scene indices that share their shapes and colours (and differ in sizes, sides, backgrounds)"""
 
 
+QUESTION_KINDS: tuple[tuple[str, str, str], ...] = (
+    # (kind, how the question starts, how it ends): the forms `Scene.questions` and `Clip.questions` ask
+    ("count", "how many ", ""),
+    ("side", "is the ", " on the left or right"),
+    ("presence", "is there a ", ""),
+    ("shape", "what shape is ", ""),
+    ("moving colour", "what colour is the moving shape", ""),
+    ("first colour", "what colour is the ", " at first"),
+    ("new colour", "what colour does the ", " become"),
+    ("colour", "what colour is the ", ""),
+    ("direction", "which way does the ", " move"),
+    ("event", "what happens in the video", ""),
+)
+"""the first whose start and end a question has names its kind"""
+
+
+def caption_kind(caption: str) -> str:
+    """The kind of a demo retrieval caption (`Scene.caption`): "relation" (two shapes, "... left of ..."),
+    "side" (a lone shape's size and side), "other" otherwise."""
+    c = " ".join(caption.lower().split())
+    if " left of " in c or " right of " in c:
+        return "relation"
+    return "side" if c.endswith((" left", " right")) else "other"
+
+
+def question_kind(question: str) -> str:
+    """The kind of a demo question ("count", "colour", "side", "shape", "presence"; of clips "direction",
+    "moving colour", "first colour", "new colour", "event"), by the forms the world asks; "other" otherwise."""
+    q = " ".join(question.lower().strip().rstrip("?").split())
+    return next((kind for kind, start, end in QUESTION_KINDS if q.startswith(start) and q.endswith(end)), "other")
+
+
 @dataclass(frozen=True)
 class Shape:
     shape: str
@@ -72,10 +104,12 @@ class Scene:
         relation = "left of" if a.x < b.x else "right of"
         return f"a {a.phrase()} {relation} a {b.phrase()}"
 
-    def pretrain_caption(self) -> str:
-        """What pre-training reads: the shapes and colours, nothing of layout or size (the family's order
-        says nothing of where each shape is)."""
-        return " and ".join(f"a {s.phrase()}" for s in self.shapes)
+    def pretrain_caption(self, ordered: bool = False) -> str:
+        """What pre-training reads: the shapes and colours, nothing of size and no word of layout. In the family's
+        order, which says nothing of where each shape is; `ordered`: left to right, so the order of the words
+        binds each shape to its place (still no word for a side or a relation)."""
+        shapes = sorted(self.shapes, key=lambda s: s.x) if ordered else self.shapes
+        return " and ".join(f"a {s.phrase()}" for s in shapes)
 
     def questions(self) -> list[tuple[str, str]]:
         qa: list[tuple[str, str]] = [("how many shapes are there", NUMBERS[len(self.shapes)])]

@@ -9,7 +9,7 @@ import torch
 
 from uniadapter_serve.adapters.datasets import ImageText, demo_images, demo_vqa
 from uniadapter_serve.adapters.evaluation import answer_accuracy, retrieval_recall
-from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
+from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train, trained_from
 from uniadapter_serve.errors import ConfigError
 from uniadapter_serve.model.demo.world import World
 from uniadapter_serve.model.loading import load_backbone
@@ -51,6 +51,22 @@ def test_checkpoints_resume_to_the_same_weights(setup, tmp_path):
     assert resumed.adapter is not None and straight.adapter is not None
     for key, value in straight.adapter.state_dict().items():
         assert torch.allclose(value, resumed.adapter.state_dict()[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize(("task", "mode"), [("retrieval", "uniadapter"), ("retrieval", "heads"), ("vqa", "heads"),
+                                          ("vqa", "full")])
+def test_a_finished_run_is_rebuilt_from_its_last_checkpoint(setup, tmp_path, task, mode):
+    """`trained_from` gives back what `train` returned (the adapter, or the trained copy of the backbone) from the
+    final checkpoint's weights alone, so a build can score its runs again without training them again."""
+    backbone, tok, world = setup
+    data = demo_images(world, "train", 16) if task == "retrieval" else demo_vqa(world, "train", 4)
+    cfg = TrainConfig(task=task, mode=mode, steps=4, batch_size=4, bottleneck=4, kv_rank=2, checkpoint_every=2)
+    result = train(backbone, tok, data, cfg, checkpoint_dir=tmp_path, progress=False)
+    model, adapter = trained_from(backbone, cfg, tmp_path / "weights.safetensors")
+    trained, rebuilt = (result.adapter, adapter) if result.adapter is not None else (result.backbone, model)
+    assert (adapter is None) == (result.adapter is None) and (model is backbone) == (result.backbone is backbone)
+    assert rebuilt.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in trained.state_dict().items())
 
 
 def test_baselines(setup):

@@ -88,3 +88,20 @@ def test_pretraining_captions_name_shapes_and_colours_only():
         else:  # two: the first named is left of the second, or right of it, as drawn
             a, b = scene.shapes
             assert ("left" if a.x < b.x else "right") in caption
+
+
+def test_ordered_pretraining_captions_name_the_shapes_left_to_right_in_the_same_words():
+    """`pretrain_caption(ordered=True)`: the same words as the family's caption (no side, no relation), in the
+    order the shapes stand from left to right, so family members whose shapes swap places read differently."""
+    world = World(seed=0)
+    swapped = 0
+    for i in range(300):
+        scene = world.scene(i)
+        ordered = scene.pretrain_caption(ordered=True)
+        assert sorted(ordered.split()) == sorted(scene.pretrain_caption().split())
+        assert not set(ordered.split()) & LAYOUT_WORDS
+        at = {f"a {s.phrase()}": s.x for s in scene.shapes}
+        named = [at[phrase] for phrase in ordered.split(" and ")]
+        assert named == sorted(named) and len(named) == len(scene.shapes)
+        swapped += ordered != scene.pretrain_caption()
+    assert swapped >= 50  # two-shape scenes whose family order is right to left
