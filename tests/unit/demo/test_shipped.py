@@ -13,6 +13,7 @@ import pytest
 
 from uniadapter_serve.adapters.datasets import demo_images, demo_vqa
 from uniadapter_serve.adapters.demo.build import ANSWERS, DEMO_ROOT, SET_NAMES, evaluate, results_table
+from uniadapter_serve.adapters.evaluation import position_probe
 from uniadapter_serve.adapters.format import load_adapter_set
 from uniadapter_serve.adapters.golden import GOLDEN_FILE, Prober, read_record
 from uniadapter_serve.adapters.training import TrainConfig, freeze_check, train
@@ -22,21 +23,33 @@ from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.tokenizer import load_answer_list, load_tokenizer
 
 README = Path(__file__).parents[3] / "README.md"
-TARGETS = {"retrieval": ("itm_t2i_r@1", 0.7), "vqa": ("accuracy", 0.85), "videoqa": ("accuracy", 0.9)}
+TARGETS = {"retrieval": ("itm_t2i_r@1", 0.7), "vqa": ("accuracy", 0.9), "videoqa": ("accuracy", 0.9)}
 """the issue's targets on each task's main figure; retrieval is scored by the paper's protocol (ITC top-16
-re-ranked by the ITM logit alone)"""
+re-ranked by ITM alone, ordered by the match probability as the service orders)"""
+KIND_TARGETS = {"vqa-side": ("vqa", "accuracy_side", 0.9), "videoqa-direction": ("videoqa", "accuracy_direction", 0.8)}
+"""the question kinds that need position: a lone shape's side, the direction of motion"""
+POSITION_PROBE = 0.9
+"""a linear probe on the frozen backbone reads a lone shape's side at least this well (from [CLS])"""
 ABOVE_HEADS = 0.15
 """UniAdapter's lead over the frozen backbone with trained heads"""
 NEAR_FULL = 0.05
 """how far UniAdapter may trail full fine-tuning (same steps)"""
-POSITION = ("the pre-trained ViT keeps no usable position (a linear probe reads a lone shape's side from its CLS "
-            "at 0.59); the sets learn sizes, colours and shapes but not sides (see README)")
-MISSED = {"retrieval": pytest.mark.xfail(strict=True, reason=f"R@1 0.52 < 0.7: {POSITION}"),
-          "videoqa": pytest.mark.xfail(strict=True, reason=f"0.86 < 0.9, direction of motion 0.09: {POSITION}")}
+VQA_PATH = ("the VQA path does not read position even where the backbone keeps it: trained on lone shapes' sides "
+            "alone, a set and a full fine-tune both stay at chance while the same runs on colour reach 1.00, and the "
+            "question states hardly move with the image (bench/vqa_side.py; see README)")
+RELATION = ("the backbone keeps where shapes are but does not bind which shape is where: two shapes' left/right "
+            "relation is read at 0.37 (full fine-tuning, which re-learns it in the ViT: 0.79; see README)")
+MISSED = {"retrieval": pytest.mark.xfail(strict=True, reason=f"R@1 0.62 < 0.7 (sides 0.88): {RELATION}"),
+          "vqa": pytest.mark.xfail(strict=True, reason=f"0.83 < 0.9, left/right 0.50: {VQA_PATH}"),
+          "vqa-side": pytest.mark.xfail(strict=True, reason=f"left/right 0.50 < 0.9: {VQA_PATH}"),
+          "videoqa": pytest.mark.xfail(strict=True, reason="0.84 < 0.9, direction of motion 0.26: as VQA's sides, "
+                                       "the question path does not read where the shape went (see README)"),
+          "videoqa-direction": pytest.mark.xfail(strict=True, reason="direction 0.26 < 0.8 (full fine-tuning 0.27): "
+                                                 "the question path does not read position (see README)")}
 """targets this build did not reach (strict: a build that reaches one must drop its mark)"""
 NOT_ABOVE_HEADS: dict[str, pytest.MarkDecorator] = {}
 NOT_NEAR_FULL = {"retrieval": pytest.mark.xfail(
-    strict=True, reason=f"R@1 0.52 vs full fine-tuning 0.66, which re-learns position: {POSITION}")}
+    strict=True, reason=f"R@1 0.62 vs full fine-tuning 0.89, which binds shapes to places in the ViT: {RELATION}")}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +88,8 @@ def test_results_json_reports_what_the_shipped_sets_score(scores, results, shipp
     assert scores[task][key] >= 3 * chance
 
 
-def _marked(marks: dict[str, pytest.MarkDecorator]) -> list[Any]:
-    return [pytest.param(t, marks=marks[t]) if t in marks else t for t in SET_NAMES]
+def _marked(marks: dict[str, pytest.MarkDecorator], names: Any = SET_NAMES) -> list[Any]:
+    return [pytest.param(t, marks=marks[t]) if t in marks else t for t in names]
 
 
 @pytest.mark.parametrize("task", _marked(NOT_ABOVE_HEADS))
@@ -93,10 +106,25 @@ def test_near_full_fine_tuning_with_the_same_steps(scores, results, task):
     assert scores[task][key] >= full["metrics"][key] - NEAR_FULL
 
 
-@pytest.mark.parametrize("task", _marked(MISSED))
+@pytest.mark.parametrize("task", _marked(MISSED, TARGETS))
 def test_shipped_sets_reach_the_targets_on_held_out_data(scores, task):
     key, target = TARGETS[task]
     assert scores[task][key] >= target, scores[task]
+
+
+@pytest.mark.parametrize("target", _marked(MISSED, KIND_TARGETS))
+def test_the_questions_of_position_reach_their_targets(scores, target):
+    task, key, value = KIND_TARGETS[target]
+    assert scores[task][key] >= value, scores[task]
+
+
+def test_the_backbone_keeps_position(shipped, results):
+    """A linear probe on the frozen shipped backbone reads a lone shape's side (chance 0.5), as results.json
+    reports it (the build probes with these sizes)."""
+    backbone, _, world = shipped
+    probe = position_probe(backbone, world)
+    assert probe == pytest.approx(results["backbone"]["position_probe"], abs=0.005)
+    assert probe["cls"] >= POSITION_PROBE, probe
 
 
 def _retrieval_chance(world: World) -> float:
@@ -116,13 +144,13 @@ def test_bare_backbone_cannot_answer(shipped):
 
 
 def test_adapter_training_from_the_shipped_backbone(shipped):
-    """A few hundred steps lower the loss and leave every backbone tensor bit-identical."""
+    """A short training on the shipped backbone lowers the loss and leaves every backbone tensor bit-identical
+    (the training itself is tested at length on a tiny config in test_training.py)."""
     backbone, tok, world = shipped
     unchanged = freeze_check(backbone)
-    result = train(backbone, tok, demo_vqa(world, "train", 400),
-                   TrainConfig(task="vqa", steps=200, batch_size=16, lr=1e-3, bottleneck=16, kv_rank=4),
-                   progress=False)
-    assert np.mean(result.losses[-20:]) < 0.8 * np.mean(result.losses[:20])
+    result = train(backbone, tok, demo_vqa(world, "train", 64),
+                   TrainConfig(task="vqa", steps=30, batch_size=8, lr=1e-2, bottleneck=8, kv_rank=4), progress=False)
+    assert np.mean(result.losses[-6:]) < 0.8 * np.mean(result.losses[:6])
     assert unchanged()
     assert backbone.fingerprints == load_backbone("demo").fingerprints
 
