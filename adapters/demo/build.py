@@ -71,14 +71,14 @@ is what a user of /retrieve gets; BLIP's evaluation code orders by the match log
 GROUP_DRAW = 4
 """retrieval batches of 8 families x 4 scenes: each scene has 3 in-batch negatives that differ only in layout"""
 VIDEO_FRAMES = 4
+"""frames per VideoQA clip (a move or a colour change reads from 4)"""
 EVAL_SIZES = {"retrieval": 500, "vqa": 300, "videoqa": 300}
+"""held-out scenes (retrieval: a gallery, its captions the queries; VQA: each scene's questions) and clips (VideoQA)
+of each task's evaluation: the question kinds that decide the targets (a lone shape's side, direction of motion)
+are a fifth to a third of the questions, so a few hundred of each keep their sampling error near 0.03"""
 RETRIEVAL_GALLERIES = 4
 """retrieval is scored on this many disjoint held-out galleries of EVAL_SIZES["retrieval"] scenes and averaged: one
 gallery of 63 families scores anywhere in 0.55-0.69 (the shipped set), as its families happen to be easy or hard"""
-"""held-out scenes (retrieval: the gallery, its captions the queries; VQA: each scene's questions) and clips (VideoQA)
-of each task's evaluation: the question kinds that decide the targets (a lone shape's side, direction of motion)
-are a fifth to a third of the questions, so a few hundred of each keep their sampling error near 0.03"""
-"""frames per VideoQA clip (a move or a colour change reads from 4)"""
 
 
 def write_backbone(model: Any, tokenizer: BlipTokenizer, folder: Path) -> None:

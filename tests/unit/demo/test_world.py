@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from uniadapter_serve.model.demo.world import COLORS, FAMILY_SIZE, NUMBERS, SHAPES, World
+from uniadapter_serve.model.demo.world import (
+    COLORS,
+    DIRECTIONS,
+    FAMILY_SIZE,
+    NUMBERS,
+    SHAPES,
+    World,
+    caption_kind,
+    question_kind,
+)
 
 
 def test_seeded_and_reproducible():
@@ -105,3 +114,23 @@ def test_ordered_pretraining_captions_name_the_shapes_left_to_right_in_the_same_
         assert named == sorted(named) and len(named) == len(scene.shapes)
         swapped += ordered != scene.pretrain_caption()
     assert swapped >= 50  # two-shape scenes whose family order is right to left
+
+
+def test_every_question_and_caption_has_the_kind_its_answer_shows():
+    """`question_kind` names each form the world asks (none is "other"), and each kind gets the answers of its
+    kind (a side is left/right, a direction one of four, a colour a colour...); `caption_kind` tells a lone
+    shape's side from a relation of two."""
+    answers = {"count": set(NUMBERS), "side": {"left", "right"}, "presence": {"yes", "no"}, "shape": set(SHAPES),
+               "colour": set(COLORS), "moving colour": set(COLORS), "first colour": set(COLORS),
+               "new colour": set(COLORS), "direction": set(DIRECTIONS), "event": {"move", "change"}}
+    world = World(seed=0)
+    seen: set[str] = set()
+    for i in range(200):
+        scene, clip = world.scene(i), world.clip(i, 4)
+        for question, answer in scene.questions() + clip.questions():
+            kind = question_kind(question + "?")
+            assert answer in answers[kind], (question, kind, answer)
+            seen.add(kind)
+        assert caption_kind(scene.caption()) == ("side" if len(scene.shapes) == 1 else "relation")
+    assert seen == set(answers)
+    assert question_kind("what is the meaning of this") == "other" and caption_kind("a red circle") == "other"
