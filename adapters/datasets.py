@@ -38,6 +38,9 @@ class ImageText:
     layout: tuple[tuple[float, float], ...] = ()
     """demo: the shapes' centres (x, y in 0..1 of the image), left to right, for pre-training's layout objective
     (never in a caption); () for real data"""
+    regions: tuple[tuple[str, float, float], ...] = ()
+    """demo: each shape's phrase ("red circle") and centre (x, y), for pre-training's grounding objective; () for
+    real data"""
 
 
 @dataclass
@@ -79,8 +82,9 @@ def demo_images(world: World, split: str, n: int, *, pretraining: bool = False, 
         scene = world.scene(i)
         caption = scene.pretrain_caption(ordered) if pretraining else scene.caption()
         layout = tuple(sorted((sh.x, sh.y) for sh in scene.shapes))
+        regions = tuple((sh.phrase(), sh.x, sh.y) for sh in scene.shapes)
         out.append(ImageText(np.asarray(world.render(scene)), [caption], key=caption, group=f"family-{scene.family}",
-                             layout=layout))
+                             layout=layout, regions=regions))
     return out
 
 

@@ -293,22 +293,31 @@ def demo_timed_videos(world: World, n: int, first: int = DEMO_MOMENT_FIRST, fps:
 
 @torch.inference_mode()
 def position_probe(backbone: BlipBackbone, world: World, *, n_train: int = 1000, n_test: int = 500,
-                   batch_size: int = 64, ridge: float = 1e-2) -> dict[str, float]:
-    """How well a linear probe reads a lone shape's side (left / right) from the frozen vision tower: ridge
-    regression on the standardised [CLS] state (`cls`) or mean-pooled patch states (`mean_patches`) of
-    `n_train` training scenes of one shape, accuracy on `n_test` held-out ones (chance 0.5). What pre-training
-    kept of position, before any adapter."""
+                   batch_size: int = 64, ridge: float = 1e-2, tokenizer: BlipTokenizer | None = None
+                   ) -> dict[str, float]:
+    """How well a linear probe reads a lone shape's side (left / right) from the frozen backbone: ridge
+    regression on the standardised image [CLS] state (`cls`) or mean-pooled patch states (`mean_patches`) of
+    `n_train` training scenes of one shape, accuracy on `n_test` held-out ones (chance 0.5). With a `tokenizer`,
+    also from the path a VQA question takes (`question`): the multimodal [CLS] state of "is the <shape> on the
+    left or right" cross-attending to the image. What pre-training kept of position, before any adapter."""
     def features(start: int, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         scenes = [world.scene(i, num_shapes=1) for i in range(start, start + n)]
-        cls, mean = [], []
+        out: dict[str, list[torch.Tensor]] = {"cls": [], "mean_patches": [], "question": []}
         for at in range(0, n, batch_size):
             chunk = scenes[at:at + batch_size]
             px = torch.stack([array_to_tensor(np.asarray(world.render(s))) for s in chunk]).to(backbone.device)
-            tokens = backbone.encode_image(px.to(backbone.dtype), Routing.none(len(chunk))).float().cpu()
-            cls.append(tokens[:, 0])
-            mean.append(tokens[:, 1:].mean(1))
+            bare = Routing.none(len(chunk))
+            tokens = backbone.encode_image(px.to(backbone.dtype), bare)
+            out["cls"].append(tokens[:, 0].float().cpu())
+            out["mean_patches"].append(tokens[:, 1:].float().mean(1).cpu())
+            if tokenizer is not None:
+                questions = [f"is the {s.shapes[0].shape} on the left or right" for s in chunk]
+                ids, mask = tokenizer.encode(questions, mode="multimodal")
+                states = backbone.encode_multimodal(ids.to(backbone.device), mask.to(backbone.device), tokens, None,
+                                                    bare)
+                out["question"].append(states[:, 0].float().cpu())
         side = torch.tensor([1.0 if s.shapes[0].x >= 0.5 else -1.0 for s in scenes])
-        return {"cls": torch.cat(cls), "mean_patches": torch.cat(mean)}, side
+        return {name: torch.cat(rows) for name, rows in out.items() if rows}, side
 
     train_x, train_y = features(SPLIT_OFFSETS["train"], n_train)
     test_x, test_y = features(SPLIT_OFFSETS["test"], n_test)

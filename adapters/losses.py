@@ -80,3 +80,32 @@ class LayoutHeads(torch.nn.Module):
         where = (torch.stack([cols, rows], -1).reshape(1, -1, 2).float() + 0.5) / self.grid  # (1, P, 2): x, y
         patches = ((self.patches(tokens[:, 1:].float()) - where.to(tokens.device)) ** 2).sum(-1).mean()
         return shapes + patches
+
+
+class GroundingHead(torch.nn.Module):
+    """Pre-training's grounding objective (demo; X-VLM's box prediction in miniature, on the path a VQA answer
+    takes): a phrase naming one shape of the image ("a red circle") cross-attends to the image tokens, the answer
+    decoder's first state cross-attends to the phrase's states, and both the phrase's multimodal [CLS] state
+    (`encoder`) and that decoder state (`decoder`) say where the shape is: which of `grid` columns and which of
+    `grid` rows holds its centre (cross-entropies, ln(grid) each at chance, so it weighs like the other
+    objectives). The layout objective keeps position in the image tokens; this carries it through both
+    cross-attentions a question's answer goes through, which otherwise pass almost none of it (the decoder's first
+    state hardly varies across images: `bench/vqa_side.py`). No caption names a side or a relation; the heads are
+    dropped after pre-training."""
+
+    def __init__(self, hidden: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.encoder = torch.nn.Linear(hidden, 2 * grid)
+        self.decoder = torch.nn.Linear(hidden, 2 * grid)
+
+    def cells(self, centres: torch.Tensor) -> torch.Tensor:
+        """(B, 2) x, y in 0..1 -> (B, 2) column, row."""
+        return (centres * self.grid).long().clamp(0, self.grid - 1)
+
+    def loss(self, question_cls: torch.Tensor, decoder_first: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """question_cls, decoder_first (B, H); centres (B, 2): the named shapes' x, y in 0..1."""
+        target = self.cells(centres).reshape(-1)
+        return sum((F.cross_entropy(head(state.float()).view(-1, self.grid), target)
+                    for head, state in ((self.encoder, question_cls), (self.decoder, decoder_first))),
+                   torch.zeros((), device=centres.device))

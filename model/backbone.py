@@ -197,6 +197,15 @@ class BlipBackbone(nn.Module):
             raise InputError("this backbone has no answer decoder (load a VQA checkpoint for VQA)")
         return self.text_decoder(input_ids, attention_mask, question_states, question_mask, routing, cache)
 
+    def decoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       question_states: torch.Tensor, question_mask: torch.Tensor | None,
+                       routing: Routing | None = None) -> torch.Tensor:
+        """(B, L) answer prefix, (B, Q, D) question states -> (B, L, D) the decoder's last states (what its LM
+        head reads)."""
+        if self.text_decoder is None:
+            raise InputError("this backbone has no answer decoder (load a VQA checkpoint for VQA)")
+        return self.text_decoder.hidden(input_ids, attention_mask, question_states, question_mask, routing)
+
 
 def _count(module: nn.Module | None) -> int:
     if module is None:

@@ -356,6 +356,11 @@ class TextDecoder(nn.Module):
                 states_mask: torch.Tensor | None, routing: Routing | None = None,
                 cache: DecoderCache | None = None) -> torch.Tensor:
         """-> (B, L, V) next-token logits (with `cache`: of the L new tokens)."""
-        h = self.bert(input_ids, attention_mask, states, states_mask, routing, causal=True, cache=cache)
-        h = self.cls.predictions.transform(h)
+        h = self.cls.predictions.transform(self.hidden(input_ids, attention_mask, states, states_mask, routing, cache))
         return F.linear(h, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, states: torch.Tensor | None,
+               states_mask: torch.Tensor | None, routing: Routing | None = None,
+               cache: DecoderCache | None = None) -> torch.Tensor:
+        """-> (B, L, D): the last layer's states, before the LM head."""
+        return self.bert(input_ids, attention_mask, states, states_mask, routing, causal=True, cache=cache)

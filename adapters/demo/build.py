@@ -153,7 +153,8 @@ def write_row(out: Path, task: str, mode: str, row: dict[str, Any]) -> None:
 def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> None:
     started = time.monotonic()
     model, losses = pretrain(demo_images(world, "train", 20_000, pretraining=True), tok, steps=args.pretrain_steps,
-                             batch_size=64, seed=args.seed, layout_weight=args.layout_weight)
+                             batch_size=64, seed=args.seed, layout_weight=args.layout_weight,
+                             grounding_weight=args.grounding_weight)
     tail = losses[-20:]
     log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
              losses[0], sum(tail) / len(tail))
@@ -161,7 +162,8 @@ def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> 
     write_golden(args.out, ["backbone"])
     results = {"tasks": {}, "seed": args.seed,
                "backbone": {"pretrain_steps": len(losses), "layout_weight": args.layout_weight,
-                            "position_probe": position_probe(model, world),
+                            "grounding_weight": args.grounding_weight,
+                            "position_probe": position_probe(model, world, tokenizer=tok),
                             "seconds": round(time.monotonic() - started),
                             "parameters": load_backbone(args.out / "backbone").component_parameters()}}
     write_results(args.out, results)  # a new backbone invalidates every set trained on the old one
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=3000)
     parser.add_argument("--layout-weight", type=float, default=1.0,
                         help="weight of the layout objective in pre-training (0: BLIP's three objectives alone)")
+    parser.add_argument("--grounding-weight", type=float, default=1.0,
+                        help="weight of the grounding objective in pre-training (0: none)")
     parser.add_argument("--task-steps", type=int, help=f"per run, set and baselines alike (default: {TASK_STEPS})")
     parser.add_argument("--lr", type=float, help=f"the sets' learning rate (default: {TASK_LR})")
     parser.add_argument("--bottleneck", type=int, default=64)
