@@ -3,6 +3,8 @@ interleaved sampling with its spread (adapter_overhead.py, hot_swap.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import socket
 import statistics
@@ -87,3 +89,54 @@ def half_iqr(values: Sequence[float]) -> float:
         return 0.0
     q1, _, q3 = statistics.quantiles(values, n=4)
     return (q3 - q1) / 2
+
+
+class RawHttp:
+    """A lean HTTP/1.1 keep-alive client for load generation: one connection, requests of pre-encoded bytes, the
+    response read by Content-Length. A load generator on the same machine takes CPU from the server it drives;
+    httpx spends ~1 ms of Python per request, this a few tens of microseconds, so on a 2-core machine the server
+    gets the cores. Only what this project's JSON routes answer is understood (Content-Length bodies, no chunked
+    transfer); a server closing the connection is reconnected to on the next request."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @staticmethod
+    def request(host: str, port: int, path: str, body: bytes, content_type: str = "application/json") -> bytes:
+        """The bytes of one POST, built once and sent as often as wanted."""
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        return head.encode("ascii") + body
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """(status, body) of one request; OSError / asyncio.IncompleteReadError when the connection fails."""
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        self._writer.write(request)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise ValueError("RawHttp reads Content-Length bodies only")
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        body = await self._reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+            self._writer = self._reader = None

@@ -9,7 +9,12 @@ round gives every variant `--seconds` of back-to-back requests. Variants: the pl
 by default float32: transformers loads the checkpoint's dtype), the plain server in bfloat16
 (`from_pretrained(..., dtype=torch.bfloat16)`, the `torch_dtype` of older transformers; `--no-bf16-peer` drops
 it, and it is not run twice where `--dtype bfloat16`), this service on the bare backbone, and (on the demo model)
-this service with its VQA set (`--split-peer`: also the service with SPLIT_BATCHES=false). Printed per thread
+this service with its VQA set (`--split-peer`: also the service with SPLIT_BATCHES=false; `--processes N`: also the
+service with PROCESSES=N, N server processes on one port splitting the threads, the kernel sharing the
+connections out among them). The load generator is
+this process: one keep-alive connection per client through `benchkit.RawHttp`, each request's bytes built once
+(`--client httpx` drives through httpx instead, which spends ~1 ms of this process's CPU per request: on a 2-core
+machine that CPU is taken from the servers, and its share is printed beside theirs). Printed per thread
 count and C: throughput, p50 latency and the server's CPU use (a share of the machine) of each, the paired
 ratios of each service variant to each plain one and of plain-bf16 to plain (median over rounds, with the
 spread), the dtype the service chose (`/readyz?verbose=true`: under DTYPE=auto on a CPU, timed at start), and at
@@ -31,19 +36,21 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from benchkit import HOST, free_port, half_iqr, percentile, stop_process, wait_ready
+from benchkit import HOST, RawHttp, free_port, half_iqr, percentile, stop_process, wait_ready
 from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
@@ -159,6 +166,8 @@ class Sample:
     answers: set[str]
     cpu: float = 0.0
     """the server process's CPU time over the run, as a share of the machine (every core busy = 1.0)"""
+    load_cpu: float = 0.0
+    """the load generator's (this process's) CPU time over the run, as a share of the machine"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -167,35 +176,78 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, body: dict[str, Any], clients: int, seconds: float, pid: int | None = None) -> Sample:
+async def drive(urls: str | Sequence[str], body: dict[str, Any], clients: int, seconds: float,
+                pids: int | Sequence[int] = (), client: str = "raw") -> Sample:
+    """`clients` back-to-back `POST /vqa` loops for `seconds`, client i on urls[i % len(urls)]: each its own
+    keep-alive connection through RawHttp (the request's bytes built once), or through one httpx.AsyncClient per
+    URL (`client="httpx"`, ~1 ms of this process's CPU per request, taken from the servers on a small machine).
+    The CPU figure sums the processes `pids`."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    pids = [pids] if isinstance(pids, int) else list(pids)
     latencies: list[float] = []
     answers: set[str] = set()
     errors = 0
-    async with httpx.AsyncClient(base_url=url, timeout=120.0,
-                                 limits=httpx.Limits(max_connections=clients)) as client:
-        end = time.monotonic() + seconds
+    places = [(host, int(port)) for host, port in (u.removeprefix("http://").rsplit(":", 1) for u in urls)]
+    payload = json.dumps(body).encode()
+    requests = [RawHttp.request(host, port, "/vqa", payload) for host, port in places]
+    end = time.monotonic() + seconds
+    pools = [httpx.AsyncClient(base_url=u, timeout=120.0, limits=httpx.Limits(max_connections=clients))
+             for u in urls] if client == "httpx" else []
 
-        async def one_client() -> None:
-            nonlocal errors
+    async def post(i: int, conn: RawHttp | None) -> tuple[int, bytes]:
+        if conn is None:
+            r = await pools[i % len(pools)].post("/vqa", content=payload, headers={"content-type": "application/json"})
+            return r.status_code, r.content
+        return await conn.send(requests[i % len(requests)])
+
+    async def one_client(i: int) -> None:
+        nonlocal errors
+        conn = RawHttp(*places[i % len(places)]) if not pools else None
+        try:
             while time.monotonic() < end:
                 t0 = time.monotonic()
                 try:
-                    r = await client.post("/vqa", json=body)
-                except httpx.TransportError:
+                    status, content = await post(i, conn)
+                except (OSError, asyncio.IncompleteReadError, httpx.TransportError):
                     errors += 1
+                    if conn is not None:
+                        await conn.close()
                     continue
-                if r.status_code != 200:
+                if status != 200:
                     errors += 1
                     continue
                 latencies.append(time.monotonic() - t0)
-                answers.add(r.json()["answer"])
+                answers.add(json.loads(content)["answer"])
+        finally:
+            if conn is not None:
+                await conn.close()
 
-        started_at = time.monotonic()
-        cpu_at = cpu_seconds(pid) if pid is not None else 0.0
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        elapsed = time.monotonic() - started_at
-        cpu = (cpu_seconds(pid) - cpu_at) / (elapsed * (os.cpu_count() or 1)) if pid is not None else 0.0
-    return Sample(len(latencies) / elapsed, latencies, errors, answers, cpu)
+    started_at, own_at = time.monotonic(), time.process_time()
+    cpu_at = sum(cpu_seconds(p) for p in pids)
+    try:
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    finally:
+        for pool in pools:
+            await pool.aclose()
+    elapsed = time.monotonic() - started_at
+    machine = elapsed * (os.cpu_count() or 1)
+    cpu = (sum(cpu_seconds(p) for p in pids) - cpu_at) / machine
+    return Sample(len(latencies) / elapsed, latencies, errors, answers, cpu, (time.process_time() - own_at) / machine)
+
+
+def every_process_ready(url: str, supervisor: int, processes: int, timeout: float = 300.0) -> list[int]:
+    """The pids of a PROCESSES group once each has answered a fresh connection (the supervisor returns from
+    `started` when the first child listens; the others may still be loading)."""
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while True:
+        children = {int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()}
+        seen.add(int(httpx.get(f"{url}/readyz", params={"verbose": "true"}, timeout=30)
+                      .json()["details"]["process"]["pid"]))
+        if len(children) == processes and seen >= children:
+            return sorted(children)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {sorted(seen)} of {sorted(children)} answered in {timeout:.0f} s")
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -236,6 +288,14 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 "UNIADAPTER_MODEL_WORKERS": str(args.workers)}
             workers = stack.enter_context(started(f"ours-{args.workers}w-{threads}", serve, workers_env,
                                                   port_workers, work))
+        group: tuple[Server, list[int]] | None = None
+        if args.processes > 1:  # PROCESSES=N on one port (SO_REUSEPORT), the same cores split among them
+            port_group = free_port()
+            supervisor = stack.enter_context(started(f"ours-{args.processes}p-{threads}", serve, ours_env | {
+                "UNIADAPTER_PORT": str(port_group), "UNIADAPTER_DATA_ROOT": str(work / f"data-p-{threads}"),
+                "UNIADAPTER_PROCESSES": str(args.processes),
+                "UNIADAPTER_TORCH_THREADS": str(max(1, threads // args.processes))}, port_group, work))
+            group = supervisor, every_process_ready(supervisor.url, supervisor.pid, args.processes)
         nosplit = None
         if args.split_peer:  # the same service with a batch never shared out among idle workers
             port_nosplit = free_port()
@@ -255,8 +315,9 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         choice = httpx.get(f"{ours.url}/readyz", params={"verbose": "true"}, timeout=30).json()
         lines.append(f"  service dtype: {choice['details']['backbone'].get('dtype_choice')}")
         body = {"image": scene(), "question": QUESTION, "max_answer_length": args.max_answer_length}
-        variants: dict[str, tuple[str, dict[str, Any]]] = {name: (peer.url, body) for name, peer in peers.items()}
-        pids = {name: peer.pid for name, peer in peers.items()}
+        variants: dict[str, tuple[str | list[str], dict[str, Any]]] = {
+            name: (peer.url, body) for name, peer in peers.items()}
+        pids: dict[str, int | list[int]] = {name: peer.pid for name, peer in peers.items()}
         variants["ours-bare"] = (ours.url, body | {"mode": "generate", "adapter": "none"})
         pids["ours-bare"] = ours.pid
         if nosplit is not None:
@@ -265,11 +326,16 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
             pids["ours-set"] = ours.pid
+        if group is not None:
+            name = f"ours-{args.processes}p-set" if args.backbone == "demo" else f"ours-{args.processes}p"
+            variants[name] = (group[0].url,
+                              body | {"mode": "generate", "adapter": "demo-vqa" if args.backbone == "demo" else "none"})
+            pids[name] = group[1]
         if workers is not None:
             variants[f"ours-{args.workers}w"] = (workers.url, body | {"mode": "generate", "adapter": "none"})
             pids[f"ours-{args.workers}w"] = workers.pid
         for url, b in variants.values():  # warm-up: first calls, lazy loads
-            asyncio.run(drive(url, b, 1, args.warmup_seconds))
+            asyncio.run(drive(url, b, 1, args.warmup_seconds, client=args.client))
         for clients in args.clients:
             results: dict[str, list[Sample]] = {name: [] for name in variants}
             names = list(variants)
@@ -277,7 +343,7 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 for k in range(len(names)):
                     name = names[(k + r) % len(names)]
                     url, b = variants[name]
-                    results[name].append(asyncio.run(drive(url, b, clients, args.seconds, pids[name])))
+                    results[name].append(asyncio.run(drive(url, b, clients, args.seconds, pids[name], args.client)))
             lines.append(f"\n### {clients} client(s)")
             for name, samples in results.items():
                 tput = [s.throughput for s in samples]
@@ -286,8 +352,10 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                 answers = sorted(set().union(*(s.answers for s in samples)))
                 p50 = percentile(lat, 50) * 1000
                 cpu = statistics.median(s.cpu for s in samples)
+                load = statistics.median(s.load_cpu for s in samples)
                 lines.append(f"  {name:10s} {statistics.median(tput):8.1f} req/s   p50 {p50:7.1f}"
-                             f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   CPU {cpu:.2f} of the machine   "
+                             f" ms   p95 {percentile(lat, 95) * 1000:7.1f} ms   CPU {cpu:.2f} of the machine"
+                             f" (load generator {load:.2f})   "
                              f"errors {errs}   answers {answers[:3]}")
             for peer in peers:
                 peer_t = [s.throughput for s in results[peer]]
@@ -303,6 +371,10 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                        *([nosplit] if nosplit is not None else [])):
             now, peak = rss_mb(server.pid)
             lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
+        if group is not None:  # the supervisor holds no model: its children's sum
+            sizes = [rss_mb(pid) for pid in group[1]]
+            lines.append(f"  RSS {group[0].name} ({len(sizes)} processes): {sum(n for n, _ in sizes):.0f} MB "
+                         f"(peak {sum(k for _, k in sizes):.0f} MB)")
     return lines
 
 
@@ -325,10 +397,14 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1,
                    help="also run the service with this many model workers (MODEL_WORKERS) sharing the threads")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also run the service as this many server processes (each its own model), clients shared out")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="the service's DTYPE and the plain peer's dtype")
     p.add_argument("--split-peer", action="store_true",
                    help="also run the service with SPLIT_BATCHES=false (a batch never shared out among idle workers)")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="the load generator's HTTP client (raw: benchkit.RawHttp, pre-encoded requests)")
     p.add_argument("--no-bf16-peer", dest="bf16_peer", action="store_false",
                    help="leave out the plain server in bfloat16")
     args = p.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -30,6 +31,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.processes > 1 and not args.reuse_port:
+        from uniadapter_serve.service.processes import supervise
+
+        return supervise(settings, [sys.executable, "-m", "uniadapter_serve.service.cli", *sys.argv[1:]])
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the previous handler;
     # this one turns it into a clean exit (status 0) instead of death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -37,10 +42,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # the protocol caps connections (total, per client) and times out slow headers and bodies; no route
     # speaks WebSocket, so upgrades are not offered (a hijacked connection would escape those limits)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=max(1, round(settings.request_timeout_s)),
-                http=limited_protocol(app.state.connection_gate), ws="none")
-    return 0
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=max(1, round(settings.request_timeout_s)),
+                            http=limited_protocol(app.state.connection_gate), ws="none")
+    server = uvicorn.Server(config)
+    sockets = None
+    if args.reuse_port:  # one of PROCESSES: its own listening socket in the port's SO_REUSEPORT group
+        from uniadapter_serve.service.processes import reuse_port_socket
+
+        sockets = [reuse_port_socket(settings.host, settings.port)]
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    return 0 if server.started else 3  # uvicorn's start-up failure status
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -220,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto | cpu | cuda[:N]")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a child of PROCESSES > 1
     serve.set_defaults(func=_cmd_serve)
 
     adapters = sub.add_parser("adapters", help="adapter-set tools")

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         "CPU, several model workers: a batch that closes while other workers idle is shared out among them when "
         "each share still has PARALLEL_MIN_MMACS of work (at one intra-op thread per worker, the only way a lone "
         "batch uses more than one core)."))
+    processes: int = Field(1, ge=1, le=64, description=(
+        "Server processes on one port (`uniadapter serve`): each its own model, batcher and FAISS indexes, as "
+        "replicas on one host sharing DATA_ROOT; the kernel spreads connections among them (SO_REUSEPORT). A small "
+        "model on the CPU is Python-bound (the GIL: one process keeps about one core busy), and a second process "
+        "uses the next core; a large one is not, and gains nothing. Each process gets TORCH_THREADS, by default "
+        "the cores divided among the processes. /metrics and /readyz answer for the process that took the "
+        "connection."))
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's choice; 1 suits small shared hosts)."
     )

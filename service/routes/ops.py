@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ def readyz(request: Request, settings: SettingsDep, engine: EngineDep, registry:
             "decode_budget": {"capacity_pixels": decoder.budget.capacity, "used_pixels": decoder.budget.used,
                               "waiting": decoder.budget.waiting},
             "collections": len(collections.names()),
+            "process": {"pid": os.getpid(), "processes": settings.processes, "torch_threads": torch.get_num_threads()},
             "faiss": {"gpu": faiss.gpu, "warning": faiss.warning},
             "golden": golden,
             "redis": redis,
