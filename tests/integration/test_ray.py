@@ -90,8 +90,11 @@ def cluster(tmp_path_factory):
                      "ray_model_cpus": 0.5, "ray_ingress_cpus": 0.5, "ray_sets_per_replica": 2,
                      "device_adapter_budget_mb": budget_mb, "cpu_adapter_budget_mb": 0, "torch_threads": 1,
                      "request_timeout_s": TIMEOUT_S})
+    started = time.monotonic()
     serve.run(app, name="uniadapter", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "root": root}
+    # how long replicas take to start on this machine now: a replacement is waited for in proportion (a busy
+    # 2-core machine took 5.5 min here, where a quiet one takes 20 s)
+    yield {"url": f"http://127.0.0.1:{port}", "root": root, "startup_s": time.monotonic() - started}
     serve.shutdown()
     ray.shutdown()
 
@@ -277,6 +280,11 @@ def wait_until(check, what: str, timeout: float = 120.0):
     return until(check, what, timeout, every=0.2)
 
 
+def replacement_timeout(cluster: dict) -> float:
+    """The deadline for Serve to start a replacement replica: twice the app's own start-up, at least 120 s."""
+    return max(120.0, 2 * cluster["startup_s"])
+
+
 def replaced(victim: str) -> bool:
     return running_model_replicas() == 2 and victim not in model_replicas() and len(model_replicas()) == 2
 
@@ -314,7 +322,7 @@ def test_a_killed_replica_leaves_the_board(cluster):
     budget = view()[2] // 2  # each replica's device budget
     victim = model_replicas()[0]
     kill_9(victim)
-    wait_until(lambda: replaced(victim), "Serve replaced the killed replica")
+    wait_until(lambda: replaced(victim), "Serve replaced the killed replica", replacement_timeout(cluster))
     live = {replica_id(n) for n in model_replicas()}
     # Serve's view, as the ingress reads it (the controller's instance details), comes to the same live set;
     # it is a second read of the controller's state, updated on its own loop, so it is waited on, not sampled
@@ -365,7 +373,7 @@ def test_a_model_replica_killed_mid_traffic(cluster):
             killed_at = time.time()
             before = board_table(replica_id(survivor), killed_at)
             kill_9(victim)
-            wait_until(lambda: replaced(victim), "Serve replaced the killed replica")
+            wait_until(lambda: replaced(victim), "Serve replaced the killed replica", replacement_timeout(cluster))
             after = board_table(replica_id(survivor), time.time())
         finally:
             stop.set()
