@@ -63,19 +63,38 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     (status 0 once every child has drained) or until one child exits (the rest stopped; its status)."""
     env = child_env(settings)
     children: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
     stopping = False
 
-    def stop(signum: int, frame: FrameType | None) -> None:
+    def tell(child: subprocess.Popen[bytes], sig: int) -> None:
+        if child.poll() is None:
+            signalled.add(child.pid)
+            child.send_signal(sig)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        """A stop signal, forwarded to every child each time, as a single server takes it: the first drains, a
+        second (Ctrl-C twice) makes uvicorn exit at once."""
         nonlocal stopping
         stopping = True
         for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+            tell(child, signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def stop_the_rest() -> None:
+        """Stop every child not yet told (a second SIGTERM would cut a draining one short)."""
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.pid not in signalled:
+                tell(child, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for _ in range(settings.processes):
+            if stopping:  # a stop signal while starting: start no more, and stop those already started
+                break
             children.append(subprocess.Popen([*argv, "--reuse-port"], env=env))
+        if stopping:
+            stop_the_rest()
         log.info("serving on %s:%d with %d processes (pids %s)", settings.host, settings.port, len(children),
                  ", ".join(str(c.pid) for c in children))
         status = 0
@@ -84,7 +103,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
             if ended and not stopping:
                 status = ended[0].returncode or 1
                 log.error("server process %d exited with %s: stopping the others", ended[0].pid, ended[0].returncode)
-                stop(signal.SIGTERM, None)
+                stop_the_rest()
             if len(ended) == len(children):
                 break
             try:

@@ -92,6 +92,31 @@ def test_a_child_that_dies_takes_the_group_down(group):
     until(lambda: _gone(other), what=f"the other process {other} stopped", timeout=60)
 
 
+def test_sigterm_while_the_processes_start_stops_them_all(tmp_path):
+    """A stop before any child is ready (a deploy rolled back at once): every child started is stopped, none is
+    left listening, and the supervisor exits 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIADAPTER_")} | {
+        "UNIADAPTER_BACKBONE": "blip-tiny", "UNIADAPTER_DATA_ROOT": str(tmp_path / "data"),
+        "UNIADAPTER_PORT": str(free_port()), "UNIADAPTER_HOST": "127.0.0.1", "UNIADAPTER_PROCESSES": "2",
+        "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uniadapter_serve.service.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def two_children() -> set[int] | None:
+            found = _children(proc.pid)
+            return found if len(found) == 2 else None
+
+        children = until(two_children, what="the supervisor's 2 children", timeout=60,
+                         stop=lambda: proc.poll() is not None and f"the supervisor exited with {proc.returncode}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        until(lambda: all(_gone(pid) for pid in children), what=f"children {sorted(children)} gone", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_port_held_by_another_program_fails_the_start(tmp_path):
     port = free_port()
     with socket.socket() as holder:  # no SO_REUSEPORT: no group can join it
