@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grounding-weight", type=float, default=0.0,
                         help="weight of the grounding objective in pre-training (0, the shipped build: none; 1 "
                              "moves VQA left/right 0.50 -> 0.62 and costs colour 0.89 -> 0.78 and shape 0.83 -> "
-                             "0.63: see README)")
+                             "0.63; 0.3 keeps colour and shape and leaves left/right at 0.50: see README)")
     parser.add_argument("--task-steps", type=int, help=f"per run, set and baselines alike (default: {TASK_STEPS})")
     parser.add_argument("--lr", type=float, help=f"the sets' learning rate (default: {TASK_LR})")
     parser.add_argument("--bottleneck", type=int, default=64)
