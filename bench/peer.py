@@ -176,38 +176,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(urls: str | Sequence[str], body: dict[str, Any], clients: int, seconds: float,
-                pids: int | Sequence[int] = (), client: str = "raw") -> Sample:
-    """`clients` back-to-back `POST /vqa` loops for `seconds`, client i on urls[i % len(urls)]: each its own
-    keep-alive connection through RawHttp (the request's bytes built once), or through one httpx.AsyncClient per
-    URL (`client="httpx"`, ~1 ms of this process's CPU per request, taken from the servers on a small machine).
-    The CPU figure sums the processes `pids`."""
-    urls = [urls] if isinstance(urls, str) else list(urls)
+async def drive(url: str, body: dict[str, Any], clients: int, seconds: float, pids: int | Sequence[int] = (),
+                client: str = "raw") -> Sample:
+    """`clients` back-to-back `POST /vqa` loops for `seconds`: each its own keep-alive connection through RawHttp
+    (the request's bytes built once), or through one httpx.AsyncClient (`client="httpx"`, ~1 ms of this process's
+    CPU per request, taken from the servers on a small machine). The CPU figure sums the processes `pids`."""
     pids = [pids] if isinstance(pids, int) else list(pids)
     latencies: list[float] = []
     answers: set[str] = set()
     errors = 0
-    places = [(host, int(port)) for host, port in (u.removeprefix("http://").rsplit(":", 1) for u in urls)]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     payload = json.dumps(body).encode()
-    requests = [RawHttp.request(host, port, "/vqa", payload) for host, port in places]
+    request = RawHttp.request(host, int(port), "/vqa", payload)
     end = time.monotonic() + seconds
-    pools = [httpx.AsyncClient(base_url=u, timeout=120.0, limits=httpx.Limits(max_connections=clients))
-             for u in urls] if client == "httpx" else []
+    pool = httpx.AsyncClient(base_url=url, timeout=120.0, limits=httpx.Limits(max_connections=clients)) \
+        if client == "httpx" else None
 
-    async def post(i: int, conn: RawHttp | None) -> tuple[int, bytes]:
-        if conn is None:
-            r = await pools[i % len(pools)].post("/vqa", content=payload, headers={"content-type": "application/json"})
+    async def post(conn: RawHttp | None) -> tuple[int, bytes]:
+        if pool is not None:
+            r = await pool.post("/vqa", content=payload, headers={"content-type": "application/json"})
             return r.status_code, r.content
-        return await conn.send(requests[i % len(requests)])
+        assert conn is not None
+        return await conn.send(request)
 
-    async def one_client(i: int) -> None:
+    async def one_client() -> None:
         nonlocal errors
-        conn = RawHttp(*places[i % len(places)]) if not pools else None
+        conn = RawHttp(host, int(port)) if pool is None else None
         try:
             while time.monotonic() < end:
                 t0 = time.monotonic()
                 try:
-                    status, content = await post(i, conn)
+                    status, content = await post(conn)
                 except (OSError, asyncio.IncompleteReadError, httpx.TransportError):
                     errors += 1
                     if conn is not None:
@@ -225,9 +224,9 @@ async def drive(urls: str | Sequence[str], body: dict[str, Any], clients: int, s
     started_at, own_at = time.monotonic(), time.process_time()
     cpu_at = sum(cpu_seconds(p) for p in pids)
     try:
-        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        await asyncio.gather(*(one_client() for _ in range(clients)))
     finally:
-        for pool in pools:
+        if pool is not None:
             await pool.aclose()
     elapsed = time.monotonic() - started_at
     machine = elapsed * (os.cpu_count() or 1)
@@ -315,7 +314,7 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         choice = httpx.get(f"{ours.url}/readyz", params={"verbose": "true"}, timeout=30).json()
         lines.append(f"  service dtype: {choice['details']['backbone'].get('dtype_choice')}")
         body = {"image": scene(), "question": QUESTION, "max_answer_length": args.max_answer_length}
-        variants: dict[str, tuple[str | list[str], dict[str, Any]]] = {
+        variants: dict[str, tuple[str, dict[str, Any]]] = {
             name: (peer.url, body) for name, peer in peers.items()}
         pids: dict[str, int | list[int]] = {name: peer.pid for name, peer in peers.items()}
         variants["ours-bare"] = (ours.url, body | {"mode": "generate", "adapter": "none"})
