@@ -5,12 +5,15 @@ DATA_ROOT as replicas on one host do, and starts listening only once it is ready
 app's start-up). Why: on a CPU a small model is Python-bound, and one process keeps about one core busy whatever
 its threads; a second process uses the next one.
 
-The supervisor forwards SIGTERM and SIGINT to every child (each drains its requests, as one server does) and
-exits with status 0 once all have; if a child exits on its own, the others are stopped and the supervisor exits
-with that child's status (a process manager restarts the group, as it would one server)."""
+The supervisor forwards SIGTERM and SIGINT to every child (each drains its requests, as one server does; the
+children run in their own sessions, so a terminal's Ctrl-C reaches them once, through the supervisor) and exits
+with status 0 once all have; a child whose supervisor dies (SIGKILL) gets SIGTERM (Linux) and drains; if a child
+exits on its own, the others are stopped and the supervisor exits with that child's status (a process manager
+restarts the group, as it would one server)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +26,8 @@ from uniadapter_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a process gets when its parent dies (Linux)"""
 STOP_TIMEOUT_S = 60.0
 """how long the supervisor waits for the children after forwarding a stop, beyond their graceful shutdown"""
 
@@ -56,6 +61,19 @@ def child_env(settings: Settings, environ: dict[str, str] | None = None) -> dict
         threads = max(1, (os.cpu_count() or 1) // settings.processes)
         env["UNIADAPTER_TORCH_THREADS"] = str(threads)
     return env
+
+
+def _in_own_session() -> None:
+    """A child's set-up before exec: its own session, so a terminal's Ctrl-C (SIGINT to the whole foreground
+    process group) reaches only the supervisor, which forwards it once (uvicorn takes a second SIGINT as "exit
+    now, do not drain"); and, on Linux, SIGTERM when the supervisor dies, so a killed supervisor leaves no child
+    serving on the port unsupervised (the child drains and exits)."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        pass
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
@@ -92,7 +110,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         for _ in range(settings.processes):
             if stopping:  # a stop signal while starting: start no more, and stop those already started
                 break
-            children.append(subprocess.Popen([*argv, "--reuse-port"], env=env))
+            children.append(subprocess.Popen([*argv, "--reuse-port"], env=env, preexec_fn=_in_own_session))
         if stopping:
             stop_the_rest()
         log.info("serving on %s:%d with %d processes (pids %s)", settings.host, settings.port, len(children),

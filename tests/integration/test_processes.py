@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,11 +33,13 @@ def _children(pid: int) -> set[int]:
 
 
 def _gone(pid: int) -> bool:
+    """No such process, or one that has exited and waits to be reaped (a zombie runs nothing and holds no
+    socket; an orphan's reaper is whatever this machine's PID 1 is)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return True
-    return False
+    return state in ("Z", "X")
 
 
 @pytest.fixture
@@ -115,6 +118,65 @@ def test_sigterm_while_the_processes_start_stops_them_all(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _started_alone(tmp_path) -> tuple[subprocess.Popen[bytes], str, set[int]]:
+    """A PROCESSES=2 supervisor in its own session (as a shell runs a foreground job: signals to its process group
+    do not reach pytest), once both children answer."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIADAPTER_")} | {
+        "UNIADAPTER_BACKBONE": "blip-tiny", "UNIADAPTER_DATA_ROOT": str(tmp_path / "data"),
+        "UNIADAPTER_PORT": str(port), "UNIADAPTER_HOST": "127.0.0.1", "UNIADAPTER_PROCESSES": "2",
+        "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uniadapter_serve.service.cli", "serve"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    seen: set[int] = set()
+
+    def both_answered() -> bool:
+        try:
+            seen.add(_pid(url))
+        except httpx.HTTPError:
+            return False
+        return len(seen) == 2 and seen == _children(proc.pid)
+
+    until(both_answered, what="both processes answering", timeout=120,
+          stop=lambda: proc.poll() is not None and f"the supervisor exited with {proc.returncode}")
+    return proc, url, set(seen)
+
+
+def test_ctrl_c_reaches_each_child_once(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group. The children are in sessions of their
+    own, so only the supervisor's forward reaches them: one SIGINT each, which drains (a second would make uvicorn
+    exit at once, dropping requests in flight). The group then exits 0."""
+    proc, _, children = _started_alone(tmp_path)
+    try:
+        assert all(os.getpgid(pid) != os.getpgid(proc.pid) for pid in children)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 0
+        until(lambda: all(_gone(pid) for pid in children), what=f"children {sorted(children)} gone", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_children_do_not_outlive_a_killed_supervisor(tmp_path):
+    """SIGKILL of the supervisor (no chance to forward anything): each child gets SIGTERM from the kernel
+    (PR_SET_PDEATHSIG), drains and exits, and the port stops answering."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    proc, url, children = _started_alone(tmp_path)
+    try:
+        proc.kill()
+        proc.wait(30)
+        until(lambda: all(_gone(pid) for pid in children), what=f"children {sorted(children)} gone", timeout=90)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        for pid in children:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_port_held_by_another_program_fails_the_start(tmp_path):
