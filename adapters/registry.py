@@ -171,7 +171,8 @@ class AdapterRegistry:
         if time.monotonic() - self._last_refresh > self.max_staleness_s:
             self.refresh()
         meta = self._find(name, version)
-        if meta is None and time.monotonic() - self._last_refresh >= self.refresh_on_miss_every_s:
+        if meta is None and (time.monotonic() - self._last_refresh >= self.refresh_on_miss_every_s
+                             or self._on_disk(name, version)):
             self.refresh()  # maybe it appeared on disk since the last scan
             meta = self._find(name, version)
         if meta is not None:
@@ -179,6 +180,12 @@ class AdapterRegistry:
         if not self.versions(name):
             raise AdapterNotFoundError(f"no adapter set named {name!r}")
         raise AdapterVersionNotFoundError(f"adapter set {name!r} has no version {version!r}")
+
+    def _on_disk(self, name: str, version: str | None) -> bool:
+        """An exact version we do not list yet has its folder: another process published it since our last
+        scan (a replica asked for the version its ingress just published). One stat, so a miss on a version
+        that is not there still rescans only at the rate limit."""
+        return version is not None and (self.root / name / version / CONFIG_FILE).is_file()
 
     def _find(self, name: str, version: str | None) -> AdapterSetMeta | None:
         metas = self.versions(name)

@@ -106,6 +106,24 @@ def test_name_resolves_to_a_version_published_by_another_process(registry, backb
     assert other.resolve("a").ref == newer.ref
 
 
+def test_a_version_published_by_another_process_is_found_at_once(registry, backbone, monkeypatch):
+    """A replica asked for the exact version its ingress just published finds it, however recently it scanned
+    (the Ray app's model replicas answered 404 'has no version' for a second after a publish); a version that
+    is not on disk still rescans only at the rate limit."""
+    other = AdapterRegistry(registry.root)
+    other.refresh_on_miss_every_s = other.max_staleness_s = 3600
+    other.refresh()
+    newer = registry.publish(_module(backbone, 78), "a", BackboneInfo.of(backbone))
+    assert other.resolve(newer.ref).ref == newer.ref
+    scans = []
+    real = other.refresh
+    monkeypatch.setattr(other, "refresh", lambda: (scans.append(1), real())[1])
+    for _ in range(5):
+        with pytest.raises(AdapterVersionNotFoundError):
+            other.resolve("a@" + "f" * 12)
+    assert scans == []
+
+
 def test_newest_is_the_version_published_last_not_the_one_created_last(registry, backbone, tmp_path):
     folder = tmp_path / "claims-old"
     save_adapter_set(_module(backbone, 31), folder, name="a", backbone=BackboneInfo.of(backbone))
