@@ -96,6 +96,10 @@ class AdapterManager:
         self.verify = verify
         """called with each set's device copy before it first serves (`Verifier.check_set`: its golden record);
         raising keeps the set out of both tiers"""
+        self.keep: Callable[[str], bool] = lambda ref: False
+        """Sets to evict last (a Ray model replica's sets that hold its places: evicting one between its
+        batches would reload it within its own turn); called under the lock, so it must be quick and must
+        not call back here"""
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)
         self._device: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
@@ -283,7 +287,8 @@ class AdapterManager:
         return [f"{ref} ({'pinned' if e.pinned else f'{e.leases} leases'})" for ref, e in self._device.items()]
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evict least-recently-used unpinned, unleased sets until `nbytes` fit. Holds the lock.
+        """Evict least-recently-used unpinned, unleased sets (those `keep` names last) until `nbytes` fit.
+        Holds the lock.
 
         Returns False when only leased sets stand in the way (room will free up when their
         batches end); raises AdapterCapacityError when pinned sets alone leave too little room.
@@ -296,7 +301,12 @@ class AdapterManager:
             )
         used = sum(e.nbytes for e in self._device.values()) + self._reserved
         while used + nbytes > self.device_budget:
-            victim = next((ref for ref, e in self._device.items() if not e.pinned and e.leases == 0), None)
+            free = [ref for ref, e in self._device.items() if not e.pinned and e.leases == 0]  # LRU first
+            victim = next((ref for ref in free if not self.keep(ref)), None)
+            if victim is None and any(e.leases and not e.pinned and not self.keep(ref)
+                                      for ref, e in self._device.items()):
+                return False  # a set out of its turn frees room as its batch ends: wait for it, keep the rest
+            victim = victim or (free[0] if free else None)
             if victim is None:
                 return False
             used -= self._device[victim].nbytes

@@ -111,6 +111,7 @@ class ModelReplica:
         self.board = board()
         self._ray_metrics = _RayMetrics(self.replica)
         self.places = SetPlaces(self.settings.ray_sets_per_replica, self.settings.ray_set_turn_s)
+        self.engine.manager.keep = self.places.serving  # a set in its turn is not evicted between its batches
         self._stop = threading.Event()
         self._poster = threading.Thread(target=self._post_loop, name="uniadapter-residency", daemon=True)
         self._poster.start()

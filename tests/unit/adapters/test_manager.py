@@ -88,6 +88,27 @@ def test_leased_sets_are_never_evicted(manager):
     lb.release()
 
 
+def test_sets_it_is_told_to_keep_are_evicted_last(manager):
+    """A Ray replica's sets in their turn (`keep`) stay while a set without one goes, however recently used;
+    when only kept sets are left, the least recently used of them goes (room is never refused for it)."""
+    ref = {name: manager.registry.resolve(name).ref for name in "abcd"}
+    manager.keep = lambda r: r == ref["a"]
+    manager.load("a")
+    manager.load("b")  # a is the least recently used
+    manager.load("c")
+    assert manager.resident() == [ref["a"], ref["c"]]
+    manager.keep = lambda r: r in (ref["a"], ref["c"])
+    manager.load("d")
+    assert manager.resident() == [ref["c"], ref["d"]]
+    manager.keep = lambda r: r == ref["c"]
+    with manager.lease("d"):  # a set out of its turn in a running batch: wait for it rather than evict c
+        with pytest.raises(AdapterCapacityError, match="in use"):
+            manager.load("a")
+        assert manager.resident() == [ref["c"], ref["d"]]
+    manager.load("a")  # d's batch ended: d goes
+    assert manager.resident() == [ref["c"], ref["a"]]
+
+
 def test_load_waits_for_a_running_batch_to_release_room(backbone, registry, size):
     import threading
 
