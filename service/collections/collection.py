@@ -66,6 +66,8 @@ class Collection:
         self.name = self._meta.name
         self.uid = self._meta.uid
         """this collection's identity; another made later under the same name has another"""
+        self.kind = self._meta.kind
+        """image or video (fixed for the collection's life)"""
         self.gone = False
         """set once the store said the collection was deleted: the manager forgets this handle"""
         self._items: dict[int, Item] = {}

@@ -37,6 +37,7 @@ from uniadapter_serve.service.collections.index import FaissDevice, validate_fac
 from uniadapter_serve.service.collections.ingest import IncomingItem, MediaFiles, Prepared
 from uniadapter_serve.service.collections.store import (
     CollectionGone,
+    CollectionMeta,
     GenerationChanged,
     Item,
     MomentSpec,
@@ -288,8 +289,9 @@ class CollectionManager:
 
     # -- items -----------------------------------------------------------------------------------
 
-    def adapter_of(self, collection: Collection) -> AdapterSetMeta | None:
-        ref = collection.meta.adapter_ref
+    def adapter_of(self, collection: Collection, meta: CollectionMeta | None = None) -> AdapterSetMeta | None:
+        """The version the collection is indexed with (from `meta` when the caller just read it)."""
+        ref = (meta or collection.meta).adapter_ref
         return None if ref == "none" else self.adapters.resolve(ref, "retrieval")
 
     async def add(self, name: str, items: list[IncomingItem], deadline: Deadline | None = None) -> Added:
@@ -298,7 +300,7 @@ class CollectionManager:
         collection: one deleted meanwhile answers 404 and keeps nothing."""
         deadline = deadline or Deadline.after(self.settings.request_timeout_s)
         collection = self.get(name)
-        if collection.meta.moments is not None:  # a long video's windows: minutes, not a request's seconds
+        if collection.moments:  # a long video's windows: minutes, not a request's seconds
             deadline = Deadline.after(max(deadline.remaining(), self.settings.moment_add_timeout_s))
         with self.engine.admit(len(items)), _noting_gone(collection):
             prepared = await run_in_threadpool(self._prepare_all, collection, items)
@@ -310,10 +312,10 @@ class CollectionManager:
         return Added(collection.uid, ids, count)
 
     async def _add_prepared(self, collection: Collection, prepared: list[Prepared], deadline: Deadline) -> list[str]:
-        name = collection.meta.name
+        name = collection.name
         for _ in range(3):
-            meta = collection.meta
-            adapter = self.adapter_of(collection)
+            meta = await run_in_threadpool(lambda: collection.meta)  # a store read: off the event loop
+            adapter = self.adapter_of(collection, meta)
             if meta.moments is None:
                 vectors = await asyncio.gather(*(self._embed(meta.kind, p.content, p.sha256, adapter, p.label,
                                                              deadline) for p in prepared))
@@ -456,12 +458,11 @@ class CollectionManager:
     async def _reindex(self, collection: Collection, adapter: AdapterSetMeta | None, ref: str) -> None:
         """Embed every item with the new version under the next generation, then switch atomically.
         Queries keep using the current generation until the switch."""
-        name = collection.meta.name
-        generation = collection.meta.generation + 1
-        long = collection.meta.moments is not None
-        chunk, chunk_s = ((MOMENT_REINDEX_CHUNK, self.settings.moment_add_timeout_s) if long
+        name, kind = collection.name, collection.kind
+        chunk, chunk_s = ((MOMENT_REINDEX_CHUNK, self.settings.moment_add_timeout_s) if collection.moments
                           else (REINDEX_CHUNK, self.settings.request_timeout_s))
         try:
+            generation = (await run_in_threadpool(lambda: collection.meta)).generation + 1  # a store read
             while True:
                 batch = await run_in_threadpool(collection.store.missing, generation, chunk)
                 if not batch:
@@ -473,7 +474,7 @@ class CollectionManager:
                 try:
                     with self.engine.admit(len(batch)):
                         vectors = await asyncio.gather(*(
-                            self._embed_again(collection.meta.kind, c, it, adapter, deadline)
+                            self._embed_again(kind, c, it, adapter, deadline)
                             for c, it in zip(contents, batch, strict=True)))
                 except OverloadedError as e:  # live traffic first: re-index when there is room
                     await asyncio.sleep(e.retry_after)
