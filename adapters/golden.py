@@ -300,7 +300,7 @@ class Prober:
             computed = {k: v for k, v in computed.items() if k in probes}
         b = self.backbone
         return GoldenRecord("backbone" if module is None else "set", ref, str(b.device),
-                            str(b.dtype).removeprefix("torch."), backbone_fingerprint(b), computed,
+                            b.precision, backbone_fingerprint(b), computed,
                             dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch.__version__)
 
     def _compute(self, module: AdapterSetModule | None, answers: list[str]) -> dict[str, dict[str, Any]]:

@@ -86,7 +86,7 @@ class Verifier:
     @property
     def where(self) -> tuple[str, str]:
         b = self.prober.backbone
-        return str(b.device), str(b.dtype).removeprefix("torch.")
+        return str(b.device), b.precision
 
     # -- sets -----------------------------------------------------------------------------------------------
 

@@ -73,6 +73,14 @@ class BlipBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.vision_model.post_layernorm.weight.dtype
 
+    @property
+    def precision(self) -> str:
+        """The name of the dtype whose tolerances its outputs get (golden records, self-checks): its dtype, or
+        bfloat16 where its float32 ViT runs batches under bfloat16 autocast (`VisionModel.bf16_from`)."""
+        if self.dtype == torch.float32 and self.vision_model.bf16_from is not None:
+            return "bfloat16"
+        return str(self.dtype).removeprefix("torch.")
+
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (tied decoder output weights counted once)."""
         counts = {

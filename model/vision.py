@@ -110,7 +110,21 @@ class VisionModel(nn.Module):
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bf16_from: int | None = None
+        """A float32 model on a CPU runs batches of at least this many frames under bfloat16 autocast (the linear
+        layers, attention and the adapters' projections in bf16; residual stream, LayerNorms and the output in
+        float32): set where DTYPE=auto timed the ViT faster so and the whole model not (`service.runtime`).
+        None: never."""
 
     def forward(self, pixel_values: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         routing = routing or Routing.none(pixel_values.shape[0])
+        if self.autocasts(pixel_values.shape[0], pixel_values.device):
+            with torch.autocast("cpu", torch.bfloat16):
+                tokens = self.encoder(self.embeddings(pixel_values), routing)
+            return self.post_layernorm(tokens.float())
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values), routing))
+
+    def autocasts(self, frames: int, device: torch.device) -> bool:
+        """Whether a batch of `frames` runs under bfloat16 autocast (see `bf16_from`)."""
+        return (self.bf16_from is not None and frames >= self.bf16_from and device.type == "cpu"
+                and self.post_layernorm.weight.dtype == torch.float32)

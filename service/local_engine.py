@@ -85,7 +85,6 @@ class LocalEngine(Engine):
         self.dtype_choice: DtypeChoice
         """the compute dtype and why (DTYPE=auto on a CPU: timed at load, see runtime.load_served_backbone)"""
         self.backbone, self.dtype_choice = load_served_backbone(settings.backbone, self.device, settings.dtype)
-        dtype = self.backbone.dtype
         self.tokenizer: BlipTokenizer = load_tokenizer(settings.backbone, self.backbone.config)
         self.image_size = int(vision_config(self.backbone.config).image_size)  # type: ignore[arg-type]
         self.embed_dim = self.backbone.dims.embed_dim
@@ -99,7 +98,7 @@ class LocalEngine(Engine):
         metrics.adapter_events.collect_from(lambda: [({"event": k}, float(v))
                                                      for k, v in sorted(self.manager.stats.items())])
         self.stages = make_stages(self.backbone, self.tokenizer)
-        where = str(self.device), dtype_name(dtype)
+        where = str(self.device), self.backbone.precision  # tolerances: bfloat16's where the ViT autocasts
         check = SelfCheck(settings.self_check_rate, {n: st.difference for n, st in self.stages.items()},
                           {n: 2 * tolerance(st.kind, where[1], where[0]) for n, st in self.stages.items()})
         self.batcher = Batcher(self.manager, {name: _on_payloads(stage) for name, stage in self.stages.items()},
@@ -142,7 +141,9 @@ class LocalEngine(Engine):
                 self.backbone_error = outcome.detail
         self.batcher.start()
         self._ready = True
-        log.info("model on %s (%s)", self.backbone.device, self.backbone.dtype)
+        log.info("model on %s (%s%s)", self.backbone.device, dtype_name(self.backbone.dtype),
+                 "" if self.backbone.vision_model.bf16_from is None
+                 else f", ViT under bfloat16 autocast from {self.backbone.vision_model.bf16_from} frames a batch")
 
     def verification(self) -> dict[str, Any]:
         table = self.verifier.table()
@@ -180,7 +181,8 @@ class LocalEngine(Engine):
     def describe(self) -> dict[str, Any]:
         b = self.backbone
         return {**super().describe(), "components": list(b.components), "fingerprints": b.fingerprints,
-                "device": str(b.device), "dtype": dtype_name(b.dtype), "dtype_choice": self.dtype_choice.describe()}
+                "device": str(b.device), "dtype": dtype_name(b.dtype), "precision": b.precision,
+                "dtype_choice": self.dtype_choice.describe()}
 
     # -- answer lists ---------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 `DTYPE=auto` on a CPU is decided by timing: `load_served_backbone` loads the backbone in float32, runs the
 workload a VQA request makes of it (`measure_bf16`) in float32 and in a bfloat16 copy, and keeps bfloat16 only
 where it is clearly faster for this model on this CPU (`decide`), by the process's CPU time. A CPU without native
-bf16 multiplies it slowly, and the timing says so: no CPU flags are read.
+bf16 multiplies it slowly, and the timing says so: no CPU flags are read. Where float32 is kept on a small model,
+its ViT alone is timed under bfloat16 autocast too (`measure_vision_bf16`), and batches from the size where that
+wins on run so (`decide_vision`): the demo's ViT gains 1.3-1.6x from 8 frames on while its decoder loses in bf16.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,8 @@ the tests' bounds, but closer to them), so parity is not worth it; and the minim
 machine still moves by ~10 %, so a model near 1.0x must not flip between starts. Both batch sizes, because a
 model can win one and lose the other: on this project's 2-core AVX512_BF16 machine the demo's ViT runs 1.6x faster
 in bf16 but its small decoder ~1.4x slower (dispatch-bound kernels), so one request is 0.65-0.75x and a full
-batch 1.0-1.3x (the demo stays float32); BLIP-base is 2.3-2.5x at both (bfloat16); blip-tiny 0.3-0.6x."""
+batch 1.0-1.3x (the demo stays float32, its ViT autocasting larger batches: `decide_vision`); BLIP-base is
+2.3-2.5x at both (bfloat16); blip-tiny 0.3-0.6x. The same threshold decides the ViT's batches alone."""
 
 PROBE_BUDGET_S = 0.25
 """Timed rounds continue until their runs add up to this many seconds of CPU time, after at least
@@ -113,20 +117,32 @@ class DtypeChoice:
     reason: str
     times: DtypeTimes | None = None
     """the timing behind an 'auto' choice on a CPU (None where nothing was timed)"""
+    vision_bf16_from: int | None = None
+    """float32 chosen, but the ViT alone timed faster under bfloat16 autocast from this many frames a batch on
+    (`decide_vision`; `VisionModel.bf16_from`); None: the ViT stays in the chosen dtype"""
+    vision_reason: str | None = None
+    vision_times: DtypeTimes | None = None
+    """the ViT-alone timing behind `vision_bf16_from` (None where it was not timed)"""
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": dtype_name(self.dtype), "setting": self.setting, "reason": self.reason}
         if self.times is not None:
-            t = self.times
-            out["measured"] = {
-                "images": list(t.images),
-                "float32_cpu_ms": [round(s * 1e3, 3) for s in t.float32_s],
-                "bfloat16_cpu_ms": [round(s * 1e3, 3) for s in t.bfloat16_s],
-                "speedup": [round(s, 3) for s in t.speedups()],
-                "min_speedup": BF16_MIN_SPEEDUP, "rounds": t.rounds, "threads": torch.get_num_threads(),
-                "seconds": round(t.elapsed_s, 3),
-            }
+            out["measured"] = _shown(self.times)
+        if self.vision_times is not None:
+            out["vision"] = {"bf16_from_frames": self.vision_bf16_from, "reason": self.vision_reason,
+                             "measured": _shown(self.vision_times)}
         return out
+
+
+def _shown(t: DtypeTimes) -> dict[str, Any]:
+    return {
+        "images": list(t.images),
+        "float32_cpu_ms": [round(s * 1e3, 3) for s in t.float32_s],
+        "bfloat16_cpu_ms": [round(s * 1e3, 3) for s in t.bfloat16_s],
+        "speedup": [round(s, 3) for s in t.speedups()],
+        "min_speedup": BF16_MIN_SPEEDUP, "rounds": t.rounds, "threads": torch.get_num_threads(),
+        "seconds": round(t.elapsed_s, 3),
+    }
 
 
 Measure = Callable[[BlipBackbone], DtypeTimes]
@@ -143,10 +159,29 @@ def decide(times: DtypeTimes) -> DtypeChoice:
                        f">= {BF16_MIN_SPEEDUP}x at each): float32", times)
 
 
+def decide_vision(choice: DtypeChoice, times: DtypeTimes) -> DtypeChoice:
+    """`choice` (float32) with the ViT under bfloat16 autocast from the smallest timed batch on which it, and every
+    larger one timed, runs at least BF16_MIN_SPEEDUP faster so; as it was where no batch does."""
+    speedups = times.speedups()
+    shown = ", ".join(f"{n}: {s:.2f}x" for n, s in zip(times.images, speedups, strict=True))
+    start = len(speedups)
+    while start > 0 and speedups[start - 1] >= BF16_MIN_SPEEDUP:
+        start -= 1
+    if start == len(speedups):
+        return replace(choice, vision_reason=f"the ViT under bfloat16 autocast not clearly faster at any batch "
+                       f"(frames {shown}): float32", vision_times=times)
+    frames = times.images[start]
+    return replace(choice, vision_bf16_from=frames, vision_times=times, vision_reason=(
+        f"the ViT under bfloat16 autocast timed faster from {frames} frames a batch on (frames {shown}; needs "
+        f">= {BF16_MIN_SPEEDUP}x): smaller batches and the text towers stay float32"))
+
+
 def choose_dtype(setting: str, device: torch.device, backbone: BlipBackbone | None = None,
-                 measure: Measure | None = None) -> DtypeChoice:
+                 measure: Measure | None = None, measure_vision: Measure | None = None) -> DtypeChoice:
     """The dtype for `setting` on `device`. An explicit name always wins; 'auto' is float16 on CUDA and, on a
-    CPU, `decide` on `measure(backbone)` (default `measure_bf16`; `backbone` in float32)."""
+    CPU, `decide` on `measure(backbone)` (default `measure_bf16`; `backbone` in float32). Where that keeps float32
+    on a model under PROBE_LARGE_MACS, the ViT alone is timed too (`measure_vision`, default
+    `measure_vision_bf16`) and `decide_vision` may autocast its larger batches."""
     if setting != "auto":
         return DtypeChoice(resolve_dtype(setting, device), setting, f"DTYPE={setting} (explicit)")
     if device.type != "cpu":
@@ -157,23 +192,31 @@ def choose_dtype(setting: str, device: torch.device, backbone: BlipBackbone | No
         times = (measure or measure_bf16)(backbone)
     except RuntimeError as e:  # a torch build without CPU bf16 kernels for an op: bf16 cannot serve here
         return DtypeChoice(torch.float32, setting, f"bfloat16 failed to run here ({e}): float32")
-    return decide(times)
+    choice = decide(times)
+    if (choice.dtype != torch.float32 or vision_macs(backbone.config) >= PROBE_LARGE_MACS
+            or times.speedups()[-1] < VISION_PROBE_FLOOR):
+        return choice  # a large model that loses in bf16 loses in its ViT, which is most of its work
+    return decide_vision(choice, (measure_vision or measure_vision_bf16)(backbone))
 
 
 def load_served_backbone(source: str | Path | BlipConfig, device: torch.device, setting: str,
-                         measure: Measure | None = None) -> tuple[BlipBackbone, DtypeChoice]:
+                         measure: Measure | None = None,
+                         measure_vision: Measure | None = None) -> tuple[BlipBackbone, DtypeChoice]:
     """`load_backbone(source)` on `device` in the dtype `setting` resolves to (see `choose_dtype`). Under 'auto' on
     a CPU the backbone is loaded in float32, timed, and cast only if bfloat16 wins; its fingerprints are those of
     the weights as loaded, whatever the cast."""
     if setting == "auto" and device.type == "cpu":
         backbone = load_backbone(source, device=device, dtype=torch.float32)
-        choice = choose_dtype(setting, device, backbone, measure)
+        choice = choose_dtype(setting, device, backbone, measure, measure_vision)
         if choice.dtype != torch.float32:
             backbone.to(dtype=choice.dtype)
+        backbone.vision_model.bf16_from = choice.vision_bf16_from
     else:
         choice = choose_dtype(setting, device)
         backbone = load_backbone(source, device=device, dtype=choice.dtype)
     log.info("backbone dtype %s (DTYPE=%s): %s", dtype_name(choice.dtype), setting, choice.reason)
+    if choice.vision_reason is not None:
+        log.info("backbone ViT: %s", choice.vision_reason)
     return backbone, choice
 
 
@@ -245,22 +288,74 @@ def measure_bf16(backbone: BlipBackbone, clock: Callable[[], float] = time.proce
         pixels = torch.randn(n, 3, size, size, generator=gen)
         ids = torch.randint(4, int(tc.vocab_size), (n, PROBE_QUESTION_TOKENS), generator=gen)
         inputs.append(tuple(t.to(backbone.device) for t in (pixels, ids, torch.ones_like(ids))))
-    for args in inputs[:1] if least > 1 else []:  # untimed: the first calls' one-time setup (lazy init, kernels)
-        workload(*args)
-        functional_call(workload, bf16, args)
-    best: dict[str, list[float]] = {"float32": [math.inf] * len(images), "bfloat16": [math.inf] * len(images)}
+    runs = [(partial(workload, *args), partial(functional_call, workload, bf16, args)) for args in inputs]
+    fp32, low, rounds = _time_pairs(runs, least, clock)
+    return DtypeTimes(images, fp32, low, rounds, time.perf_counter() - start)
+
+
+VISION_PROBE_FRAMES = (1, 2, 4, 8, 16, 32)
+"""Frames per batch at which `measure_vision_bf16` times the ViT alone (its batches are frames: a clip is 8; a
+batch closes at 32 jobs by default)."""
+VISION_PROBE_FLOOR = 0.8
+"""The ViT alone is timed only where the whole model's full probe batch ran at least this fast in bf16 (the demo:
+1.0x, its ViT 1.3-1.6x from 8 frames on; blip-tiny: 0.3-0.6x, its ViT 0.6-0.9x at every size): a second of
+timing at every start buys nothing where bf16 loses that much.
+"""
+VISION_SAMPLE_S = 0.015
+"""A timed sample of the ViT repeats its call to last about this long: the CPU time of a process's other threads
+is counted in scheduler ticks (4 ms here), so the demo's 3 ms one-frame call timed once read anywhere in 0.4-2.4x."""
+
+
+@torch.inference_mode()
+def measure_vision_bf16(backbone: BlipBackbone, clock: Callable[[], float] = time.process_time) -> DtypeTimes:
+    """Time the ViT alone (`encode_image`, the served weights) in float32 and under bfloat16 autocast at each of
+    VISION_PROBE_FRAMES, as `measure_bf16` times the whole workload (warm-up, alternating rounds, CPU time, the
+    minimum kept). For models under PROBE_LARGE_MACS only: a round of the demo's ViT is ~0.1 s on 2 cores."""
+    start = time.perf_counter()
+    vm = backbone.vision_model
+    size = _image_size(backbone.config)
+    gen = torch.Generator().manual_seed(0)
+    saved = vm.bf16_from
+
+    def run(pixels: torch.Tensor, bf16_from: int | None, times: int = 1) -> None:
+        vm.bf16_from = bf16_from
+        try:
+            for _ in range(times):
+                backbone.encode_image(pixels)
+        finally:
+            vm.bf16_from = saved
+
+    runs, reps = [], []
+    for n in VISION_PROBE_FRAMES:
+        pixels = torch.randn(n, 3, size, size, generator=gen).to(backbone.device)
+        run(pixels, None)  # untimed, and a measure of how many calls make a sample
+        t0 = time.perf_counter()
+        run(pixels, None)
+        reps.append(max(1, math.ceil(VISION_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
+        runs.append((partial(run, pixels, None, reps[-1]), partial(run, pixels, 1, reps[-1])))
+    fp32, low, rounds = _time_pairs(runs, PROBE_MIN_ROUNDS, clock)
+    per_call = tuple(tuple(t / r for t, r in zip(best, reps, strict=True)) for best in (fp32, low))
+    return DtypeTimes(VISION_PROBE_FRAMES, *per_call, rounds, time.perf_counter() - start)
+
+
+def _time_pairs(runs: list[tuple[Callable[[], Any], Callable[[], Any]]], least: int,
+                clock: Callable[[], float]) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """(float32 run, bfloat16 run) per batch size -> the best `clock` seconds of each and the rounds timed: one
+    untimed call of the first pair where `least` > 1, then rounds alternating which goes first, until their runs
+    add up to PROBE_BUDGET_S (at least `least` rounds, at most PROBE_MAX_ROUNDS)."""
+    for pair in runs[:1] if least > 1 else []:  # untimed: the first calls' one-time setup (lazy init, kernels)
+        for call in pair:
+            call()
+    best = [[math.inf] * len(runs), [math.inf] * len(runs)]
     rounds, spent = 0, 0.0
     while rounds < PROBE_MAX_ROUNDS and not (rounds >= least and spent >= PROBE_BUDGET_S):
-        order = ("float32", "bfloat16") if rounds % 2 == 0 else ("bfloat16", "float32")
-        for i, args in enumerate(inputs):
-            for name in order:
+        order = (0, 1) if rounds % 2 == 0 else (1, 0)
+        for i, pair in enumerate(runs):
+            for which in order:
                 t0 = clock()
-                if name == "float32":
-                    workload(*args)
-                else:
-                    functional_call(workload, bf16, args)
+                pair[which]()
                 took = clock() - t0
-                best[name][i] = min(best[name][i], took)
+                best[which][i] = min(best[which][i], took)
                 spent += took
         rounds += 1
-    return DtypeTimes(images, tuple(best["float32"]), tuple(best["bfloat16"]), rounds, time.perf_counter() - start)
+    return tuple(best[0]), tuple(best[1]), rounds

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field(
         "auto", description="'auto' (fp16 on CUDA; on a CPU bf16 where the backbone, timed at start, runs at least "
-        "1.2x faster in bf16 than in fp32 for one request and for a full batch, else fp32: /readyz?verbose=true shows "
+        "1.2x faster in bf16 than in fp32 for one request and for a full batch, else fp32, with the ViT of a small "
+        "model under bf16 autocast from the batch size where that was timed 1.2x faster: /readyz?verbose=true shows "
         "the timing), 'float32', 'float16', 'bfloat16'.",
     )
     faiss_device: Literal["auto", "cpu", "gpu"] = Field(
