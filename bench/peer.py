@@ -9,7 +9,8 @@ round gives every variant `--seconds` of back-to-back requests. Variants: the pl
 by default float32: transformers loads the checkpoint's dtype), the plain server in bfloat16
 (`from_pretrained(..., dtype=torch.bfloat16)`, the `torch_dtype` of older transformers; `--no-bf16-peer` drops
 it, and it is not run twice where `--dtype bfloat16`), this service on the bare backbone, and (on the demo model)
-this service with its VQA set (`--split-peer`: also the service with SPLIT_BATCHES=false; `--processes N`: also the
+this service with its VQA set (`--split-peer`: also the service with SPLIT_BATCHES=false; `--fp32-peer`: also the
+service with DTYPE=float32, and the --dtype service's throughput over it; `--processes N`: also the
 service with PROCESSES=N, N server processes on one port splitting the threads, the kernel sharing the
 connections out among them). The load generator is
 this process: one keep-alive connection per client through `benchkit.RawHttp`, each request's bytes built once
@@ -301,6 +302,12 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
             nosplit = stack.enter_context(started(f"ours-nosplit-{threads}", serve, ours_env | {
                 "UNIADAPTER_PORT": str(port_nosplit), "UNIADAPTER_DATA_ROOT": str(work / f"data-ns-{threads}"),
                 "UNIADAPTER_SPLIT_BATCHES": "false"}, port_nosplit, work))
+        fp32 = None
+        if args.fp32_peer:  # the same service with DTYPE=float32: what DTYPE=auto's choice buys, side by side
+            port_fp32 = free_port()
+            fp32 = stack.enter_context(started(f"ours-fp32-{threads}", serve, ours_env | {
+                "UNIADAPTER_PORT": str(port_fp32), "UNIADAPTER_DATA_ROOT": str(work / f"data-f-{threads}"),
+                "UNIADAPTER_DTYPE": "float32"}, port_fp32, work))
         peer_dtypes = {"plain": args.dtype}
         if args.bf16_peer and args.dtype != "bfloat16":
             peer_dtypes["plain-bf16"] = "bfloat16"
@@ -325,6 +332,11 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
             pids["ours-set"] = ours.pid
+        ours_adapter = "demo-vqa" if args.backbone == "demo" else "none"
+        """what the fp32 variant serves: as ours-set on the demo, as ours-bare on BLIP-base"""
+        if fp32 is not None:
+            variants["ours-fp32"] = (fp32.url, body | {"mode": "generate", "adapter": ours_adapter})
+            pids["ours-fp32"] = fp32.pid
         if group is not None:
             name = f"ours-{args.processes}p-set" if args.backbone == "demo" else f"ours-{args.processes}p"
             variants[name] = (group[0].url,
@@ -366,8 +378,13 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
                                             peer_t, True))
                     lines.append(ratio_line(f"{name} / {peer} p50 latency",
                                             [percentile(s.latencies, 50) for s in results[name]], peer_p50, False))
+            if fp32 is not None:
+                same = "ours-set" if args.backbone == "demo" else "ours-bare"
+                lines.append(ratio_line(f"{same} (DTYPE={args.dtype}) / ours-fp32 throughput",
+                                        [s.throughput for s in results[same]],
+                                        [s.throughput for s in results["ours-fp32"]], True))
         for server in (ours, *peers.values(), *([workers] if workers is not None else []),
-                       *([nosplit] if nosplit is not None else [])):
+                       *([nosplit] if nosplit is not None else []), *([fp32] if fp32 is not None else [])):
             now, peak = rss_mb(server.pid)
             lines.append(f"  RSS {server.name}: {now:.0f} MB (peak {peak:.0f} MB)")
         if group is not None:  # the supervisor holds no model: its children's sum
@@ -402,6 +419,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="the service's DTYPE and the plain peer's dtype")
     p.add_argument("--split-peer", action="store_true",
                    help="also run the service with SPLIT_BATCHES=false (a batch never shared out among idle workers)")
+    p.add_argument("--fp32-peer", action="store_true",
+                   help="also run the service with DTYPE=float32 beside the --dtype one (what the choice buys)")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw",
                    help="the load generator's HTTP client (raw: benchkit.RawHttp, pre-encoded requests)")
     p.add_argument("--no-bf16-peer", dest="bf16_peer", action="store_false",
