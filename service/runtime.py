@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -334,11 +334,12 @@ def measure_vision_bf16(backbone: BlipBackbone, clock: Callable[[], float] = tim
         reps.append(max(1, math.ceil(VISION_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
         runs.append((partial(run, pixels, None, reps[-1]), partial(run, pixels, 1, reps[-1])))
     fp32, low, rounds = _time_pairs(runs, PROBE_MIN_ROUNDS, clock)
-    per_call = tuple(tuple(t / r for t, r in zip(best, reps, strict=True)) for best in (fp32, low))
-    return DtypeTimes(VISION_PROBE_FRAMES, *per_call, rounds, time.perf_counter() - start)
+    fp32_call = tuple(t / r for t, r in zip(fp32, reps, strict=True))
+    bf16_call = tuple(t / r for t, r in zip(low, reps, strict=True))
+    return DtypeTimes(VISION_PROBE_FRAMES, fp32_call, bf16_call, rounds, time.perf_counter() - start)
 
 
-def _time_pairs(runs: list[tuple[Callable[[], Any], Callable[[], Any]]], least: int,
+def _time_pairs(runs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]], least: int,
                 clock: Callable[[], float]) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """(float32 run, bfloat16 run) per batch size -> the best `clock` seconds of each and the rounds timed: one
     untimed call of the first pair where `least` > 1, then rounds alternating which goes first, until their runs
