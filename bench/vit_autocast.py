@@ -5,8 +5,8 @@ the float32 backbone twice per round, once with its ViT in float32 and once unde
 (`VisionModel.bf16_from` = 1), for each workload: a batch of `--batch` images (a collection add's chunk), two
 8-frame clips (VideoQA / a video add) and 8 images. Rounds interleave and rotate the order
 (`benchkit.rotating_rounds`); printed per workload: the median of the per-round ratios float32 / autocast of the
-process's CPU time per call (> 1: autocast is cheaper), with half the inter-quartile range, and what DTYPE=auto
-chose for this backbone here (`runtime.choose_dtype`: the batch size from which the server autocasts).
+process's CPU time per call (> 1: autocast is cheaper), with half the inter-quartile range. What to set
+`VIT_BF16_FROM` to: the smallest batch at which it pays here (the demo on this 2-core machine: 8 frames).
 
     .venv/bin/python bench/vit_autocast.py                      # the demo model, 2 threads
     .venv/bin/python bench/vit_autocast.py --threads 1 --rounds 9
@@ -25,7 +25,6 @@ from uniadapter_serve.model.loading import load_backbone
 from uniadapter_serve.model.routing import Routing
 from uniadapter_serve.model.stages import VisionInput, make_stages
 from uniadapter_serve.model.tokenizer import load_tokenizer
-from uniadapter_serve.service.runtime import choose_dtype
 
 
 def main() -> None:
@@ -47,7 +46,8 @@ def main() -> None:
                             video=frames > 1) for _ in range(n)]
 
     workloads = {f"{args.batch} images (an add's chunk)": payloads(args.batch, 1),
-                 "2 clips x 8 frames (VideoQA)": payloads(2, 8), "8 images": payloads(8, 1)}
+                 "2 clips x 8 frames (VideoQA)": payloads(2, 8), "8 images": payloads(8, 1),
+                 "4 images": payloads(4, 1), "1 image": payloads(1, 1)}
     vm = backbone.vision_model
 
     def sampler(batch: list[VisionInput], bf16_from: int | None):
@@ -65,9 +65,6 @@ def main() -> None:
 
     print(f"# ViT autocast: {args.backbone}, {args.threads} threads, {args.rounds} rounds of {args.calls} calls")
     with torch.inference_mode():
-        choice = choose_dtype("auto", torch.device("cpu"), backbone)
-        print(f"  DTYPE=auto here: {choice.describe()['dtype']}, ViT autocast from "
-              f"{choice.vision_bf16_from} frames ({choice.vision_reason})")
         for name, batch in workloads.items():
             fp32, low = rotating_rounds([sampler(batch, None), sampler(batch, 1)], args.rounds)
             ratios = [f / b for f, b in zip(fp32, low, strict=True)]

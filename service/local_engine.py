@@ -84,7 +84,8 @@ class LocalEngine(Engine):
         self.backbone: BlipBackbone
         self.dtype_choice: DtypeChoice
         """the compute dtype and why (DTYPE=auto on a CPU: timed at load, see runtime.load_served_backbone)"""
-        self.backbone, self.dtype_choice = load_served_backbone(settings.backbone, self.device, settings.dtype)
+        self.backbone, self.dtype_choice = load_served_backbone(settings.backbone, self.device, settings.dtype,
+                                                                 vit_bf16_from=settings.vit_bf16_from)
         self.tokenizer: BlipTokenizer = load_tokenizer(settings.backbone, self.backbone.config)
         self.image_size = int(vision_config(self.backbone.config).image_size)  # type: ignore[arg-type]
         self.embed_dim = self.backbone.dims.embed_dim

@@ -3,9 +3,8 @@
 `DTYPE=auto` on a CPU is decided by timing: `load_served_backbone` loads the backbone in float32, runs the
 workload a VQA request makes of it (`measure_bf16`) in float32 and in a bfloat16 copy, and keeps bfloat16 only
 where it is clearly faster for this model on this CPU (`decide`), by the process's CPU time. A CPU without native
-bf16 multiplies it slowly, and the timing says so: no CPU flags are read. Where float32 is kept on a small model,
-its ViT alone is timed under bfloat16 autocast too (`measure_vision_bf16`), and batches from the size where that
-wins on run so (`decide_vision`): the demo's ViT gains 1.3-1.6x from 8 frames on while its decoder loses in bf16.
+bf16 multiplies it slowly, and the timing says so: no CPU flags are read. `VIT_BF16_FROM` (explicit, never timed)
+runs a float32 ViT's larger batches under bfloat16 autocast (`load_served_backbone`).
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ the tests' bounds, but closer to them), so parity is not worth it; and the minim
 machine still moves by ~10 %, so a model near 1.0x must not flip between starts. Both batch sizes, because a
 model can win one and lose the other: on this project's 2-core AVX512_BF16 machine the demo's ViT runs 1.6x faster
 in bf16 but its small decoder ~1.4x slower (dispatch-bound kernels), so one request is 0.65-0.75x and a full
-batch 1.0-1.3x (the demo stays float32, its ViT autocasting larger batches: `decide_vision`); BLIP-base is
-2.3-2.5x at both (bfloat16); blip-tiny 0.3-0.6x. The same threshold decides the ViT's batches alone."""
+batch 1.0-1.3x (the demo stays float32); BLIP-base is 2.3-2.5x at both (bfloat16); blip-tiny 0.3-0.6x."""
 
 PROBE_BUDGET_S = 0.25
 """Timed rounds continue until their runs add up to this many seconds of CPU time, after at least
@@ -117,20 +115,16 @@ class DtypeChoice:
     reason: str
     times: DtypeTimes | None = None
     """the timing behind an 'auto' choice on a CPU (None where nothing was timed)"""
-    vision_bf16_from: int | None = None
-    """float32 chosen, but the ViT alone timed faster under bfloat16 autocast from this many frames a batch on
-    (`decide_vision`; `VisionModel.bf16_from`); None: the ViT stays in the chosen dtype"""
-    vision_reason: str | None = None
-    vision_times: DtypeTimes | None = None
-    """the ViT-alone timing behind `vision_bf16_from` (None where it was not timed)"""
+    vit_bf16_from: int | None = None
+    """VIT_BF16_FROM where it applies (a float32 backbone on a CPU): its ViT runs batches of at least this many
+    frames under bfloat16 autocast (`VisionModel.bf16_from`); None: the ViT computes in `dtype`"""
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": dtype_name(self.dtype), "setting": self.setting, "reason": self.reason}
         if self.times is not None:
             out["measured"] = _shown(self.times)
-        if self.vision_times is not None:
-            out["vision"] = {"bf16_from_frames": self.vision_bf16_from, "reason": self.vision_reason,
-                             "measured": _shown(self.vision_times)}
+        if self.vit_bf16_from is not None:
+            out["vit_bf16_from"] = self.vit_bf16_from
         return out
 
 
@@ -159,29 +153,10 @@ def decide(times: DtypeTimes) -> DtypeChoice:
                        f">= {BF16_MIN_SPEEDUP}x at each): float32", times)
 
 
-def decide_vision(choice: DtypeChoice, times: DtypeTimes) -> DtypeChoice:
-    """`choice` (float32) with the ViT under bfloat16 autocast from the smallest timed batch on which it, and every
-    larger one timed, runs at least BF16_MIN_SPEEDUP faster so; as it was where no batch does."""
-    speedups = times.speedups()
-    shown = ", ".join(f"{n}: {s:.2f}x" for n, s in zip(times.images, speedups, strict=True))
-    start = len(speedups)
-    while start > 0 and speedups[start - 1] >= BF16_MIN_SPEEDUP:
-        start -= 1
-    if start == len(speedups):
-        return replace(choice, vision_reason=f"the ViT under bfloat16 autocast not clearly faster at any batch "
-                       f"(frames {shown}): float32", vision_times=times)
-    frames = times.images[start]
-    return replace(choice, vision_bf16_from=frames, vision_times=times, vision_reason=(
-        f"the ViT under bfloat16 autocast timed faster from {frames} frames a batch on (frames {shown}; needs "
-        f">= {BF16_MIN_SPEEDUP}x): smaller batches and the text towers stay float32"))
-
-
 def choose_dtype(setting: str, device: torch.device, backbone: BlipBackbone | None = None,
-                 measure: Measure | None = None, measure_vision: Measure | None = None) -> DtypeChoice:
+                 measure: Measure | None = None) -> DtypeChoice:
     """The dtype for `setting` on `device`. An explicit name always wins; 'auto' is float16 on CUDA and, on a
-    CPU, `decide` on `measure(backbone)` (default `measure_bf16`; `backbone` in float32). Where that keeps float32
-    on a model under PROBE_LARGE_MACS, the ViT alone is timed too (`measure_vision`, default
-    `measure_vision_bf16`) and `decide_vision` may autocast its larger batches."""
+    CPU, `decide` on `measure(backbone)` (default `measure_bf16`; `backbone` in float32)."""
     if setting != "auto":
         return DtypeChoice(resolve_dtype(setting, device), setting, f"DTYPE={setting} (explicit)")
     if device.type != "cpu":
@@ -192,31 +167,28 @@ def choose_dtype(setting: str, device: torch.device, backbone: BlipBackbone | No
         times = (measure or measure_bf16)(backbone)
     except RuntimeError as e:  # a torch build without CPU bf16 kernels for an op: bf16 cannot serve here
         return DtypeChoice(torch.float32, setting, f"bfloat16 failed to run here ({e}): float32")
-    choice = decide(times)
-    if (choice.dtype != torch.float32 or vision_macs(backbone.config) >= PROBE_LARGE_MACS
-            or times.speedups()[-1] < VISION_PROBE_FLOOR):
-        return choice  # a large model that loses in bf16 loses in its ViT, which is most of its work
-    return decide_vision(choice, (measure_vision or measure_vision_bf16)(backbone))
+    return decide(times)
 
 
 def load_served_backbone(source: str | Path | BlipConfig, device: torch.device, setting: str,
                          measure: Measure | None = None,
-                         measure_vision: Measure | None = None) -> tuple[BlipBackbone, DtypeChoice]:
+                         vit_bf16_from: int | None = None) -> tuple[BlipBackbone, DtypeChoice]:
     """`load_backbone(source)` on `device` in the dtype `setting` resolves to (see `choose_dtype`). Under 'auto' on
     a CPU the backbone is loaded in float32, timed, and cast only if bfloat16 wins; its fingerprints are those of
     the weights as loaded, whatever the cast."""
     if setting == "auto" and device.type == "cpu":
         backbone = load_backbone(source, device=device, dtype=torch.float32)
-        choice = choose_dtype(setting, device, backbone, measure, measure_vision)
+        choice = choose_dtype(setting, device, backbone, measure)
         if choice.dtype != torch.float32:
             backbone.to(dtype=choice.dtype)
-        backbone.vision_model.bf16_from = choice.vision_bf16_from
     else:
         choice = choose_dtype(setting, device)
         backbone = load_backbone(source, device=device, dtype=choice.dtype)
     log.info("backbone dtype %s (DTYPE=%s): %s", dtype_name(choice.dtype), setting, choice.reason)
-    if choice.vision_reason is not None:
-        log.info("backbone ViT: %s", choice.vision_reason)
+    if vit_bf16_from is not None and backbone.dtype == torch.float32 and device.type == "cpu":
+        backbone.vision_model.bf16_from = vit_bf16_from
+        choice = replace(choice, vit_bf16_from=vit_bf16_from)
+        log.info("backbone ViT: batches of %d frames or more under bfloat16 autocast (VIT_BF16_FROM)", vit_bf16_from)
     return backbone, choice
 
 
@@ -291,52 +263,6 @@ def measure_bf16(backbone: BlipBackbone, clock: Callable[[], float] = time.proce
     runs = [(partial(workload, *args), partial(functional_call, workload, bf16, args)) for args in inputs]
     fp32, low, rounds = _time_pairs(runs, least, clock)
     return DtypeTimes(images, fp32, low, rounds, time.perf_counter() - start)
-
-
-VISION_PROBE_FRAMES = (1, 2, 4, 8, 16, 32)
-"""Frames per batch at which `measure_vision_bf16` times the ViT alone (its batches are frames: a clip is 8; a
-batch closes at 32 jobs by default)."""
-VISION_PROBE_FLOOR = 0.8
-"""The ViT alone is timed only where the whole model's full probe batch ran at least this fast in bf16 (the demo:
-1.0x, its ViT 1.3-1.6x from 8 frames on; blip-tiny: 0.3-0.6x, its ViT 0.6-0.9x at every size): a second of
-timing at every start buys nothing where bf16 loses that much.
-"""
-VISION_SAMPLE_S = 0.015
-"""A timed sample of the ViT repeats its call to last about this long: the CPU time of a process's other threads
-is counted in scheduler ticks (4 ms here), so the demo's 3 ms one-frame call timed once read anywhere in 0.4-2.4x."""
-
-
-@torch.inference_mode()
-def measure_vision_bf16(backbone: BlipBackbone, clock: Callable[[], float] = time.process_time) -> DtypeTimes:
-    """Time the ViT alone (`encode_image`, the served weights) in float32 and under bfloat16 autocast at each of
-    VISION_PROBE_FRAMES, as `measure_bf16` times the whole workload (warm-up, alternating rounds, CPU time, the
-    minimum kept). For models under PROBE_LARGE_MACS only: a round of the demo's ViT is ~0.1 s on 2 cores."""
-    start = time.perf_counter()
-    vm = backbone.vision_model
-    size = _image_size(backbone.config)
-    gen = torch.Generator().manual_seed(0)
-    saved = vm.bf16_from
-
-    def run(pixels: torch.Tensor, bf16_from: int | None, times: int = 1) -> None:
-        vm.bf16_from = bf16_from
-        try:
-            for _ in range(times):
-                backbone.encode_image(pixels)
-        finally:
-            vm.bf16_from = saved
-
-    runs, reps = [], []
-    for n in VISION_PROBE_FRAMES:
-        pixels = torch.randn(n, 3, size, size, generator=gen).to(backbone.device)
-        run(pixels, None)  # untimed, and a measure of how many calls make a sample
-        t0 = time.perf_counter()
-        run(pixels, None)
-        reps.append(max(1, math.ceil(VISION_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
-        runs.append((partial(run, pixels, None, reps[-1]), partial(run, pixels, 1, reps[-1])))
-    fp32, low, rounds = _time_pairs(runs, PROBE_MIN_ROUNDS, clock)
-    fp32_call = tuple(t / r for t, r in zip(fp32, reps, strict=True))
-    bf16_call = tuple(t / r for t, r in zip(low, reps, strict=True))
-    return DtypeTimes(VISION_PROBE_FRAMES, fp32_call, bf16_call, rounds, time.perf_counter() - start)
 
 
 def _time_pairs(runs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]], least: int,

@@ -43,10 +43,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field(
         "auto", description="'auto' (fp16 on CUDA; on a CPU bf16 where the backbone, timed at start, runs at least "
-        "1.2x faster in bf16 than in fp32 for one request and for a full batch, else fp32, with the ViT of a small "
-        "model under bf16 autocast from the batch size where that was timed 1.2x faster: /readyz?verbose=true shows "
+        "1.2x faster in bf16 than in fp32 for one request and for a full batch, else fp32: /readyz?verbose=true shows "
         "the timing), 'float32', 'float16', 'bfloat16'.",
     )
+    vit_bf16_from: int | None = Field(None, ge=1, le=4096, description=(
+        "CPU, float32 backbone: run the ViT's batches of at least this many frames under bfloat16 autocast (the "
+        "linears and attention in bf16; residual stream, LayerNorms and output in fp32; the text towers stay fp32). "
+        "The demo's vision stage then costs 1.4-1.5x less CPU on 32 images or two 8-frame clips (bench/"
+        "vit_autocast.py), but its relation captions lost ~0.05 R@1 and VQA at load gains nothing; outputs are "
+        "checked with bf16's tolerances. Unset: off. Set it alike on every replica: it is never timed or guessed."))
     faiss_device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Collection indexes: 'auto' puts flat indexes on the backbone's GPU when FAISS passes "
         "a self-test there (else the CPU, with a warning in /readyz); 'cpu'; 'gpu' (the same as auto, but a "

@@ -129,7 +129,8 @@ def open_backbone(settings: Settings) -> Bench:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    backbone, _ = load_served_backbone(settings.backbone, device, settings.dtype)  # DTYPE=auto: as the server decides
+    backbone, _ = load_served_backbone(settings.backbone, device, settings.dtype,  # DTYPE=auto: as the server decides
+                                       vit_bf16_from=settings.vit_bf16_from)
     tokenizer = load_tokenizer(settings.backbone, backbone.config)
     prober = Prober(backbone, tokenizer, default_answers(settings))
     return Bench(settings, backbone, tokenizer, Verifier(prober, required=settings.golden_required))

@@ -188,79 +188,28 @@ def test_a_backbone_auto_cast_to_bfloat16_serves_float32_unit_embeddings():
         assert float((bf16 - fp32).abs().max()) < 1e-2  # bf16 compute: measured 3.7e-3 (image), 1.6e-3 (text)
 
 
-# -- the ViT alone under bfloat16 autocast ---------------------------------------------------------------------
+# -- VIT_BF16_FROM ----------------------------------------------------------------------------------------------
 
-def vision_times(speedups: tuple[float, ...]) -> DtypeTimes:
-    frames = runtime.VISION_PROBE_FRAMES[:len(speedups)]
-    bf16 = tuple(0.01 * n / s for n, s in zip(frames, speedups, strict=True))
-    return DtypeTimes(frames, tuple(0.01 * n for n in frames), bf16, rounds=3, elapsed_s=1.0)
-
-
-@pytest.mark.parametrize(("speedups", "frames"), [
-    ((0.85, 1.0, 1.16, 1.37, 1.36, 1.64), 8),  # what the demo's ViT measured on this repo's 2-core machine
-    ((1.3, 1.3, 1.3, 1.3, 1.3, 1.3), 1),
-    ((0.6, 0.6, 0.7, 0.8, 0.9, 1.19), None),  # blip-tiny's kind: never
-    ((1.5, 1.5, 1.5, 1.5, 1.5, 1.1), None),  # losing at the largest batch: a batch of 32 would run slower
-    ((0.9, 1.3, 1.1, 1.3, 1.3, 1.3), 8),  # from the smallest size where it and every larger one win
-    ((0.9, 0.9, 0.9, 0.9, 0.9, 1.2), 32),  # exactly the threshold
+@pytest.mark.parametrize(("setting", "measured", "applied"), [
+    ("float32", None, True), ("auto", TINY, True),  # a float32 backbone on the CPU: its ViT autocasts from 8 frames
+    ("auto", BASE, False), ("bfloat16", None, False),  # bf16 throughout already: nothing to autocast
 ])
-def test_the_vit_autocasts_from_the_batch_where_it_and_every_larger_one_win(speedups, frames):
-    float32 = decide(VISION_ONLY_WINS)
-    choice = runtime.decide_vision(float32, vision_times(speedups))
-    assert choice.dtype == torch.float32 and choice.vision_bf16_from == frames
-    assert choice.times is float32.times and choice.vision_times is not None
-    shown = choice.describe()["vision"]
-    assert shown["bf16_from_frames"] == frames and shown["measured"]["images"] == list(runtime.VISION_PROBE_FRAMES)
-    assert shown["measured"]["speedup"] == [round(s, 3) for s in speedups]
-    assert ("float32" in shown["reason"]) and (frames is None or f"from {frames} frames" in shown["reason"])
+def test_vit_bf16_from_autocasts_a_float32_vit_only(setting, measured, applied):
+    backbone, choice = load_served_backbone("blip-tiny", CPU, setting, measure=never if measured is None
+                                            else (lambda b: measured), vit_bf16_from=8)
+    assert backbone.vision_model.bf16_from == choice.vit_bf16_from == (8 if applied else None)
+    assert backbone.precision == ("bfloat16" if applied else runtime.dtype_name(backbone.dtype))
+    assert choice.describe().get("vit_bf16_from") == (8 if applied else None)
+    plain, unset = load_served_backbone("blip-tiny", CPU, "float32", measure=never)
+    assert plain.vision_model.bf16_from is None and unset.vit_bf16_from is None and plain.precision == "float32"
 
 
-def test_the_vit_is_timed_alone_only_where_float32_was_kept_on_a_small_model_near_parity(monkeypatch):
-    timed = []
+def test_vit_bf16_from_is_a_setting_of_one_or_more():
+    from pydantic import ValidationError
 
-    def vision(backbone):
-        timed.append(backbone.dtype)
-        return vision_times((0.85, 1.0, 1.16, 1.37, 1.36, 1.64))
+    from uniadapter_serve.service.settings import Settings
 
-    backbone = load_backbone("blip-tiny")
-    choice = choose_dtype("auto", CPU, backbone, measure=lambda b: VISION_ONLY_WINS, measure_vision=vision)
-    assert timed == [torch.float32] and choice.vision_bf16_from == 8
-    for measured in (BASE, TINY):  # bf16 kept whole; bf16 losing badly even on a full batch (0.46x < the floor)
-        choice = choose_dtype("auto", CPU, backbone, measure=lambda b, m=measured: m, measure_vision=never)
-        assert choice.vision_bf16_from is None and "vision" not in choice.describe()
-    monkeypatch.setattr(runtime, "PROBE_LARGE_MACS", 0.0)  # a large model: its ViT is most of what lost
-    choice = choose_dtype("auto", CPU, backbone, measure=lambda b: VISION_ONLY_WINS, measure_vision=never)
-    assert choice.vision_bf16_from is None
-    assert choose_dtype("float32", CPU, backbone, measure=never, measure_vision=never).vision_bf16_from is None
-
-
-def test_the_served_backbone_autocasts_its_vit_as_chosen():
-    served, choice = load_served_backbone("blip-tiny", CPU, "auto", measure=lambda b: VISION_ONLY_WINS,
-                                          measure_vision=lambda b: vision_times((0.9, 0.9, 1.3, 1.3, 1.3, 1.3)))
-    assert served.dtype == torch.float32 and served.vision_model.bf16_from == choice.vision_bf16_from == 4
-    assert served.precision == "bfloat16"
-    explicit, _ = load_served_backbone("blip-tiny", CPU, "float32", measure=never, measure_vision=never)
-    assert explicit.vision_model.bf16_from is None and explicit.precision == "float32"
-
-
-def test_the_vit_measurement_times_per_call_and_leaves_the_backbone_alone(monkeypatch):
-    backbone = load_backbone("blip-tiny")
-    backbone.vision_model.bf16_from = 7
-    seen = []
-    real = backbone.encode_image
-
-    def encode(pixels, routing=None):
-        seen.append((pixels.shape[0], backbone.vision_model.bf16_from))
-        return real(pixels, routing)
-
-    monkeypatch.setattr(backbone, "encode_image", encode)
-    monkeypatch.setattr(runtime, "VISION_SAMPLE_S", 0.0)  # one call a sample
-    measured = runtime.measure_vision_bf16(backbone, clock=fake_clock(0.01))
-    assert measured.images == runtime.VISION_PROBE_FRAMES and measured.rounds >= runtime.PROBE_MIN_ROUNDS
-    assert measured.float32_s == pytest.approx((0.01,) * 6) and measured.bfloat16_s == pytest.approx((0.01,) * 6)
-    assert {f for _, f in seen} == {None, 1}  # float32, then autocast from one frame on
-    assert {n for n, _ in seen} == set(runtime.VISION_PROBE_FRAMES)
-    assert backbone.vision_model.bf16_from == 7 and backbone.dtype == torch.float32
-    monkeypatch.setattr(runtime, "VISION_SAMPLE_S", 0.05)  # a sample repeats its call to last that long
-    again = runtime.measure_vision_bf16(backbone, clock=fake_clock(0.01))
-    assert again.float32_s[0] < 0.01  # one frame (~1 ms): one tick of the fake clock over the calls of a sample
+    assert Settings().vit_bf16_from is None
+    assert Settings(vit_bf16_from=16).vit_bf16_from == 16
+    with pytest.raises(ValidationError, match="vit_bf16_from"):
+        Settings(vit_bf16_from=0)
