@@ -332,8 +332,7 @@ def run_threads(args: argparse.Namespace, folder: Path, threads: int, work: Path
         if args.backbone == "demo":
             variants["ours-set"] = (ours.url, body | {"mode": "generate", "adapter": "demo-vqa"})
             pids["ours-set"] = ours.pid
-        ours_adapter = "demo-vqa" if args.backbone == "demo" else "none"
-        """what the fp32 variant serves: as ours-set on the demo, as ours-bare on BLIP-base"""
+        ours_adapter = "demo-vqa" if args.backbone == "demo" else "none"  # the fp32 variant: as ours-set / ours-bare
         if fp32 is not None:
             variants["ours-fp32"] = (fp32.url, body | {"mode": "generate", "adapter": ours_adapter})
             pids["ours-fp32"] = fp32.pid

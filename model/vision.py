@@ -113,8 +113,7 @@ class VisionModel(nn.Module):
         self.bf16_from: int | None = None
         """A float32 model on a CPU runs batches of at least this many frames under bfloat16 autocast (the linear
         layers, attention and the adapters' projections in bf16; residual stream, LayerNorms and the output in
-        float32): set where DTYPE=auto timed the ViT faster so and the whole model not (`service.runtime`).
-        None: never."""
+        float32), the text towers untouched: the service's VIT_BF16_FROM. None: never."""
 
     def forward(self, pixel_values: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         routing = routing or Routing.none(pixel_values.shape[0])

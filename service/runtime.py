@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,21 +121,18 @@ class DtypeChoice:
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": dtype_name(self.dtype), "setting": self.setting, "reason": self.reason}
         if self.times is not None:
-            out["measured"] = _shown(self.times)
+            t = self.times
+            out["measured"] = {
+                "images": list(t.images),
+                "float32_cpu_ms": [round(s * 1e3, 3) for s in t.float32_s],
+                "bfloat16_cpu_ms": [round(s * 1e3, 3) for s in t.bfloat16_s],
+                "speedup": [round(s, 3) for s in t.speedups()],
+                "min_speedup": BF16_MIN_SPEEDUP, "rounds": t.rounds, "threads": torch.get_num_threads(),
+                "seconds": round(t.elapsed_s, 3),
+            }
         if self.vit_bf16_from is not None:
             out["vit_bf16_from"] = self.vit_bf16_from
         return out
-
-
-def _shown(t: DtypeTimes) -> dict[str, Any]:
-    return {
-        "images": list(t.images),
-        "float32_cpu_ms": [round(s * 1e3, 3) for s in t.float32_s],
-        "bfloat16_cpu_ms": [round(s * 1e3, 3) for s in t.bfloat16_s],
-        "speedup": [round(s, 3) for s in t.speedups()],
-        "min_speedup": BF16_MIN_SPEEDUP, "rounds": t.rounds, "threads": torch.get_num_threads(),
-        "seconds": round(t.elapsed_s, 3),
-    }
 
 
 Measure = Callable[[BlipBackbone], DtypeTimes]
@@ -260,29 +256,22 @@ def measure_bf16(backbone: BlipBackbone, clock: Callable[[], float] = time.proce
         pixels = torch.randn(n, 3, size, size, generator=gen)
         ids = torch.randint(4, int(tc.vocab_size), (n, PROBE_QUESTION_TOKENS), generator=gen)
         inputs.append(tuple(t.to(backbone.device) for t in (pixels, ids, torch.ones_like(ids))))
-    runs = [(partial(workload, *args), partial(functional_call, workload, bf16, args)) for args in inputs]
-    fp32, low, rounds = _time_pairs(runs, least, clock)
-    return DtypeTimes(images, fp32, low, rounds, time.perf_counter() - start)
-
-
-def _time_pairs(runs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]], least: int,
-                clock: Callable[[], float]) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    """(float32 run, bfloat16 run) per batch size -> the best `clock` seconds of each and the rounds timed: one
-    untimed call of the first pair where `least` > 1, then rounds alternating which goes first, until their runs
-    add up to PROBE_BUDGET_S (at least `least` rounds, at most PROBE_MAX_ROUNDS)."""
-    for pair in runs[:1] if least > 1 else []:  # untimed: the first calls' one-time setup (lazy init, kernels)
-        for call in pair:
-            call()
-    best = [[math.inf] * len(runs), [math.inf] * len(runs)]
+    for args in inputs[:1] if least > 1 else []:  # untimed: the first calls' one-time setup (lazy init, kernels)
+        workload(*args)
+        functional_call(workload, bf16, args)
+    best: dict[str, list[float]] = {"float32": [math.inf] * len(images), "bfloat16": [math.inf] * len(images)}
     rounds, spent = 0, 0.0
     while rounds < PROBE_MAX_ROUNDS and not (rounds >= least and spent >= PROBE_BUDGET_S):
-        order = (0, 1) if rounds % 2 == 0 else (1, 0)
-        for i, pair in enumerate(runs):
-            for which in order:
+        order = ("float32", "bfloat16") if rounds % 2 == 0 else ("bfloat16", "float32")
+        for i, args in enumerate(inputs):
+            for name in order:
                 t0 = clock()
-                pair[which]()
+                if name == "float32":
+                    workload(*args)
+                else:
+                    functional_call(workload, bf16, args)
                 took = clock() - t0
-                best[which][i] = min(best[which][i], took)
+                best[name][i] = min(best[name][i], took)
                 spent += took
         rounds += 1
-    return tuple(best[0]), tuple(best[1]), rounds
+    return DtypeTimes(images, tuple(best["float32"]), tuple(best["bfloat16"]), rounds, time.perf_counter() - start)

@@ -1,5 +1,5 @@
-"""The ViT under bfloat16 autocast from a batch size on (`VisionModel.bf16_from`, set where DTYPE=auto timed it
-faster): smaller batches are the float32 model bit for bit, larger ones stay close to it with the adapters on
+"""The ViT under bfloat16 autocast from a batch size on (`VisionModel.bf16_from`, the service's VIT_BF16_FROM):
+smaller batches are the float32 model bit for bit, larger ones stay close to it with the adapters on
 (their projections autocast too), the output is float32 either way, and outputs get bfloat16's tolerances."""
 
 from __future__ import annotations
