@@ -152,9 +152,10 @@ def write_row(out: Path, task: str, mode: str, row: dict[str, Any]) -> None:
 
 def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> None:
     started = time.monotonic()
-    model, losses = pretrain(demo_images(world, "train", 20_000, pretraining=True), tok, steps=args.pretrain_steps,
-                             batch_size=64, seed=args.seed, layout_weight=args.layout_weight,
-                             grounding_weight=args.grounding_weight)
+    model, losses = pretrain(demo_images(world, "train", 20_000, pretraining=True, ordered=args.ordered_captions),
+                             tok, steps=args.pretrain_steps, batch_size=64, seed=args.seed,
+                             layout_weight=args.layout_weight, grounding_weight=args.grounding_weight,
+                             group_draw=args.pretrain_group_draw)
     tail = losses[-20:]
     log.info("pre-trained %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.monotonic() - started,
              losses[0], sum(tail) / len(tail))
@@ -163,6 +164,7 @@ def run_pretrain(args: argparse.Namespace, world: World, tok: BlipTokenizer) -> 
     results = {"tasks": {}, "seed": args.seed,
                "backbone": {"pretrain_steps": len(losses), "layout_weight": args.layout_weight,
                             "grounding_weight": args.grounding_weight,
+                            "ordered_captions": args.ordered_captions, "group_draw": args.pretrain_group_draw,
                             "position_probe": position_probe(model, world, tokenizer=tok),
                             "seconds": round(time.monotonic() - started),
                             "parameters": load_backbone(args.out / "backbone").component_parameters()}}
@@ -329,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight of the grounding objective in pre-training (0, the shipped build: none; 1 "
                              "moves VQA left/right 0.50 -> 0.62 and costs colour 0.89 -> 0.78 and shape 0.83 -> "
                              "0.63; 0.3 keeps colour and shape and leaves left/right at 0.50: see README)")
+    parser.add_argument("--ordered-captions", action="store_true",
+                        help="pre-training captions name the shapes left to right (still no word for a side)")
+    parser.add_argument("--pretrain-group-draw", type=int, default=1,
+                        help="pre-training batches draw this many scenes of a family together (1: uniform)")
     parser.add_argument("--task-steps", type=int, help=f"per run, set and baselines alike (default: {TASK_STEPS})")
     parser.add_argument("--lr", type=float, help=f"the sets' learning rate (default: {TASK_LR})")
     parser.add_argument("--bottleneck", type=int, default=64)

@@ -7,7 +7,10 @@ shapes' centres from the image [CLS], each patch's place from its state) keeps p
 without naming it in a caption; its heads are dropped after pre-training. With `grounding_weight` > 0, a
 grounding objective (`GroundingHead`: a phrase naming one of the image's shapes cross-attends to the image, the
 answer decoder's first state to the phrase, and both say where that shape is) carries position along the path a
-VQA answer takes.
+VQA answer takes. With `group_draw` > 1, each scene drawn brings `group_draw` - 1 others of its family (the same
+shapes and colours in another layout) into the batch, so ITC's and ITM's negatives include scenes that differ only in
+where each shape is: with captions that name the shapes left to right, telling them apart takes binding each shape
+to its place.
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ def new_demo_backbone(seed: int = 0) -> BlipBackbone:
 
 def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, batch_size: int = 64, lr: float = 5e-4,
              seed: int = 0, time_budget_s: float | None = None, layout_weight: float = 0.0,
-             grounding_weight: float = 0.0, progress: bool = True) -> tuple[BlipBackbone, list[float]]:
+             grounding_weight: float = 0.0, group_draw: int = 1,
+             progress: bool = True) -> tuple[BlipBackbone, list[float]]:
+    if group_draw < 1:
+        raise ValueError("group_draw must be at least 1")
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    families: dict[str, list[int]] = {}
+    if group_draw > 1:
+        for i, it in enumerate(data):
+            families.setdefault(it.group, []).append(i)
     model = new_demo_backbone(seed)
     model.train()
     model.requires_grad_(True)
@@ -64,7 +74,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     started = time.monotonic()
     with tqdm(total=steps, disable=not progress, desc="pretrain") as bar:
         for _ in range(steps):
-            idx = [rng.randrange(len(data)) for _ in range(batch_size)]
+            idx = _draw(rng, data, families, batch_size, group_draw)
             items = [data[i] for i in idx]
             px = torch.stack([images[i] for i in idx])
             captions = [clean_text(it.captions[0], 30) for it in items]
@@ -98,3 +108,18 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     model.eval()
     model.requires_grad_(False)
     return model, losses
+
+
+def _draw(rng: random.Random, data: list[ImageText], families: dict[str, list[int]], batch_size: int,
+          group_draw: int) -> list[int]:
+    """A batch's item indices: uniform draws, each bringing up to `group_draw` - 1 other members of its family
+    (`ImageText.group`; none for items without one). With group_draw 1, the plain uniform batch."""
+    if group_draw == 1:
+        return [rng.randrange(len(data)) for _ in range(batch_size)]
+    idx: list[int] = []
+    while len(idx) < batch_size:
+        i = rng.randrange(len(data))
+        idx.append(i)
+        others = [j for j in families.get(data[i].group, []) if j != i] if data[i].group else []
+        idx += rng.sample(others, min(group_draw - 1, len(others), batch_size - len(idx)))
+    return idx
