@@ -187,7 +187,7 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     schedule = warmup_cosine(optimizer, cfg.steps, warmup=50)
     trained: nn.Module = model if adapter is None else adapter
     start = _resume(checkpoint_dir, trained, optimizer, schedule)
-    sample = _Sampler(data, cfg.group_draw)
+    sample = GroupSampler(data, cfg.group_draw)
     for _ in range(start):  # replay the sampling of the steps already done: a resumed run matches a straight one
         sample(rng, cfg.batch_size)
     step_fn = _retrieval_step if cfg.task == "retrieval" else _answer_step
@@ -213,10 +213,11 @@ def train(backbone: BlipBackbone, tokenizer: BlipTokenizer, data: Sequence[Image
     return TrainResult(model, adapter, losses, sum(p.numel() for p in params))
 
 
-class _Sampler:
+class GroupSampler:
     """Random training batches. An item with a `group` (ImageText.group) brings `per_group` - 1 other members of
     its group into the batch, so the in-batch negatives of ITC and ITM include the items hardest to tell apart
-    (the demo: scenes with the same shapes and colours in another layout); data without groups samples plainly."""
+    (the demo: scenes with the same shapes and colours in another layout); data without groups, or per_group 1,
+    samples plainly (the same draws as `rng.randrange(len(data))` n times)."""
 
     def __init__(self, data: Sequence[Any], per_group: int = 2) -> None:
         self.data = data
@@ -226,8 +227,8 @@ class _Sampler:
             if getattr(item, "group", ""):
                 self.groups.setdefault(item.group, []).append(i)
 
-    def __call__(self, rng: random.Random, n: int) -> list[Any]:
-        """n items, each with the caption it trains on (retrieval) fixed by the same generator."""
+    def indices(self, rng: random.Random, n: int) -> list[int]:
+        """n indices into the data: uniform draws, each followed by up to per_group - 1 others of its group."""
         picked: list[int] = []
         while len(picked) < n:
             i = rng.randrange(len(self.data))
@@ -236,8 +237,12 @@ class _Sampler:
             wanted = min(self.per_group - 1, len(others), n - len(picked))
             if wanted > 0:
                 picked += rng.sample(others, wanted)
+        return picked
+
+    def __call__(self, rng: random.Random, n: int) -> list[Any]:
+        """n items, each with the caption it trains on (retrieval) fixed by the same generator."""
         batch = []
-        for i in picked:
+        for i in self.indices(rng, n):
             item = self.data[i]
             if isinstance(item, ImageText):
                 item = ImageText(item.image, [rng.choice(item.captions)], item.key, item.group)

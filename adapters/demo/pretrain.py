@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from uniadapter_serve.adapters.datasets import ImageText
 from uniadapter_serve.adapters.losses import GroundingHead, LayoutHeads, itc_loss, itm_loss, lm_loss
-from uniadapter_serve.adapters.training import optimize, warmup_cosine
+from uniadapter_serve.adapters.training import GroupSampler, optimize, warmup_cosine
 from uniadapter_serve.model.backbone import BlipBackbone, text_config, vision_config
 from uniadapter_serve.model.loading import load_config, random_backbone
 from uniadapter_serve.model.preprocess import array_to_tensor
@@ -48,10 +48,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
         raise ValueError("group_draw must be at least 1")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    families: dict[str, list[int]] = {}
-    if group_draw > 1:
-        for i, it in enumerate(data):
-            families.setdefault(it.group, []).append(i)
+    sampler = GroupSampler(data, group_draw)  # group_draw 1: the plain uniform draws of earlier builds
     model = new_demo_backbone(seed)
     model.train()
     model.requires_grad_(True)
@@ -74,7 +71,7 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     started = time.monotonic()
     with tqdm(total=steps, disable=not progress, desc="pretrain") as bar:
         for _ in range(steps):
-            idx = _draw(rng, data, families, batch_size, group_draw)
+            idx = sampler.indices(rng, batch_size)
             items = [data[i] for i in idx]
             px = torch.stack([images[i] for i in idx])
             captions = [clean_text(it.captions[0], 30) for it in items]
@@ -109,17 +106,3 @@ def pretrain(data: list[ImageText], tokenizer: BlipTokenizer, *, steps: int, bat
     model.requires_grad_(False)
     return model, losses
 
-
-def _draw(rng: random.Random, data: list[ImageText], families: dict[str, list[int]], batch_size: int,
-          group_draw: int) -> list[int]:
-    """A batch's item indices: uniform draws, each bringing up to `group_draw` - 1 other members of its family
-    (`ImageText.group`; none for items without one). With group_draw 1, the plain uniform batch."""
-    if group_draw == 1:
-        return [rng.randrange(len(data)) for _ in range(batch_size)]
-    idx: list[int] = []
-    while len(idx) < batch_size:
-        i = rng.randrange(len(data))
-        idx.append(i)
-        others = [j for j in families.get(data[i].group, []) if j != i] if data[i].group else []
-        idx += rng.sample(others, min(group_draw - 1, len(others), batch_size - len(idx)))
-    return idx

@@ -126,26 +126,24 @@ def test_the_probe_reads_side_from_the_shipped_backbone_and_not_from_one_that_ne
 
 
 def test_family_draws_put_scenes_that_differ_only_in_layout_in_one_batch():
-    """pretrain(group_draw=g): each drawn scene brings g - 1 others of its family; with ordered captions those are
-    ITC/ITM negatives whenever the order of the shapes differs. group_draw 1 keeps the plain uniform batch (the
-    same random draws, so earlier builds reproduce)."""
+    """pretrain(group_draw=g) draws its batches with GroupSampler: each drawn scene brings g - 1 others of its
+    family, and with ordered captions those are ITC/ITM negatives whenever the order of the shapes differs. group_draw
+    1 keeps the plain uniform batch (the same random draws as before, so earlier builds reproduce)."""
     import random
 
-    from uniadapter_serve.adapters.demo.pretrain import _draw
+    from uniadapter_serve.adapters.training import GroupSampler
 
     world = World(seed=0)
     data = demo_images(world, "train", 64, pretraining=True, ordered=True)
-    families: dict[str, list[int]] = {}
-    for i, it in enumerate(data):
-        families.setdefault(it.group, []).append(i)
-    idx = _draw(random.Random(3), data, families, 16, 4)
+    idx = GroupSampler(data, 4).indices(random.Random(3), 16)
     assert len(idx) == 16
     for start in range(0, 16, 4):  # each draw, then three of its family, none repeated
         run = idx[start:start + 4]
         assert len({data[i].group for i in run}) == 1 and len(set(run)) == 4
-    two = [i for i in range(len(data)) if len(data[i].layout) == 2]
-    by_family = {data[i].group for i in two}
-    assert any(len({data[i].captions[0] for i in families[f]}) == 2 for f in by_family)  # order-swapped captions
+    families: dict[str, set[str]] = {}
+    for it in data:
+        if len(it.layout) == 2:
+            families.setdefault(it.group, set()).add(it.captions[0])
+    assert any(len(captions) == 2 for captions in families.values())  # order-swapped captions within a family
     uniform = random.Random(3)
-    assert _draw(random.Random(3), data, families, 16, 1) == [uniform.randrange(len(data)) for _ in range(16)]
-    assert len(_draw(random.Random(0), data, {}, 5, 4)) == 5  # no family known: plain draws still fill the batch
+    assert GroupSampler(data, 1).indices(random.Random(3), 16) == [uniform.randrange(len(data)) for _ in range(16)]

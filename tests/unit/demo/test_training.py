@@ -136,17 +136,17 @@ def test_batches_hold_family_members_as_hard_negatives(setup):
     each other's in-batch negatives); ungrouped data samples plainly and reproducibly."""
     import random
 
-    from uniadapter_serve.adapters.training import _Sampler
+    from uniadapter_serve.adapters.training import GroupSampler
 
     _, _, world = setup
     data = demo_images(world, "train", 400)
     for per_group in (2, 4):
-        batch = _Sampler(data, per_group)(random.Random(0), 32)
+        batch = GroupSampler(data, per_group)(random.Random(0), 32)
         groups = [it.group for it in batch]
         assert len(batch) == 32 and all(groups.count(g) >= per_group for g in groups)
         assert len({g for g in groups}) >= 32 // per_group - 4
         assert len({id(it.image) for it in batch if it.group == groups[0]}) >= per_group  # other members
     plain = [ImageText(it.image, it.captions, it.key) for it in data]
-    first, again = _Sampler(plain)(random.Random(0), 32), _Sampler(plain)(random.Random(0), 32)
+    first, again = GroupSampler(plain)(random.Random(0), 32), GroupSampler(plain)(random.Random(0), 32)
     assert [it.key for it in first] == [it.key for it in again]
     assert len({it.key for it in first}) > 24  # no pairing: 32 random draws of 400
